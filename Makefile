@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make test` and `make run`. Both build .venv from requirements.txt first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DATA ?=                    # Tiny ImageNet folder or zip (default: data/tiny-imagenet-200)
+WEIGHTS ?= imagenet        # imagenet, random, or a path to alexnet-owt-7be5be79.pth
+DEVICE ?= auto             # auto, cpu, cuda, cuda:N
+FEATURES ?= runs/features  # the fc7 cache
+HEAD ?= runs/head          # the head's run folder
+
+.PHONY: setup test run demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+# prepare -> extract -> train the head -> report
+run: setup
+	$(BIN)/python run_extract.py $(if $(strip $(DATA)),--data $(strip $(DATA))) --weights $(strip $(WEIGHTS)) --device $(strip $(DEVICE)) --out $(strip $(FEATURES))
+	$(BIN)/python run_train_head.py --features $(strip $(FEATURES)) --device $(strip $(DEVICE)) --out $(strip $(HEAD))
+
+demo: setup
+	$(BIN)/python -m pipeline.demo
+
+bench: setup
+	$(BIN)/python benchmarks/bench_extract.py
+
+clean:
+	rm -rf runs

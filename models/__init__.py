@@ -1,0 +1,4 @@
+"""Network code only: the AlexNet fc7 backbone, the linear head, and the two assembled."""
+from models.alexnet import FC7_DIM, AlexNetClassifier, AlexNetFC7, LinearHead, weights_fingerprint
+
+__all__ = ["FC7_DIM", "AlexNetClassifier", "AlexNetFC7", "LinearHead", "weights_fingerprint"]

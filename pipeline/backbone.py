@@ -1,0 +1,105 @@
+"""Building the frozen AlexNet fc7 backbone from a weights spec: imagenet, a file, or random."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.models import AlexNet_Weights
+
+from models import AlexNetFC7, weights_fingerprint
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
+IMAGENET_URL = IMAGENET_WEIGHTS.url  # module-level so tests can point it at a loopback server
+
+
+def describe_weights(spec: str, seed: int = 0) -> str:
+    """The spec as recorded in caches and checkpoints: 'imagenet', 'random:seed=S' or 'file:/abs/path'."""
+    if spec == "imagenet":
+        return "imagenet"
+    if spec == "random":
+        return f"random:seed={seed}"
+    if spec.startswith(("random:", "file:")):
+        return spec
+    return f"file:{Path(spec).resolve()}"
+
+
+def imagenet_cache_file() -> Path:
+    """Where torchvision keeps the downloaded ImageNet AlexNet weights (the torch hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(IMAGENET_URL)
+
+
+def _imagenet_state_dict() -> dict:
+    cached = imagenet_cache_file()
+    try:
+        # the torchvision weights API: loads the hub cache, or downloads into it and checks the hash
+        return torch.hub.load_state_dict_from_url(IMAGENET_URL, map_location="cpu", progress=True,
+                                                  check_hash=True, weights_only=True)
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"ImageNet AlexNet weights are not in {cached} and could not be downloaded ({reason}); "
+                        f"copy {cached.name} there, or pass --weights PATH to a local copy") from None
+
+
+def _file_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}; pass --weights imagenet, random, or an existing .pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path} is not a readable PyTorch weights file ({str(err).splitlines()[0]}); "
+                        "pass a state_dict of torchvision's AlexNet, such as alexnet-owt-7be5be79.pth") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state_dict of tensors; pass a state_dict of torchvision's AlexNet")
+    return state
+
+
+def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetFC7, str, str]:
+    """(backbone in eval mode on the CPU, recorded weights spec, weights fingerprint).
+
+    ``spec`` is 'imagenet', 'random' (exactly ``torch.manual_seed(seed); alexnet(weights=None)``),
+    a recorded 'random:seed=S' / 'file:PATH', or a path to a torchvision AlexNet state_dict.
+    """
+    recorded = describe_weights(spec, seed)
+    if recorded.startswith("random:"):
+        seed = int(recorded.split("=", 1)[1])
+        torch.manual_seed(seed)
+        alexnet = torchvision.models.alexnet(weights=None)
+        log.warning("backbone has RANDOM weights (seed %d): features are not ImageNet features", seed)
+    else:
+        state = _imagenet_state_dict() if recorded == "imagenet" else _file_state_dict(Path(recorded[5:]))
+        alexnet = torchvision.models.alexnet(weights=None)
+        source = "the ImageNet weights" if recorded == "imagenet" else recorded[5:]
+        expected = alexnet.state_dict()
+        wrong = sorted(set(expected) ^ set(state)) or [k for k in expected if state[k].shape != expected[k].shape]
+        if wrong:
+            raise UserError(f"{source} do not fit torchvision's AlexNet (keys or shapes differ: {', '.join(wrong[:3])}); "
+                            "pass a state_dict of torchvision.models.alexnet")
+        alexnet.load_state_dict(state)
+    backbone = AlexNetFC7(alexnet)
+    return backbone, recorded, weights_fingerprint(backbone)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> a usable torch.device, or a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices are visible")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device

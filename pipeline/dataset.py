@@ -1,0 +1,353 @@
+"""Tiny ImageNet preparation: find the dataset, read its layout, index every labelled image.
+
+The source folder is only read. Supported layouts (below the folder holding ``wnids.txt``):
+
+    wnids.txt, words.txt
+    train/<wnid>/images/*.JPEG          (or train/<wnid>/*.JPEG)
+    val/images/*.JPEG + val/val_annotations.txt
+    val/<wnid>/images/*.JPEG            (or val/<wnid>/*.JPEG: val already arranged by class)
+    test/images/*.JPEG                  (unlabelled: not used)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+DEFAULT_DATA = Path("data/tiny-imagenet-200")
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+SPLITS = ("train", "val")
+MAX_EXAMPLES = 3  # how many offending names an error message quotes
+
+
+@dataclass
+class Split:
+    """The labelled images of one split, in a fixed order (class, then file name)."""
+
+    paths: list[str] = field(default_factory=list)  # relative to the dataset root, with '/'
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class TinyImageNet:
+    """An indexed dataset. A label is a class's position in the sorted ``wnids``."""
+
+    root: Path
+    wnids: list[str]
+    names: list[str]  # short names: the first synonym in words.txt ("goldfish")
+    full_names: list[str]  # the whole words.txt entry
+    splits: dict[str, Split]
+    ignored: list[str] = field(default_factory=list)  # stray files that are not images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.wnids)
+
+    def signature(self, split: str) -> str:
+        """sha256 over the class order and one split's (path, label) list: what a cache was made from."""
+        digest = hashlib.sha256()
+        digest.update("\n".join(self.wnids).encode())
+        for path, label in zip(self.splits[split].paths, self.splits[split].labels):
+            digest.update(f"\n{path}\t{label}".encode())
+        return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the data: a folder, a zip, or a download
+
+
+def resolve_data(data: str | os.PathLike | None, *, download: bool = False,
+                 url: str = TINY_IMAGENET_URL, md5: str | None = TINY_IMAGENET_MD5) -> Path:
+    """Turn ``--data`` (a folder or the official zip) into the folder that holds ``wnids.txt``."""
+    if download:
+        return download_dataset(Path(data) if data else DEFAULT_DATA.parent, url=url, md5=md5)
+    path = Path(data) if data else DEFAULT_DATA
+    if not path.exists():
+        if data is None and DEFAULT_DATA.with_suffix(".zip").is_file():
+            path = DEFAULT_DATA.with_suffix(".zip")
+        else:
+            raise UserError(f"dataset not found: {path}; pass --data FOLDER_OR_ZIP, or --download to fetch Tiny ImageNet")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path} is a file but not a zip; pass the Tiny ImageNet folder or its zip")
+        path = unpack_zip(path)
+    return find_root(path)
+
+
+def find_root(path: Path) -> Path:
+    """The folder itself if it holds wnids.txt, else its single sub-folder that does."""
+    if (path / "wnids.txt").is_file():
+        return path
+    candidates = sorted(p.parent for p in path.glob("*/wnids.txt"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise UserError(f"{path} holds several datasets ({', '.join(map(str, candidates))}); pass one of them with --data")
+    raise UserError(f"{path} is not Tiny ImageNet: no wnids.txt in it or in a sub-folder; pass the folder that holds wnids.txt")
+
+
+def _writable(folder: Path) -> bool:
+    # root passes os.access everywhere, so also respect a folder whose mode has no write bits at all
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def unpack_zip(zip_path: Path) -> Path:
+    """Unpack a Tiny ImageNet zip once, next to itself (or under data/ when that folder is read-only)."""
+    from torchvision.datasets.utils import extract_archive
+
+    with zipfile.ZipFile(zip_path) as archive:
+        names = archive.namelist()
+    if not any(n == "wnids.txt" or n.endswith("/wnids.txt") for n in names):
+        raise UserError(f"{zip_path} is not a Tiny ImageNet zip: it has no wnids.txt; pass the official tiny-imagenet-200.zip")
+    parent = zip_path.parent if _writable(zip_path.parent) else DEFAULT_DATA.parent
+    target = parent / zip_path.stem
+    done = target / ".unpacked"
+    if done.is_file():
+        return target
+    if parent != zip_path.parent:
+        log.info("%s is read-only; unpacking into %s instead", zip_path.parent, target)
+    tmp = parent / f".{zip_path.stem}.unpacking-{os.getpid()}"
+    log.info("unpacking %s into %s", zip_path, target)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        extract_archive(str(zip_path), str(tmp))
+        (tmp / ".unpacked").write_text(f"{zip_path.resolve()}\n")
+        if target.exists():  # an earlier unpack that was interrupted before its marker
+            import shutil
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | None = TINY_IMAGENET_MD5) -> Path:
+    """Fetch the zip into ``folder`` (with a progress bar), check its md5, unpack it."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    folder.mkdir(parents=True, exist_ok=True)
+    filename = os.path.basename(url.split("?")[0]) or "tiny-imagenet-200.zip"
+    zip_path = folder / filename
+    if not check_integrity(str(zip_path), md5):
+        if zip_path.exists():
+            zip_path.unlink()
+        try:
+            download_url(url, str(folder), filename=filename, md5=None)
+        except Exception as err:  # urllib raises many types; all mean the same to the user
+            zip_path.unlink(missing_ok=True)
+            raise UserError(f"download of {url} failed ({err}); check the address, or put the zip somewhere and pass --data ZIP") from None
+        if not check_integrity(str(zip_path), md5):
+            zip_path.unlink(missing_ok=True)
+            raise UserError(f"download of {url} has the wrong md5 (expected {md5}); the bad file was removed, try again or use --url for a mirror")
+    return find_root(unpack_zip(zip_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the layout
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-blank lines without their line ending; CRLF and a missing final newline both work."""
+    with open(path, encoding="utf-8", newline=None) as f:
+        return [line.strip("\r\n") for line in f if line.strip()]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _list_images(folder: Path, ignored: list[str], root: Path) -> list[Path]:
+    """Image files in ``folder``, sorted; anything else (.DS_Store, *_boxes.txt, ...) is noted as ignored."""
+    images = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_file() and _is_image(path):
+            images.append(path)
+        elif not (entry.is_dir() and entry.name == "images"):
+            ignored.append(path.relative_to(root).as_posix())
+    return images
+
+
+def _class_images(class_dir: Path, ignored: list[str], root: Path) -> list[Path]:
+    """Images of one class folder: <class>/images/*.JPEG, or <class>/*.JPEG."""
+    images = _list_images(class_dir, ignored, root)
+    if (class_dir / "images").is_dir():
+        images += _list_images(class_dir / "images", ignored, root)
+    return images
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _examples(items) -> str:
+    items = list(items)
+    more = f", ... ({len(items)} in all)" if len(items) > MAX_EXAMPLES else ""
+    return ", ".join(items[:MAX_EXAMPLES]) + more
+
+
+def read_class_names(root: Path, wnids: list[str]) -> tuple[list[str], list[str]]:
+    """(short names, full names) for each wnid from words.txt."""
+    words_path = root / "words.txt"
+    if not words_path.is_file():
+        log.warning("%s is missing; class names fall back to the wnids", words_path)
+        return list(wnids), list(wnids)
+    wanted = set(wnids)
+    words = {}
+    for line in read_lines(words_path):
+        wnid, _, entry = line.partition("\t")
+        if wnid in wanted:
+            words[wnid] = entry.strip()
+    missing = [w for w in wnids if w not in words]
+    if missing:
+        log.warning("words.txt has no entry for %s; those classes are named by their wnid", _examples(missing))
+    full = [words.get(w, w) for w in wnids]
+    return [name.split(",")[0].strip() for name in full], full
+
+
+def index_dataset(root: Path) -> TinyImageNet:
+    """Read and check the layout under ``root`` (the folder with wnids.txt). Reads no image."""
+    root = Path(root)
+    if not (root / "wnids.txt").is_file():
+        raise UserError(f"{root / 'wnids.txt'} not found; pass the Tiny ImageNet folder that holds it")
+    wnids = sorted(set(read_lines(root / "wnids.txt")))
+    if not wnids:
+        raise UserError(f"{root / 'wnids.txt'} lists no classes")
+    names, full_names = read_class_names(root, wnids)
+    label_of = {wnid: i for i, wnid in enumerate(wnids)}
+    ignored: list[str] = []
+
+    # train
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"{train_dir} not found; the dataset needs train/<wnid>/images/")
+    folders = _subfolders(train_dir)
+    unlisted = sorted(set(folders) - set(wnids))
+    missing = sorted(set(wnids) - set(folders))
+    if unlisted or missing:
+        parts = []
+        if unlisted:
+            parts.append(f"folders not in wnids.txt: {_examples(unlisted)}")
+        if missing:
+            parts.append(f"wnids with no folder: {_examples(missing)}")
+        raise UserError(f"{train_dir} disagrees with wnids.txt ({'; '.join(parts)}); fix the folders or wnids.txt")
+    train = Split()
+    for wnid in wnids:
+        for path in _class_images(train_dir / wnid, ignored, root):
+            train.paths.append(path.relative_to(root).as_posix())
+            train.labels.append(label_of[wnid])
+
+    splits = {"train": train, "val": _index_val(root, wnids, label_of, ignored)}
+    for split_name, split in splits.items():
+        if not split.paths:
+            raise UserError(f"{root / split_name} holds no images")
+    if ignored:
+        log.info("ignored %d files that are not images (first: %s)", len(ignored), _examples(ignored))
+    return TinyImageNet(root=root, wnids=wnids, names=names, full_names=full_names, splits=splits, ignored=ignored)
+
+
+def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: list[str]) -> Split:
+    val_dir = root / "val"
+    annotations = val_dir / "val_annotations.txt"
+    val = Split()
+    if annotations.is_file() and (val_dir / "images").is_dir():
+        # the official layout: the annotation file is the truth
+        wnid_of: dict[str, str] = {}
+        unknown = []
+        for line in read_lines(annotations):
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise UserError(f"{annotations}: malformed line {line!r}; expected file<TAB>wnid<TAB>box")
+            filename, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in label_of:
+                unknown.append(f"{filename}:{wnid}")
+            wnid_of[filename] = wnid
+        on_disk = {p.name for p in _list_images(val_dir / "images", ignored, root)}
+        missing_files = sorted(set(wnid_of) - on_disk)
+        unannotated = sorted(on_disk - set(wnid_of))
+        problems = []
+        if unknown:
+            problems.append(f"{len(unknown)} annotations name an unknown wnid ({_examples(unknown)})")
+        if missing_files:
+            problems.append(f"{len(missing_files)} annotated files are missing ({_examples(missing_files)})")
+        if unannotated:
+            problems.append(f"{len(unannotated)} images have no annotation ({_examples(unannotated)})")
+        if problems:
+            raise UserError(f"{annotations} disagrees with {val_dir / 'images'}: {'; '.join(problems)}")
+        for filename in sorted(wnid_of, key=lambda f: (label_of[wnid_of[f]], f)):
+            val.paths.append(f"val/images/{filename}")
+            val.labels.append(label_of[wnid_of[filename]])
+        return val
+    if not val_dir.is_dir():
+        raise UserError(f"{val_dir} not found; the dataset needs val/images/ with val/val_annotations.txt")
+    # val already arranged into class folders
+    folders = [f for f in _subfolders(val_dir) if f != "images"]
+    unknown = sorted(set(folders) - set(wnids))
+    if unknown:
+        raise UserError(f"{val_dir} has class folders not in wnids.txt: {_examples(unknown)}; fix the folders or wnids.txt")
+    if not folders:
+        raise UserError(f"{annotations} not found and {val_dir} has no class folders; restore val_annotations.txt")
+    for wnid in wnids:
+        if wnid in folders:
+            for path in _class_images(val_dir / wnid, ignored, root):
+                val.paths.append(path.relative_to(root).as_posix())
+                val.labels.append(label_of[wnid])
+    return val
+
+
+def arrange_val(dataset: TinyImageNet) -> int:
+    """Arrange val into val/<wnid>/images/ as the old script did, but without moving anything.
+
+    Each image gets a hard link (a copy where links are not possible) under its class folder;
+    val/images and the annotations stay as they are. Idempotent, and safe to interrupt: each link
+    appears atomically under its final name. Returns how many links were made.
+    """
+    made = 0
+    for rel, label in zip(dataset.splits["val"].paths, dataset.splits["val"].labels):
+        source = dataset.root / rel
+        target = dataset.root / "val" / dataset.wnids[label] / "images" / source.name
+        if source == target or (target.exists() and target.stat().st_size == source.stat().st_size):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
+            shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+        made += 1
+    return made
+
+
+def prepare_summary(dataset: TinyImageNet, skipped: dict[str, list]) -> dict:
+    """The --prepare-only summary (its JSON shape is read by other tools: keep these keys)."""
+    splits = {}
+    for name, split in dataset.splits.items():
+        bad_paths = {s.path for s in skipped.get(name, [])}
+        counts = [0] * dataset.num_classes
+        for path, label in zip(split.paths, split.labels):
+            counts[label] += path not in bad_paths
+        bad = len(bad_paths)
+        splits[name] = {"images": len(split) - bad, "indexed": len(split), "skipped": bad,
+                        "per_class_min": min(counts), "per_class_max": max(counts)}
+    return {"root": str(dataset.root), "num_classes": dataset.num_classes, "splits": splits,
+            "skipped": [s.to_dict() for name in dataset.splits for s in skipped.get(name, [])],
+            "ignored_files": len(dataset.ignored),
+            "classes": [{"wnid": w, "name": n} for w, n in zip(dataset.wnids, dataset.names)]}
