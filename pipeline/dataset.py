@@ -88,7 +88,8 @@ def resolve_data(data: str | os.PathLike | None, *, download: bool = False,
 
 
 def find_root(path: Path) -> Path:
-    """The folder itself if it holds wnids.txt, else its single sub-folder that does."""
+    """The folder itself if it holds wnids.txt, else its single sub-folder that does (as an absolute path)."""
+    path = Path(path).resolve()
     if (path / "wnids.txt").is_file():
         return path
     candidates = sorted(p.parent for p in path.glob("*/wnids.txt"))
@@ -321,7 +322,9 @@ def arrange_val(dataset: TinyImageNet) -> int:
     for rel, label in zip(dataset.splits["val"].paths, dataset.splits["val"].labels):
         source = dataset.root / rel
         target = dataset.root / "val" / dataset.wnids[label] / "images" / source.name
-        if source == target or (target.exists() and target.stat().st_size == source.stat().st_size):
+        if source.parent != dataset.root / "val" / "images":
+            continue  # already in a class folder (val/<wnid>/ or val/<wnid>/images/): a link would index it twice
+        if target.exists() and target.stat().st_size == source.stat().st_size:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
