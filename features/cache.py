@@ -71,11 +71,36 @@ def parts_folder(out: Path, split: str) -> Path:
 # One writer at a time
 
 
+_held_locks: set[int] = set()  # file descriptors of the writer locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker), let go of the parent's writer lock.
+
+    flock belongs to the open file description, which fork shares with the child: a worker that
+    outlives a parent killed by kill -9 would keep the lock held (for seconds) and refuse the rerun.
+    The child's descriptor is pointed at /dev/null instead; that does not unlock the parent's.
+    """
+    if not _held_locks:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in _held_locks:
+            os.dup2(devnull, fd, inheritable=False)
+    finally:
+        os.close(devnull)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
 def exclusive_writer(out: Path):
     """Hold ``<out>/.lock`` for the whole extraction; a second writer gets a clear error.
 
-    flock is released by the kernel when the process dies, even by kill -9, so no stale lock is left.
+    flock is released by the kernel when the process dies, even by kill -9, so no stale lock is left
+    (forked children, such as DataLoader workers, drop their inherited copy: see above).
     """
     out.mkdir(parents=True, exist_ok=True)
     lock_path = out / ".lock"
@@ -90,9 +115,11 @@ def exclusive_writer(out: Path):
         lock.truncate()
         lock.write(f"pid {os.getpid()}")
         lock.flush()
+        _held_locks.add(lock.fileno())
         try:
             yield
         finally:
+            _held_locks.discard(lock.fileno())
             lock.truncate(0)
 
 

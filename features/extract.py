@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = ("float32", "float16")
+MIN_IMAGE_SIZE = 63  # smaller inputs shrink to nothing in AlexNet's third max-pool
 
 
 @dataclass
@@ -114,6 +115,9 @@ def extract(config: ExtractConfig) -> dict:
         raise UserError(f"--batch-size must be positive, got {config.batch_size}")
     if config.shard_size <= 0:
         raise UserError(f"--shard-size must be positive, got {config.shard_size}")
+    if config.preprocess.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size {config.preprocess.image_size} is too small: AlexNet needs at least "
+                        f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     device_name = config.device
     if world > 1 and device_name in ("auto", "cuda") and torch.cuda.is_available():
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

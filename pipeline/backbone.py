@@ -51,8 +51,9 @@ def _file_state_dict(path: Path) -> dict:
         raise UserError(f"weights file not found: {path}; pass --weights imagenet, random, or an existing .pth file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable PyTorch weights file ({str(err).splitlines()[0]}); "
+    except Exception as err:  # an empty file raises EOFError with no message
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path} is not a readable PyTorch weights file ({reason}); "
                         "pass a state_dict of torchvision's AlexNet, such as alexnet-owt-7be5be79.pth") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
