@@ -241,10 +241,10 @@ def _check_config(config: HeadConfig) -> None:
             raise UserError(f"{name} needs at least one value")
     if any(not (lr > 0 and math.isfinite(lr)) for lr in config.lrs):
         raise UserError(f"--lr must be positive, got {','.join(map(str, config.lrs))}")
-    if any(wd < 0 for wd in config.weight_decays):
-        raise UserError("--weight-decay must be zero or positive")
-    if config.momentum < 0:
-        raise UserError("--momentum must be zero or positive")
+    if any(not (wd >= 0 and math.isfinite(wd)) for wd in config.weight_decays):  # NaN fails every comparison
+        raise UserError(f"--weight-decay must be zero or positive, got {','.join(map(str, config.weight_decays))}")
+    if not (config.momentum >= 0 and math.isfinite(config.momentum)):
+        raise UserError(f"--momentum must be zero or positive, got {config.momentum}")
     for name, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size),
                         ("--val-batch-size", config.val_batch_size)):
         if value <= 0:

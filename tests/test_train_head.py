@@ -1,0 +1,581 @@
+"""Stage two (run_train_head.py / pipeline.train_head): the linear head trained on the fc7 cache.
+
+A tiny generated dataset is extracted once with a seeded random backbone at 64 px (fast on a CPU).
+Tests that need training curves with ups and downs use small synthetic caches written with the
+cache module itself (write_shard + assemble), so the files are exactly what extraction produces.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import run_extract
+import run_train_head
+from features import cache
+from features.cache import open_split
+from pipeline import train_head
+from pipeline.backbone import load_backbone
+from pipeline.dataset import index_dataset
+from pipeline.images import read_rgb
+from pipeline.preprocess import Preprocess
+from pipeline.synthetic import WORDS, make_tiny_imagenet
+from pipeline.train_head import InMemoryFeatures, StreamedFeatures, batch_order, fit_head
+
+CPU = torch.device("cpu")
+NAMES = ["goldfish", "black stork", "walking stick"]  # first synonyms of the generated wnids in words.txt
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "seconds"]
+RUN_FILES = ["best.pt", "last.pt", "history.csv", "accuracy.png", "loss.png", "per_class.csv", "confusions.csv",
+             "report.md", "config.json"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def extract(data: Path, out: Path, *extra: str) -> None:
+    rc = run_extract.main(["--data", str(data), "--weights", "random", "--seed", "0", "--image-size", "64",
+                           "--resize-size", "72", "--no-progress", "--out", str(out), *extra])
+    assert rc == 0
+
+
+def train(features: Path, out: Path, *extra: str) -> int:
+    return run_train_head.main(["--features", str(features), "--out", str(out), "--device", "cpu", "--no-progress",
+                                *extra])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def history(folder: Path) -> list[dict]:
+    return [{k: float(v) for k, v in row.items()} for row in read_csv(folder / "history.csv")]
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def raw_head(ckpt: dict) -> nn.Linear:
+    head = nn.Linear(ckpt["feature_dim"], ckpt["num_classes"])
+    head.load_state_dict(ckpt["head"])
+    return head
+
+
+def raw_features(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(f["features"][:]).float(), torch.from_numpy(f["labels"][:])
+
+
+def accuracy_and_loss(ckpt: dict, h5: Path) -> tuple[float, float, np.ndarray]:
+    """Val top-1 (%), mean cross-entropy and predictions of a checkpoint's head on the RAW cached features."""
+    x, y = raw_features(h5)
+    with torch.no_grad():
+        logits = raw_head(ckpt)(x)
+    predictions = logits.argmax(1)
+    return (100.0 * (predictions == y).sum().item() / len(y), F.cross_entropy(logits, y).item(),
+            predictions.numpy())
+
+
+def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: int = 20, val_per_class: int = 10,
+                          signal: float = 0.08, dim: int = 4096, dtype: str = "float32") -> Path:
+    """A cache of noisy, ReLU'd, badly scaled, offset 'fc7' features: the head learns, but not perfectly.
+
+    Feature scales span three decades and every unit has a large positive offset, so a head whose
+    standardization were folded wrongly would score differently on the raw features.
+    """
+    wnids = sorted(WORDS)[:classes]
+    names = [WORDS[w].split(",")[0] for w in wnids]
+    proto = np.random.default_rng(123).normal(0, 1, (classes, dim))
+    scale = 10 ** np.random.default_rng(7).uniform(-2, 1, dim)
+    offset = np.random.default_rng(8).uniform(0, 3, dim)
+    preprocess = Preprocess(image_size=64, resize_size=72).to_json()
+    for split, per_class, seed in (("train", train_per_class, 1), ("val", val_per_class, 2)):
+        labels = np.repeat(np.arange(classes), per_class)
+        noise = np.random.default_rng(seed).normal(0, 1, (len(labels), dim))
+        features = np.maximum((proto[labels] * signal + noise + offset) * scale, 0).astype(dtype)
+        settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="f" * 64,
+                                       preprocess=preprocess, dtype=dtype, precision="fp32",
+                                       dataset_signature=f"synthetic-{split}")
+        parts = cache.parts_folder(folder, split)
+        cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
+        cache.write_shard(parts, 0, features, np.arange(len(labels)), [])
+        cache.assemble(folder, split, settings=settings, num_shards=1,
+                       paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
+                       wnids=wnids, names=names, compression=None,
+                       attrs={"weights_spec": "file:/synthetic.pth", "feature_dim": dim, "batch_size": 64,
+                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
+                              "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1})
+    return folder
+
+
+def heads_equal(a: Path, b: Path) -> bool:
+    ha, hb = load_ckpt(a)["head"], load_ckpt(b)["head"]
+    return all(torch.equal(ha[k], hb[k]) for k in ("weight", "bias"))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_tiny_imagenet(tmp_path_factory.mktemp("data") / "tiny", num_classes=3, train_per_class=6,
+                              val_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def feats(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("feats")
+    extract(data, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(feats, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "head"
+    assert train(feats, out, "--epochs", "3", "--lr", "0.01", "--batch-size", "4", "--seed", "0") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> Path:
+    return write_synthetic_cache(tmp_path_factory.mktemp("noisy"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+def test_run_folder_holds_every_artifact(run, feats):
+    for name in RUN_FILES:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    for name in ("accuracy.png", "loss.png"):
+        assert (run / name).read_bytes()[:8] == PNG_MAGIC
+        with Image.open(run / name) as image:
+            image.verify()
+
+    rows = read_csv(run / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # one row per epoch
+    assert set(HISTORY_COLUMNS) <= set(rows[0])
+    for row in rows:
+        assert 0 <= float(row["train_acc"]) <= 100 and 0 <= float(row["val_top1"]) <= float(row["val_top5"]) <= 100
+        assert float(row["train_loss"]) >= 0 and float(row["val_loss"]) >= 0 and float(row["seconds"]) >= 0
+
+    per_class = read_csv(run / "per_class.csv")
+    assert sorted((r["wnid"], r["name"]) for r in per_class) == list(zip(sorted(WORDS)[:3], NAMES))
+    assert sum(int(r["images"]) for r in per_class) == 9
+    assert (run / "confusions.csv").read_text().splitlines()[0].startswith("true_wnid,true_name,predicted_wnid")
+    report = (run / "report.md").read_text()
+    assert "goldfish" in report and "random:seed=0" in report
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["lr"] == 0.01 and config["epochs"] == 3 and config["batch_size"] == 4 and config["seed"] == 0
+    assert Path(config["features"]) == feats
+
+
+def test_best_checkpoint_contents(run, feats):
+    ckpt = load_ckpt(run / "best.pt")  # weights_only: a plain dict, safe to load
+    train_split = open_split(feats / "train.h5")
+    assert ckpt["head"]["weight"].shape == (3, 4096) and ckpt["head"]["bias"].shape == (3,)
+    assert ckpt["head"]["weight"].dtype == torch.float32
+    assert ckpt["feature_dim"] == 4096 and ckpt["num_classes"] == 3
+    assert ckpt["class_wnids"] == sorted(WORDS)[:3] == train_split.wnids
+    assert ckpt["class_names"] == NAMES
+    assert ckpt["weights_spec"] == "random:seed=0"
+    assert ckpt["weights_fingerprint"] == train_split.attrs["weights_fingerprint"] == load_backbone("random", seed=0)[2]
+    assert ckpt["preprocess"] == json.loads(train_split.attrs["preprocess"])
+    assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(image_size=64, resize_size=72)
+    assert ckpt["config"]["lr"] == 0.01 and ckpt["config"]["epochs"] == 3
+
+    rows = history(run)
+    top1 = [r["val_top1"] for r in rows]
+    assert ckpt["epoch"] == 1 + top1.index(max(top1))
+    best_row = rows[ckpt["epoch"] - 1]
+    for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5"):
+        assert ckpt["metrics"][key] == best_row[key], key
+    last = load_ckpt(run / "last.pt")
+    assert last["epoch"] == 3 and last["metrics"]["val_top1"] == rows[-1]["val_top1"]
+    assert last["class_wnids"] == ckpt["class_wnids"]
+
+
+def test_report_matches_the_best_head(run, feats):
+    """per_class.csv counts are what best.pt predicts on the raw val features."""
+    ckpt = load_ckpt(run / "best.pt")
+    top1, _, predictions = accuracy_and_loss(ckpt, feats / "val.h5")
+    labels = open_split(feats / "val.h5").labels
+    per_class = {r["wnid"]: r for r in read_csv(run / "per_class.csv")}
+    for c, wnid in enumerate(ckpt["class_wnids"]):
+        assert int(per_class[wnid]["images"]) == (labels == c).sum()
+        assert int(per_class[wnid]["correct"]) == ((labels == c) & (predictions == c)).sum()
+    assert f"val top-1 {top1:.2f}%" in (run / "report.md").read_text()
+
+
+def test_best_epoch_is_the_first_maximum_and_its_weights(noisy, tmp_path, monkeypatch):
+    """A tie for the best val top-1 keeps the earlier epoch, and best.pt holds that epoch's weights."""
+    scripted = iter([40.0, 70.0, 70.0, 60.0])
+    real_evaluate = train_head.evaluate
+
+    def evaluate(*args, keep_predictions=False, **kwargs):
+        metrics = real_evaluate(*args, keep_predictions=keep_predictions, **kwargs)
+        if not keep_predictions:  # the per-epoch val pass, not the final report
+            metrics["val_top1"] = next(scripted)
+        return metrics
+
+    monkeypatch.setattr(train_head, "evaluate", evaluate)
+    args = ("--lr", "0.001", "--batch-size", "10")
+    assert train(noisy, tmp_path / "four", "--epochs", "4", *args) == 0
+    monkeypatch.undo()
+    assert [r["val_top1"] for r in history(tmp_path / "four")] == [40.0, 70.0, 70.0, 60.0]
+    best = load_ckpt(tmp_path / "four" / "best.pt")
+    assert best["epoch"] == 2 and best["metrics"]["val_top1"] == 70.0
+    # an identical run stopped after epoch 2 ends with exactly the weights best.pt must hold
+    assert train(noisy, tmp_path / "two", "--epochs", "2", *args) == 0
+    assert heads_equal(tmp_path / "four" / "best.pt", tmp_path / "two" / "last.pt")
+    assert not heads_equal(tmp_path / "four" / "best.pt", tmp_path / "four" / "last.pt")
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_saved_head_works_on_raw_features(noisy, tmp_path, standardize):
+    """Standardization is folded into the saved layer: on raw val.h5 it scores exactly what was logged."""
+    out = tmp_path / "run"
+    extra = () if standardize else ("--no-standardize",)
+    assert train(noisy, out, "--epochs", "6", "--lr", "0.001" if standardize else "1e-5", "--batch-size", "10",
+                 *extra) == 0
+    rows = history(out)
+    assert len({r["val_top1"] for r in rows}) > 1, "fixture should give a history that moves"
+    assert max(r["val_top1"] for r in rows) > 25.0  # better than chance with 4 classes
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_ckpt(out / name)
+        row = rows[ckpt["epoch"] - 1]
+        top1, loss, predictions = accuracy_and_loss(ckpt, noisy / "val.h5")
+        assert top1 == row["val_top1"], name
+        assert loss == pytest.approx(row["val_loss"], rel=1e-4), name
+    # the report is computed from the same raw-feature head
+    best = load_ckpt(out / "best.pt")
+    _, _, predictions = accuracy_and_loss(best, noisy / "val.h5")
+    labels = open_split(noisy / "val.h5").labels
+    confusion = np.zeros((4, 4), dtype=int)
+    np.add.at(confusion, (labels, predictions), 1)
+    for r in read_csv(out / "confusions.csv"):
+        t, p = best["class_wnids"].index(r["true_wnid"]), best["class_wnids"].index(r["predicted_wnid"])
+        assert t != p and int(r["count"]) == confusion[t, p]
+    assert sum(int(r["correct"]) for r in read_csv(out / "per_class.csv")) == np.trace(confusion)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism and equivalence
+
+
+def test_standardizer_z_scores_with_train_statistics(feats):
+    """Mean and population std over all train rows; dead units (std 0) are left unscaled."""
+    source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU, progress=False)
+    standardizer = train_head.Standardizer.fit(source, CPU)
+    x = source.features.double()
+    std = x.std(0, unbiased=False)
+    live = std > train_head.STD_FLOOR
+    assert 0 < live.sum() < len(live)  # random fc7 on 18 images: many units are dead
+    assert torch.allclose(standardizer.mean.double(), x.mean(0), rtol=1e-5, atol=1e-9)
+    assert torch.allclose(standardizer.inv_std.double()[live], 1 / std[live], rtol=1e-4)
+    assert torch.all(standardizer.inv_std[~live] == 1)
+    z = standardizer(source.features)[:, live].double()
+    assert torch.allclose(z.mean(0), torch.zeros(1, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(1, dtype=torch.float64), atol=1e-3)
+
+
+def test_same_seed_same_head_other_seed_other_head(feats, run, tmp_path):
+    args = ("--epochs", "3", "--lr", "0.01", "--batch-size", "4")
+    assert train(feats, tmp_path / "again", *args, "--seed", "0") == 0
+    assert heads_equal(run / "best.pt", tmp_path / "again" / "best.pt")
+    assert heads_equal(run / "last.pt", tmp_path / "again" / "last.pt")
+    without_times = [[{k: v for k, v in r.items() if "seconds" not in k} for r in history(folder)]
+                     for folder in (run, tmp_path / "again")]
+    assert without_times[0] == without_times[1]
+    assert train(feats, tmp_path / "other", *args, "--seed", "1") == 0
+    assert not torch.allclose(load_ckpt(run / "last.pt")["head"]["weight"],
+                              load_ckpt(tmp_path / "other" / "last.pt")["head"]["weight"])
+
+
+class BackboneInTheLoop:
+    """A FeatureSource that reads and decodes the images and runs the frozen backbone for every batch."""
+
+    def __init__(self, dataset, split: str, backbone, preprocess: Preprocess):
+        self.root, self.paths = dataset.root, dataset.splits[split].paths
+        self.labels = torch.tensor(dataset.splits[split].labels, dtype=torch.int64)
+        self.num_rows = len(self.paths)
+        self.backbone, self.preprocess = backbone, preprocess
+        self.images_read = 0
+
+    def batches(self, batch_size, generator):
+        for idx in batch_order(self.num_rows, batch_size, generator):
+            images = [read_rgb(self.root / self.paths[i]) for i in idx.tolist()]
+            self.images_read += len(images)
+            with torch.inference_mode():
+                fc7 = self.backbone(self.preprocess(images))
+            yield fc7.clone(), self.labels[idx]
+
+
+def unfold(state: dict, standardizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A saved (folded) head back in the standardized space it was trained in."""
+    return state["weight"] / standardizer.inv_std, state["bias"] + state["weight"] @ standardizer.mean
+
+
+@pytest.fixture(scope="module")
+def live_backbone():
+    backbone, _, fingerprint = load_backbone("random", seed=0)  # what --weights random --seed 0 extracted with
+    return backbone.to(memory_format=torch.channels_last), fingerprint  # channels_last, like extraction
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, feats, live_backbone, standardize):
+    """The cache changes nothing but speed: same seed and batch order give the same head and accuracies."""
+    train_split, val_split = open_split(feats / "train.h5"), open_split(feats / "val.h5")
+    dataset = index_dataset(data)
+    for split, cached in (("train", train_split), ("val", val_split)):
+        assert cached.paths == dataset.splits[split].paths  # row i of the cache is image i of the index
+        assert cached.labels.tolist() == dataset.splits[split].labels
+    backbone, fingerprint = live_backbone
+    assert fingerprint == train_split.attrs["weights_fingerprint"]  # the backbone the cache was made with
+    preprocess = Preprocess.from_dict(json.loads(train_split.attrs["preprocess"]))
+    live_train = BackboneInTheLoop(dataset, "train", backbone, preprocess)
+    live_val = BackboneInTheLoop(dataset, "val", backbone, preprocess)
+    cached_train = InMemoryFeatures.load(train_split, CPU, progress=False)
+    cached_val = InMemoryFeatures.load(val_split, CPU, progress=False)
+
+    # the features themselves agree (up to float32 rounding between batch compositions)
+    live = torch.cat([x for x, _ in live_train.batches(18, None)])
+    assert torch.allclose(live, cached_train.features, rtol=1e-5, atol=1e-6)
+
+    settings = dict(num_classes=3, feature_dim=4096, lr=0.01 if standardize else 0.1, weight_decay=1e-4,
+                    momentum=0.9, epochs=3, batch_size=6, val_batch_size=9, seed=0, device=CPU,
+                    standardize=standardize, progress=False)
+    from_cache = fit_head(cached_train, cached_val, **settings)
+    live_train.images_read = live_val.images_read = 0
+    in_the_loop = fit_head(live_train, live_val, **settings)
+    assert live_train.images_read == (3 + standardize) * 18 and live_val.images_read == 3 * 9  # really in the loop
+
+    assert [h["val_top1"] for h in from_cache["history"]] == [h["val_top1"] for h in in_the_loop["history"]]
+    assert [h["train_acc"] for h in from_cache["history"]] == [h["train_acc"] for h in in_the_loop["history"]]
+    assert from_cache["best"]["metrics"]["epoch"] == in_the_loop["best"]["metrics"]["epoch"]
+    # Same standardizer, and the same head in the space it was trained in. The folded weights are
+    # W * inv_std, and units that are nearly dead on 18 images have a tiny std, so there the folded
+    # weights are huge and carry the features' float32 rounding amplified: compare before folding.
+    std_a, std_b = from_cache["standardizer"], in_the_loop["standardizer"]
+    assert torch.allclose(std_a.mean, std_b.mean, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(std_a.inv_std, std_b.inv_std, rtol=1e-3)
+    for which in ("best", "last"):
+        a, b = from_cache[which]["state"], in_the_loop[which]["state"]
+        (wa, ba), (wb, bb) = unfold(a, std_a), unfold(b, std_b)
+        assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-5), which
+        assert torch.allclose(ba, bb, rtol=1e-4, atol=1e-5), which
+    # the heads really trained, so the comparison above is not of two barely moved heads
+    if standardize:
+        assert from_cache["history"][-1]["train_loss"] < 0.5 * from_cache["history"][0]["train_loss"]
+    else:  # raw fc7 of a random backbone barely separates the classes, but the weights move
+        torch.manual_seed(0)
+        init = train_head.LinearHead(3, 4096).weight.detach()
+        assert (from_cache["last"]["state"]["weight"] - init).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
+    out = tmp_path / "sweep"
+    # the better learning rate (0.1 here) is listed last, so the table's order comes from sorting alone
+    assert train(noisy, out, "--lr", "0.01,0.1", "--weight-decay", "0,1e-4", "--epochs", "2", "--batch-size", "40") == 0
+    settings = {"lr0.1_wd0": (0.1, 0.0), "lr0.1_wd0.0001": (0.1, 1e-4), "lr0.01_wd0": (0.01, 0.0),
+                "lr0.01_wd0.0001": (0.01, 1e-4)}
+    names = set(settings)
+    assert {p.name for p in out.iterdir() if p.is_dir()} == names
+    for name, (lr, weight_decay) in settings.items():
+        for file in RUN_FILES:
+            assert (out / name / file).is_file(), (name, file)
+        configs = (load_ckpt(out / name / "best.pt")["config"], json.loads((out / name / "config.json").read_text()))
+        for source in configs:
+            assert (source["lr"], source["weight_decay"]) == (lr, weight_decay), name
+        assert len(history(out / name)) == 2
+
+    table = read_csv(out / "sweep.csv")
+    assert {r["name"] for r in table} == names
+    top1 = [float(r["best_val_top1"]) for r in table]
+    assert top1 == sorted(top1, reverse=True) and top1[0] > top1[-1]
+    for r in table:
+        assert float(r["best_val_top1"]) == max(h["val_top1"] for h in history(out / r["name"]))
+    assert top1[0] == max(max(h["val_top1"] for h in history(out / n)) for n in names)
+    assert (out / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "best.pt").read_bytes() == (out / table[0]["name"] / "best.pt").read_bytes()
+
+    # each head of the sweep is the head a single run with its settings trains: runs do not leak into each other
+    single = fit_head(InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU, progress=False),
+                      InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU, progress=False),
+                      num_classes=4, feature_dim=4096, lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2,
+                      batch_size=40, val_batch_size=10, seed=0, device=CPU, standardize=True, progress=False)
+    swept = load_ckpt(out / "lr0.01_wd0.0001" / "last.pt")["head"]
+    assert all(torch.equal(swept[k], single["last"]["state"][k]) for k in ("weight", "bias"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training reads features only
+
+
+def test_training_never_reads_an_image(data, feats, tmp_path, monkeypatch):
+    import pipeline.images
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("an image was read during head training")
+
+    monkeypatch.setattr(pipeline.images, "read_bytes", no_images)
+    monkeypatch.setattr(pipeline.images, "decode_rgb", no_images)
+    monkeypatch.setattr(Image, "open", no_images)
+    moved = data.with_name(data.name + "-moved")
+    data.rename(moved)
+    try:
+        assert not data.exists()
+        assert train(feats, tmp_path / "run", "--epochs", "2", "--lr", "0.01", "--batch-size", "4") == 0
+    finally:
+        moved.rename(data)
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "report.md").is_file()
+
+
+def test_streamed_features_train(feats, tmp_path, monkeypatch):
+    seen = []  # (rows, label counts, feature sum) of every training epoch
+    real_batches = StreamedFeatures.batches
+
+    def counting(self, batch_size, generator):
+        rows, labels, total = 0, [], 0.0
+        for x, y in real_batches(self, batch_size, generator):
+            rows, total = rows + len(y), total + x.double().sum().item()
+            labels.append(y)
+            yield x, y
+        if generator is not None:
+            seen.append((rows, torch.cat(labels).bincount(minlength=3).tolist(), total))
+
+    monkeypatch.setattr(StreamedFeatures, "batches", counting)
+    out = tmp_path / "stream"
+    assert train(feats, out, "--stream", "--epochs", "3", "--lr", "0.01", "--batch-size", "4") == 0
+    x, y = raw_features(feats / "train.h5")
+    assert len(seen) == 3
+    for rows, counts, total in seen:  # every row exactly once per epoch
+        assert rows == 18 and counts == y.bincount(minlength=3).tolist()
+        assert total == pytest.approx(x.double().sum().item(), rel=1e-6)
+    rows = history(out)
+    assert len(rows) == 3 and all(0 <= r["val_top1"] <= 100 for r in rows)
+    assert max(r["val_top1"] for r in rows) > 100 / 3  # learns: better than chance
+    ckpt = load_ckpt(out / "best.pt")
+    assert accuracy_and_loss(ckpt, feats / "val.h5")[0] == rows[ckpt["epoch"] - 1]["val_top1"]
+
+
+def test_streamed_blocks_cover_every_row_once(feats):
+    split = open_split(feats / "train.h5")
+    source = StreamedFeatures(split, block_rows=5)  # 18 rows: four blocks, the last one short
+    x, y = raw_features(feats / "train.h5")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        got_x, got_y = zip(*source.batches(4, generator))
+        got_x, got_y = torch.cat(got_x).float(), torch.cat(got_y)
+        assert len(got_y) == 18
+        # match every yielded row to its cache row
+        match = (got_x[:, None, :] == x[None, :, :]).all(-1)
+        rows = match.float().argmax(1)
+        assert match.any(1).all() and sorted(rows.tolist()) == list(range(18))
+        assert torch.equal(got_y, y[rows])
+
+
+def test_float16_cache_trains(data, tmp_path_factory, tmp_path):
+    half = tmp_path_factory.mktemp("feats16")
+    extract(data, half, "--dtype", "float16")
+    assert open_split(half / "train.h5").read_features(0, 1).dtype == np.float16
+    out = tmp_path / "run"
+    assert train(half, out, "--epochs", "3", "--lr", "0.01", "--batch-size", "4") == 0
+    rows = history(out)
+    assert len(rows) == 3 and max(r["val_top1"] for r in rows) > 100 / 3
+    ckpt = load_ckpt(out / "best.pt")
+    assert ckpt["head"]["weight"].dtype == torch.float32 and ckpt["head"]["weight"].shape == (3, 4096)
+    assert accuracy_and_loss(ckpt, half / "val.h5")[0] == rows[ckpt["epoch"] - 1]["val_top1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit code 2 and one line on stderr
+
+
+def test_missing_cache_folder(tmp_path, capsys):
+    assert train(tmp_path / "nothing-here", tmp_path / "out") == 2
+    line = one_error_line(capsys)
+    assert "run_extract.py" in line and "nothing-here" in line
+
+
+def test_partial_cache_val_missing(feats, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(feats / "train.h5", partial / "train.h5")
+    assert train(partial, tmp_path / "out") == 2
+    line = one_error_line(capsys)
+    assert "val.h5" in line and "run_extract.py" in line
+
+
+def test_partial_cache_incomplete_file(feats, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    shutil.copytree(feats, partial)
+    with h5py.File(partial / "val.h5", "a") as f:
+        f.attrs["complete"] = False
+    assert train(partial, tmp_path / "out") == 2
+    line = one_error_line(capsys)
+    assert "val.h5" in line and "not a complete" in line
+
+
+def test_train_and_val_from_different_weights(data, feats, tmp_path, capsys):
+    other = tmp_path / "seed1"
+    extract(data, other, "--seed", "1")
+    capsys.readouterr()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(feats / "train.h5", mixed / "train.h5")
+    shutil.copy(other / "val.h5", mixed / "val.h5")
+    assert train(mixed, tmp_path / "out") == 2
+    assert "different weights" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (("--lr", "0"), "--lr"),
+    (("--lr", "-1"), "--lr"),
+    (("--lr", "0.01,0"), "--lr"),
+    (("--lr", "nan"), "--lr"),
+    (("--weight-decay", "-1"), "--weight-decay"),
+    (("--weight-decay", "nan"), "--weight-decay"),
+    (("--momentum", "nan"), "--momentum"),
+    (("--epochs", "0"), "--epochs"),
+    (("--batch-size", "0"), "--batch-size"),
+])
+def test_bad_numbers(feats, tmp_path, capsys, flags, flag):
+    assert train(feats, tmp_path / "out", *flags) == 2
+    assert flag in one_error_line(capsys)
+
+
+def test_unwritable_out(feats, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert train(feats, blocker / "run", "--epochs", "1") == 2
+    line = one_error_line(capsys)
+    assert "--out" in line and str(blocker) in line
+    assert blocker.read_text() == "not a folder"
