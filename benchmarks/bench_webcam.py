@@ -1,0 +1,210 @@
+"""Live-runner speed: synthetic 640x480 camera frames through the whole per-frame path, no camera, no window.
+
+    python benchmarks/bench_webcam.py                       # 200 timed frames per variant
+    python benchmarks/bench_webcam.py --frames 500 --device cuda
+
+The frames go through pipeline.live.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
+Preprocess, channels_last AlexNet fc7 + a 4096 -> 200 head, softmax, top-k, predictions line), with a
+random-weight backbone. Variants:
+(a) headless: --no-display --predictions (no drawing);
+(b) drawn: as (a) plus the overlay drawn on every frame and handed to a no-op window (a windowed run
+    minus imshow/waitKey's own cost);
+(c) video: as (b) plus the annotated mp4 written;
+against the limit: the bare batch-1 fc7 + head forward on a ready (1, 3, 224, 224) tensor, timed before
+and after the live runs (and, for scale, the per-image time of a batch-64 forward, which is what extraction
+sees: a live loop is batch 1, where fc6/fc7's 218 MB of weights are read once per frame).
+Writes benchmarks/results/webcam.json; other processes' CPU use during the run is recorded with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models import FC7_DIM, AlexNetClassifier  # noqa: E402
+from pipeline import live  # noqa: E402
+from pipeline.backbone import load_backbone, resolve_device  # noqa: E402
+from pipeline.preprocess import Preprocess  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+NUM_CLASSES = 200
+
+
+class SyntheticCamera(live.FrameSource):
+    """640x480 BGR frames from a small pool of smooth random pictures; a fresh buffer per frame, as a capture gives."""
+
+    def __init__(self, frames: int, width: int = 640, height: int = 480, pool: int = 8):
+        rng = np.random.default_rng(0)
+        self.pool = [cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 6)
+                     for _ in range(pool)]
+        self.frames, self.label, self.fps = frames, "synthetic", 30.0
+
+    def __iter__(self):
+        for i in range(self.frames):
+            yield live.bgr_to_frame(self.label, self.pool[i % len(self.pool)].copy())
+
+
+class NullWindow(live.Display):
+    """A window that shows nothing and never sees a key."""
+
+    def __init__(self):
+        super().__init__("bench")
+
+    def show(self, image):
+        pass
+
+    def key(self, delay_ms):
+        return -1
+
+    def closed(self):
+        return False
+
+    def close(self):
+        pass
+
+
+def make_checkpoint(path: Path, spec: str, fingerprint: str) -> None:
+    torch.manual_seed(1)
+    head = nn.Linear(FC7_DIM, NUM_CLASSES)
+    torch.save({"format": live.CHECKPOINT_FORMAT, "head": {k: v.detach().clone() for k, v in head.state_dict().items()},
+                "num_classes": NUM_CLASSES, "feature_dim": FC7_DIM,
+                "class_wnids": [f"n{9000000 + i:08d}" for i in range(NUM_CLASSES)],
+                "class_names": [f"class {i}" for i in range(NUM_CLASSES)], "backbone": "alexnet", "layer": "fc7",
+                "weights_spec": spec, "weights_fingerprint": fingerprint, "preprocess": Preprocess().to_dict(),
+                "precision": "fp32", "config": {}, "epoch": 0, "metrics": {}}, path)
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, of this process) so far; None off Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / tick, (int(mine[11]) + int(mine[12])) / tick
+
+
+def stats(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"frames": len(a), "mean_ms": round(float(a.mean()), 3), "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p95_ms": round(float(np.percentile(a, 95)), 3), "fps": round(1000 / float(a.mean()), 2)}
+
+
+def bare_forward(model: AlexNetClassifier, device: torch.device, iters: int, warmup: int) -> list[float]:
+    x = torch.randn(1, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            model.head(model.backbone(x))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def batch_forward(model: AlexNetClassifier, device: torch.device, batch: int = 64, iters: int = 3) -> float:
+    """ms per image of a batch-``batch`` forward: the throughput extraction sees, not what a live loop can get."""
+    x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model.head(model.backbone(x))
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model.head(model.backbone(x))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000 / (iters * batch)
+
+
+def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int, warmup: int) -> dict:
+    drawn = name in ("drawn", "video")
+    config = live.LiveConfig(checkpoint=checkpoint, device=device, display=drawn, max_frames=warmup + frames,
+                             predictions=tmp / f"{name}.jsonl", output=tmp / f"{name}.mp4" if name == "video" else None)
+    summary = live.run_live(config, source=SyntheticCamera(warmup + frames), display=NullWindow() if drawn else None)
+    result = stats(summary["frame_ms"][warmup:])
+    result["model_latency"] = stats(summary["latencies_ms"][warmup:])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=200, help="timed frames per variant")
+    p.add_argument("--warmup", type=int, default=20, help="untimed frames first")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=RESULTS / "webcam.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    device = resolve_device(args.device)
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    backbone, spec, fingerprint = load_backbone("random", seed=0)
+    head = nn.Linear(FC7_DIM, NUM_CLASSES)
+    model = AlexNetClassifier(backbone, head)
+    model.backbone.to(device, memory_format=torch.channels_last)
+    model.head.to(device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = tmp / "best.pt"
+        make_checkpoint(checkpoint, spec, fingerprint)
+        bare = bare_forward(model, device, args.frames, args.warmup)
+        variants = {name: run_variant(name, checkpoint, tmp, args.device, args.frames, args.warmup)
+                    for name in ("headless", "drawn", "video")}
+        bare += bare_forward(model, device, args.frames, args.warmup)
+        batch64_ms = batch_forward(model, device)
+
+    bare_stats = stats(bare)
+    cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
+    others = None  # cores' worth of CPU that other processes used meanwhile: > 0.2 means the numbers are disturbed
+    if cpu_start and cpu_end:
+        others = round(((cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / wall, 2)
+    result = {
+        "what": "640x480 synthetic frames through pipeline.live.run_live (random AlexNet fc7 + 4096->200 head), "
+                "against the bare batch-1 forward on a ready channels_last tensor",
+        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "torch": torch.__version__, "opencv": cv2.__version__,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "other_processes_cores_busy": others,
+        "bare_forward": bare_stats,
+        "bare_forward_batch64": {"ms_per_image": round(batch64_ms, 3), "images_per_s": round(1000 / batch64_ms, 2)},
+        "live": variants,
+        "ratio_fps_live_over_bare": {k: round(v["fps"] / bare_stats["fps"], 3) for k, v in variants.items()},
+    }
+    print(f"{'':24s} {'mean ms':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'FPS':>7s} {'vs bare':>8s}")
+    print(f"{'bare forward':24s} {bare_stats['mean_ms']:8.2f} {bare_stats['p50_ms']:8.2f} {bare_stats['p95_ms']:8.2f} "
+          f"{bare_stats['fps']:7.1f} {1:8.2f}")
+    print(f"{'(bare, batch 64)':24s} {batch64_ms:8.2f} {'':8s} {'':8s} {1000 / batch64_ms:7.1f}   per image")
+    for name, v in variants.items():
+        print(f"{'live ' + name:24s} {v['mean_ms']:8.2f} {v['p50_ms']:8.2f} {v['p95_ms']:8.2f} {v['fps']:7.1f} "
+              f"{result['ratio_fps_live_over_bare'][name]:8.2f}")
+    print(f"(model latency per frame, drawn run: mean {variants['drawn']['model_latency']['mean_ms']:.2f} ms; "
+          f"other processes kept {others} cores busy meanwhile)")
+    if others is not None and others > 0.2:
+        print("WARNING: other processes used the CPU during the run: these timings are disturbed")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

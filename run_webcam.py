@@ -1,0 +1,65 @@
+"""Stage three: the trained head on the frozen backbone, live on a camera, a video, an image or a folder.
+
+    python run_webcam.py                                       # camera 0 with runs/head/best.pt
+    python run_webcam.py --source 1 --width 1280 --height 720 --smooth 5
+    python run_webcam.py --source clip.mp4 --no-display --output annotated.mp4 --predictions preds.jsonl
+    python run_webcam.py --source data/tiny-imagenet-200/val/images --max-frames 100 --predictions preds.jsonl
+    python run_webcam.py --checkpoint runs/sweep/best.pt --weights alexnet-owt-7be5be79.pth --device cuda
+
+In the window, q or Esc quits; on still images any other key shows the next one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.cli import run_main
+
+log = logging.getLogger("run_webcam")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--checkpoint", type=Path, default=Path("runs/head/best.pt"),
+                       help="head checkpoint from run_train_head.py")
+    model.add_argument("--weights", help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
+                                         "or a state_dict path (must match the checkpoint's fingerprint)")
+    model.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    source = p.add_argument_group("source")
+    source.add_argument("--source", default="0",
+                        help="camera index, video file, image file, or folder of images (.jpg .jpeg .png .bmp)")
+    source.add_argument("--width", type=int, help="requested camera width")
+    source.add_argument("--height", type=int, help="requested camera height")
+    source.add_argument("--max-frames", type=int, help="stop after this many frames")
+    out = p.add_argument_group("output")
+    out.add_argument("--top-k", type=int, default=3, help="classes shown and recorded per frame")
+    out.add_argument("--smooth", type=int, default=1, help="average the probabilities over the last N frames")
+    out.add_argument("--no-display", action="store_true", help="no window (headless)")
+    out.add_argument("--output", type=Path, help="write the annotated video here (mp4v)")
+    out.add_argument("--predictions", type=Path, help="write one JSON line per frame here")
+    return p
+
+
+def live(args: argparse.Namespace) -> int:
+    from pipeline.live import LiveConfig, run_live
+
+    config = LiveConfig(checkpoint=args.checkpoint, weights=args.weights, seed=args.seed, device=args.device,
+                        source=args.source, width=args.width, height=args.height, top_k=args.top_k,
+                        smooth=args.smooth, display=False if args.no_display else None, output=args.output,
+                        predictions=args.predictions, max_frames=args.max_frames)
+    summary = run_live(config)
+    if summary["frames"] == 0:
+        log.warning("no frames were processed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: live(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
