@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -26,6 +27,7 @@ def plot_history(history: list[dict], folder: Path, title: str | None = None) ->
         ax.plot(epochs, [h[train_key] for h in history], marker="o", label="train")
         ax.plot(epochs, [h[val_key] for h in history], marker="o", label="val" + (" top-1" if name == "accuracy" else ""))
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title + ': ' if title else ''}{name}")
         ax.grid(alpha=0.3)
@@ -42,6 +44,7 @@ def plot_sweep(results: list[dict], folder: Path) -> None:
         ax.plot([h["epoch"] for h in r["history"]], [h["val_top1"] for h in r["history"]], marker=".",
                 label=f"{r['name']} (best {r['best_val_top1']:.1f}%)")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("head sweep")
     ax.grid(alpha=0.3)
