@@ -1,4 +1,4 @@
-"""Live-runner speed: synthetic 640x480 camera frames through the whole per-frame path, no camera, no window.
+"""Live-runner speed: synthetic 640x480 frames through the whole per-frame path, no camera, no window.
 
     python benchmarks/bench_webcam.py                       # 200 timed frames per variant
     python benchmarks/bench_webcam.py --frames 500 --device cuda
@@ -10,9 +10,13 @@ random-weight backbone. Variants:
 (b) drawn: as (a) plus the overlay drawn on every frame and handed to a no-op window (a windowed run
     minus imshow/waitKey's own cost);
 (c) video: as (b) plus the annotated mp4 written;
-against the limit: the bare batch-1 fc7 + head forward on a ready (1, 3, 224, 224) tensor, timed before
-and after the live runs (and, for scale, the per-image time of a batch-64 forward, which is what extraction
-sees: a live loop is batch 1, where fc6/fc7's 218 MB of weights are read once per frame).
+all three as a camera (one frame per forward pass), and then as a video file is read, --batch-frames N
+frames per forward pass (headless_b4, headless_b8, video_b8): the same per-frame results, with fc6/fc7's
+weights read once per batch. For batched rows the per-frame times are the batch's divided by its frames;
+"batch ms" is the model time of a whole batch, the delay before its first frame's result.
+Against the limit: the bare batch-1 fc7 + head forward on a ready (1, 3, 224, 224) tensor, timed before
+and after the live runs (and the per-image time of bare batch-4, -8 and -64 forwards; 64 is what
+extraction sees: at batch 1, fc6/fc7's 218 MB of weights are read once per frame).
 Writes benchmarks/results/webcam.json; other processes' CPU use during the run is recorded with it.
 """
 from __future__ import annotations
@@ -47,6 +51,8 @@ NUM_CLASSES = 200
 class SyntheticCamera(live.FrameSource):
     """640x480 BGR frames from a small pool of smooth random pictures; a fresh buffer per frame, as a capture gives."""
 
+    camera = True  # one frame per forward pass, as from a real camera
+
     def __init__(self, frames: int, width: int = 640, height: int = 480, pool: int = 8):
         rng = np.random.default_rng(0)
         self.pool = [cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 6)
@@ -56,6 +62,12 @@ class SyntheticCamera(live.FrameSource):
     def __iter__(self):
         for i in range(self.frames):
             yield live.bgr_to_frame(self.label, self.pool[i % len(self.pool)].copy())
+
+
+class SyntheticVideo(SyntheticCamera):
+    """The same frames, as from a video file: run_live batches them (--batch-frames)."""
+
+    camera = False
 
 
 class NullWindow(live.Display):
@@ -120,8 +132,9 @@ def bare_forward(model: AlexNetClassifier, device: torch.device, iters: int, war
     return times
 
 
-def batch_forward(model: AlexNetClassifier, device: torch.device, batch: int = 64, iters: int = 3) -> float:
-    """ms per image of a batch-``batch`` forward: the throughput extraction sees, not what a live loop can get."""
+def batch_forward(model: AlexNetClassifier, device: torch.device, batch: int = 64, iters: int | None = None) -> float:
+    """ms per image of a bare batch-``batch`` forward (64: the throughput extraction sees)."""
+    iters = iters or max(3, 192 // batch)
     x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         model.head(model.backbone(x))
@@ -133,13 +146,22 @@ def batch_forward(model: AlexNetClassifier, device: torch.device, batch: int = 6
     return (time.perf_counter() - t0) * 1000 / (iters * batch)
 
 
+VARIANTS = {"headless": 1, "drawn": 1, "video": 1, "headless_b4": 4, "headless_b8": 8, "video_b8": 8}  # name: batch
+
+
 def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int, warmup: int) -> dict:
-    drawn = name in ("drawn", "video")
+    kind, batch = name.split("_")[0], VARIANTS[name]
+    drawn = kind in ("drawn", "video")
+    warmup = -(-warmup // batch) * batch  # whole batches, so the timed frames are whole batches too
+    frames = -(-frames // batch) * batch
     config = live.LiveConfig(checkpoint=checkpoint, device=device, display=drawn, max_frames=warmup + frames,
-                             predictions=tmp / f"{name}.jsonl", output=tmp / f"{name}.mp4" if name == "video" else None)
-    summary = live.run_live(config, source=SyntheticCamera(warmup + frames), display=NullWindow() if drawn else None)
-    result = stats(summary["frame_ms"][warmup:])
+                             batch_frames=batch, predictions=tmp / f"{name}.jsonl",
+                             output=tmp / f"{name}.mp4" if kind == "video" else None)
+    source = (SyntheticCamera if batch == 1 else SyntheticVideo)(warmup + frames)
+    summary = live.run_live(config, source=source, display=NullWindow() if drawn else None)
+    result = {"batch_frames": batch, **stats(summary["frame_ms"][warmup:])}
     result["model_latency"] = stats(summary["latencies_ms"][warmup:])
+    result["model_ms_per_batch"] = round(result["model_latency"]["mean_ms"] * batch, 3)
     return result
 
 
@@ -167,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(checkpoint, spec, fingerprint)
         bare = bare_forward(model, device, args.frames, args.warmup)
         variants = {name: run_variant(name, checkpoint, tmp, args.device, args.frames, args.warmup)
-                    for name in ("headless", "drawn", "video")}
+                    for name in VARIANTS}
         bare += bare_forward(model, device, args.frames, args.warmup)
-        batch64_ms = batch_forward(model, device)
+        batched_ms = {batch: batch_forward(model, device, batch) for batch in (4, 8, 64)}
 
     bare_stats = stats(bare)
     cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
@@ -177,27 +199,35 @@ def main(argv: list[str] | None = None) -> int:
     if cpu_start and cpu_end:
         others = round(((cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / wall, 2)
     result = {
-        "what": "640x480 synthetic frames through pipeline.live.run_live (random AlexNet fc7 + 4096->200 head), "
-                "against the bare batch-1 forward on a ready channels_last tensor",
+        "what": "640x480 synthetic frames through pipeline.live.run_live (random AlexNet fc7 + 4096->200 head), fp32, "
+                "one frame per forward (as a camera) and --batch-frames 4/8 (as a video file), against the bare "
+                "batch-1 forward on a ready channels_last tensor; batched rows: per-frame times = batch's / frames",
         "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "torch": torch.__version__, "opencv": cv2.__version__,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "other_processes_cores_busy": others,
         "bare_forward": bare_stats,
-        "bare_forward_batch64": {"ms_per_image": round(batch64_ms, 3), "images_per_s": round(1000 / batch64_ms, 2)},
+        **{f"bare_forward_batch{batch}": {"ms_per_image": round(ms, 3), "images_per_s": round(1000 / ms, 2)}
+           for batch, ms in batched_ms.items()},
         "live": variants,
         "ratio_fps_live_over_bare": {k: round(v["fps"] / bare_stats["fps"], 3) for k, v in variants.items()},
     }
-    print(f"{'':24s} {'mean ms':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'FPS':>7s} {'vs bare':>8s}")
-    print(f"{'bare forward':24s} {bare_stats['mean_ms']:8.2f} {bare_stats['p50_ms']:8.2f} {bare_stats['p95_ms']:8.2f} "
-          f"{bare_stats['fps']:7.1f} {1:8.2f}")
-    print(f"{'(bare, batch 64)':24s} {batch64_ms:8.2f} {'':8s} {'':8s} {1000 / batch64_ms:7.1f}   per image")
+    print("fp32, 640x480; per frame: wall ms (reading, preprocessing, model, outputs), FPS, model ms; "
+          "batch ms: model time of a whole batch")
+    print(f"{'':24s} {'batch':>5s} {'mean ms':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'FPS':>7s} {'vs bare':>8s} "
+          f"{'model ms':>9s} {'batch ms':>9s}")
+    print(f"{'bare forward':24s} {1:5d} {bare_stats['mean_ms']:8.2f} {bare_stats['p50_ms']:8.2f} "
+          f"{bare_stats['p95_ms']:8.2f} {bare_stats['fps']:7.1f} {1:8.2f} {bare_stats['mean_ms']:9.2f} "
+          f"{bare_stats['mean_ms']:9.2f}")
+    for batch, ms in batched_ms.items():
+        print(f"{'bare forward':24s} {batch:5d} {ms:8.2f} {'':8s} {'':8s} {1000 / ms:7.1f} "
+              f"{bare_stats['mean_ms'] / ms:8.2f} {ms:9.2f} {ms * batch:9.2f}")
     for name, v in variants.items():
-        print(f"{'live ' + name:24s} {v['mean_ms']:8.2f} {v['p50_ms']:8.2f} {v['p95_ms']:8.2f} {v['fps']:7.1f} "
-              f"{result['ratio_fps_live_over_bare'][name]:8.2f}")
-    print(f"(model latency per frame, drawn run: mean {variants['drawn']['model_latency']['mean_ms']:.2f} ms; "
-          f"other processes kept {others} cores busy meanwhile)")
+        print(f"{'live ' + name:24s} {v['batch_frames']:5d} {v['mean_ms']:8.2f} {v['p50_ms']:8.2f} {v['p95_ms']:8.2f} "
+              f"{v['fps']:7.1f} {result['ratio_fps_live_over_bare'][name]:8.2f} "
+              f"{v['model_latency']['mean_ms']:9.2f} {v['model_ms_per_batch']:9.2f}")
+    print(f"(other processes kept {others} cores busy meanwhile)")
     if others is not None and others > 0.2:
         print("WARNING: other processes used the CPU during the run: these timings are disturbed")
     args.out.parent.mkdir(parents=True, exist_ok=True)

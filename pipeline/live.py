@@ -10,6 +10,12 @@ fp32), so an image gives the probabilities that ``softmax(head(cached fc7))`` gi
 Sources are a camera index, a video file, an image file or a folder of images. Camera and video frames
 come from OpenCV as BGR and are converted to RGB; image files are decoded with ``pipeline.images.read_rgb``
 exactly as extraction decodes them.
+
+Frames of a video file, image or folder are classified in batches of ``batch_frames`` (default 8): at
+batch 1 fc6/fc7 are memory-bound (218 MB of weights read per frame), a batch reads them once for all its
+frames. The results are per frame and in frame order as at batch 1 (smoothing, overlay, video, predictions
+line); a frame's ``latency_ms`` is the batch's model time divided by the frames in it. A camera is always
+read one frame at a time: there latency matters, and the camera's own frame rate caps the FPS anyway.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ import time
 from collections import deque
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -47,6 +54,7 @@ CAMERA_RETRIES = 3  # consecutive failed reads before a camera counts as stopped
 MIN_VIEW_SIDE = 360  # smaller frames (Tiny ImageNet's 64x64) are enlarged for display and the output video
 STATUS_SECONDS = 2.0  # headless without outputs: how often a status line is logged
 QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
+DEFAULT_BATCH_FRAMES = 8  # frames per forward pass for video files, images and folders (cameras: always 1)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class LiveConfig:
     output: Path | None = None  # annotated video (mp4v)
     predictions: Path | None = None  # one JSON line per frame
     max_frames: int | None = None
+    batch_frames: int | None = None  # frames per forward pass; None: DEFAULT_BATCH_FRAMES, a camera always 1
     window: str = "fc7 live"
 
 
@@ -158,21 +167,40 @@ def load_classifier(checkpoint_path: str | Path, weights: str | None = None, dev
     return model, checkpoint, Preprocess.from_dict(checkpoint["preprocess"])
 
 
-@torch.inference_mode()
-def predict_frame(model: AlexNetClassifier, preprocess: Preprocess, rgb: torch.Tensor, *,
-                  precision: str = "fp32") -> torch.Tensor:
-    """(3, H, W) RGB uint8 -> (C,) float32 class probabilities on the CPU.
+def _batch(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """(3, H, W) uint8 images -> a (B, 3, H, W) channels_last batch when they have one size, else a list."""
+    if len(images) == 1:
+        return images[0][None].to(device, non_blocking=True)  # a view: a frame's (3, H, W) is already HWC in memory
+    if len({tuple(image.shape) for image in images}) == 1:
+        # stacked as (B, H, W, 3): interleaved pixels, the layout Preprocess resizes in, one copy
+        hwc = torch.stack([image.permute(1, 2, 0) for image in images])
+        return hwc.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return [image.to(device, non_blocking=True) for image in images]  # mixed sizes (a folder): resized one by one
 
-    fc7 is computed as extraction computed it (same preprocessing, same autocast precision) and the head
-    runs in fp32 on it, as it did on the cached features.
+
+@torch.inference_mode()
+def predict_frames(model: AlexNetClassifier, preprocess: Preprocess, images: Sequence[torch.Tensor], *,
+                   precision: str = "fp32") -> torch.Tensor:
+    """(3, H, W) RGB uint8 images (any sizes) -> (B, C) float32 class probabilities on the CPU, in order.
+
+    fc7 is computed as extraction computed it (same preprocessing, same autocast precision) for the whole
+    batch in one backbone pass, and the head runs in fp32 on it, as it did on the cached features.
     """
+    if not len(images):
+        raise ValueError("predict_frames needs at least one image")
     device = model.head.weight.device
-    x = preprocess(rgb[None].to(device, non_blocking=True))  # (1, 3, S, S) float, channels_last
+    x = preprocess(_batch(images, device))  # (B, 3, S, S) float, channels_last
     dtype = PRECISIONS[precision]
     with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
         fc7 = model.backbone(x)
     logits = model.head(fc7.float())
-    return torch.softmax(logits, dim=1)[0].cpu()
+    return torch.softmax(logits, dim=1).cpu()
+
+
+def predict_frame(model: AlexNetClassifier, preprocess: Preprocess, rgb: torch.Tensor, *,
+                  precision: str = "fp32") -> torch.Tensor:
+    """(3, H, W) RGB uint8 -> (C,) float32 class probabilities on the CPU: ``predict_frames`` on one image."""
+    return predict_frames(model, preprocess, [rgb], precision=precision)[0]
 
 
 class Smoother:
@@ -236,6 +264,7 @@ class FrameSource:
     label: str = ""
     fps: float | None = None
     still: bool = False  # still images: a window waits for a key on each one
+    camera: bool = False  # a live camera: classified one frame at a time, never batched
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -479,15 +508,30 @@ def _check_config(config: LiveConfig) -> None:
         raise UserError(f"--smooth must be at least 1, got {config.smooth}")
     if config.max_frames is not None and config.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {config.max_frames}")
+    if config.batch_frames is not None and config.batch_frames < 1:
+        raise UserError(f"--batch-frames must be at least 1, got {config.batch_frames}")
     for name, value in (("--width", config.width), ("--height", config.height)):
         if value is not None and value <= 0:
             raise UserError(f"{name} must be positive, got {value}")
 
 
+def batch_frames(config: LiveConfig, source: FrameSource) -> int:
+    """Frames per forward pass: 1 for a camera, else --batch-frames (default DEFAULT_BATCH_FRAMES)."""
+    if source.camera:
+        if config.batch_frames and config.batch_frames > 1:
+            log.info("camera %s: classifying one frame at a time (--batch-frames applies to files and folders)",
+                     source.label)
+        return 1
+    return config.batch_frames or DEFAULT_BATCH_FRAMES
+
+
 def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: Display | None = None) -> dict:
     """Classify frames until the source ends, --max-frames, q/Esc or a closed window. Returns a summary.
 
-    ``source`` and ``display`` replace the ones ``config`` describes (benchmarks, tests).
+    Frames are read and classified ``batch_frames(config, source)`` at a time, then handled one by one in
+    order. The summary's ``frame_ms`` (wall time per frame, reading and outputs included) and
+    ``latencies_ms`` (model time per frame) are per frame; in a batch each frame gets the batch's time
+    divided by its frames. ``source`` and ``display`` replace the ones ``config`` describes (benchmarks, tests).
     """
     _check_config(config)
     device = resolve_device(config.device)
@@ -502,8 +546,14 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
         stack.callback(source.release)
         model = build_classifier(checkpoint, weights=config.weights, seed=config.seed, device=device)
         preprocess = Preprocess.from_dict(checkpoint["preprocess"])
-        predict_frame(model, preprocess, torch.zeros(3, preprocess.image_size, preprocess.image_size, dtype=torch.uint8),
-                      precision=precision)  # warm-up: the first pass builds the CPU kernels' plans
+        batch_size = batch_frames(config, source)
+        if config.max_frames:
+            batch_size = min(batch_size, config.max_frames)
+        if isinstance(source, ImageSource):
+            batch_size = min(batch_size, len(source.paths))  # one image: no batch-8 warm-up
+        blank = torch.zeros(3, preprocess.image_size, preprocess.image_size, dtype=torch.uint8)
+        predict_frames(model, preprocess, [blank] * batch_size,
+                       precision=precision)  # warm-up: the first pass builds the CPU kernels' plans for this batch
         log.info("head: %d classes, epoch %s, val top-1 %s; backbone %s on %s", len(wnids), checkpoint.get("epoch", "?"),
                  f"{checkpoint['metrics']['val_top1']:.2f}%" if "val_top1" in checkpoint.get("metrics", {}) else "?",
                  config.weights or checkpoint["weights_spec"], device)
@@ -528,40 +578,58 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
         status = not show and output is None and predictions is None
 
         smoother = Smoother(config.smooth)
-        fps = None
-        start = last = last_status = time.perf_counter()
-        for index, frame in enumerate(source):
+        fps = None  # shown on each frame: frames per second of wall time, over the batches before it
+        seconds_per_frame = None  # its running mean (exponential, 0.9 per frame)
+        stream = iter(source)
+        index = 0
+        start = last_status = time.perf_counter()
+        last = None
+        while True:
+            wanted = batch_size if not config.max_frames else min(batch_size, config.max_frames - index)
+            batch = list(islice(stream, wanted))  # fewer at the end of the source
+            if not batch:
+                break
             t0 = time.perf_counter()
-            probs = predict_frame(model, preprocess, frame.rgb, precision=precision)
-            latency = (time.perf_counter() - t0) * 1000
-            best = top_k(smoother(probs), config.top_k, wnids, names)
-            if show or output is not None:
-                canvas = annotate(view(frame.bgr), best, fps)
-                if output is not None:
-                    output.write(canvas)
-            if predictions is not None:
-                predictions.write(json.dumps({"frame": index, "source": frame.label, "topk": best,
-                                              "latency_ms": round(latency, 3)}) + "\n")
+            probs = predict_frames(model, preprocess, [frame.rgb for frame in batch], precision=precision)
+            latency = (time.perf_counter() - t0) * 1000 / len(batch)  # the batch's model time, shared by its frames
+            done = 0
+            for frame, frame_probs in zip(batch, probs):
+                best = top_k(smoother(frame_probs), config.top_k, wnids, names)
+                if show or output is not None:
+                    canvas = annotate(view(frame.bgr), best, fps)
+                    if output is not None:
+                        output.write(canvas)
+                if predictions is not None:
+                    predictions.write(json.dumps({"frame": index, "source": frame.label, "topk": best,
+                                                  "latency_ms": round(latency, 3)}) + "\n")
+                summary["latencies_ms"].append(latency)
+                index += 1
+                done += 1
+                summary["frames"] = index
+                if status and time.perf_counter() - last_status >= STATUS_SECONDS:
+                    last_status = time.perf_counter()
+                    log.info("frame %d: %s %.1f%% (%s fps)", index - 1, best[0]["name"], 100 * best[0]["prob"],
+                             f"{fps:.1f}" if fps else "-")
+                if show:
+                    try:
+                        display.show(canvas)
+                    except cv2.error as err:
+                        log.warning("cannot show a window (%s); continuing headless", _reason(err))
+                        show = False
+                    if show and (display.key(0 if source.still else 1) in QUIT_KEYS or display.closed()):
+                        summary["stopped_by"] = "quit"  # the rest of the batch is dropped unseen
+                        break
             now = time.perf_counter()
-            loop = now - (last if index else t0)  # frame to frame, reading included
+            per_frame = (now - (last if last is not None else t0)) / done  # batch to batch, reading included
             last = now
-            fps = 1 / loop if fps is None else 0.9 * fps + 0.1 / max(loop, 1e-9)
-            summary["frame_ms"].append(loop * 1000)
-            summary["latencies_ms"].append(latency)
-            summary["frames"] = index + 1
-            if status and now - last_status >= STATUS_SECONDS:
-                last_status = now
-                log.info("frame %d: %s %.1f%% (%.1f fps)", index, best[0]["name"], 100 * best[0]["prob"], fps)
-            if show:
-                try:
-                    display.show(canvas)
-                except cv2.error as err:
-                    log.warning("cannot show a window (%s); continuing headless", _reason(err))
-                    show = False
-                if show and (display.key(0 if source.still else 1) in QUIT_KEYS or display.closed()):
-                    summary["stopped_by"] = "quit"
-                    break
-            if config.max_frames and index + 1 >= config.max_frames:
+            summary["frame_ms"].extend([per_frame * 1000] * done)
+            weight = 0.9 ** done
+            seconds_per_frame = (per_frame if seconds_per_frame is None
+                                 else weight * seconds_per_frame + (1 - weight) * per_frame)
+            fps = 1 / max(seconds_per_frame, 1e-9)
+            if summary["stopped_by"] == "quit":
+                break
+            if config.max_frames and index >= config.max_frames:
                 summary["stopped_by"] = "max-frames"
                 break
         if getattr(source, "stopped", False):

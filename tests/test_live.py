@@ -186,6 +186,118 @@ def test_max_frames_and_smoothing(trained, val_video, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Frame batching (files and folders)
+
+
+def probs_by_class(line: dict, wnids: list[str]) -> list[float]:
+    got = {t["wnid"]: t["prob"] for t in line["topk"]}
+    return [got[w] for w in wnids]
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch):
+    """The sizes of the batches run_live hands to predict_frames (the warm-up pass first)."""
+    sizes = []
+    real = live.predict_frames
+
+    def recording(model, preprocess, images, **kwargs):
+        sizes.append(len(images))
+        return real(model, preprocess, images, **kwargs)
+
+    monkeypatch.setattr(live, "predict_frames", recording)
+    return sizes
+
+
+def test_predict_frames_equals_predict_frame_one_by_one(trained):
+    model, _, preprocess = live.load_classifier(trained["best"], device="cpu")
+    paths = sorted(trained["cached"])
+    images = [read_rgb(p) for p in paths]
+    images.append(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 90, 50), dtype=np.uint8)))
+    batched = live.predict_frames(model, preprocess, images)  # mixed sizes: resized one by one, one forward
+    assert batched.shape == (len(images), len(trained["checkpoint"]["class_wnids"])) and batched.dtype == torch.float32
+    for image, probs in zip(images, batched):
+        torch.testing.assert_close(probs, live.predict_frame(model, preprocess, image), rtol=RTOL, atol=ATOL)
+    for path, probs in zip(paths, batched):
+        torch.testing.assert_close(probs, trained["cached"][path], rtol=RTOL, atol=ATOL)
+
+
+def test_batched_video_run_equals_the_cache_and_the_batch_1_path(trained, val_video, tmp_path, batch_sizes):
+    video, order, _, lossless = val_video
+    wnids = trained["checkpoint"]["class_wnids"]
+    runs = {}
+    for batch in (None, "5", "1"):  # the default (8), 5 (batches of 5, 5, 2) and one frame at a time
+        jsonl = tmp_path / f"preds-{batch}.jsonl"
+        extra = ["--batch-frames", batch] if batch else []
+        rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+                              "--predictions", str(jsonl), *extra])
+        assert rc == 0
+        runs[batch] = read_jsonl(jsonl)
+    assert batch_sizes == [8, 8, 4] + [5, 5, 5, 2] + [1] * (1 + len(order))  # warm-up, then the video
+    single = runs["1"]
+    for batch in (None, "5"):
+        lines = runs[batch]
+        assert [line["frame"] for line in lines] == list(range(len(order)))
+        assert all(line["source"] == str(video) and line["latency_ms"] > 0 for line in lines)
+        for line, one in zip(lines, single):
+            assert line["topk"][0]["wnid"] == one["topk"][0]["wnid"]
+            assert probs_by_class(line, wnids) == pytest.approx(probs_by_class(one, wnids), rel=RTOL, abs=ATOL)
+        if lossless:
+            for line, path in zip(lines, order):
+                expected = trained["cached"][path]
+                assert line["topk"][0]["wnid"] == wnids[int(expected.argmax())]
+                assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
+    # the frames of a batch share its model time
+    assert len({line["latency_ms"] for line in runs["5"][:5]}) == 1
+
+
+def test_batched_max_frames_is_exact_and_smoothing_follows_frame_order(trained, val_video, tmp_path, batch_sizes):
+    _, order, frames, _ = val_video
+    video = tmp_path / "ten.avi"
+    write_video(video, frames[:10])
+    assert count_frames(video) == 10
+    wnids = trained["checkpoint"]["class_wnids"]
+    runs = {}
+    for batch in ("3", "1"):
+        jsonl = tmp_path / f"preds-{batch}.jsonl"
+        rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+                              "--predictions", str(jsonl), "--batch-frames", batch, "--max-frames", "7",
+                              "--smooth", "3"])
+        assert rc == 0
+        runs[batch] = read_jsonl(jsonl)
+    assert batch_sizes == [3, 3, 3, 1] + [1] * 8  # 3 + 3 + 1 = 7 frames read, no more
+    lines = runs["3"]
+    assert len(lines) == 7 and [line["frame"] for line in lines] == list(range(7))
+    for line, one in zip(lines, runs["1"]):  # smoothed over the same frames, across batch boundaries
+        assert probs_by_class(line, wnids) == pytest.approx(probs_by_class(one, wnids), rel=RTOL, abs=ATOL)
+
+
+def test_batched_folder_with_mixed_image_sizes(trained, tmp_path, batch_sizes):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    val = sorted(trained["cached"])
+    sizes = [(64, 64), (80, 60), (50, 90), (64, 64), (300, 200), (41, 77), (64, 64)]
+    for i, (w, h) in enumerate(sizes):
+        bgr = cv2.cvtColor(read_rgb(val[i % len(val)]).permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR)
+        if (w, h) != (64, 64):
+            bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
+        assert cv2.imwrite(str(folder / f"{i:02d}.png"), bgr)
+    jsonl = tmp_path / "preds.jsonl"
+    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
+                          "--predictions", str(jsonl), "--batch-frames", "4"])
+    assert rc == 0
+    assert batch_sizes[1:] == [4, 3]
+    lines = read_jsonl(jsonl)
+    paths = sorted(str(p) for p in folder.iterdir())
+    assert [line["source"] for line in lines] == paths
+    model, _, preprocess = live.load_classifier(trained["best"], device="cpu")
+    wnids = trained["checkpoint"]["class_wnids"]
+    for line, path in zip(lines, paths):
+        expected = live.predict_frame(model, preprocess, read_rgb(path))  # the batch-1 path
+        assert line["topk"][0]["wnid"] == wnids[int(expected.argmax())]
+        assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
 # The window
 
 
@@ -278,15 +390,16 @@ class FakeCamera:
         self.released = True
 
 
-def test_camera_that_stops_ends_cleanly(trained, tmp_path, monkeypatch, caplog):
+def test_camera_that_stops_ends_cleanly(trained, tmp_path, monkeypatch, caplog, batch_sizes):
     camera = FakeCamera(3)
     monkeypatch.setattr(live, "open_capture", lambda target: camera)
     jsonl = tmp_path / "preds.jsonl"
     rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", "0", "--no-display",
-                          "--predictions", str(jsonl)])
+                          "--predictions", str(jsonl), "--batch-frames", "8"])
     assert rc == 0 and camera.released
     assert [line["source"] for line in read_jsonl(jsonl)] == ["0", "0", "0"]
     assert "camera 0 stopped delivering frames after 3 frames" in caplog.text
+    assert batch_sizes == [1, 1, 1, 1]  # a camera is never batched, whatever --batch-frames says
 
 
 def test_camera_without_frames_is_an_error(trained, monkeypatch, capsys):
@@ -367,3 +480,5 @@ def test_weights_override_must_match_the_fingerprint(trained, capsys):
 def test_bad_options(trained, capsys):
     assert run_webcam.main(["--checkpoint", str(trained["best"]), "--top-k", "0", "--no-display"]) == 2
     assert "--top-k" in one_error_line(capsys)
+    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--batch-frames", "0", "--no-display"]) == 2
+    assert "--batch-frames" in one_error_line(capsys)
