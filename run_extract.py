@@ -82,7 +82,6 @@ def prepare(args: argparse.Namespace) -> int:
 def extract(args: argparse.Namespace) -> int:
     from features.extract import ExtractConfig
     from features.extract import extract as extract_features
-    from pipeline.dataset import arrange_val, index_dataset, resolve_data
     from pipeline.errors import UserError
     from pipeline.preprocess import Preprocess
 
@@ -91,13 +90,11 @@ def extract(args: argparse.Namespace) -> int:
                                 mode=args.resize_mode)
     except ValueError as err:
         raise UserError(f"bad preprocessing options: {err}") from None
-    if args.arrange_val:
-        arrange_val(index_dataset(resolve_data(args.data, download=args.download, url=args.url, md5=args.md5)))
     config = ExtractConfig(
         data=args.data, download=args.download, url=args.url, md5=args.md5, out=args.out, weights=args.weights,
         seed=args.seed, device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
         workers=args.workers, preprocess=preprocess, shard_size=args.shard_size, compression=args.compression,
-        overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress)
+        overwrite=args.overwrite, strict=args.strict, arrange_val=args.arrange_val, progress=not args.no_progress)
     summary = extract_features(config)
     if summary["weights"].startswith("random"):
         log.warning("NOTE: the backbone has random weights (%s); these features are for testing only", summary["weights"])

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from features import cache
 from models import FC7_DIM
 from pipeline.backbone import load_backbone, resolve_device
-from pipeline.dataset import TINY_IMAGENET_MD5, TINY_IMAGENET_URL, TinyImageNet, index_dataset, resolve_data
+from pipeline.dataset import (TINY_IMAGENET_MD5, TINY_IMAGENET_URL, TinyImageNet, arrange_val, index_dataset,
+                              resolve_data)
 from pipeline.errors import UserError
 from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb
 from pipeline.preprocess import Preprocess
@@ -55,6 +56,7 @@ class ExtractConfig:
     compression: str | None = None  # None, "gzip" or "lzf"
     overwrite: bool = False
     strict: bool = False  # an undecodable image is an error instead of a listed skip
+    arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = True
 
@@ -89,15 +91,20 @@ class BatchReader(Dataset):
                 "skipped": skipped, "count": len(positions)}
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun with several ranks."""
+def _start(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun with several ranks: one GPU per rank (cuda:LOCAL_RANK)
+    and NCCL, or the CPU and gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = resolve_device(device_name)
     if world <= 1:
-        return 0, 1
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL addresses "the current device"
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _shards(num_rows: int, shard_size: int) -> list[range]:
@@ -106,7 +113,6 @@ def _shards(num_rows: int, shard_size: int) -> list[range]:
 
 def extract(config: ExtractConfig) -> dict:
     """Fill ``config.out`` with train.h5 and val.h5. Returns the summary (also logged)."""
-    rank, world = _distributed()
     if config.precision not in PRECISIONS:
         raise UserError(f"--precision {config.precision}: use fp32, bf16 or fp16")
     if config.dtype not in DTYPES:
@@ -118,10 +124,11 @@ def extract(config: ExtractConfig) -> dict:
     if config.preprocess.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size {config.preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
-    device_name = config.device
-    if world > 1 and device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    device = resolve_device(device_name)
+    rank, world, device = _start(config.device)
+    if device.type == "cuda" and config.precision == "fp32":
+        # fp32 means fp32: no TF32 convolutions or matmuls behind the user's back
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if config.precision == "fp16" and device.type == "cpu":
         log.warning("fp16 on the CPU is slow and rarely supported well; bf16 or fp32 are better choices")
     batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
@@ -129,6 +136,8 @@ def extract(config: ExtractConfig) -> dict:
 
     # rank 0 alone downloads or unpacks; the others learn the folder from it
     root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5) if rank == 0 else None
+    if rank == 0 and config.arrange_val:
+        log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
     if world > 1:
         shared = [str(root) if root else None]
         dist.broadcast_object_list(shared, src=0)
@@ -189,10 +198,14 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     paths, labels = dataset.splits[split].paths, dataset.splits[split].labels
     parts = cache.parts_folder(out, split)
     shards = _shards(len(paths), config.shard_size)
+    if world > 1:
+        dist.barrier()  # every rank has read the old file before rank 0 removes it
     if rank == 0:
         if final.exists():  # --overwrite of a different cache
             final.unlink()
-        cache.start_parts(parts, settings, batch_size=batch_size, shard_size=config.shard_size, num_rows=len(paths))
+        # shards from another batch size or device type would not match bit for bit: they are discarded
+        cache.start_parts(parts, settings, batch_size=batch_size, shard_size=config.shard_size, num_rows=len(paths),
+                          device=device.type)
     if world > 1:
         dist.barrier()
     done = cache.done_shards(parts)

@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from features.cache import CachedSplit, open_split
+from features.cache import ROW_CHUNK, CachedSplit, open_split
 from models import LinearHead
 from pipeline.backbone import resolve_device
 from pipeline.errors import UserError
@@ -96,22 +97,37 @@ class InMemoryFeatures:
 
 
 class StreamedFeatures:
-    """Blocks of rows read from HDF5 one at a time: block order and rows within a block are shuffled."""
+    """For caches larger than memory: blocks of rows read from HDF5 one at a time.
+
+    Rows are stored in class order, so a shuffled block is gathered from ``block_rows / 256`` random
+    256-row chunks (the HDF5 chunk size) across the whole file, then shuffled row by row: every batch
+    sees the classes mixed, and each row comes once per epoch.
+    """
 
     def __init__(self, split: CachedSplit, block_rows: int = 8 * LOAD_ROWS):
         self.split, self.block_rows = split, block_rows
+        self.chunk_rows = min(ROW_CHUNK, block_rows)
         self.labels = torch.from_numpy(split.labels)
         self.num_rows = split.num_rows
 
     def batches(self, batch_size, generator):
-        starts = torch.arange(0, self.num_rows, self.block_rows)
-        if generator is not None:
-            starts = starts[torch.randperm(len(starts), generator=generator)]
-        for start in starts.tolist():
-            block = torch.from_numpy(self.split.read_features(start, start + self.block_rows))
-            labels = self.labels[start:start + len(block)]
-            for idx in batch_order(len(block), batch_size, generator):
-                yield block[idx], labels[idx]
+        if generator is None:  # evaluation and statistics: plain order
+            for start in range(0, self.num_rows, self.block_rows):
+                block = torch.from_numpy(self.split.read_features(start, start + self.block_rows))
+                for idx in batch_order(len(block), batch_size, None):
+                    yield block[idx], self.labels[start:start + len(block)][idx]
+            return
+        chunks = torch.arange(0, self.num_rows, self.chunk_rows)
+        chunks = chunks[torch.randperm(len(chunks), generator=generator)]
+        per_block = max(1, self.block_rows // self.chunk_rows)
+        with h5py.File(self.split.path, "r") as f:
+            features = f["features"]
+            for group in chunks.split(per_block):
+                starts = sorted(group.tolist())  # read in file order
+                block = torch.from_numpy(np.concatenate([features[s:s + self.chunk_rows] for s in starts]))
+                labels = torch.cat([self.labels[s:s + self.chunk_rows] for s in starts])
+                for idx in batch_order(len(block), batch_size, generator):
+                    yield block[idx], labels[idx]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,16 +171,18 @@ def evaluate(head: nn.Module, source: FeatureSource, standardize: Standardizer, 
              device: torch.device, *, keep_predictions: bool = False) -> dict:
     """Val loss, top-1 and top-5 (in %); with keep_predictions also the top-1 class of every row."""
     head.eval()
-    loss_sum, top1, top5, predictions = 0.0, 0, 0, []
+    zero = torch.zeros((), device=device)
+    loss_sum, top1, top5, predictions = zero.clone(), zero.clone(), zero.clone(), []
     for x, y in source.batches(batch_size, None):
         x, y = standardize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         logits = head(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")  # summed on the device: no sync per batch
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        top1 += (ranked[:, 0] == y).sum().item()
-        top5 += (ranked == y[:, None]).any(1).sum().item()
+        top1 += (ranked[:, 0] == y).sum()
+        top5 += (ranked == y[:, None]).any(1).sum()
         if keep_predictions:
             predictions.append(ranked[:, 0].cpu())
+    loss_sum, top1, top5 = loss_sum.item(), top1.item(), top5.item()
     n = source.num_rows
     metrics = {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n}
     if keep_predictions:
@@ -174,7 +192,8 @@ def evaluate(head: nn.Module, source: FeatureSource, standardize: Standardizer, 
 
 def fit_head(train: FeatureSource, val: FeatureSource, *, num_classes: int, feature_dim: int, lr: float,
              weight_decay: float, momentum: float, epochs: int, batch_size: int, val_batch_size: int, seed: int,
-             device: torch.device, standardize: bool, on_epoch=None, progress: bool = True) -> dict:
+             device: torch.device, standardize: bool, standardizer: "Standardizer | None" = None, on_epoch=None,
+             progress: bool = True) -> dict:
     """Train one head with SGD + cross-entropy. Returns best/last states, the standardizer and history.
 
     Deterministic on the CPU for a given seed: the head's init and every epoch's batch order come from it.
@@ -182,7 +201,8 @@ def fit_head(train: FeatureSource, val: FeatureSource, *, num_classes: int, feat
     torch.manual_seed(seed)
     head = LinearHead(num_classes, feature_dim).to(device)
     generator = torch.Generator().manual_seed(seed)
-    standardizer = Standardizer.fit(train, device) if standardize else Standardizer.identity(feature_dim, device)
+    if standardizer is None:  # a sweep passes its one standardizer to every head
+        standardizer = Standardizer.fit(train, device) if standardize else Standardizer.identity(feature_dim, device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     history, best = [], None
     for epoch in range(1, epochs + 1):
@@ -228,6 +248,7 @@ def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
               ("weights_fingerprint", train.attrs["weights_fingerprint"], val.attrs["weights_fingerprint"], "different weights"),
               ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
               ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),
+              ("precision", train.attrs["precision"], val.attrs["precision"], "different precisions"),
               ("feature_dim", train.attrs["feature_dim"], val.attrs["feature_dim"], "different feature sizes")]
     for _, a, b, what in checks:
         if a != b:
@@ -308,6 +329,13 @@ def make_checkpoint(state: dict, metrics: dict, epoch: int, train: CachedSplit, 
     }
 
 
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write to a temporary name, then rename: a kill mid-write never leaves a truncated best.pt."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
 def run_name(lr: float, weight_decay: float) -> str:
     return f"lr{lr:g}_wd{weight_decay:g}"
 
@@ -323,6 +351,8 @@ def train_heads(config: HeadConfig) -> dict:
     _prepare_out(out)
     train = load_source(train_split, device, config.stream, config.progress)
     val = load_source(val_split, device, config.stream, config.progress)
+    feature_dim = int(train_split.attrs["feature_dim"])
+    standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
     combos = list(itertools.product(config.lrs, config.weight_decays))
     sweep = len(combos) > 1
     results = []
@@ -343,15 +373,16 @@ def train_heads(config: HeadConfig) -> dict:
                      folder.name, record["epoch"], config.epochs, record["train_loss"], record["train_acc"],
                      record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
             if best["metrics"] is record:
-                torch.save(make_checkpoint(state, record, record["epoch"], train_split, run_config), folder / "best.pt")
+                save_checkpoint(make_checkpoint(state, record, record["epoch"], train_split, run_config), folder / "best.pt")
 
-        result = fit_head(train, val, num_classes=len(train_split.wnids), feature_dim=int(train_split.attrs["feature_dim"]),
+        result = fit_head(train, val, num_classes=len(train_split.wnids), feature_dim=feature_dim,
                           lr=lr, weight_decay=weight_decay, momentum=config.momentum, epochs=config.epochs,
                           batch_size=config.batch_size, val_batch_size=config.val_batch_size, seed=config.seed,
-                          device=device, standardize=config.standardize, on_epoch=on_epoch, progress=config.progress)
+                          device=device, standardize=config.standardize, standardizer=standardizer, on_epoch=on_epoch,
+                          progress=config.progress)
         last = result["last"]
-        torch.save(make_checkpoint(last["state"], last["metrics"], last["metrics"]["epoch"], train_split, run_config),
-                   folder / "last.pt")
+        save_checkpoint(make_checkpoint(last["state"], last["metrics"], last["metrics"]["epoch"], train_split, run_config),
+                        folder / "last.pt")
         report.plot_history(result["history"], folder, title=folder.name if sweep else None)
         report.write_class_report(folder / "best.pt", val, val_split, device, folder)
         results.append({"name": folder.name, "lr": lr, "weight_decay": weight_decay, "folder": str(folder),

@@ -502,6 +502,18 @@ def test_streamed_blocks_cover_every_row_once(feats):
         assert torch.equal(got_y, y[rows])
 
 
+def test_streamed_blocks_mix_classes(tmp_path):
+    """Rows are stored in class order; a streamed block must still hold several classes, not one class run."""
+    folder = write_synthetic_cache(tmp_path / "big", classes=4, train_per_class=20, val_per_class=1, dim=8)
+    split = open_split(folder / "train.h5")
+    source = StreamedFeatures(split, block_rows=20)  # one class run is 20 rows: a contiguous block would be one class
+    source.chunk_rows = 4  # 5 random 4-row chunks per block, from anywhere in the file
+    generator = torch.Generator().manual_seed(0)
+    blocks = [y for _, y in source.batches(20, generator)]
+    assert sorted(torch.cat(blocks).tolist()) == sorted(split.labels.tolist())  # every row once
+    assert all(len(set(y.tolist())) > 1 for y in blocks)
+
+
 def test_float16_cache_trains(data, tmp_path_factory, tmp_path):
     half = tmp_path_factory.mktemp("feats16")
     extract(data, half, "--dtype", "float16")
