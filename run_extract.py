@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="imagenet (torchvision IMAGENET1K_V1), random (for tests), or a state_dict path")
     model.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     model.add_argument("--image-size", type=int, default=224, help="side of the network input")
-    model.add_argument("--resize-size", type=int, default=256, help="shorter side before the centre crop")
+    model.add_argument("--resize-size", type=int, default=256, help="shorter side before the centre crop (raised to --image-size if smaller)")
     model.add_argument("--resize-mode", choices=MODES, default="crop",
                        help="crop: resize then centre-crop (AlexNet eval); resize: squash to image-size")
     run = p.add_argument_group("run")

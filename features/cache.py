@@ -195,13 +195,14 @@ def assemble(out: Path, split: str, *, settings: CacheSettings, num_shards: int,
         out_paths = f.create_dataset("paths", shape=(num_rows,), dtype=STR)
         f.create_dataset("class_wnids", data=np.array(wnids, dtype=object), dtype=STR)
         f.create_dataset("class_names", data=np.array(names, dtype=object), dtype=STR)
+        labels = np.asarray(labels)
         row = 0
         for path in shards:
             with h5py.File(path, "r") as shard:
                 positions = shard["positions"][:]
                 n = len(positions)
                 features[row:row + n] = shard["features"][:]
-                out_labels[row:row + n] = np.asarray(labels)[positions]
+                out_labels[row:row + n] = labels[positions]
                 out_paths[row:row + n] = np.array([paths[p] for p in positions], dtype=object)
                 row += n
         record = {**attrs, **asdict(settings), "format_version": FORMAT_VERSION, "split": split,

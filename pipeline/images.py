@@ -41,7 +41,7 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         if "truncated" in reason.lower() or "premature" in reason.lower():
             raise ImageDecodeError(f"truncated image ({reason})") from None
         raise ImageDecodeError(f"cannot decode ({reason})") from None

@@ -284,11 +284,12 @@ class CaptureSource(FrameSource):
         self.stopped = False  # a camera that stopped delivering frames
 
     def _read(self) -> np.ndarray | None:
-        for attempt in range(CAMERA_RETRIES if self.camera and self.frames else 1):
+        tries = CAMERA_RETRIES if self.camera and self.frames else 1  # a video's end is final at once
+        for attempt in range(tries):
             ok, bgr = self.capture.read()
             if ok and bgr is not None:
                 return bgr
-            if attempt + 1 < CAMERA_RETRIES:
+            if attempt + 1 < tries:
                 time.sleep(0.05)
         return None
 
