@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from pipeline.cli import run_main
@@ -79,9 +80,35 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def already_up_to_date(args: argparse.Namespace, preprocess) -> bool:
+    """A torch-free look at an existing cache: True when both splits are complete with these exact settings.
+
+    Importing torch takes seconds, so a rerun checks the recorded settings, dataset signature and weights
+    stamp first. False only means the full check (which fingerprints the weights) decides.
+    """
+    from features.cache import quick_up_to_date, split_file
+    from pipeline.dataset import index_dataset, resolve_data
+    from pipeline.weights_spec import describe_weights, weights_stamp
+
+    if args.overwrite or args.download or args.arrange_val or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    dataset = index_dataset(resolve_data(args.data))
+    spec = describe_weights(args.weights, args.seed)
+    common = {"backbone": "alexnet", "layer": "fc7", "preprocess": preprocess.to_json(), "dtype": args.dtype,
+              "precision": args.precision, "weights_spec": spec, "weights_stamp": weights_stamp(spec)}
+    found = {split: quick_up_to_date(split_file(args.out, split), {**common, "dataset_signature": dataset.signature(split)})
+             for split in ("train", "val")}
+    if not all(found.values()):
+        return False
+    if spec.startswith("random"):
+        log.warning("NOTE: the backbone has random weights (%s); these features are for testing only", spec)
+    for split, attrs in found.items():
+        path = split_file(args.out, split)
+        log.info("%s: up to date, %d rows in %s (%.1f MiB)", split, attrs["num_rows"], path, path.stat().st_size / 2**20)
+    return True
+
+
 def extract(args: argparse.Namespace) -> int:
-    from features.extract import ExtractConfig
-    from features.extract import extract as extract_features
     from pipeline.errors import UserError
     from pipeline.preprocess import Preprocess
 
@@ -90,6 +117,11 @@ def extract(args: argparse.Namespace) -> int:
                                 mode=args.resize_mode)
     except ValueError as err:
         raise UserError(f"bad preprocessing options: {err}") from None
+    if already_up_to_date(args, preprocess):
+        return 0
+    from features.extract import ExtractConfig  # imports torch: only when there is work or a full check to do
+    from features.extract import extract as extract_features
+
     config = ExtractConfig(
         data=args.data, download=args.download, url=args.url, md5=args.md5, out=args.out, weights=args.weights,
         seed=args.seed, device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,

@@ -227,6 +227,21 @@ def read_attrs(path: Path) -> dict | None:
         raise UserError(f"{path} is not a readable HDF5 file ({err}); delete it, or rerun run_extract.py with --overwrite") from None
 
 
+def quick_up_to_date(path: Path, expected: dict) -> dict | None:
+    """The attributes of ``path`` when it is complete and records exactly ``expected``; else None.
+
+    A torch-free first look for reruns: ``expected`` holds the settings and the weights spec and stamp
+    (see pipeline.weights_spec). None only means "look properly", never "out of date".
+    """
+    try:
+        attrs = read_attrs(path)
+    except UserError:
+        return None
+    if not attrs or not attrs.get("complete") or attrs.get("format_version") != FORMAT_VERSION:
+        return None
+    return attrs if all(attrs.get(key) == value for key, value in expected.items()) else None
+
+
 @dataclass
 class CachedSplit:
     """One split of the cache, checked and ready to read. ``features`` stays on disk until loaded."""

@@ -29,6 +29,7 @@ from pipeline.dataset import (TINY_IMAGENET_MD5, TINY_IMAGENET_URL, TinyImageNet
 from pipeline.errors import UserError
 from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb
 from pipeline.preprocess import Preprocess
+from pipeline.weights_spec import weights_stamp
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     record = cache.assemble(
         out, split, settings=settings, num_shards=len(shards), paths=paths, labels=labels,
         wnids=dataset.wnids, names=dataset.names, compression=config.compression,
-        attrs={"weights_spec": weights_spec, "feature_dim": FC7_DIM, "batch_size": batch_size,
+        attrs={"weights_spec": weights_spec, "weights_stamp": weights_stamp(weights_spec), "feature_dim": FC7_DIM, "batch_size": batch_size,
                "shard_size": config.shard_size, "dataset_root": str(dataset.root), "versions": _versions(),
                "class_full_names": "\n".join(dataset.full_names), "world_size": world})
     return {"status": "extracted", "images": record["num_rows"], "skipped": record["num_skipped"],

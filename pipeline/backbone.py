@@ -11,22 +11,12 @@ from torchvision.models import AlexNet_Weights
 
 from models import AlexNetFC7, weights_fingerprint
 from pipeline.errors import UserError
+from pipeline.weights_spec import describe_weights
 
 log = logging.getLogger(__name__)
 
 IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
 IMAGENET_URL = IMAGENET_WEIGHTS.url  # module-level so tests can point it at a loopback server
-
-
-def describe_weights(spec: str, seed: int = 0) -> str:
-    """The spec as recorded in caches and checkpoints: 'imagenet', 'random:seed=S' or 'file:/abs/path'."""
-    if spec == "imagenet":
-        return "imagenet"
-    if spec == "random":
-        return f"random:seed={seed}"
-    if spec.startswith(("random:", "file:")):
-        return spec
-    return f"file:{Path(spec).resolve()}"
 
 
 def imagenet_cache_file() -> Path:

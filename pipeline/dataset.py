@@ -107,8 +107,6 @@ def _writable(folder: Path) -> bool:
 
 def unpack_zip(zip_path: Path) -> Path:
     """Unpack a Tiny ImageNet zip once, next to itself (or under data/ when that folder is read-only)."""
-    from torchvision.datasets.utils import extract_archive
-
     with zipfile.ZipFile(zip_path) as archive:
         names = archive.namelist()
     if not any(n == "wnids.txt" or n.endswith("/wnids.txt") for n in names):
@@ -118,6 +116,8 @@ def unpack_zip(zip_path: Path) -> Path:
     done = target / ".unpacked"
     if done.is_file():
         return target
+    from torchvision.datasets.utils import extract_archive  # here: importing torchvision takes seconds
+
     if parent != zip_path.parent:
         log.info("%s is read-only; unpacking into %s instead", zip_path.parent, target)
     tmp = parent / f".{zip_path.stem}.unpacking-{os.getpid()}"

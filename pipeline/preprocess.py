@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torchvision.transforms.v2 import functional as F
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +46,14 @@ class Preprocess:
         return cls(image_size=int(d["image_size"]), resize_size=int(d["resize_size"]), mode=d["mode"],
                    mean=tuple(d["mean"]), std=tuple(d["std"]))
 
+    # torch is imported in the methods, not at the top: the settings alone (to_json) are needed without
+    # it when run_extract.py checks whether a cache is up to date, and importing torch takes seconds
+
     def resize_crop(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """RGB uint8 images, (B, 3, H, W) or a list of (3, H, W), -> (B, 3, S, S) uint8: the geometric part."""
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
         if isinstance(images, (list, tuple)):
             shapes = {tuple(image.shape) for image in images}
             if len(shapes) == 1:
@@ -60,13 +67,16 @@ class Preprocess:
         images = F.resize(images, [self.resize_size], antialias=True)
         return F.center_crop(images, [self.image_size, self.image_size])
 
-    def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, 3, S, S) uint8 -> (B, 3, S, S) float, ImageNet-normalised, channels_last."""
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (B, 3, S, S) float (float32 by default), ImageNet-normalised, channels_last."""
+        import torch
+
+        dtype = dtype or torch.float32
         mean = torch.tensor(self.mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
         out = images.to(dtype=dtype, memory_format=torch.channels_last)
         return out.sub_(mean).div_(std)
 
-    def __call__(self, images: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor | list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
         """RGB uint8 images, (B, 3, H, W) or a list of (3, H, W), -> (B, 3, S, S) network input."""
         return self.normalize(self.resize_crop(images), dtype)

@@ -32,6 +32,8 @@ from pipeline.errors import UserError
 from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.synthetic import make_tiny_imagenet
 
+ROOT = Path(__file__).resolve().parents[1]
+
 REPO = Path(__file__).resolve().parent.parent
 # The CPU forward pass costs about the same per batch whatever its size (fc6 alone is 151 MB of weights
 # to read), so tests keep the default batch size unless batching itself is under test.
@@ -183,6 +185,38 @@ def test_rerun_is_up_to_date_and_leaves_the_files_alone(dataset, cache_copy, cap
         assert any("up to date" in m and f"{split}.h5" in m for m in messages), messages
         assert file_state(cache_copy / f"{split}.h5") == before[split]
     assert not any("images in" in m for m in messages)  # nothing was extracted
+
+
+def test_up_to_date_rerun_does_not_import_torch(dataset, cache_copy):
+    """The rerun check is torch-free (importing torch takes seconds): it answers from the recorded settings."""
+    code = ("import sys, run_extract; rc = run_extract.main(sys.argv[1:]); "
+            "print('torch imported:', 'torch' in sys.modules); raise SystemExit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *extract_args(dataset, cache_copy)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    assert "up to date" in done.stderr
+
+
+def test_touched_weights_file_gets_the_full_check(dataset, tmp_path, caplog):
+    """A weights file whose stamp changed is fingerprinted again: same tensors -> still up to date."""
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
+    args = ["--data", str(dataset), "--weights", str(weights), "--out", str(tmp_path / "out"), "--image-size", "64",
+            "--resize-size", "72", "--no-progress"]
+    assert run_extract.main(args) == 0
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # new mtime: the quick check cannot vouch
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert run_extract.main(args) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(str(tmp_path / "out" / "train.h5")) and "up to date" in m for m in messages), messages
+
+
+def test_imagenet_file_name_is_torchvision_s():
+    from pipeline.weights_spec import IMAGENET_FILE
+    assert IMAGENET_FILE == os.path.basename(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)
 
 
 @pytest.mark.parametrize("option, value, changed", [

@@ -1,0 +1,44 @@
+"""Naming backbone weights without importing torch: the recorded spec and a stamp of its file.
+
+The stamp lets a rerun of run_extract.py see that a complete cache is up to date in well under a
+second (importing torch and torchvision alone takes seconds): same spec, same weights file (size and
+modification time), same torch for seeded random weights. Anything else falls back to the full check,
+which loads the weights and compares their fingerprint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+IMAGENET_FILE = "alexnet-owt-7be5be79.pth"  # basename of torchvision's AlexNet_Weights.IMAGENET1K_V1.url
+
+
+def describe_weights(spec: str, seed: int = 0) -> str:
+    """The spec as recorded in caches and checkpoints: 'imagenet', 'random:seed=S' or 'file:/abs/path'."""
+    if spec == "imagenet":
+        return "imagenet"
+    if spec == "random":
+        return f"random:seed={seed}"
+    if spec.startswith(("random:", "file:")):
+        return spec
+    return f"file:{Path(spec).resolve()}"
+
+
+def hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub."""
+    torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(torch_home)) / "hub"
+
+
+def weights_stamp(recorded: str) -> str:
+    """JSON naming what the weights of a recorded spec are read from, as it is now on disk."""
+    if recorded.startswith("random:"):
+        return json.dumps({"torch": metadata.version("torch")})  # the seeded init may change between releases
+    path = hub_dir() / "checkpoints" / IMAGENET_FILE if recorded == "imagenet" else Path(recorded[5:])
+    try:
+        stat = path.stat()
+    except OSError:
+        return json.dumps({"file": str(path), "missing": True})
+    return json.dumps({"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
