@@ -108,6 +108,12 @@ def _start(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def resize_in_workers(device: torch.device) -> bool:
+    """Where the uint8 resize and crop run: in the CPU workers for CPU extraction; on the GPU otherwise,
+    so the workers only decode and small 64x64 images cross the bus."""
+    return device.type == "cpu"
+
+
 def _shards(num_rows: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
 
@@ -213,7 +219,8 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     mine = [i for i in range(len(shards)) if i % world == rank and i not in done]
     batches = [(i, np.arange(b, min(b + batch_size, shards[i].stop)))
                for i in mine for b in range(shards[i].start, shards[i].stop, batch_size)]
-    reader = BatchReader(dataset.root, paths, batches, config.preprocess if device.type == "cpu" else None)
+    in_workers = resize_in_workers(device)
+    reader = BatchReader(dataset.root, paths, batches, config.preprocess if in_workers else None)
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[config.precision]) \
@@ -238,8 +245,7 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
                     images = [im.to(device, non_blocking=True) for im in images]
                 else:
                     images = images.to(device, non_blocking=True)
-                x = config.preprocess.normalize(config.preprocess.resize_crop(images)) \
-                    if device.type != "cpu" else config.preprocess.normalize(images)
+                x = config.preprocess.normalize(images if in_workers else config.preprocess.resize_crop(images))
                 with autocast:
                     fc7 = backbone(x)  # (B, 4096) post-ReLU
                 acc["features"].append(fc7.to(storage).cpu().numpy())

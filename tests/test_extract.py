@@ -401,3 +401,17 @@ def test_undecodable_image_is_skipped_and_recorded_or_refused_with_strict(tmp_pa
     line = error_line(capsys.readouterr().err)
     assert bad in line and "--strict" in line
     assert not (strict_out / "train.h5").exists()
+
+
+def test_device_side_resize_path_gives_the_same_cache(dataset, extracted, tmp_path, monkeypatch):
+    """The GPU data path (workers only decode; resize, crop and normalise on the device), run on the CPU:
+    it must fill the cache with the same features as the CPU path."""
+    from features import extract as extract_module
+
+    monkeypatch.setattr(extract_module, "resize_in_workers", lambda device: False)
+    assert run_extract.main(extract_args(dataset, tmp_path / "device-path", "--shard-size", "8")) == 0
+    for split in ("train", "val"):
+        a = read_all(extracted / f"{split}.h5")["data"]
+        b = read_all(tmp_path / "device-path" / f"{split}.h5")["data"]
+        assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["paths"], b["paths"])
+        assert np.allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
