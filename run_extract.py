@@ -57,17 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    from pipeline.dataset import arrange_val, index_dataset, prepare_summary, resolve_data
-    from pipeline.images import enforce_skip_policy, verify_images
+    from pipeline.dataset import prepare_dataset
 
-    root = resolve_data(args.data, download=args.download, url=args.url, md5=args.md5)
-    dataset = index_dataset(root)
-    if args.arrange_val:
-        log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(dataset), root)
-    skipped = {name: verify_images(root, split.paths, progress=not args.no_progress)
-               for name, split in dataset.splits.items()}
-    enforce_skip_policy([s for found in skipped.values() for s in found], strict=args.strict)
-    summary = prepare_summary(dataset, skipped)
+    summary = prepare_dataset(args.data, download=args.download, url=args.url, md5=args.md5,
+                              arrange=args.arrange_val, strict=args.strict, progress=not args.no_progress)
     log.info("%s: %d classes", summary["root"], summary["num_classes"])
     for name, split in summary["splits"].items():
         log.info("  %-5s %6d images, %d-%d per class, %d skipped", name, split["images"],

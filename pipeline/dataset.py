@@ -339,6 +339,21 @@ def arrange_val(dataset: TinyImageNet) -> int:
     return made
 
 
+def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
+                    md5: str | None = TINY_IMAGENET_MD5, arrange: bool = False, strict: bool = False,
+                    progress: bool = True) -> dict:
+    """--prepare-only: find, index and (optionally) arrange the dataset, decode every image once,
+    apply the skip policy, and return the summary."""
+    from pipeline.images import enforce_skip_policy, verify_images  # imports torch
+
+    dataset = index_dataset(resolve_data(data, download=download, url=url, md5=md5))
+    if arrange:
+        log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(dataset), dataset.root)
+    skipped = {name: verify_images(dataset.root, split.paths, progress=progress) for name, split in dataset.splits.items()}
+    enforce_skip_policy([s for found in skipped.values() for s in found], strict=strict)
+    return prepare_summary(dataset, skipped)
+
+
 def prepare_summary(dataset: TinyImageNet, skipped: dict[str, list]) -> dict:
     """The --prepare-only summary (its JSON shape is read by other tools: keep these keys)."""
     splits = {}
