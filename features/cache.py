@@ -257,10 +257,6 @@ class CachedSplit:
     def num_rows(self) -> int:
         return len(self.labels)
 
-    @property
-    def settings(self) -> CacheSettings:
-        return CacheSettings.from_attrs(self.attrs)
-
     def read_features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
             return f["features"][start:stop]
