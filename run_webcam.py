@@ -21,40 +21,43 @@ import logging
 from pathlib import Path
 
 from pipeline.cli import run_main
+from pipeline.config import LiveConfig
+from pipeline.names import IMAGE_SUFFIXES
 
 log = logging.getLogger("run_webcam")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = LiveConfig()  # every default comes from here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--checkpoint", type=Path, default=Path("runs/head/best.pt"),
-                       help="head checkpoint from run_train_head.py")
-    model.add_argument("--weights", help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
-                                         "or a state_dict path (must match the checkpoint's fingerprint)")
-    model.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--checkpoint", type=Path, default=d.checkpoint, help="head checkpoint from run_train_head.py")
+    model.add_argument("--weights", default=d.weights,
+                       help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
+                            "or a state_dict path (must match the checkpoint's fingerprint)")
+    model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
+    model.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     source = p.add_argument_group("source")
-    source.add_argument("--source", default="0",
-                        help="camera index, video file, image file, or folder of images (.jpg .jpeg .png .bmp)")
-    source.add_argument("--width", type=int, help="requested camera width")
-    source.add_argument("--height", type=int, help="requested camera height")
-    source.add_argument("--max-frames", type=int, help="stop after this many frames")
-    source.add_argument("--batch-frames", type=int, metavar="N",
+    source.add_argument("--source", default=d.source,
+                        help=f"camera index, video file, image file, or folder of images ({' '.join(IMAGE_SUFFIXES)})")
+    source.add_argument("--width", type=int, default=d.width, help="requested camera width")
+    source.add_argument("--height", type=int, default=d.height, help="requested camera height")
+    source.add_argument("--max-frames", type=int, default=d.max_frames, help="stop after this many frames")
+    source.add_argument("--batch-frames", type=int, metavar="N", default=d.batch_frames,
                         help="frames classified per forward pass for video files, images and folders "
                              "(default 8; a camera is always read one frame at a time)")
     out = p.add_argument_group("output")
-    out.add_argument("--top-k", type=int, default=3, help="classes shown and recorded per frame")
-    out.add_argument("--smooth", type=int, default=1, help="average the probabilities over the last N frames")
+    out.add_argument("--top-k", type=int, default=d.top_k, help="classes shown and recorded per frame")
+    out.add_argument("--smooth", type=int, default=d.smooth, help="average the probabilities over the last N frames")
     out.add_argument("--no-display", action="store_true", help="no window (headless)")
-    out.add_argument("--output", type=Path, help="write the annotated video here (mp4v)")
-    out.add_argument("--predictions", type=Path,
+    out.add_argument("--output", type=Path, default=d.output, help="write the annotated video here (mp4v)")
+    out.add_argument("--predictions", type=Path, default=d.predictions,
                      help="write one JSON line per frame here (latency_ms: its batch's model time / frames in it)")
     return p
 
 
 def live(args: argparse.Namespace) -> int:
-    from pipeline.live import LiveConfig, run_live
+    from pipeline.live import run_live
 
     config = LiveConfig(checkpoint=args.checkpoint, weights=args.weights, seed=args.seed, device=args.device,
                         source=args.source, width=args.width, height=args.height, top_k=args.top_k,

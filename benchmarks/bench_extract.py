@@ -5,7 +5,7 @@
 
 (a) the plain pipeline: ImageFolder-style PIL decode + Resize/CenterCrop/ToTensor/Normalize, a DataLoader,
     fp32 AlexNet (NCHW), fc7 = classifier[:6];
-(b) the project's extraction (features.extract) in fp32 and bf16 (fp16 too on CUDA);
+(b) the project's extraction (pipeline.extract) in fp32 and bf16 (fp16 too on CUDA);
 (c) the limit: the bare fc7 forward on ready-made input tensors, same precision, batch and memory format;
 (d) head epochs: the project's trainer against a bare SGD loop on an in-memory tensor;
 (e) the 20-epoch job: extract once + 20 head epochs, against running the frozen backbone every epoch.
@@ -34,12 +34,14 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from features.cache import open_split  # noqa: E402
-from features.extract import ExtractConfig, extract  # noqa: E402
+from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.extract import extract  # noqa: E402
 from models import AlexNetFC7  # noqa: E402
-from pipeline.dataset import index_dataset, resolve_data  # noqa: E402
+from pipeline.dataset import index_dataset  # noqa: E402
+from pipeline.prepare import resolve_data  # noqa: E402
 from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.synthetic import make_tiny_imagenet  # noqa: E402
-from pipeline.train_head import InMemoryFeatures, fit_head  # noqa: E402
+from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MINI = Path(os.environ.get("TINY_IMAGENET_MINI", ROOT.parent / "shared" / "data" / "tiny-imagenet-mini.zip"))
@@ -121,10 +123,9 @@ def time_head_epochs(rows: int, num_classes: int, device, epochs: int = 2) -> di
             torch.cuda.synchronize()
         bare.append(time.perf_counter() - start)
     val = InMemoryFeatures(features[:1000], labels[:1000])
-    result = fit_head(source, val, num_classes=num_classes, feature_dim=4096, lr=0.001, weight_decay=0.0, momentum=0.9,
-                      epochs=epochs, batch_size=100, val_batch_size=10, seed=0, device=device, standardize=True,
-                      progress=False)
-    project = [h["train_seconds"] for h in result["history"]]
+    result = fit_head(source, val, Recipe(epochs=epochs), Standardizer.fit(source, device), num_classes=num_classes,
+                      device=device, progress=False)
+    project = [h["train_seconds"] for h in result.history]
     return {"rows": rows, "bare_epoch_s": min(bare), "project_epoch_s": min(project),
             "ratio_project_over_bare": min(project) / min(bare)}
 
@@ -183,12 +184,12 @@ def main(argv=None) -> int:
             config = ExtractConfig(data=str(subset if precision == "fp32" else small), out=out, weights="random", seed=0,
                                    device=str(device), precision=precision, batch_size=batch, workers=workers,
                                    splits=("train",), progress=False)
-            summary = extract(config)["splits"]["train"]
-            results[f"project_{precision}_img_s"] = summary["images_per_s"]
+            summary = extract(config).splits["train"]
+            results[f"project_{precision}_img_s"] = summary.images_per_s
             dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
             results[f"bare_{precision}_img_s"] = time_bare_forward(backbone, batch, device, dtype)
             features[precision] = open_split(out / "train.h5").read_features()
-            print(f"(b) project {precision:5s}             {summary['images_per_s']:8.1f} img/s", flush=True)
+            print(f"(b) project {precision:5s}             {summary.images_per_s:8.1f} img/s", flush=True)
             print(f"(c) bare forward {precision:5s}        {results[f'bare_{precision}_img_s']:8.1f} img/s", flush=True)
         f32 = torch.from_numpy(features["fp32"])
         for precision in precisions[1:]:
@@ -213,9 +214,8 @@ def main(argv=None) -> int:
         plain_epoch, _ = time_plain_pass(model, plain_loader, device, head_model, optimizer)
         cache = InMemoryFeatures(torch.from_numpy(features["fp32"]), torch.tensor(labels))
         start = time.perf_counter()
-        fit_head(cache, cache, num_classes=full.num_classes, feature_dim=4096, lr=0.001, weight_decay=0.0,
-                 momentum=0.9, epochs=EPOCHS, batch_size=100, val_batch_size=10, seed=0, device=device,
-                 standardize=True, progress=False)
+        fit_head(cache, cache, Recipe(epochs=EPOCHS), Standardizer.fit(cache, device), num_classes=full.num_classes,
+                 device=device, progress=False)
         head_job = time.perf_counter() - start
         extract_seconds = n / results["project_fp32_img_s"]
         results["job"] = {"plain_20_epochs_s": EPOCHS * plain_epoch, "project_extract_s": extract_seconds,

@@ -40,7 +40,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import FC7_DIM, AlexNetClassifier  # noqa: E402
-from pipeline import live  # noqa: E402
+from pipeline import live, overlay, sources  # noqa: E402
+from pipeline.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint  # noqa: E402
+from pipeline.config import LiveConfig  # noqa: E402
 from pipeline.backbone import load_backbone, resolve_device  # noqa: E402
 from pipeline.preprocess import Preprocess  # noqa: E402
 
@@ -48,7 +50,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 NUM_CLASSES = 200
 
 
-class SyntheticCamera(live.FrameSource):
+class SyntheticCamera(sources.FrameSource):
     """640x480 BGR frames from a small pool of smooth random pictures; a fresh buffer per frame, as a capture gives."""
 
     camera = True  # one frame per forward pass, as from a real camera
@@ -61,7 +63,7 @@ class SyntheticCamera(live.FrameSource):
 
     def __iter__(self):
         for i in range(self.frames):
-            yield live.bgr_to_frame(self.label, self.pool[i % len(self.pool)].copy())
+            yield sources.bgr_to_frame(self.label, self.pool[i % len(self.pool)].copy())
 
 
 class SyntheticVideo(SyntheticCamera):
@@ -70,7 +72,7 @@ class SyntheticVideo(SyntheticCamera):
     camera = False
 
 
-class NullWindow(live.Display):
+class NullWindow(overlay.Display):
     """A window that shows nothing and never sees a key."""
 
     def __init__(self):
@@ -90,14 +92,14 @@ class NullWindow(live.Display):
 
 
 def make_checkpoint(path: Path, spec: str, fingerprint: str) -> None:
+    """A head checkpoint for ``NUM_CLASSES`` made-up classes, written as run_train_head.py writes one."""
     torch.manual_seed(1)
     head = nn.Linear(FC7_DIM, NUM_CLASSES)
-    torch.save({"format": live.CHECKPOINT_FORMAT, "head": {k: v.detach().clone() for k, v in head.state_dict().items()},
-                "num_classes": NUM_CLASSES, "feature_dim": FC7_DIM,
-                "class_wnids": [f"n{9000000 + i:08d}" for i in range(NUM_CLASSES)],
-                "class_names": [f"class {i}" for i in range(NUM_CLASSES)], "backbone": "alexnet", "layer": "fc7",
-                "weights_spec": spec, "weights_fingerprint": fingerprint, "preprocess": Preprocess().to_dict(),
-                "precision": "fp32", "config": {}, "epoch": 0, "metrics": {}}, path)
+    attrs = {"feature_dim": FC7_DIM, "backbone": "alexnet", "layer": "fc7", "weights_spec": spec,
+             "weights_fingerprint": fingerprint, "preprocess": Preprocess().to_json(), "precision": "fp32"}
+    save_checkpoint(build_checkpoint({k: v.detach().clone() for k, v in head.state_dict().items()}, metrics={},
+                                     epoch=0, cache_attrs=attrs, wnids=[f"n{9000000 + i:08d}" for i in range(NUM_CLASSES)],
+                                     names=[f"class {i}" for i in range(NUM_CLASSES)], config={}), path)
 
 
 def cpu_seconds() -> tuple[float, float] | None:
@@ -154,7 +156,7 @@ def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int
     drawn = kind in ("drawn", "video")
     warmup = -(-warmup // batch) * batch  # whole batches, so the timed frames are whole batches too
     frames = -(-frames // batch) * batch
-    config = live.LiveConfig(checkpoint=checkpoint, device=device, display=drawn, max_frames=warmup + frames,
+    config = LiveConfig(checkpoint=checkpoint, device=device, display=drawn, max_frames=warmup + frames,
                              batch_frames=batch, predictions=tmp / f"{name}.jsonl",
                              output=tmp / f"{name}.mp4" if kind == "video" else None)
     source = (SyntheticCamera if batch == 1 else SyntheticVideo)(warmup + frames)

@@ -1,1 +1,1 @@
-"""The feature cache: the HDF5 format (cache.py) and the extraction stage that fills it (extract.py)."""
+"""The feature cache format: one self-describing HDF5 file per split (cache.py). Imports nothing from the project."""

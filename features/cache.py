@@ -21,13 +21,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROW_CHUNK = 256  # rows per HDF5 chunk: 4 MiB of float32 fc7
 STR = h5py.string_dtype("utf-8")
+
+
+class CacheError(Exception):
+    """A cache that is missing, partial, foreign or locked: the entry scripts print it as one line."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def exclusive_writer(out: Path):
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
-            raise UserError(f"another extraction ({holder}) is writing to {out}; wait for it, or pass another --out") from None
+            raise CacheError(f"another extraction ({holder}) is writing to {out}; wait for it, or pass another --out") from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}")
@@ -224,18 +227,18 @@ def read_attrs(path: Path) -> dict | None:
         with h5py.File(path, "r") as f:
             return {k: _plain(v) for k, v in f.attrs.items()}
     except OSError as err:
-        raise UserError(f"{path} is not a readable HDF5 file ({err}); delete it, or rerun run_extract.py with --overwrite") from None
+        raise CacheError(f"{path} is not a readable HDF5 file ({err}); delete it, or rerun run_extract.py with --overwrite") from None
 
 
 def quick_up_to_date(path: Path, expected: dict) -> dict | None:
     """The attributes of ``path`` when it is complete and records exactly ``expected``; else None.
 
     A torch-free first look for reruns: ``expected`` holds the settings and the weights spec and stamp
-    (see pipeline.weights_spec). None only means "look properly", never "out of date".
+    (the weights spec and stamp). None only means "look properly", never "out of date".
     """
     try:
         attrs = read_attrs(path)
-    except UserError:
+    except CacheError:
         return None
     if not attrs or not attrs.get("complete") or attrs.get("format_version") != FORMAT_VERSION:
         return None
@@ -269,11 +272,11 @@ def open_split(path: Path) -> CachedSplit:
     if attrs is None:
         partial = parts_folder(path.parent, path.stem)
         hint = " (an extraction into it was interrupted: rerun it to finish)" if partial.exists() else ""
-        raise UserError(f"no feature cache at {path}{hint}; run run_extract.py first, or pass --features DIR")
+        raise CacheError(f"no feature cache at {path}{hint}; run run_extract.py first, or pass --features DIR")
     if not attrs.get("complete"):
-        raise UserError(f"{path} is not a complete feature cache; rerun run_extract.py to finish it")
+        raise CacheError(f"{path} is not a complete feature cache; rerun run_extract.py to finish it")
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has cache format {attrs.get('format_version')}, expected {FORMAT_VERSION}; re-extract with --overwrite")
+        raise CacheError(f"{path} has cache format {attrs.get('format_version')}, expected {FORMAT_VERSION}; re-extract with --overwrite")
     with h5py.File(path, "r") as f:
         labels = f["labels"][:]
         paths = list(f["paths"].asstr()[:])

@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.models import AlexNet
 
 FC7_DIM = 4096
+MIN_IMAGE_SIZE = 63  # smaller inputs shrink to nothing in AlexNet's third max-pool
 
 
 class AlexNetFC7(nn.Module):
@@ -24,8 +25,13 @@ class AlexNetFC7(nn.Module):
     def train(self, mode: bool = True) -> "AlexNetFC7":
         return super().train(False)  # always eval: dropout off, the features are deterministic
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the weights are cast once (``.to(torch.bfloat16)``), never per call."""
+        return self.features[0].weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (B, 256, 6, 6)
+        x = self.features(x.to(self.dtype))  # (B, 256, 6, 6)
         x = torch.flatten(self.avgpool(x), 1)  # (B, 9216)
         return self.classifier(x)  # (B, 4096) post-ReLU fc7
 
@@ -40,7 +46,11 @@ class LinearHead(nn.Linear):
 
 
 class AlexNetClassifier(nn.Module):
-    """Backbone plus head as one network: AlexNet whose last layer is the trained 4096 -> C head."""
+    """Backbone plus head as one network: AlexNet whose last layer is the trained 4096 -> C head.
+
+    The backbone computes in its own dtype (fp32, or bf16/fp16 weights cast once), exactly as extraction
+    did; the head always runs in fp32 on the fc7 it returns, as it did on the cached features.
+    """
 
     def __init__(self, backbone: AlexNetFC7, head: nn.Linear):
         super().__init__()
@@ -49,7 +59,7 @@ class AlexNetClassifier(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))  # (B, C) logits
+        return self.head(self.backbone(x).float())  # (B, C) float32 logits
 
 
 def weights_fingerprint(backbone: AlexNetFC7) -> str:

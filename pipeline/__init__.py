@@ -1,1 +1,1 @@
-"""Everything the stages need besides the cache and the networks: data, preprocessing, training, live runner."""
+"""The stages and what they share: preparation, extraction, head training, the live runner, and their settings."""

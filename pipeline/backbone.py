@@ -10,7 +10,7 @@ import torchvision
 from torchvision.models import AlexNet_Weights
 
 from models import AlexNetFC7, weights_fingerprint
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.weights_spec import describe_weights
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _imagenet_state_dict() -> dict:
         return torch.hub.load_state_dict_from_url(IMAGENET_URL, map_location="cpu", progress=True,
                                                   check_hash=True, weights_only=True)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise UserError(f"ImageNet AlexNet weights are not in {cached} and could not be downloaded ({reason}); "
                         f"copy {cached.name} there, or pass --weights PATH to a local copy") from None
 
@@ -42,7 +42,7 @@ def _file_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # an empty file raises EOFError with no message
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise UserError(f"{path} is not a readable PyTorch weights file ({reason}); "
                         "pass a state_dict of torchvision's AlexNet, such as alexnet-owt-7be5be79.pth") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -94,3 +94,25 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The backbone's compute dtype for a precision name (see pipeline.names.PRECISIONS)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def set_precision(device: torch.device, precision: str) -> None:
+    """The one place that sets the math flags for a precision, for extraction and live alike.
+
+    fp32 means fp32: no TF32 convolutions or matmuls on CUDA (cuDNN's TF32 is on by default); bf16 and
+    fp16 leave the flags as they are, since their convolutions never use TF32.
+    """
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def place_backbone(backbone: AlexNetFC7, device: torch.device, precision: str) -> AlexNetFC7:
+    """The backbone on ``device`` in channels_last, its weights cast once to the precision's dtype."""
+    set_precision(device, precision)
+    return backbone.to(device=device, dtype=compute_dtype(precision), memory_format=torch.channels_last)

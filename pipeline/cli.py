@@ -5,6 +5,7 @@ import logging
 import sys
 from typing import Callable
 
+from features.cache import CacheError
 from pipeline.errors import UserError
 
 
@@ -14,7 +15,7 @@ def run_main(body: Callable[[], int | None]) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return body() or 0
-    except UserError as err:
+    except (UserError, CacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # an unwritable --out, a full disk, a vanished file: the file system, not a bug

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        reason = first_line(err, last=True)
         if "truncated" in reason.lower() or "premature" in reason.lower():
             raise ImageDecodeError(f"truncated image ({reason})") from None
         raise ImageDecodeError(f"cannot decode ({reason})") from None
@@ -50,6 +50,18 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
 def read_rgb(path: str | Path) -> torch.Tensor:
     """(3, H, W) uint8 RGB from an image file."""
     return decode_rgb(read_bytes(path))
+
+
+def stack_or_list(images: list[torch.Tensor], *, channels_last: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    """(3, H, W) images -> one (B, 3, H, W) tensor when they share a size, else the list (resized one by one).
+
+    ``channels_last``: stacked as (B, H, W, 3) in memory (one copy), the layout the uint8 resize is fastest in.
+    """
+    if len({tuple(image.shape) for image in images}) != 1:
+        return list(images)
+    if channels_last:
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
 
 
 def check_image(root: Path, rel: str) -> Skipped | None:

@@ -5,14 +5,9 @@ import csv
 import logging
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no global backend, no pyplot state
+from matplotlib.ticker import MaxNLocator
 
 log = logging.getLogger(__name__)
 TOP_CONFUSIONS = 20
@@ -23,7 +18,8 @@ def plot_history(history: list[dict], folder: Path, title: str | None = None) ->
     epochs = [h["epoch"] for h in history]
     for name, train_key, val_key, ylabel in (("accuracy", "train_acc", "val_top1", "accuracy (%)"),
                                              ("loss", "train_loss", "val_loss", "cross-entropy loss")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         ax.plot(epochs, [h[train_key] for h in history], marker="o", label="train")
         ax.plot(epochs, [h[val_key] for h in history], marker="o", label="val" + (" top-1" if name == "accuracy" else ""))
         ax.set_xlabel("epoch")
@@ -34,15 +30,15 @@ def plot_history(history: list[dict], folder: Path, title: str | None = None) ->
         ax.legend()
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png", dpi=100)
-        plt.close(fig)
 
 
-def plot_sweep(results: list[dict], folder: Path) -> None:
-    """sweep.png: val top-1 over the epochs, one line per head."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ax.plot([h["epoch"] for h in r["history"]], [h["val_top1"] for h in r["history"]], marker=".",
-                label=f"{r['name']} (best {r['best_val_top1']:.1f}%)")
+def plot_sweep(runs: list[tuple[str, list[dict], float]], folder: Path) -> None:
+    """sweep.png: val top-1 over the epochs, one line per head; ``runs`` holds (name, history, best top-1)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for name, history, best in runs:
+        ax.plot([h["epoch"] for h in history], [h["val_top1"] for h in history], marker=".",
+                label=f"{name} (best {best:.1f}%)")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("val top-1 (%)")
@@ -51,24 +47,18 @@ def plot_sweep(results: list[dict], folder: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "sweep.png", dpi=100)
-    plt.close(fig)
 
 
-def write_class_report(checkpoint_path: Path, val, val_split, device, folder: Path) -> dict:
-    """per_class.csv (accuracy per class, with names), confusions.csv (most-confused pairs), report.md."""
-    from pipeline.train_head import Standardizer, evaluate
+def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndarray, metrics: dict,
+                       wnids: list[str], names: list[str], epoch: int, weights_spec: str) -> dict:
+    """per_class.csv (accuracy per class, with names), confusions.csv (most-confused pairs), report.md.
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    head = nn.Linear(checkpoint["feature_dim"], checkpoint["num_classes"])
-    head.load_state_dict(checkpoint["head"])
-    head.to(device)
-    metrics = evaluate(head, val, Standardizer.identity(checkpoint["feature_dim"], device), 1024, device,
-                       keep_predictions=True)
-    labels, predictions = val_split.labels, metrics["predictions"]
-    num_classes = checkpoint["num_classes"]
+    ``labels`` and ``predictions`` are the val classes and the head's top-1 for each val row; ``metrics``
+    holds its val_top1 and val_top5 (in %).
+    """
+    num_classes = len(wnids)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
-    wnids, names = checkpoint["class_wnids"], checkpoint["class_names"]
     totals = confusion.sum(1)
     accuracy = np.where(totals > 0, 100.0 * np.diag(confusion) / np.maximum(totals, 1), np.nan)
     with open(folder / "per_class.csv", "w", newline="") as f:
@@ -87,10 +77,10 @@ def write_class_report(checkpoint_path: Path, val, val_split, device, folder: Pa
             writer.writerow([wnids[t], names[t], wnids[p], names[p], count, f"{100.0 * count / totals[t]:.1f}"])
     order = np.argsort(-np.nan_to_num(accuracy, nan=-1.0), kind="stable")
     lines = [f"# Head report: {folder}", "",
-             f"Best epoch {checkpoint['epoch']}: val top-1 {metrics['val_top1']:.2f}%, top-5 {metrics['val_top5']:.2f}%, "
+             f"Best epoch {epoch}: val top-1 {metrics['val_top1']:.2f}%, top-5 {metrics['val_top5']:.2f}%, "
              f"{len(labels)} val images, {num_classes} classes.", "",
-             f"Backbone weights: `{checkpoint['weights_spec']}`"
-             + (" (RANDOM: for testing only)" if str(checkpoint['weights_spec']).startswith("random") else ""), "",
+             f"Backbone weights: `{weights_spec}`"
+             + (" (RANDOM: for testing only)" if str(weights_spec).startswith("random") else ""), "",
              "## Best classes", "", "| class | accuracy |", "|---|---|"]
     lines += [f"| {names[i]} ({wnids[i]}) | {accuracy[i]:.1f}% |" for i in order[:5]]
     lines += ["", "## Worst classes", "", "| class | accuracy |", "|---|---|"]

@@ -28,32 +28,67 @@ from tqdm import tqdm
 
 from features.cache import ROW_CHUNK, CachedSplit, open_split
 from models import LinearHead
+from pipeline import report
 from pipeline.backbone import resolve_device
+from pipeline.checkpoint import load_head, make_checkpoint, save_checkpoint
+from pipeline.config import HeadConfig
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "fc7-linear-head/1"
 LOAD_ROWS = 16384  # rows read from HDF5 at a time
 STATS_ROWS = 4096  # rows per step when computing the standardization statistics
 STD_FLOOR = 1e-6  # dead ReLU units have std 0: leave them unscaled
 
 
-@dataclass
-class HeadConfig:
-    features: Path = Path("runs/features")  # folder with train.h5 and val.h5
-    out: Path = Path("runs/head")  # run folder
-    lrs: tuple[float, ...] = (0.001,)  # several: one head per (lr, weight decay)
-    weight_decays: tuple[float, ...] = (0.0,)
+@dataclass(frozen=True)
+class Recipe:
+    """How one head is trained: SGD with momentum on cross-entropy (the seed recipe by default)."""
+
+    lr: float = 0.001
+    weight_decay: float = 0.0
     momentum: float = 0.9
     epochs: int = 20
     batch_size: int = 100
     val_batch_size: int = 10
-    seed: int = 0
-    device: str = "auto"
-    standardize: bool = True  # z-score with train statistics, folded into the saved layer
-    stream: bool | None = None  # None: stream only when the features do not fit in memory
-    progress: bool = True
+    seed: int = 0  # the head's init and every epoch's batch order
+
+    @classmethod
+    def from_config(cls, config: HeadConfig, lr: float, weight_decay: float) -> "Recipe":
+        return cls(lr=lr, weight_decay=weight_decay, momentum=config.momentum, epochs=config.epochs,
+                   batch_size=config.batch_size, val_batch_size=config.val_batch_size, seed=config.seed)
+
+
+@dataclass
+class FitResult:
+    best: dict  # {"state": head state on raw features, "metrics": the epoch's record}
+    last: dict
+    history: list[dict]
+
+
+@dataclass
+class HeadRun:
+    """One trained head of a run (a sweep has several)."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    folder: Path
+    best_epoch: int
+    best_val_top1: float
+    best_val_top5: float
+    best_val_loss: float
+    last_val_top1: float
+    epoch_seconds: float
+    history: list[dict]
+
+
+@dataclass
+class HeadResult:
+    out: Path
+    best: Path  # the best head's checkpoint
+    runs: list[HeadRun]  # best first
+    weights_spec: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,20 +225,18 @@ def evaluate(head: nn.Module, source: FeatureSource, standardize: Standardizer, 
     return metrics
 
 
-def fit_head(train: FeatureSource, val: FeatureSource, *, num_classes: int, feature_dim: int, lr: float,
-             weight_decay: float, momentum: float, epochs: int, batch_size: int, val_batch_size: int, seed: int,
-             device: torch.device, standardize: bool, standardizer: "Standardizer | None" = None, on_epoch=None,
-             progress: bool = True) -> dict:
-    """Train one head with SGD + cross-entropy. Returns best/last states, the standardizer and history.
+def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardizer: Standardizer, *,
+             num_classes: int, device: torch.device, on_epoch=None, progress: bool = True) -> FitResult:
+    """Train one head with SGD + cross-entropy on standardized features; the saved states are folded.
 
     Deterministic on the CPU for a given seed: the head's init and every epoch's batch order come from it.
     """
-    torch.manual_seed(seed)
-    head = LinearHead(num_classes, feature_dim).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    if standardizer is None:  # a sweep passes its one standardizer to every head
-        standardizer = Standardizer.fit(train, device) if standardize else Standardizer.identity(feature_dim, device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    torch.manual_seed(recipe.seed)
+    head = LinearHead(num_classes, len(standardizer.mean)).to(device)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    epochs, batch_size = recipe.epochs, recipe.batch_size
     history, best = [], None
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
@@ -222,10 +255,10 @@ def fit_head(train: FeatureSource, val: FeatureSource, *, num_classes: int, feat
             correct += (logits.detach().argmax(1) == y).sum()
         train_seconds = time.perf_counter() - start
         if not math.isfinite(loss_sum.item()):
-            raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum.item()}); lower --lr (now {lr})")
+            raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum.item()}); lower --lr (now {recipe.lr})")
         record = {"epoch": epoch, "train_loss": loss_sum.item() / train.num_rows,
                   "train_acc": 100.0 * correct.item() / train.num_rows,
-                  **evaluate(head, val, standardizer, val_batch_size, device),
+                  **evaluate(head, val, standardizer, recipe.val_batch_size, device),
                   "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - start, 3)}
         history.append(record)
         state = standardizer.fold_into(head)
@@ -233,8 +266,7 @@ def fit_head(train: FeatureSource, val: FeatureSource, *, num_classes: int, feat
             best = {"state": state, "metrics": record}
         if on_epoch:
             on_epoch(record, state, best)
-    return {"best": best, "last": {"state": state, "metrics": history[-1]}, "history": history,
-            "standardizer": standardizer}
+    return FitResult(best=best, last={"state": state, "metrics": history[-1]}, history=history)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,22 +289,6 @@ def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
     return train, val
 
 
-def _check_config(config: HeadConfig) -> None:
-    for name, values in (("--lr", config.lrs), ("--weight-decay", config.weight_decays)):
-        if not values:
-            raise UserError(f"{name} needs at least one value")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in config.lrs):
-        raise UserError(f"--lr must be positive, got {','.join(map(str, config.lrs))}")
-    if any(not (wd >= 0 and math.isfinite(wd)) for wd in config.weight_decays):  # NaN fails every comparison
-        raise UserError(f"--weight-decay must be zero or positive, got {','.join(map(str, config.weight_decays))}")
-    if not (config.momentum >= 0 and math.isfinite(config.momentum)):
-        raise UserError(f"--momentum must be zero or positive, got {config.momentum}")
-    for name, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size),
-                        ("--val-batch-size", config.val_batch_size)):
-        if value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
-
-
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -287,11 +303,23 @@ def _fits_in_memory(num_bytes: int, device: torch.device) -> bool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return num_bytes < 0.8 * free
+    available = available_memory()
+    return available is None or num_bytes < 0.7 * available
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping: MemAvailable (free pages plus reclaimable cache)."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return True
-    return num_bytes < 0.7 * available
+        return None
 
 
 def load_source(split: CachedSplit, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
@@ -307,44 +335,13 @@ def load_source(split: CachedSplit, device: torch.device, stream: bool | None, p
     return InMemoryFeatures.load(split, target, progress)
 
 
-def make_checkpoint(state: dict, metrics: dict, epoch: int, train: CachedSplit, config: dict) -> dict:
-    """A plain dict of tensors and primitives: loads with torch.load(weights_only=True) and is all the live runner needs."""
-    attrs = train.attrs
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "head": state,  # nn.Linear(feature_dim, num_classes) state on raw fc7
-        "num_classes": len(train.wnids),
-        "feature_dim": int(attrs["feature_dim"]),
-        "class_wnids": list(train.wnids),
-        "class_names": list(train.names),
-        "backbone": attrs["backbone"],
-        "layer": attrs["layer"],
-        "weights_spec": attrs["weights_spec"],
-        "weights_fingerprint": attrs["weights_fingerprint"],
-        "preprocess": json.loads(attrs["preprocess"]),
-        "precision": attrs["precision"],
-        "config": config,
-        "epoch": epoch,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-    }
-
-
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write to a temporary name, then rename: a kill mid-write never leaves a truncated best.pt."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
 def run_name(lr: float, weight_decay: float) -> str:
     return f"lr{lr:g}_wd{weight_decay:g}"
 
 
-def train_heads(config: HeadConfig) -> dict:
+def train_heads(config: HeadConfig) -> HeadResult:
     """Train one head per (lr, weight decay) over the same in-memory features; write the run folder."""
-    from pipeline import report
-
-    _check_config(config)
+    config.check()
     device = resolve_device(config.device)
     train_split, val_split = open_cache(Path(config.features))
     out = Path(config.out)
@@ -355,53 +352,61 @@ def train_heads(config: HeadConfig) -> dict:
     standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
     combos = list(itertools.product(config.lrs, config.weight_decays))
     sweep = len(combos) > 1
-    results = []
+    runs = []
     for lr, weight_decay in combos:
         folder = out / run_name(lr, weight_decay) if sweep else out
-        folder.mkdir(parents=True, exist_ok=True)
-        run_config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-                      "lr": lr, "weight_decay": weight_decay, "lrs": list(config.lrs),
-                      "weight_decays": list(config.weight_decays), "device": str(device),
-                      "features_weights": train_split.attrs["weights_spec"]}
-        (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        history_path = folder / "history.csv"
-        history_path.unlink(missing_ok=True)
-
-        def on_epoch(record, state, best, folder=folder, history_path=history_path, run_config=run_config):
-            _append_csv(history_path, record)
-            log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
-                     folder.name, record["epoch"], config.epochs, record["train_loss"], record["train_acc"],
-                     record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
-            if best["metrics"] is record:
-                save_checkpoint(make_checkpoint(state, record, record["epoch"], train_split, run_config), folder / "best.pt")
-
-        result = fit_head(train, val, num_classes=len(train_split.wnids), feature_dim=feature_dim,
-                          lr=lr, weight_decay=weight_decay, momentum=config.momentum, epochs=config.epochs,
-                          batch_size=config.batch_size, val_batch_size=config.val_batch_size, seed=config.seed,
-                          device=device, standardize=config.standardize, standardizer=standardizer, on_epoch=on_epoch,
-                          progress=config.progress)
-        last = result["last"]
-        save_checkpoint(make_checkpoint(last["state"], last["metrics"], last["metrics"]["epoch"], train_split, run_config),
-                        folder / "last.pt")
-        report.plot_history(result["history"], folder, title=folder.name if sweep else None)
-        report.write_class_report(folder / "best.pt", val, val_split, device, folder)
-        results.append({"name": folder.name, "lr": lr, "weight_decay": weight_decay, "folder": str(folder),
-                        "best_epoch": result["best"]["metrics"]["epoch"], **_best_metrics(result)})
-    results.sort(key=lambda r: -r["best_val_top1"])
+        runs.append(_train_one(config, Recipe.from_config(config, lr, weight_decay), folder, train, val, train_split,
+                               val_split, standardizer, device, title=folder.name if sweep else None))
+    runs.sort(key=lambda r: -r.best_val_top1)
     if sweep:
-        shutil.copyfile(Path(results[0]["folder"]) / "best.pt", out / "best.pt")
-        _write_table(out / "sweep.csv", results)
-        report.plot_sweep(results, out)
-    return {"out": str(out), "best": str(out / "best.pt"), "runs": results,
-            "weights_spec": train_split.attrs["weights_spec"]}
+        shutil.copyfile(runs[0].folder / "best.pt", out / "best.pt")
+        _write_table(out / "sweep.csv", runs)
+        report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], out)
+    return HeadResult(out=out, best=out / "best.pt", runs=runs, weights_spec=train_split.attrs["weights_spec"])
 
 
-def _best_metrics(result: dict) -> dict:
-    best = result["best"]["metrics"]
-    return {"best_val_top1": best["val_top1"], "best_val_top5": best["val_top5"], "best_val_loss": best["val_loss"],
-            "last_val_top1": result["last"]["metrics"]["val_top1"],
-            "epoch_seconds": float(np.mean([h["train_seconds"] for h in result["history"]])),
-            "history": result["history"]}
+def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureSource, val: FeatureSource,
+               train_split: CachedSplit, val_split: CachedSplit, standardizer: Standardizer, device: torch.device,
+               title: str | None) -> HeadRun:
+    """Train one head and write its folder: config.json, history.csv, best.pt, last.pt, plots and report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run_config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+                  "lr": recipe.lr, "weight_decay": recipe.weight_decay, "lrs": list(config.lrs),
+                  "weight_decays": list(config.weight_decays), "device": str(device),
+                  "features_weights": train_split.attrs["weights_spec"]}
+    (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    history_path = folder / "history.csv"
+    history_path.unlink(missing_ok=True)
+
+    def checkpoint(state: dict, record: dict) -> dict:
+        return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=train_split.attrs,
+                               wnids=train_split.wnids, names=train_split.names, config=run_config)
+
+    def on_epoch(record, state, best):
+        _append_csv(history_path, record)
+        log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
+                 folder.name, record["epoch"], recipe.epochs, record["train_loss"], record["train_acc"],
+                 record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
+        if best["metrics"] is record:
+            save_checkpoint(checkpoint(state, record), folder / "best.pt")
+
+    result = fit_head(train, val, recipe, standardizer, num_classes=len(train_split.wnids), device=device,
+                      on_epoch=on_epoch, progress=config.progress)
+    save_checkpoint(checkpoint(result.last["state"], result.last["metrics"]), folder / "last.pt")
+    report.plot_history(result.history, folder, title=title)
+    best = result.best["metrics"]
+    head = load_head({"feature_dim": len(standardizer.mean), "num_classes": len(train_split.wnids),
+                      "head": result.best["state"]}).to(device)
+    metrics = evaluate(head, val, Standardizer.identity(len(standardizer.mean), device), 1024, device,
+                       keep_predictions=True)  # the saved (folded) head, as a user will load it
+    report.write_class_report(folder, labels=val_split.labels, predictions=metrics.pop("predictions"), metrics=metrics,
+                              wnids=train_split.wnids, names=train_split.names, epoch=best["epoch"],
+                              weights_spec=train_split.attrs["weights_spec"])
+    return HeadRun(name=folder.name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
+                   best_epoch=best["epoch"], best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
+                   best_val_loss=best["val_loss"], last_val_top1=result.last["metrics"]["val_top1"],
+                   epoch_seconds=float(np.mean([h["train_seconds"] for h in result.history])),
+                   history=result.history)
 
 
 def _append_csv(path: Path, record: dict) -> None:
@@ -413,9 +418,9 @@ def _append_csv(path: Path, record: dict) -> None:
         writer.writerow(record)
 
 
-def _write_table(path: Path, rows: list[dict]) -> None:
+def _write_table(path: Path, runs: list[HeadRun]) -> None:
     columns = ["name", "lr", "weight_decay", "best_val_top1", "best_val_top5", "best_epoch", "last_val_top1", "epoch_seconds"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(asdict(run) for run in runs)

@@ -19,9 +19,10 @@ from models import FC7_DIM, AlexNetClassifier, AlexNetFC7, LinearHead, weights_f
 from pipeline.backbone import imagenet_cache_file, load_backbone, resolve_device
 from pipeline.errors import UserError
 from pipeline.synthetic import make_tiny_imagenet
+from tests.conftest import error_line
 
 IMAGENET_FILE = "alexnet-owt-7be5be79.pth"
-FAST = ["--no-progress", "--image-size", "64", "--resize-size", "72"]
+FAST = ["--no-progress", "--image-size", "64", "--resize-size", "72", "--device", "cpu"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,14 +38,6 @@ def assert_same_weights(backbone: AlexNetFC7, alexnet: torchvision.models.AlexNe
     assert set(mine) == {k for k in theirs if not k.startswith("classifier.6.")}
     for name, tensor in mine.items():
         assert torch.equal(tensor, theirs[name]), name
-
-
-def error_line(err: str) -> str:
-    """The one 'error: ...' line a failed run printed (and no traceback)."""
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def closed_port() -> int:

@@ -22,6 +22,7 @@ from PIL import Image
 
 import run_extract
 from pipeline.dataset import arrange_val, index_dataset, read_lines
+from tests.conftest import one_error_line
 from pipeline.images import read_rgb
 from pipeline.synthetic import WORDS, class_image, make_tiny_imagenet, zip_dataset
 
@@ -46,17 +47,6 @@ def prepare(capsys, *args, summary: Path | None = None):
     err = capsys.readouterr().err
     data = json.loads(summary.read_text()) if summary is not None and summary.is_file() else None
     return rc, data, err
-
-
-def one_error_line(err: str, *, allow_progress: bool = False) -> str:
-    """The single 'error: ...' line of a failed run (download progress bars may precede it when allowed)."""
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    assert lines[-1] == errors[0], err
-    if not allow_progress:
-        assert err == errors[0] + "\n", f"stderr is not one line: {err!r}"
-    return errors[0]
 
 
 def tree_state(folder: Path) -> dict[str, tuple]:

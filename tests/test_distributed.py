@@ -17,7 +17,7 @@ from pipeline.synthetic import make_tiny_imagenet
 ROOT = Path(__file__).resolve().parents[1]
 # small input and tiny shards: many resumable units, each quick on the CPU
 COMMON = ["--weights", "random", "--seed", "0", "--image-size", "64", "--resize-size", "72",
-          "--shard-size", "4", "--batch-size", "2", "--workers", "0", "--no-progress"]
+          "--shard-size", "4", "--batch-size", "2", "--workers", "0", "--no-progress", "--device", "cpu"]
 
 
 def _env() -> dict:

@@ -25,33 +25,18 @@ from torchvision import transforms
 
 import run_extract
 from features import cache
-from features.cache import exclusive_writer, open_split
+from features.cache import CacheError, exclusive_writer, open_split
 from pipeline.backbone import load_backbone
 from pipeline.dataset import index_dataset
 from pipeline.errors import UserError
 from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.synthetic import make_tiny_imagenet
+from tests.conftest import CPU, FAST, error_line, extract_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parent.parent
-# The CPU forward pass costs about the same per batch whatever its size (fc6 alone is 151 MB of weights
-# to read), so tests keep the default batch size unless batching itself is under test.
-FAST = ["--weights", "random", "--seed", "0", "--no-progress", "--image-size", "64", "--resize-size", "72"]
 SETTING_ATTRS = ("backbone", "layer", "weights_fingerprint", "preprocess", "dtype", "precision", "dataset_signature")
-
-
-def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """Fast extraction arguments; later options (``extra``) override the FAST defaults."""
-    return ["--data", str(data), "--out", str(out), *FAST, *extra]
-
-
-def error_line(err: str) -> str:
-    """The one 'error: ...' line a failed run printed (and no traceback)."""
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def read_all(path: Path) -> dict:
@@ -100,7 +85,7 @@ def test_features_equal_plain_torchvision_reference(tmp_path):
     big = data / "train/n02002724/images/n02002724_1.JPEG"
     Image.open(big).convert("RGB").resize((640, 560), Image.BICUBIC).save(big, quality=90)
     out = tmp_path / "features"
-    rc = run_extract.main(["--data", str(data), "--out", str(out), "--weights", "random", "--seed", "0",
+    rc = run_extract.main([*CPU, "--data", str(data), "--out", str(out), "--weights", "random", "--seed", "0",
                            "--no-progress", "--batch-size", "4"])
     assert rc == 0
 
@@ -204,14 +189,14 @@ def test_touched_weights_file_gets_the_full_check(dataset, tmp_path, caplog):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
     args = ["--data", str(dataset), "--weights", str(weights), "--out", str(tmp_path / "out"), "--image-size", "64",
-            "--resize-size", "72", "--no-progress"]
+            "--resize-size", "72", "--no-progress", *CPU]
     assert run_extract.main(args) == 0
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # new mtime: the quick check cannot vouch
     caplog.clear()
     caplog.set_level(logging.INFO)
     assert run_extract.main(args) == 0
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(str(tmp_path / "out" / "train.h5")) and "up to date" in m for m in messages), messages
+    assert any(m.startswith("train: up to date") and str(tmp_path / "out" / "train.h5") in m for m in messages), messages
 
 
 def test_imagenet_file_name_is_torchvision_s():
@@ -285,7 +270,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path, monkeypatch):
         assert 0 < len(done) < 6  # 24 images in shards of 4: killed part-way
 
         # a partial extraction is never taken for a cache
-        with pytest.raises(UserError, match="interrupted"):
+        with pytest.raises(CacheError, match="interrupted"):
             open_split(out / "train.h5")
         # the lock died with the process, although its DataLoader worker may live on for a few seconds
         with exclusive_writer(out):
@@ -324,7 +309,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path, monkeypatch):
 
 def test_partial_or_missing_files_are_rejected(tmp_path):
     missing = tmp_path / "none" / "train.h5"
-    with pytest.raises(UserError, match="run_extract.py"):
+    with pytest.raises(CacheError, match="run_extract.py"):
         open_split(missing)
 
     partial = tmp_path / "train.h5"
@@ -337,16 +322,16 @@ def test_partial_or_missing_files_are_rejected(tmp_path):
         f.attrs["format_version"] = cache.FORMAT_VERSION
         f.attrs["num_rows"] = 2
         f.attrs["complete"] = False
-    with pytest.raises(UserError, match="not a complete feature cache"):
+    with pytest.raises(CacheError, match="not a complete feature cache"):
         open_split(partial)
     with h5py.File(partial, "a") as f:
         del f.attrs["complete"]
-    with pytest.raises(UserError, match="not a complete feature cache"):
+    with pytest.raises(CacheError, match="not a complete feature cache"):
         open_split(partial)
 
     garbage = tmp_path / "val.h5"
     garbage.write_bytes(b"not hdf5 at all")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(CacheError, match="--overwrite"):
         open_split(garbage)
 
 
@@ -406,7 +391,7 @@ def test_undecodable_image_is_skipped_and_recorded_or_refused_with_strict(tmp_pa
 def test_device_side_resize_path_gives_the_same_cache(dataset, extracted, tmp_path, monkeypatch):
     """The GPU data path (workers only decode; resize, crop and normalise on the device), run on the CPU:
     it must fill the cache with the same features as the CPU path."""
-    from features import extract as extract_module
+    from pipeline import extract as extract_module
 
     monkeypatch.setattr(extract_module, "resize_in_workers", lambda device: False)
     assert run_extract.main(extract_args(dataset, tmp_path / "device-path", "--shard-size", "8")) == 0
@@ -415,3 +400,69 @@ def test_device_side_resize_path_gives_the_same_cache(dataset, extracted, tmp_pa
         b = read_all(tmp_path / "device-path" / f"{split}.h5")["data"]
         assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["paths"], b["paths"])
         assert np.allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The options that change how features are computed or stored
+
+
+def test_preprocessing_defaults_are_torchvision_s_alexnet_transform():
+    """The defaults are AlexNet_Weights.IMAGENET1K_V1.transforms(): resize 256, crop 224, mean/std, bilinear."""
+    from torchvision.models import AlexNet_Weights
+    from torchvision.transforms import InterpolationMode
+
+    from pipeline.config import ExtractConfig
+    from pipeline.preprocess import Preprocess
+
+    reference = AlexNet_Weights.IMAGENET1K_V1.transforms()
+    ours = ExtractConfig().preprocess
+    assert ours == Preprocess()
+    assert list(reference.resize_size) == [ours.resize_size] and list(reference.crop_size) == [ours.image_size]
+    assert tuple(reference.mean) == ours.mean and tuple(reference.std) == ours.std
+    assert reference.interpolation == InterpolationMode.BILINEAR and ours.mode == "crop"  # Preprocess resizes bilinear
+    parser = run_extract.build_parser()
+    assert (parser.get_default("image_size"), parser.get_default("resize_size")) == (224, 256)
+
+
+def test_resize_mode_resize_squashes_the_whole_image(tmp_path):
+    """--resize-mode resize: the whole image squashed to image-size (no crop), as Resize((S, S)) does."""
+    data = make_tiny_imagenet(tmp_path / "ds", num_classes=2, train_per_class=2, val_per_class=1)
+    big = data / "train/n02002724/images/n02002724_1.JPEG"
+    Image.open(big).convert("RGB").resize((160, 96), Image.BICUBIC).save(big, quality=90)  # not square
+    out = tmp_path / "features"
+    assert run_extract.main(extract_args(data, out, "--image-size", "96", "--resize-mode", "resize")) == 0
+    split = open_split(out / "train.h5")
+    assert json.loads(split.attrs["preprocess"])["mode"] == "resize"
+    reference_transform = transforms.Compose([transforms.Resize((96, 96)), transforms.ToTensor(),
+                                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.manual_seed(0)
+    alexnet = torchvision.models.alexnet(weights=None).eval()
+    x = torch.stack([reference_transform(Image.open(data / p).convert("RGB")) for p in split.paths])
+    with torch.no_grad():
+        reference = alexnet.classifier[:6](torch.flatten(alexnet.avgpool(alexnet.features(x)), 1))
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(split.read_features()), reference, dim=1)
+    assert cosine.min() >= 0.9999, cosine
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_compression_stores_the_same_features(dataset, extracted, tmp_path, compression):
+    out = tmp_path / "features"
+    assert run_extract.main(extract_args(dataset, out, "--shard-size", "8", "--compression", compression)) == 0
+    for split in ("train", "val"):
+        with h5py.File(out / f"{split}.h5", "r") as f, h5py.File(extracted / f"{split}.h5", "r") as ref:
+            assert f["features"].compression == compression
+            np.testing.assert_array_equal(f["features"][:], ref["features"][:])  # lossless: bit for bit
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_extraction_is_close_to_fp32(dataset, extracted, tmp_path, precision):
+    """bf16 and fp16 cast the backbone's weights once; their fc7 stays at cosine >= 0.999 to fp32's."""
+    out = tmp_path / precision
+    assert run_extract.main(extract_args(dataset, out, "--shard-size", "8", "--precision", precision)) == 0
+    for split in ("train", "val"):
+        low, ref = open_split(out / f"{split}.h5"), open_split(extracted / f"{split}.h5")
+        assert low.attrs["precision"] == precision and low.attrs["dtype"] == "float32"
+        assert low.paths == ref.paths
+        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(low.read_features()),
+                                                       torch.from_numpy(ref.read_features()), dim=1)
+        assert cosine.min() >= 0.999, cosine

@@ -20,9 +20,10 @@ from torchvision import transforms
 import run_extract
 import run_webcam
 from features.cache import open_split
-from pipeline.dataset import resolve_data
+from pipeline.prepare import resolve_data
 from pipeline.images import read_rgb
 from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import CPU
 
 MINI = os.environ.get("TINY_IMAGENET_MINI")
 FEATURES = Path(os.environ.get("FEATURES", "runs/ci/features"))
@@ -38,7 +39,7 @@ def root() -> Path:
 
 def test_prepare_only_reports_the_real_subset(tmp_path):
     summary_path = tmp_path / "prep.json"
-    assert run_extract.main(["--data", MINI, "--prepare-only", "--summary-json", str(summary_path), "--no-progress"]) == 0
+    assert run_extract.main([*CPU, "--data", MINI, "--prepare-only", "--summary-json", str(summary_path), "--no-progress"]) == 0
     summary = json.loads(summary_path.read_text())
     assert summary["num_classes"] == 10
     assert summary["splits"]["train"]["images"] == 1000
@@ -53,7 +54,7 @@ def test_make_run_wrote_the_caches_and_a_rerun_is_up_to_date(caplog):
     assert train.attrs["weights_spec"] == "random:seed=0"
     mtime = (FEATURES / "train.h5").stat().st_mtime_ns
     caplog.set_level("INFO")
-    assert run_extract.main(["--data", MINI, "--weights", "random", "--out", str(FEATURES), "--no-progress"]) == 0
+    assert run_extract.main([*CPU, "--data", MINI, "--weights", "random", "--out", str(FEATURES), "--no-progress"]) == 0
     assert "up to date" in caplog.text
     assert (FEATURES / "train.h5").stat().st_mtime_ns == mtime
 
@@ -98,7 +99,7 @@ def test_video_of_val_images_matches_the_cache(root, tmp_path):
         writer.write(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()[:, :, ::-1]))
     writer.release()
     predictions = tmp_path / "preds.jsonl"
-    assert run_webcam.main(["--checkpoint", str(HEAD / "best.pt"), "--source", str(video), "--no-display",
+    assert run_webcam.main([*CPU, "--checkpoint", str(HEAD / "best.pt"), "--source", str(video), "--no-display",
                             "--predictions", str(predictions)]) == 0
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(lines) == len(rows)

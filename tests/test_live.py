@@ -13,11 +13,13 @@ import run_extract
 import run_train_head
 import run_webcam
 from features.cache import open_split
-from pipeline import live
+from pipeline import live, overlay, sources
 from pipeline.images import read_rgb
 from pipeline.synthetic import make_tiny_imagenet
+from tests.conftest import CPU, one_error_line
 
 RTOL, ATOL = 1e-4, 1e-5
+NO_LOSSLESS = "this OpenCV build has no lossless video codec, so the video's frames are not the images' pixels"
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     ds = make_tiny_imagenet(root / "ds", num_classes=3, train_per_class=4, val_per_class=2)
     feats, head = root / "feats", root / "head"
-    assert run_extract.main(["--data", str(ds), "--weights", "random", "--seed", "0", "--out", str(feats),
+    assert run_extract.main([*CPU, "--data", str(ds), "--weights", "random", "--seed", "0", "--out", str(feats),
                              "--no-progress"]) == 0
-    assert run_train_head.main(["--features", str(feats), "--out", str(head), "--epochs", "2", "--no-progress"]) == 0
+    assert run_train_head.main([*CPU, "--features", str(feats), "--out", str(head), "--epochs", "2", "--no-progress"]) == 0
     best = head / "best.pt"
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     val = open_split(feats / "val.h5")
@@ -91,12 +93,6 @@ def write_video(path: Path, frames: list[np.ndarray]) -> bool:
     raise AssertionError("this cv2 build writes no usable video codec")
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.fixture(scope="module")
 def val_video(trained):
     """The val images, each twice, as a lossless video (frames decoded exactly as extraction decodes them)."""
@@ -113,14 +109,12 @@ def val_video(trained):
 
 
 def test_live_path_gives_the_cached_probabilities(trained):
-    from pipeline.train_head import CHECKPOINT_FORMAT
-    assert live.CHECKPOINT_FORMAT == CHECKPOINT_FORMAT  # the copy in pipeline.live must follow the writer
     model, checkpoint, preprocess = live.load_classifier(trained["best"], device="cpu")
     assert not model.training and checkpoint["class_wnids"] == trained["checkpoint"]["class_wnids"]
     for path, expected in trained["cached"].items():
         probs = live.predict_frame(model, preprocess, read_rgb(path))
         torch.testing.assert_close(probs, expected, rtol=RTOL, atol=ATOL)
-        frame = next(iter(live.open_source(path)))  # the image-file source decodes it the same way
+        frame = next(iter(sources.open_source(path)))  # the image-file source decodes it the same way
         assert frame.label == path and frame.bgr.shape == (64, 64, 3)
         torch.testing.assert_close(live.predict_frame(model, preprocess, frame.rgb), expected, rtol=RTOL, atol=ATOL)
 
@@ -128,7 +122,7 @@ def test_live_path_gives_the_cached_probabilities(trained):
 def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp_path):
     video, order, frames, lossless = val_video
     jsonl, out = tmp_path / "preds.jsonl", tmp_path / "out.mp4"
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                           "--predictions", str(jsonl), "--output", str(out)])
     assert rc == 0
     lines = read_jsonl(jsonl)
@@ -136,27 +130,27 @@ def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp
     assert all(line["source"] == str(video) and line["latency_ms"] > 0 and len(line["topk"]) == 3 for line in lines)
     assert count_frames(out) == len(order)
     names = dict(zip(trained["checkpoint"]["class_wnids"], trained["checkpoint"]["class_names"]))
-    if lossless:  # the decoded frames are the images' pixels: the cache's answers exactly
-        for line, path in zip(lines, order):
-            expected = trained["cached"][path]
-            top = line["topk"][0]
-            assert top["wnid"] == trained["checkpoint"]["class_wnids"][int(expected.argmax())]
-            assert top["name"] == names[top["wnid"]]
-            assert top["prob"] == pytest.approx(float(expected.max()), rel=RTOL, abs=ATOL)
-    else:  # only a lossy codec: compare with the live path on the decoded frames instead
+    if not lossless:  # only a lossy codec: compare with the live path on the decoded frames, then say so
         model, _, preprocess = live.load_classifier(trained["best"])
         capture = cv2.VideoCapture(str(video))
         for line in lines:
-            frame = live.bgr_to_frame("", capture.read()[1])
+            frame = sources.bgr_to_frame("", capture.read()[1])
             probs = live.predict_frame(model, preprocess, frame.rgb)
             assert line["topk"][0]["wnid"] == trained["checkpoint"]["class_wnids"][int(probs.argmax())]
         capture.release()
+        pytest.skip(f"live equals the cache not checked: {NO_LOSSLESS}")
+    for line, path in zip(lines, order):  # the decoded frames are the images' pixels: the cache's answers exactly
+        expected = trained["cached"][path]
+        top = line["topk"][0]
+        assert top["wnid"] == trained["checkpoint"]["class_wnids"][int(expected.argmax())]
+        assert top["name"] == names[top["wnid"]]
+        assert top["prob"] == pytest.approx(float(expected.max()), rel=RTOL, abs=ATOL)
 
 
 def test_folder_source_records_each_image_path(trained, tmp_path):
     folder = trained["ds"] / "val" / "images"
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
                           "--predictions", str(jsonl), "--top-k", "10"])
     assert rc == 0
     lines = read_jsonl(jsonl)
@@ -173,16 +167,17 @@ def test_folder_source_records_each_image_path(trained, tmp_path):
 def test_max_frames_and_smoothing(trained, val_video, tmp_path):
     video, order, _, lossless = val_video
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                           "--predictions", str(jsonl), "--max-frames", "4", "--smooth", "3"])
     assert rc == 0
     lines = read_jsonl(jsonl)
     assert len(lines) == 4
-    if lossless:  # frame 3 shows the mean of frames 1..3
-        wnids = trained["checkpoint"]["class_wnids"]
-        mean = torch.stack([trained["cached"][p] for p in order[1:4]]).mean(0)
-        got = {t["wnid"]: t["prob"] for t in lines[3]["topk"]}
-        assert [got[w] for w in wnids] == pytest.approx(mean.tolist(), rel=RTOL, abs=ATOL)
+    if not lossless:
+        pytest.skip(f"smoothing against the cache not checked: {NO_LOSSLESS}")
+    wnids = trained["checkpoint"]["class_wnids"]  # frame 3 shows the mean of frames 1..3
+    mean = torch.stack([trained["cached"][p] for p in order[1:4]]).mean(0)
+    got = {t["wnid"]: t["prob"] for t in lines[3]["topk"]}
+    assert [got[w] for w in wnids] == pytest.approx(mean.tolist(), rel=RTOL, abs=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +223,7 @@ def test_batched_video_run_equals_the_cache_and_the_batch_1_path(trained, val_vi
     for batch in (None, "5", "1"):  # the default (8), 5 (batches of 5, 5, 2) and one frame at a time
         jsonl = tmp_path / f"preds-{batch}.jsonl"
         extra = ["--batch-frames", batch] if batch else []
-        rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+        rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                               "--predictions", str(jsonl), *extra])
         assert rc == 0
         runs[batch] = read_jsonl(jsonl)
@@ -241,13 +236,15 @@ def test_batched_video_run_equals_the_cache_and_the_batch_1_path(trained, val_vi
         for line, one in zip(lines, single):
             assert line["topk"][0]["wnid"] == one["topk"][0]["wnid"]
             assert probs_by_class(line, wnids) == pytest.approx(probs_by_class(one, wnids), rel=RTOL, abs=ATOL)
-        if lossless:
-            for line, path in zip(lines, order):
-                expected = trained["cached"][path]
-                assert line["topk"][0]["wnid"] == wnids[int(expected.argmax())]
-                assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
     # the frames of a batch share its model time
     assert len({line["latency_ms"] for line in runs["5"][:5]}) == 1
+    if not lossless:
+        pytest.skip(f"batched live equals the cache not checked: {NO_LOSSLESS}")
+    for batch in (None, "5"):
+        for line, path in zip(runs[batch], order):
+            expected = trained["cached"][path]
+            assert line["topk"][0]["wnid"] == wnids[int(expected.argmax())]
+            assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
 
 
 def test_batched_max_frames_is_exact_and_smoothing_follows_frame_order(trained, val_video, tmp_path, batch_sizes):
@@ -259,7 +256,7 @@ def test_batched_max_frames_is_exact_and_smoothing_follows_frame_order(trained, 
     runs = {}
     for batch in ("3", "1"):
         jsonl = tmp_path / f"preds-{batch}.jsonl"
-        rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+        rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                               "--predictions", str(jsonl), "--batch-frames", batch, "--max-frames", "7",
                               "--smooth", "3"])
         assert rc == 0
@@ -282,7 +279,7 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path, batch_sizes):
             bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
         assert cv2.imwrite(str(folder / f"{i:02d}.png"), bgr)
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
                           "--predictions", str(jsonl), "--batch-frames", "4"])
     assert rc == 0
     assert batch_sizes[1:] == [4, 3]
@@ -315,50 +312,50 @@ def test_display_stops_on_q_and_destroys_windows(trained, val_video, tmp_path, m
         calls["destroy"] += 1
 
     monkeypatch.setattr(live, "display_available", lambda: True)
-    monkeypatch.setattr(live.cv2, "imshow", imshow)
-    monkeypatch.setattr(live.cv2, "waitKey", wait_key)
-    monkeypatch.setattr(live.cv2, "destroyAllWindows", destroy)
-    monkeypatch.setattr(live.cv2, "getWindowProperty", lambda window, prop: 1.0)
+    monkeypatch.setattr(overlay.cv2, "imshow", imshow)
+    monkeypatch.setattr(overlay.cv2, "waitKey", wait_key)
+    monkeypatch.setattr(overlay.cv2, "destroyAllWindows", destroy)
+    monkeypatch.setattr(overlay.cv2, "getWindowProperty", lambda window, prop: 1.0)
     video = val_video[0]
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(video), "--predictions", str(jsonl)])
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--predictions", str(jsonl)])
     assert rc == 0
     assert len(calls["imshow"]) == 2 and len(read_jsonl(jsonl)) == 2  # stopped at q on the 2nd frame
-    assert calls["imshow"][0][1] == (live.MIN_VIEW_SIDE, live.MIN_VIEW_SIDE, 3)  # 64x64 enlarged to be legible
+    assert calls["imshow"][0][1] == (overlay.MIN_VIEW_SIDE, overlay.MIN_VIEW_SIDE, 3)  # 64x64 enlarged to be legible
     assert calls["destroy"] == 1
 
 
 def test_window_is_destroyed_when_the_run_fails(trained, tmp_path, monkeypatch):
     destroyed = []
     monkeypatch.setattr(live, "display_available", lambda: True)
-    monkeypatch.setattr(live.cv2, "imshow", lambda window, image: None)
-    monkeypatch.setattr(live.cv2, "waitKey", lambda delay: -1)
-    monkeypatch.setattr(live.cv2, "getWindowProperty", lambda window, prop: 1.0)
-    monkeypatch.setattr(live.cv2, "destroyAllWindows", lambda: destroyed.append(True))
+    monkeypatch.setattr(overlay.cv2, "imshow", lambda window, image: None)
+    monkeypatch.setattr(overlay.cv2, "waitKey", lambda delay: -1)
+    monkeypatch.setattr(overlay.cv2, "getWindowProperty", lambda window, prop: 1.0)
+    monkeypatch.setattr(overlay.cv2, "destroyAllWindows", lambda: destroyed.append(True))
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "bad.png").write_bytes(b"not an image")
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(folder)])
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(folder)])
     assert rc == 2 and destroyed
 
 
 def test_annotate_draws_on_a_dark_box():
     frame = np.full((480, 640, 3), 200, np.uint8)
     topk = [{"wnid": "n1", "name": "goldfish", "prob": 0.75}, {"wnid": "n2", "name": "teapot", "prob": 0.25}]
-    out = live.annotate(frame, topk, 42.0)
+    out = overlay.annotate(frame, topk, 42.0)
     assert out is frame
     assert frame[2, 2].max() < 100 and frame[-1, -1].tolist() == [200, 200, 200]  # box top-left, frame untouched elsewhere
     assert (frame[:80, :200] == 255).any()  # white text
 
 
 def test_display_detection(monkeypatch):
-    monkeypatch.setattr(live.sys, "platform", "linux")
+    monkeypatch.setattr(overlay.sys, "platform", "linux")
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    assert not live.display_available()
+    assert not overlay.display_available()
     monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
-    monkeypatch.setattr(live, "_opencv_has_gui", lambda: True)
-    assert live.display_available()
+    monkeypatch.setattr(overlay, "_opencv_has_gui", lambda: True)
+    assert overlay.display_available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +389,9 @@ class FakeCamera:
 
 def test_camera_that_stops_ends_cleanly(trained, tmp_path, monkeypatch, caplog, batch_sizes):
     camera = FakeCamera(3)
-    monkeypatch.setattr(live, "open_capture", lambda target: camera)
+    monkeypatch.setattr(sources, "open_capture", lambda target: camera)
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main(["--checkpoint", str(trained["best"]), "--source", "0", "--no-display",
+    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", "0", "--no-display",
                           "--predictions", str(jsonl), "--batch-frames", "8"])
     assert rc == 0 and camera.released
     assert [line["source"] for line in read_jsonl(jsonl)] == ["0", "0", "0"]
@@ -404,13 +401,13 @@ def test_camera_that_stops_ends_cleanly(trained, tmp_path, monkeypatch, caplog, 
 
 def test_camera_without_frames_is_an_error(trained, monkeypatch, capsys):
     camera = FakeCamera(0)
-    monkeypatch.setattr(live, "open_capture", lambda target: camera)
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--source", "3", "--no-display"]) == 2
+    monkeypatch.setattr(sources, "open_capture", lambda target: camera)
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", "3", "--no-display"]) == 2
     assert "camera 3" in one_error_line(capsys) and camera.released
 
 
 def test_camera_that_will_not_open(trained, capsys):
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--source", "7", "--no-display"]) == 2
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", "7", "--no-display"]) == 2
     line = one_error_line(capsys)
     assert "camera 7" in line and "--source" in line
 
@@ -424,7 +421,7 @@ def test_unreadable_sources(trained, tmp_path, capsys, name, content, message):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--source", str(path), "--no-display"]) == 2
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(path), "--no-display"]) == 2
     assert message in one_error_line(capsys)
 
 
@@ -463,22 +460,22 @@ def test_bad_checkpoints(trained, tmp_path, capsys, case, message):
                  "fingerprint": {"weights_fingerprint": "0" * 64}}[case]
         torch.save(_edit(good, **edits), path)
     source = str(next(iter(trained["cached"])))
-    assert run_webcam.main(["--checkpoint", str(path), "--source", source, "--no-display"]) == 2
+    assert run_webcam.main([*CPU, "--checkpoint", str(path), "--source", source, "--no-display"]) == 2
     assert message in one_error_line(capsys)
 
 
 def test_weights_override_must_match_the_fingerprint(trained, capsys):
     source = str(next(iter(trained["cached"])))
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--source", source, "--no-display",
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", source, "--no-display",
                             "--weights", "random", "--seed", "1"]) == 2
     line = one_error_line(capsys)
     assert "--weights random:seed=1" in line and "random:seed=0" in line
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--source", source, "--no-display",
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", source, "--no-display",
                             "--weights", "random", "--seed", "0"]) == 0  # the right backbone, named explicitly
 
 
 def test_bad_options(trained, capsys):
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--top-k", "0", "--no-display"]) == 2
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--top-k", "0", "--no-display"]) == 2
     assert "--top-k" in one_error_line(capsys)
-    assert run_webcam.main(["--checkpoint", str(trained["best"]), "--batch-frames", "0", "--no-display"]) == 2
+    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--batch-frames", "0", "--no-display"]) == 2
     assert "--batch-frames" in one_error_line(capsys)

@@ -29,7 +29,8 @@ from pipeline.dataset import index_dataset
 from pipeline.images import read_rgb
 from pipeline.preprocess import Preprocess
 from pipeline.synthetic import WORDS, make_tiny_imagenet
-from pipeline.train_head import InMemoryFeatures, StreamedFeatures, batch_order, fit_head
+from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, StreamedFeatures, batch_order, fit_head
+from tests.conftest import one_error_line
 
 CPU = torch.device("cpu")
 NAMES = ["goldfish", "black stork", "walking stick"]  # first synonyms of the generated wnids in words.txt
@@ -45,7 +46,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def extract(data: Path, out: Path, *extra: str) -> None:
     rc = run_extract.main(["--data", str(data), "--weights", "random", "--seed", "0", "--image-size", "64",
-                           "--resize-size", "72", "--no-progress", "--out", str(out), *extra])
+                           "--resize-size", "72", "--no-progress", "--device", "cpu", "--out", str(out), *extra])
     assert rc == 0
 
 
@@ -123,14 +124,6 @@ def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: in
 def heads_equal(a: Path, b: Path) -> bool:
     ha, hb = load_ckpt(a)["head"], load_ckpt(b)["head"]
     return all(torch.equal(ha[k], hb[k]) for k in ("weight", "bias"))
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,12 +358,17 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
     live = torch.cat([x for x, _ in live_train.batches(18, None)])
     assert torch.allclose(live, cached_train.features, rtol=1e-5, atol=1e-6)
 
-    settings = dict(num_classes=3, feature_dim=4096, lr=0.01 if standardize else 0.1, weight_decay=1e-4,
-                    momentum=0.9, epochs=3, batch_size=6, val_batch_size=9, seed=0, device=CPU,
-                    standardize=standardize, progress=False)
-    from_cache = fit_head(cached_train, cached_val, **settings)
+    recipe = Recipe(lr=0.01 if standardize else 0.1, weight_decay=1e-4, momentum=0.9, epochs=3, batch_size=6,
+                    val_batch_size=9, seed=0)
+
+    def fit(train_source, val_source):
+        standardizer = Standardizer.fit(train_source, CPU) if standardize else Standardizer.identity(4096, CPU)
+        fitted = fit_head(train_source, val_source, recipe, standardizer, num_classes=3, device=CPU, progress=False)
+        return {"best": fitted.best, "last": fitted.last, "history": fitted.history, "standardizer": standardizer}
+
+    from_cache = fit(cached_train, cached_val)
     live_train.images_read = live_val.images_read = 0
-    in_the_loop = fit_head(live_train, live_val, **settings)
+    in_the_loop = fit(live_train, live_val)
     assert live_train.images_read == (3 + standardize) * 18 and live_val.images_read == 3 * 9  # really in the loop
 
     assert [h["val_top1"] for h in from_cache["history"]] == [h["val_top1"] for h in in_the_loop["history"]]
@@ -427,12 +425,12 @@ def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
     assert (out / "best.pt").read_bytes() == (out / table[0]["name"] / "best.pt").read_bytes()
 
     # each head of the sweep is the head a single run with its settings trains: runs do not leak into each other
-    single = fit_head(InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU, progress=False),
-                      InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU, progress=False),
-                      num_classes=4, feature_dim=4096, lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2,
-                      batch_size=40, val_batch_size=10, seed=0, device=CPU, standardize=True, progress=False)
+    train_source = InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU, progress=False)
+    single = fit_head(train_source, InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU, progress=False),
+                      Recipe(lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2, batch_size=40, val_batch_size=10, seed=0),
+                      Standardizer.fit(train_source, CPU), num_classes=4, device=CPU, progress=False)
     swept = load_ckpt(out / "lr0.01_wd0.0001" / "last.pt")["head"]
-    assert all(torch.equal(swept[k], single["last"]["state"][k]) for k in ("weight", "bias"))
+    assert all(torch.equal(swept[k], single.last["state"][k]) for k in ("weight", "bias"))
 
 
 # ---------------------------------------------------------------------------------------------

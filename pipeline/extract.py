@@ -1,9 +1,10 @@
 """Stage one: run the frozen AlexNet once over train and val and store fc7 in the HDF5 cache.
 
 Data path: DataLoader workers read and decode whole batches of JPEGs (and on the CPU also resize and
-crop them, as uint8); the main process normalises on the device, runs the backbone in channels_last,
-and writes one shard file per ``shard_size`` rows. Under torchrun each rank takes every world_size-th
-shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
+crop them, as uint8); the main process normalises on the device, runs the backbone in channels_last
+with its weights cast once to the compute precision, and writes one shard file per ``shard_size`` rows
+(features.cache). Under torchrun each rank takes every world_size-th shard; rank 0 assembles the shards
+into ``train.h5`` / ``val.h5``.
 """
 from __future__ import annotations
 
@@ -22,44 +23,55 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features import cache
-from models import FC7_DIM
-from pipeline.backbone import load_backbone, resolve_device
-from pipeline.dataset import (TINY_IMAGENET_MD5, TINY_IMAGENET_URL, TinyImageNet, arrange_val, index_dataset,
-                              resolve_data)
+from models import FC7_DIM, MIN_IMAGE_SIZE
+from pipeline.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.config import ExtractConfig
+from pipeline.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.errors import UserError
-from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb
-from pipeline.preprocess import Preprocess
+from pipeline.freshness import log_up_to_date, split_settings
+from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.prepare import resolve_data
 from pipeline.weights_spec import weights_stamp
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPES = ("float32", "float16")
-MIN_IMAGE_SIZE = 63  # smaller inputs shrink to nothing in AlexNet's third max-pool
+
+@dataclass
+class SplitResult:
+    """What extraction did for one split."""
+
+    split: str
+    file: Path
+    rows: int  # rows in the finished file (on ranks other than 0: images this rank processed)
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    up_to_date: bool = False  # the file was already complete with these settings: nothing was done
+    assembled: bool = True  # this process wrote the file (under torchrun only rank 0 does)
+    seconds: float | None = None
+    images_per_s: float | None = None
+
+    def log(self) -> None:
+        if self.up_to_date:
+            log_up_to_date(self.file, {"split": self.split, "num_rows": self.rows})
+        elif self.assembled:
+            log.info("%s: %d images in %.1f s (%.1f img/s), %d skipped -> %s (%.1f MiB)", self.split, self.rows,
+                     self.seconds or 0, self.images_per_s or 0, len(self.skipped), self.file,
+                     self.file.stat().st_size / 2**20)
+            for item in self.skipped:
+                log.info("  skipped %s: %s", item["path"], item["reason"])
 
 
 @dataclass
-class ExtractConfig:
-    data: str | None = None  # dataset folder or zip; None: data/tiny-imagenet-200
-    download: bool = False  # fetch the official zip first
-    url: str = TINY_IMAGENET_URL
-    md5: str | None = TINY_IMAGENET_MD5
-    out: Path = Path("runs/features")  # train.h5 and val.h5 go here
-    weights: str = "imagenet"  # imagenet, random, or a state_dict path
-    seed: int = 0  # for --weights random
-    device: str = "auto"
-    precision: str = "fp32"  # compute precision: fp32, bf16 or fp16 (autocast)
-    dtype: str = "float32"  # storage dtype of the features
-    batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
-    workers: int | None = None  # DataLoader workers; None: 1 on CPU, up to 8 on CUDA
-    preprocess: Preprocess = field(default_factory=Preprocess)
-    shard_size: int = 2048  # rows per resumable shard
-    compression: str | None = None  # None, "gzip" or "lzf"
-    overwrite: bool = False
-    strict: bool = False  # an undecodable image is an error instead of a listed skip
-    arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
-    splits: tuple[str, ...] = ("train", "val")
-    progress: bool = True
+class ExtractResult:
+    """What one run of stage one did, split by split."""
+
+    out: Path
+    dataset: Path
+    weights_spec: str
+    weights_fingerprint: str
+    device: str
+    batch_size: int
+    world_size: int
+    splits: dict[str, SplitResult] = field(default_factory=dict)
 
 
 class BatchReader(Dataset):
@@ -84,10 +96,8 @@ class BatchReader(Dataset):
             batch = None
         elif self.preprocess is not None:  # CPU extraction: resize and crop here, off the main process
             batch = self.preprocess.resize_crop(images)
-        elif len({tuple(im.shape) for im in images}) == 1:
-            batch = torch.stack(images)  # (B, 3, H, W) uint8
         else:
-            batch = images  # mixed sizes, resized on the device one by one
+            batch = stack_or_list(images)  # (B, 3, H, W) uint8, or mixed sizes resized on the device one by one
         return {"shard": shard, "positions": np.asarray(kept, dtype=np.int64), "images": batch,
                 "skipped": skipped, "count": len(positions)}
 
@@ -118,62 +128,48 @@ def _shards(num_rows: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
 
 
-def extract(config: ExtractConfig) -> dict:
-    """Fill ``config.out`` with train.h5 and val.h5. Returns the summary (also logged)."""
-    if config.precision not in PRECISIONS:
-        raise UserError(f"--precision {config.precision}: use fp32, bf16 or fp16")
-    if config.dtype not in DTYPES:
-        raise UserError(f"--dtype {config.dtype}: use float32 or float16")
-    if config.batch_size is not None and config.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {config.batch_size}")
-    if config.shard_size <= 0:
-        raise UserError(f"--shard-size must be positive, got {config.shard_size}")
+def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> ExtractResult:
+    """Fill ``config.out`` with train.h5 and val.h5. ``dataset``: already indexed (saves indexing twice)."""
+    config.check()
     if config.preprocess.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size {config.preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     rank, world, device = _start(config.device)
-    if device.type == "cuda" and config.precision == "fp32":
-        # fp32 means fp32: no TF32 convolutions or matmuls behind the user's back
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     if config.precision == "fp16" and device.type == "cpu":
         log.warning("fp16 on the CPU is slow and rarely supported well; bf16 or fp32 are better choices")
     batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
     workers = config.workers if config.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
 
-    # rank 0 alone downloads or unpacks; the others learn the folder from it
-    root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5) if rank == 0 else None
-    if rank == 0 and config.arrange_val:
-        log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
-    if world > 1:
-        shared = [str(root) if root else None]
-        dist.broadcast_object_list(shared, src=0)
-        root = Path(shared[0])
-    dataset = index_dataset(root)
+    if dataset is None or config.download or config.arrange_val or world > 1:
+        # rank 0 alone downloads or unpacks; the others learn the folder from it
+        root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5) if rank == 0 else None
+        if rank == 0 and config.arrange_val:
+            log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
+        if world > 1:
+            shared = [str(root) if root else None]
+            dist.broadcast_object_list(shared, src=0)
+            root = Path(shared[0])
+        dataset = index_dataset(root)
     backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
     out = Path(config.out)
 
-    summary = {"out": str(out), "dataset": str(dataset.root), "weights": weights_spec, "weights_fingerprint": fingerprint,
-               "device": str(device), "precision": config.precision, "dtype": config.dtype, "batch_size": batch_size,
-               "world_size": world, "splits": {}}
+    result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
+                           device=str(device), batch_size=batch_size, world_size=world)
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
     try:
         with lock:
             if world > 1:
                 dist.barrier()  # nobody writes before rank 0 holds the lock
-            backbone = backbone.to(device, memory_format=torch.channels_last)
+            backbone = place_backbone(backbone, device, config.precision)
             for split in config.splits:
-                settings = cache.CacheSettings(
-                    backbone="alexnet", layer="fc7", weights_fingerprint=fingerprint,
-                    preprocess=config.preprocess.to_json(), dtype=config.dtype, precision=config.precision,
-                    dataset_signature=dataset.signature(split))
-                summary["splits"][split] = _extract_split(
+                settings = split_settings(dataset, split, config, fingerprint)
+                result.splits[split] = _extract_split(
                     dataset, split, settings, config, backbone=backbone, device=device, batch_size=batch_size,
                     workers=workers, weights_spec=weights_spec, rank=rank, world=world)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    return summary
+    return result
 
 
 def _check_existing(path: Path, settings: cache.CacheSettings, overwrite: bool) -> dict | None:
@@ -198,9 +194,7 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     final = cache.split_file(out, split)
     attrs = _check_existing(final, settings, config.overwrite)
     if attrs is not None:
-        log.info("%s: up to date (%d rows)", final, attrs["num_rows"])
-        return {"status": "up to date", "images": attrs["num_rows"], "skipped": attrs["num_skipped"],
-                "file": str(final), "file_mb": round(final.stat().st_size / 2**20, 1)}
+        return SplitResult(split, final, attrs["num_rows"], json.loads(attrs["skipped"]), up_to_date=True)
 
     paths, labels = dataset.splits[split].paths, dataset.splits[split].labels
     parts = cache.parts_folder(out, split)
@@ -223,8 +217,6 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     reader = BatchReader(dataset.root, paths, batches, config.preprocess if in_workers else None)
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[config.precision]) \
-        if config.precision != "fp32" else nullcontext()
     storage = getattr(torch, config.dtype)
 
     already = sum(len(shards[i]) for i in done)
@@ -246,8 +238,7 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
                 else:
                     images = images.to(device, non_blocking=True)
                 x = config.preprocess.normalize(images if in_workers else config.preprocess.resize_crop(images))
-                with autocast:
-                    fc7 = backbone(x)  # (B, 4096) post-ReLU
+                fc7 = backbone(x)  # (B, 4096) post-ReLU, in the backbone's dtype
                 acc["features"].append(fc7.to(storage).cpu().numpy())
             acc["positions"].append(item["positions"])
             acc["skipped"] += item["skipped"]
@@ -268,17 +259,15 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     if world > 1:
         dist.barrier()  # every rank's shards are on disk
     if rank != 0:
-        return {"status": "extracted by rank 0", "images": processed, "seconds": round(seconds, 2)}
+        return SplitResult(split, final, processed, assembled=False, seconds=round(seconds, 2))
     record = cache.assemble(
         out, split, settings=settings, num_shards=len(shards), paths=paths, labels=labels,
         wnids=dataset.wnids, names=dataset.names, compression=config.compression,
         attrs={"weights_spec": weights_spec, "weights_stamp": weights_stamp(weights_spec), "feature_dim": FC7_DIM, "batch_size": batch_size,
                "shard_size": config.shard_size, "dataset_root": str(dataset.root), "versions": _versions(),
                "class_full_names": "\n".join(dataset.full_names), "world_size": world})
-    return {"status": "extracted", "images": record["num_rows"], "skipped": record["num_skipped"],
-            "skipped_list": json.loads(record["skipped"]), "seconds": round(seconds, 2),
-            "images_per_s": round(processed / seconds, 1) if seconds > 0 else None,
-            "file": str(final), "file_mb": round(final.stat().st_size / 2**20, 1)}
+    return SplitResult(split, final, record["num_rows"], json.loads(record["skipped"]), seconds=round(seconds, 2),
+                       images_per_s=round(processed / seconds, 1) if seconds > 0 else None)
 
 
 def _versions() -> str:

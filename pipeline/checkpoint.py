@@ -1,0 +1,116 @@
+"""The head checkpoint: the one place that makes, saves, reads and checks it, and loads the head from it.
+
+A checkpoint is a plain dict of tensors and primitives, so ``torch.load(path, weights_only=True)`` reads
+it. It carries everything the live runner needs: the head (an ``nn.Linear`` on raw features), the
+classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import FC7_DIM
+from pipeline.errors import UserError, first_line
+from pipeline.names import CHECKPOINT_FORMAT, PRECISIONS
+from pipeline.preprocess import Preprocess
+
+REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_names", "weights_spec",
+                 "weights_fingerprint", "preprocess")
+
+
+def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch: int, cache_attrs: dict,
+                    wnids: list[str], names: list[str], config: dict) -> dict:
+    """The checkpoint of a head trained on the cache described by ``cache_attrs`` (train.h5's attributes)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "head": head_state,  # nn.Linear(feature_dim, num_classes) state on raw features
+        "num_classes": len(wnids),
+        "feature_dim": int(cache_attrs["feature_dim"]),
+        "class_wnids": list(wnids),
+        "class_names": list(names),
+        "backbone": cache_attrs["backbone"],
+        "layer": cache_attrs["layer"],
+        "weights_spec": cache_attrs["weights_spec"],
+        "weights_fingerprint": cache_attrs["weights_fingerprint"],
+        "preprocess": json.loads(cache_attrs["preprocess"]),
+        "precision": cache_attrs["precision"],
+        "config": config,
+        "epoch": epoch,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+    }
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write to a temporary name, then rename: a kill mid-write never leaves a truncated checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_reason(err: BaseException) -> str:
+    """torch.load's complaint, shortened to its gist (its weights-only message is paragraphs of advice)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return f"holds more than tensors and plain values, or is damaged: {detail[0] if detail else 'unpickling failed'}"
+    return first_line(err).split(". ")[0][:160]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict from run_train_head.py, checked: a missing, corrupt or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; train a head with run_train_head.py, or pass --checkpoint PATH")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling, zip and EOF errors alike
+        raise UserError(f"{path} is not a readable checkpoint ({_load_reason(err)}); "
+                        "pass a best.pt or last.pt written by run_train_head.py") from None
+    if not isinstance(checkpoint, dict) or "format" not in checkpoint:
+        raise UserError(f"{path} is not a head checkpoint from run_train_head.py (it has no 'format' entry)")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {checkpoint['format']!r}, expected {CHECKPOINT_FORMAT!r}; "
+                        "retrain the head with this version of run_train_head.py")
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is incomplete: it lacks {', '.join(missing)}; retrain the head with run_train_head.py")
+    if checkpoint.get("layer", "fc7") != "fc7":
+        raise UserError(f"{path} holds a head for layer {checkpoint['layer']!r}; the live runner uses fc7")
+    head, classes = checkpoint["head"], checkpoint["num_classes"]
+    weight = head.get("weight") if isinstance(head, dict) else None
+    bias = head.get("bias") if isinstance(head, dict) else None
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+            and tuple(weight.shape) == (classes, checkpoint["feature_dim"]) and tuple(bias.shape) == (classes,)
+            and checkpoint["feature_dim"] == FC7_DIM
+            and len(checkpoint["class_wnids"]) == classes and len(checkpoint["class_names"]) == classes):
+        raise UserError(f"{path} is inconsistent: its head, class lists and sizes do not agree "
+                        f"(expected a {FC7_DIM} -> {classes} linear head); retrain the head with run_train_head.py")
+    if checkpoint.get("precision", "fp32") not in PRECISIONS:
+        raise UserError(f"{path} records an unknown precision {checkpoint['precision']!r}")
+    try:
+        Preprocess.from_dict(checkpoint["preprocess"])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path} has unusable preprocessing settings ({first_line(err)}); retrain the head") from None
+    if checkpoint["preprocess"].get("color", "RGB") != "RGB":
+        raise UserError(f"{path} expects {checkpoint['preprocess']['color']} input; the live runner feeds RGB")
+    return checkpoint
+
+
+def load_head(checkpoint: dict) -> nn.Linear:
+    """The checkpoint's head as an fp32 ``nn.Linear(feature_dim, num_classes)`` on the CPU, in eval mode."""
+    head = nn.Linear(checkpoint["feature_dim"], checkpoint["num_classes"])
+    head.load_state_dict({"weight": checkpoint["head"]["weight"].float(), "bias": checkpoint["head"]["bias"].float()})
+    head.requires_grad_(False)
+    return head.eval()
+
+
+def checkpoint_preprocess(checkpoint: dict) -> Preprocess:
+    return Preprocess.from_dict(checkpoint["preprocess"])

@@ -1,0 +1,117 @@
+"""The settings of the three stages, each default defined once, with their checks. Torch-free.
+
+The entry scripts build their argparse defaults from these dataclasses, so a default lives here only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
+                            TINY_IMAGENET_URL)
+from pipeline.preprocess import Preprocess
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class ExtractConfig:
+    """Stage one: which images, which backbone, and how the cache is computed and stored."""
+
+    data: str | None = None  # dataset folder or zip; None: data/tiny-imagenet-200 (or its zip)
+    download: bool = False  # fetch the official zip first
+    url: str = TINY_IMAGENET_URL
+    md5: str | None = TINY_IMAGENET_MD5
+    out: Path = DEFAULT_FEATURES  # train.h5 and val.h5 go here
+    weights: str = "imagenet"  # imagenet, random, or a state_dict path
+    seed: int = 0  # for --weights random
+    device: str = "auto"
+    precision: str = "fp32"  # compute precision: fp32, bf16 or fp16 (the weights are cast once)
+    dtype: str = "float32"  # storage dtype of the features
+    batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
+    workers: int | None = None  # DataLoader workers; None: 1 on CPU, up to 8 on CUDA
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    shard_size: int = 2048  # rows per resumable shard
+    compression: str | None = None  # None, "gzip" or "lzf"
+    overwrite: bool = False
+    strict: bool = False  # an undecodable image is an error instead of a listed skip
+    arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
+    splits: tuple[str, ...] = ("train", "val")
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
+        _positive("--batch-size", self.batch_size)
+        _positive("--shard-size", self.shard_size)
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be 0 or more, got {self.workers}")
+
+
+@dataclass
+class HeadConfig:
+    """Stage two: the cache to read, the run folder, and the SGD recipe (one head per lr x weight decay)."""
+
+    features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5
+    out: Path = DEFAULT_HEAD  # run folder
+    lrs: tuple[float, ...] = (0.001,)  # several: one head per (lr, weight decay)
+    weight_decays: tuple[float, ...] = (0.0,)
+    momentum: float = 0.9
+    epochs: int = 20
+    batch_size: int = 100
+    val_batch_size: int = 10
+    seed: int = 0  # head init and batch order
+    device: str = "auto"
+    standardize: bool = True  # z-score with train statistics, folded into the saved layer
+    stream: bool | None = None  # None: stream only when the features do not fit in memory
+    progress: bool = True
+
+    def check(self) -> None:
+        for name, values in (("--lr", self.lrs), ("--weight-decay", self.weight_decays)):
+            if not values:
+                raise UserError(f"{name} needs at least one value")
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+            raise UserError(f"--lr must be positive, got {','.join(map(str, self.lrs))}")
+        if any(not (wd >= 0 and math.isfinite(wd)) for wd in self.weight_decays):  # NaN fails every comparison
+            raise UserError(f"--weight-decay must be zero or positive, got {','.join(map(str, self.weight_decays))}")
+        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
+            raise UserError(f"--momentum must be zero or positive, got {self.momentum}")
+        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
+                            ("--val-batch-size", self.val_batch_size)):
+            _positive(name, value)
+
+
+@dataclass
+class LiveConfig:
+    """Live: the checkpoint, the frame source, and what is drawn and written."""
+
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    weights: str | None = None  # None: the checkpoint's weights_spec
+    seed: int = 0  # for weights="random"
+    device: str = "auto"
+    source: str = "0"  # camera index, video file, image file or folder of images
+    width: int | None = None  # requested camera resolution
+    height: int | None = None
+    top_k: int = 3
+    smooth: int = 1  # average the probabilities over the last N frames
+    display: bool | None = None  # None: show a window when a display is present
+    output: Path | None = None  # annotated video (mp4v)
+    predictions: Path | None = None  # one JSON line per frame
+    max_frames: int | None = None
+    batch_frames: int | None = None  # frames per forward pass; None: 8 for files and folders, a camera always 1
+    window: str = "fc7 live"
+
+    def check(self) -> None:
+        for name, value in (("--top-k", self.top_k), ("--smooth", self.smooth), ("--max-frames", self.max_frames),
+                            ("--batch-frames", self.batch_frames)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        for name, value in (("--width", self.width), ("--height", self.height)):
+            _positive(name, value)

@@ -1,0 +1,21 @@
+"""Names shared across the project, defined once. Torch-free, so the fast paths can import them.
+
+Everything here is a plain value: precision and storage names, image suffixes, the checkpoint format
+and the default places a run reads from and writes to.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # compute precision of the backbone (the head always runs in fp32)
+DTYPES = ("float32", "float16")  # storage dtype of cached features
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")  # what is indexed as an image, in datasets and live folders (what the decoder reads)
+CHECKPOINT_FORMAT = "fc7-linear-head/1"
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+DEFAULT_DATA = Path("data/tiny-imagenet-200")  # the dataset folder (or the zip beside it)
+DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
+DEFAULT_HEAD = Path("runs/head")  # a head's run folder
+DEFAULT_CHECKPOINT = DEFAULT_HEAD / "best.pt"

@@ -1,0 +1,188 @@
+"""Frame sources for the live runner: a camera, a video file, an image file or a folder of images.
+
+Camera and video frames come from OpenCV as BGR and are converted to RGB; image files are decoded with
+``pipeline.images.read_rgb`` exactly as extraction decodes them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.images import ImageDecodeError, read_rgb
+from pipeline.names import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+CAMERA_RETRIES = 3  # consecutive failed reads before a camera counts as stopped
+
+
+
+@dataclass
+class Frame:
+    label: str  # the "source" of the predictions line: image path, camera index or video path
+    rgb: torch.Tensor  # (3, H, W) uint8 RGB: what the network sees
+    bgr: np.ndarray  # (H, W, 3) uint8 BGR: what is drawn on
+
+
+def open_capture(target: int | str) -> cv2.VideoCapture:
+    """cv2.VideoCapture, with OpenCV's own warnings muted (a failed open is reported as one clear line)."""
+    with quiet_opencv():
+        return cv2.VideoCapture(target)
+
+
+@contextmanager
+def quiet_opencv():
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def bgr_to_frame(label: str, bgr: np.ndarray) -> Frame:
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # (H, W, 3) contiguous
+    return Frame(label, torch.from_numpy(rgb).permute(2, 0, 1), bgr)  # a (3, H, W) view, no copy
+
+
+def rgb_to_frame(label: str, rgb: torch.Tensor) -> Frame:
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2BGR)
+    return Frame(label, rgb, bgr)
+
+
+class FrameSource:
+    """Iterate for Frames; release() frees the device or file. ``fps`` is None when unknown."""
+
+    label: str = ""
+    fps: float | None = None
+    still: bool = False  # still images: a window waits for a key on each one
+    camera: bool = False  # a live camera: classified one frame at a time, never batched
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass
+
+
+class CaptureSource(FrameSource):
+    """A camera or a video file read with cv2.VideoCapture."""
+
+    def __init__(self, capture, label: str, *, camera: bool):
+        self.capture, self.label, self.camera = capture, label, camera
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and 0 < fps < 1000 else None
+        self.frames = 0
+        self.stopped = False  # a camera that stopped delivering frames
+
+    def _read(self) -> np.ndarray | None:
+        tries = CAMERA_RETRIES if self.camera and self.frames else 1  # a video's end is final at once
+        for attempt in range(tries):
+            ok, bgr = self.capture.read()
+            if ok and bgr is not None:
+                return bgr
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+        return None
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            bgr = self._read()
+            if bgr is None:
+                break
+            if bgr.ndim == 2:
+                bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+            elif bgr.shape[2] == 4:
+                bgr = cv2.cvtColor(bgr, cv2.COLOR_BGRA2BGR)
+            self.frames += 1
+            yield bgr_to_frame(self.label, bgr)
+        if self.camera:
+            if not self.frames:
+                raise UserError(f"camera {self.label} opened but delivered no frames; is another program using it? "
+                                "Try another --source index")
+            self.stopped = True
+            log.warning("camera %s stopped delivering frames after %d frames; stopping", self.label, self.frames)
+        elif not self.frames:
+            raise UserError(f"cannot read any frame from video {self.label}; it is empty, damaged, "
+                            "or in a codec this OpenCV build cannot decode")
+        else:
+            log.info("end of video %s after %d frames", self.label, self.frames)
+
+    def release(self) -> None:
+        self.capture.release()
+
+
+class ImageSource(FrameSource):
+    """Image files, decoded to RGB with pipeline.images.read_rgb as extraction decodes them."""
+
+    still = True
+
+    def __init__(self, paths: list[Path], label: str, *, folder: bool):
+        self.paths, self.label, self.folder = paths, label, folder
+
+    def __iter__(self) -> Iterator[Frame]:
+        good = 0
+        for path in self.paths:
+            try:
+                rgb = read_rgb(path)
+            except (ImageDecodeError, OSError) as err:
+                if not self.folder:
+                    raise UserError(f"cannot read image {path}: {err}") from None
+                log.warning("skipping %s: %s", path, err)
+                continue
+            good += 1
+            yield rgb_to_frame(str(path), rgb)
+        if self.folder and not good:
+            raise UserError(f"none of the {len(self.paths)} images in {self.label} could be read")
+
+
+def open_source(source: str, *, width: int | None = None, height: int | None = None) -> FrameSource:
+    """A camera index ("0"), a video file, an image file or a folder of images."""
+    text = str(source).strip()
+    if text.isdigit():
+        index = int(text)
+        capture = open_capture(index)
+        if not capture.isOpened():
+            capture.release()
+            raise UserError(f"cannot open camera {index} (no camera with that index, or it is in use); "
+                            "pass --source with another camera index, a video file, an image or a folder")
+        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, width), (cv2.CAP_PROP_FRAME_HEIGHT, height)):
+            if value:
+                capture.set(prop, value)
+        capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not a queue of stale ones (if supported)
+        got = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        if (width and got[0] != width) or (height and got[1] != height):
+            log.warning("camera %d gives %dx%d, not the requested %sx%s", index, got[0], got[1], width or "-", height or "-")
+        log.info("camera %d: %dx%d", index, *got)
+        return CaptureSource(capture, str(index), camera=True)
+    if width or height:
+        log.warning("--width/--height apply to cameras only; ignored for %s", text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        log.info("%s: %d images", path, len(paths))
+        return ImageSource(paths, str(path), folder=True)
+    if not path.is_file():
+        raise UserError(f"no such file or folder: {path}; --source takes a camera index, a video, an image or a folder")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageSource([path], str(path), folder=False)
+    capture = open_capture(str(path))
+    if not capture.isOpened():
+        capture.release()
+        raise UserError(f"cannot open video {path}: it is not a video, is damaged, "
+                        "or uses a codec this OpenCV build cannot decode")
+    source = CaptureSource(capture, str(path), camera=False)
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    log.info("video %s: %s frames at %s fps", path, count if count > 0 else "?", f"{source.fps:g}" if source.fps else "?")
+    return source

@@ -1,0 +1,123 @@
+"""The architecture, checked from the code's own imports: run_*.py -> pipeline/ -> features/, models/.
+
+Imports are read with ``ast``, including those inside functions, so a lazy import counts as an arrow too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "features", "models")
+# who may import whom (besides itself): the one-way rule
+ALLOWED = {
+    "run": {"pipeline"},
+    "pipeline": {"features", "models"},
+    "features": set(),
+    "models": set(),
+    "benchmarks": {"pipeline", "features", "models"},
+}
+# facts that must be defined in exactly one module
+SHARED_CONSTANTS = ("PRECISIONS", "DTYPES", "IMAGE_SUFFIXES", "CHECKPOINT_FORMAT", "DEFAULT_DATA", "DEFAULT_FEATURES",
+                    "DEFAULT_HEAD", "DEFAULT_CHECKPOINT", "TINY_IMAGENET_URL", "TINY_IMAGENET_MD5", "FC7_DIM",
+                    "MIN_IMAGE_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "FORMAT_VERSION", "REQUIRED_KEYS")
+
+
+def project_modules() -> dict[str, Path]:
+    """Module name -> file, for the packages, the entry scripts and the benchmarks."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            modules[f"{package}.{path.stem}" if path.stem != "__init__" else package] = path
+    for path in sorted(ROOT.glob("run_*.py")):
+        modules[path.stem] = path
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        modules[f"benchmarks.{path.stem}"] = path
+    return modules
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports, anywhere in the file (``from pkg import mod`` names the module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name in modules:
+                found.add(name)
+            elif name.split(".")[0] in PACKAGES or name.startswith("run_"):
+                found.add(name.rsplit(".", 1)[0] if name.rsplit(".", 1)[0] in modules else name)
+    return found
+
+
+def layer(module: str) -> str:
+    top = module.split(".")[0]
+    return "run" if top.startswith("run_") else top
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+
+
+def test_no_arrow_runs_back_up(graph):
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() for b in sorted(targets)
+             if layer(b) != layer(a) and layer(b) not in ALLOWED[layer(a)]]
+    assert not wrong, "imports against the one-way rule run_*.py -> pipeline/ -> features/, models/: " + ", ".join(wrong)
+
+
+def test_entry_scripts_reach_only_pipeline(graph):
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() if layer(a) == "run" for b in targets if layer(b) != "pipeline"]
+    assert not wrong, ", ".join(wrong)
+
+
+def test_features_and_models_import_nothing_from_the_project(graph):
+    for name, targets in graph.items():
+        if layer(name) in ("features", "models"):
+            assert all(layer(t) == layer(name) for t in targets), (name, targets)
+
+
+def test_no_import_cycles(graph):
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, path + [target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_shared_constants_are_defined_once():
+    where: dict[str, list[str]] = {name: [] for name in SHARED_CONSTANTS}
+    for module, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in where:
+                    where[target.id].append(module)
+    twice = {name: modules for name, modules in where.items() if len(modules) > 1}
+    assert not twice, f"defined in more than one module: {twice}"
+    missing = [name for name, modules in where.items() if not modules]
+    assert not missing, f"no longer defined anywhere (update SHARED_CONSTANTS): {missing}"
+
+
+def test_the_checker_sees_a_back_arrow(tmp_path):
+    """The import reader itself: a lazy import inside a function counts."""
+    modules = {"features.cache": tmp_path / "cache.py", "pipeline.errors": tmp_path / "errors.py"}
+    modules["features.cache"].write_text("def f():\n    from pipeline.errors import UserError\n")
+    assert imports_of(modules["features.cache"], modules) == {"pipeline.errors"}
