@@ -255,18 +255,29 @@ class CachedSplit:
     names: list[str]
     labels: np.ndarray  # (N,) int64
     paths: list[str]
+    layer: str = "fc7"  # which layer read_features reads
+    dataset: str = "features"  # its HDF5 dataset
 
     @property
     def num_rows(self) -> int:
         return len(self.labels)
 
+    @property
+    def feature_dim(self) -> int:
+        with h5py.File(self.path, "r") as f:
+            return int(f[self.dataset].shape[1])
+
     def read_features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
-            return f["features"][start:stop]
+            return f[self.dataset][start:stop]
 
 
-def open_split(path: Path) -> CachedSplit:
-    """Open a finished cache file. Missing, partial or foreign files are clear errors."""
+def open_split(path: Path, layer: str = "fc7") -> CachedSplit:
+    """Open a finished cache file for one layer. Missing, partial or foreign files are clear errors.
+
+    A layer is the dataset named after it (``pool5``, ``fc6``, ``fc7``); a cache that holds fc7 only, as
+    ``features``, serves ``fc7``.
+    """
     path = Path(path)
     attrs = read_attrs(path)
     if attrs is None:
@@ -278,8 +289,17 @@ def open_split(path: Path) -> CachedSplit:
     if attrs.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{path} has cache format {attrs.get('format_version')}, expected {FORMAT_VERSION}; re-extract with --overwrite")
     with h5py.File(path, "r") as f:
+        if layer in f:
+            dataset = layer
+        elif layer == attrs.get("layer", "fc7") and "features" in f:
+            dataset = "features"
+        else:
+            held = sorted(name for name in f if name in ("pool5", "fc6", "fc7")) or [attrs.get("layer", "fc7")]
+            raise CacheError(f"{path} holds no {layer} features (it has {', '.join(held)}); "
+                             f"add them with run_extract.py --layers {layer}")
         labels = f["labels"][:]
         paths = list(f["paths"].asstr()[:])
         wnids = list(f["class_wnids"].asstr()[:])
         names = list(f["class_names"].asstr()[:])
-    return CachedSplit(path=path, attrs=attrs, wnids=wnids, names=names, labels=labels, paths=paths)
+    return CachedSplit(path=path, attrs=attrs, wnids=wnids, names=names, labels=labels, paths=paths, layer=layer,
+                       dataset=dataset)

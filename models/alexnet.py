@@ -8,17 +8,27 @@ from torch import nn
 from torchvision.models import AlexNet
 
 FC7_DIM = 4096
+LAYER_DIMS = {"pool5": 9216, "fc6": 4096, "fc7": 4096}  # DeCAF's layers: flattened avgpool, post-ReLU fc6, fc7
+LAYERS = tuple(LAYER_DIMS)  # in network order
 MIN_IMAGE_SIZE = 63  # smaller inputs shrink to nothing in AlexNet's third max-pool
 
 
 class AlexNetFC7(nn.Module):
-    """Frozen AlexNet up to fc7: features -> avgpool -> flatten -> classifier[:6] (post-ReLU)."""
+    """Frozen AlexNet up to fc7: features -> avgpool -> flatten -> classifier[:6] (post-ReLU).
 
-    def __init__(self, alexnet: AlexNet):
+    ``output`` picks the layer ``forward`` returns (pool5, fc6 or fc7; the module always holds the
+    whole fc7 cut, so its weights and fingerprint do not depend on it). ``forward_layers`` fills several
+    layers in one pass.
+    """
+
+    def __init__(self, alexnet: AlexNet, output: str = "fc7"):
         super().__init__()
+        if output not in LAYER_DIMS:
+            raise ValueError(f"output must be one of {LAYERS}, not {output!r}")
         self.features = alexnet.features
         self.avgpool = alexnet.avgpool
         self.classifier = alexnet.classifier[:6]  # Dropout, fc6, ReLU, Dropout, fc7, ReLU
+        self.output = output
         self.requires_grad_(False)
         self.eval()
 
@@ -30,10 +40,23 @@ class AlexNetFC7(nn.Module):
         """The compute dtype: the weights are cast once (``.to(torch.bfloat16)``), never per call."""
         return self.features[0].weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, x: torch.Tensor, layers: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+        """{layer: (B, dim)} for each requested layer, from one pass that stops at the deepest of them."""
+        out = {}
         x = self.features(x.to(self.dtype))  # (B, 256, 6, 6)
-        x = torch.flatten(self.avgpool(x), 1)  # (B, 9216)
-        return self.classifier(x)  # (B, 4096) post-ReLU fc7
+        x = torch.flatten(self.avgpool(x), 1)  # (B, 9216) pool5
+        if "pool5" in layers:
+            out["pool5"] = x
+        if "fc6" in layers or "fc7" in layers:
+            x = self.classifier[:3](x)  # (B, 4096) post-ReLU fc6
+            if "fc6" in layers:
+                out["fc6"] = x
+            if "fc7" in layers:
+                out["fc7"] = self.classifier[3:](x)  # (B, 4096) post-ReLU fc7
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_layers(x, (self.output,))[self.output]  # (B, dim) of the output layer
 
 
 class LinearHead(nn.Linear):

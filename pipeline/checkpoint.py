@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import FC7_DIM
+from models import LAYER_DIMS
 from pipeline.errors import UserError, first_line
 from pipeline.names import CHECKPOINT_FORMAT, PRECISIONS
 from pipeline.preprocess import Preprocess
@@ -29,7 +29,7 @@ def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch
         "format": CHECKPOINT_FORMAT,
         "head": head_state,  # nn.Linear(feature_dim, num_classes) state on raw features
         "num_classes": len(wnids),
-        "feature_dim": int(cache_attrs["feature_dim"]),
+        "feature_dim": int(cache_attrs["feature_dim"]),  # LAYER_DIMS[layer]
         "class_wnids": list(wnids),
         "class_names": list(names),
         "backbone": cache_attrs["backbone"],
@@ -82,17 +82,19 @@ def read_checkpoint(path: str | Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise UserError(f"{path} is incomplete: it lacks {', '.join(missing)}; retrain the head with run_train_head.py")
-    if checkpoint.get("layer", "fc7") != "fc7":
-        raise UserError(f"{path} holds a head for layer {checkpoint['layer']!r}; the live runner uses fc7")
-    head, classes = checkpoint["head"], checkpoint["num_classes"]
+    layer = checkpoint.get("layer", "fc7")
+    if layer not in LAYER_DIMS:
+        raise UserError(f"{path} holds a head for an unknown layer {layer!r} (known: {', '.join(LAYER_DIMS)}); "
+                        "retrain the head with run_train_head.py")
+    head, classes, dim = checkpoint["head"], checkpoint["num_classes"], LAYER_DIMS[layer]
     weight = head.get("weight") if isinstance(head, dict) else None
     bias = head.get("bias") if isinstance(head, dict) else None
     if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
             and tuple(weight.shape) == (classes, checkpoint["feature_dim"]) and tuple(bias.shape) == (classes,)
-            and checkpoint["feature_dim"] == FC7_DIM
+            and checkpoint["feature_dim"] == dim
             and len(checkpoint["class_wnids"]) == classes and len(checkpoint["class_names"]) == classes):
         raise UserError(f"{path} is inconsistent: its head, class lists and sizes do not agree "
-                        f"(expected a {FC7_DIM} -> {classes} linear head); retrain the head with run_train_head.py")
+                        f"(expected a {dim} -> {classes} linear head on {layer}); retrain the head with run_train_head.py")
     if checkpoint.get("precision", "fp32") not in PRECISIONS:
         raise UserError(f"{path} records an unknown precision {checkpoint['precision']!r}")
     try:

@@ -71,6 +71,7 @@ def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int 
                             f"trained on features of {trained_on}; pass the weights used for extraction, or drop --weights")
         raise UserError(f"the backbone weights {recorded} now have fingerprint {fingerprint[:12]}, but the head was "
                         f"trained on features of {trained_on}; pass --weights with the backbone used for extraction")
+    backbone.output = checkpoint.get("layer", "fc7")  # the layer the head was trained on
     backbone = place_backbone(backbone, device, checkpoint.get("precision", "fp32"))
     return AlexNetClassifier(backbone, load_head(checkpoint).to(device)).eval()
 
