@@ -303,3 +303,52 @@ def open_split(path: Path, layer: str = "fc7") -> CachedSplit:
         names = list(f["class_names"].asstr()[:])
     return CachedSplit(path=path, attrs=attrs, wnids=wnids, names=names, labels=labels, paths=paths, layer=layer,
                        dataset=dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a finished file before it is trusted (the values themselves are checked as they are read)
+
+REQUIRED_ATTRS = ("split", "num_rows", "num_classes", "feature_dim", "dtype", "backbone", "layer", "weights_spec",
+                  "weights_fingerprint", "preprocess", "precision")
+
+
+def check_split(split: CachedSplit, expected_split: str) -> None:
+    """Raise CacheError unless ``split`` is a well-formed ``expected_split`` file: attributes, shapes, dtypes, labels.
+
+    Catches what the ``complete`` flag cannot: a file renamed to the other split's name, a features dataset
+    shorter than its labels, labels outside the class list, an empty split.
+    """
+    path, attrs = split.path, split.attrs
+    redo = "re-extract it with run_extract.py --overwrite"
+    missing = [key for key in REQUIRED_ATTRS if key not in attrs]
+    if missing:
+        raise CacheError(f"{path} lacks the attribute(s) {', '.join(missing)}; {redo}")
+    if attrs["split"] != expected_split:
+        raise CacheError(f"{path} holds the {attrs['split']!r} split, not {expected_split!r} (train and val swapped, "
+                         f"or the same split twice?); put train.h5 and val.h5 of one extraction in --features")
+    num_rows = len(split.labels)
+    if num_rows == 0:
+        raise CacheError(f"{path} is an empty split (0 rows); extract a dataset with {expected_split} images")
+    with h5py.File(path, "r") as f:
+        features = f[split.dataset]
+        if features.ndim != 2 or features.shape[0] != num_rows or features.shape[1] != attrs["feature_dim"]:
+            raise CacheError(f"{path}: {split.dataset} has shape {features.shape}, expected ({num_rows}, "
+                             f"{attrs['feature_dim']}) for its {num_rows} labels; {redo}")
+        if features.dtype.kind != "f" or features.dtype.itemsize not in (2, 4):
+            raise CacheError(f"{path}: {split.dataset} has dtype {features.dtype}, expected float32 or float16; {redo}")
+        if str(features.dtype) != attrs["dtype"]:
+            raise CacheError(f"{path}: {split.dataset} has dtype {features.dtype} but records {attrs['dtype']!r}; {redo}")
+        labels = f["labels"]
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise CacheError(f"{path}: labels have shape {labels.shape} and dtype {labels.dtype}, "
+                             f"expected ({num_rows},) integers; {redo}")
+    if attrs["num_rows"] != num_rows:
+        raise CacheError(f"{path} records {attrs['num_rows']} rows but holds {num_rows}; {redo}")
+    num_classes = attrs["num_classes"]
+    if not (len(split.wnids) == len(split.names) == num_classes) or len(split.paths) != num_rows:
+        raise CacheError(f"{path}: class_wnids ({len(split.wnids)}), class_names ({len(split.names)}), num_classes "
+                         f"({num_classes}) and paths ({len(split.paths)} for {num_rows} rows) disagree; {redo}")
+    bad = np.flatnonzero((split.labels < 0) | (split.labels >= num_classes))
+    if len(bad):
+        raise CacheError(f"{path}: label {split.labels[bad[0]]} in row {bad[0]} is outside 0..{num_classes - 1} "
+                         f"({len(bad)} such rows); {redo}")

@@ -6,6 +6,7 @@ classes, the backbone's weights spec and fingerprint, the preprocessing and the 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -45,11 +46,23 @@ def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write to a temporary name, then rename: a kill mid-write never leaves a truncated checkpoint."""
+    """Write to a temporary name, then rename: a kill mid-write never leaves a truncated checkpoint.
+
+    The checkpoint (a few MB) is serialized in memory first, so a full disk raises OSError (ENOSPC) from
+    the write, not a RuntimeError from inside torch's zip writer.
+    """
     path = Path(path)
+    head = checkpoint.get("head", {})
+    if not all(torch.isfinite(t).all() for t in head.values() if isinstance(t, torch.Tensor)):
+        raise UserError(f"the head to be saved as {path} has NaN or Inf weights (training diverged); lower --lr")
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -95,6 +108,9 @@ def read_checkpoint(path: str | Path) -> dict:
             and len(checkpoint["class_wnids"]) == classes and len(checkpoint["class_names"]) == classes):
         raise UserError(f"{path} is inconsistent: its head, class lists and sizes do not agree "
                         f"(expected a {dim} -> {classes} linear head on {layer}); retrain the head with run_train_head.py")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise UserError(f"{path} holds a head with NaN or Inf weights (its training diverged); "
+                        "retrain the head with run_train_head.py (a lower --lr)")
     if checkpoint.get("precision", "fp32") not in PRECISIONS:
         raise UserError(f"{path} records an unknown precision {checkpoint['precision']!r}")
     try:

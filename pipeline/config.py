@@ -4,7 +4,6 @@ The entry scripts build their argparse defaults from these dataclasses, so a def
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,11 @@ from pipeline.errors import UserError
 from pipeline.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
 from pipeline.preprocess import Preprocess
+
+
+MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+MAX_BATCH_FRAMES = 256  # live --batch-frames: a pass over 8 frames already reads fc6/fc7 once for all of them
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -77,12 +81,15 @@ class HeadConfig:
         for name, values in (("--lr", self.lrs), ("--weight-decay", self.weight_decays)):
             if not values:
                 raise UserError(f"{name} needs at least one value")
-        if any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
-            raise UserError(f"--lr must be positive, got {','.join(map(str, self.lrs))}")
-        if any(not (wd >= 0 and math.isfinite(wd)) for wd in self.weight_decays):  # NaN fails every comparison
-            raise UserError(f"--weight-decay must be zero or positive, got {','.join(map(str, self.weight_decays))}")
-        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
-            raise UserError(f"--momentum must be zero or positive, got {self.momentum}")
+        # NaN fails every comparison; beyond MAX_RATE the products with gradients overflow float32 (a traceback)
+        if any(not (0 < lr <= MAX_RATE) for lr in self.lrs):
+            raise UserError(f"--lr must be above 0 and at most {MAX_RATE:g}, got {','.join(map(str, self.lrs))}")
+        if any(not (0 <= wd <= MAX_RATE) for wd in self.weight_decays):
+            raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, self.weight_decays))}")
+        if not (0 <= self.momentum <= 1):
+            raise UserError(f"--momentum must be from 0 to 1, got {self.momentum}")
+        if not (0 <= self.seed <= MAX_SEED):
+            raise UserError(f"--seed must be from 0 to 2**63-1, got {self.seed}")
         for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                             ("--val-batch-size", self.val_batch_size)):
             _positive(name, value)
@@ -115,3 +122,8 @@ class LiveConfig:
                 raise UserError(f"{name} must be at least 1, got {value}")
         for name, value in (("--width", self.width), ("--height", self.height)):
             _positive(name, value)
+        if not str(self.source).strip():
+            raise UserError("--source is empty; pass a camera index (0), a video file, an image or a folder of images")
+        if self.batch_frames is not None and self.batch_frames > MAX_BATCH_FRAMES:
+            raise UserError(f"--batch-frames {self.batch_frames} is too large (at most {MAX_BATCH_FRAMES}: a batch "
+                            "is held in memory, and 8 already reads the backbone's weights once for all its frames)")

@@ -1,9 +1,10 @@
 """Stage two: train the 4096 -> C linear head on cached fc7 features. Images are never read here.
 
 The features are loaded once as one tensor (on the GPU when asked and it fits) and batches are
-indexed from it; a cache larger than memory is streamed block by block instead. By default the
-features are z-scored with train-set statistics, which are folded into the saved layer, so the
-checkpoint's head is one ``nn.Linear(4096, C)`` that takes raw fc7 activations.
+indexed from it; a cache larger than memory is streamed block by block instead (pipeline.head_data,
+which also checks the cache). By default the features are z-scored with train-set statistics, which
+are folded into the saved layer, so the checkpoint's head is one ``nn.Linear(4096, C)`` that takes raw
+fc7 activations. A run is written whole or not at all, by one process at a time (pipeline.run_folder).
 """
 from __future__ import annotations
 
@@ -12,31 +13,31 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from features.cache import ROW_CHUNK, CachedSplit, open_split
+from features.cache import CachedSplit
 from models import LinearHead
 from pipeline import report
 from pipeline.backbone import resolve_device
 from pipeline.checkpoint import load_head, make_checkpoint, save_checkpoint
 from pipeline.config import HeadConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
+from pipeline.head_data import (LOAD_ROWS, FeatureSource, InMemoryFeatures, StreamedFeatures,  # noqa: F401 (public here)
+                                available_memory, batch_order, load_source, open_cache)
+from pipeline.run_folder import StagedRun, exclusive_run
 
 log = logging.getLogger(__name__)
 
-LOAD_ROWS = 16384  # rows read from HDF5 at a time
 STATS_ROWS = 4096  # rows per step when computing the standardization statistics
 STD_FLOOR = 1e-6  # dead ReLU units have std 0: leave them unscaled
 
@@ -89,80 +90,6 @@ class HeadResult:
     best: Path  # the best head's checkpoint
     runs: list[HeadRun]  # best first
     weights_spec: str
-
-
-# ---------------------------------------------------------------------------------------------
-# Where batches of features come from
-
-
-class FeatureSource(Protocol):
-    num_rows: int
-
-    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(features (B, D) as stored, labels (B,)); shuffled when a generator is given."""
-
-
-def batch_order(num_rows: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Row indices of each batch: a seeded permutation, or the natural order without a generator."""
-    order = torch.randperm(num_rows, generator=generator) if generator is not None else torch.arange(num_rows)
-    return list(order.split(batch_size))
-
-
-class InMemoryFeatures:
-    """All features in one tensor; a batch is one index_select."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        self.features, self.labels = features, labels.to(features.device)
-        self.num_rows = len(labels)
-
-    @classmethod
-    def load(cls, split: CachedSplit, device: torch.device, progress: bool = True) -> "InMemoryFeatures":
-        first = split.read_features(0, 1)
-        features = torch.empty((split.num_rows, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
-        for start in tqdm(range(0, split.num_rows, LOAD_ROWS), desc=f"load {split.path.name}", unit="block",
-                          disable=not progress, leave=False):
-            block = torch.from_numpy(split.read_features(start, start + LOAD_ROWS))
-            features[start:start + len(block)].copy_(block)
-        return cls(features, torch.from_numpy(split.labels))
-
-    def batches(self, batch_size, generator):
-        for idx in batch_order(self.num_rows, batch_size, generator):
-            idx = idx.to(self.features.device)
-            yield self.features.index_select(0, idx), self.labels.index_select(0, idx)
-
-
-class StreamedFeatures:
-    """For caches larger than memory: blocks of rows read from HDF5 one at a time.
-
-    Rows are stored in class order, so a shuffled block is gathered from ``block_rows / 256`` random
-    256-row chunks (the HDF5 chunk size) across the whole file, then shuffled row by row: every batch
-    sees the classes mixed, and each row comes once per epoch.
-    """
-
-    def __init__(self, split: CachedSplit, block_rows: int = 8 * LOAD_ROWS):
-        self.split, self.block_rows = split, block_rows
-        self.chunk_rows = min(ROW_CHUNK, block_rows)
-        self.labels = torch.from_numpy(split.labels)
-        self.num_rows = split.num_rows
-
-    def batches(self, batch_size, generator):
-        if generator is None:  # evaluation and statistics: plain order
-            for start in range(0, self.num_rows, self.block_rows):
-                block = torch.from_numpy(self.split.read_features(start, start + self.block_rows))
-                for idx in batch_order(len(block), batch_size, None):
-                    yield block[idx], self.labels[start:start + len(block)][idx]
-            return
-        chunks = torch.arange(0, self.num_rows, self.chunk_rows)
-        chunks = chunks[torch.randperm(len(chunks), generator=generator)]
-        per_block = max(1, self.block_rows // self.chunk_rows)
-        with h5py.File(self.split.path, "r") as f:
-            features = f["features"]
-            for group in chunks.split(per_block):
-                starts = sorted(group.tolist())  # read in file order
-                block = torch.from_numpy(np.concatenate([features[s:s + self.chunk_rows] for s in starts]))
-                labels = torch.cat([self.labels[s:s + self.chunk_rows] for s in starts])
-                for idx in batch_order(len(block), batch_size, generator):
-                    yield block[idx], labels[idx]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +182,9 @@ def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardi
             correct += (logits.detach().argmax(1) == y).sum()
         train_seconds = time.perf_counter() - start
         if not math.isfinite(loss_sum.item()):
-            raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum.item()}); lower --lr (now {recipe.lr})")
+            also = f" or --weight-decay (now {recipe.weight_decay:g})" if recipe.weight_decay else ""
+            raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum.item()}); "
+                            f"lower --lr (now {recipe.lr:g}){also}")
         record = {"epoch": epoch, "train_loss": loss_sum.item() / train.num_rows,
                   "train_acc": 100.0 * correct.item() / train.num_rows,
                   **evaluate(head, val, standardizer, recipe.val_batch_size, device),
@@ -273,20 +202,8 @@ def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardi
 # The command: load the cache, train one head per (lr, weight decay), write the run folder
 
 
-def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
-    """train.h5 and val.h5, checked complete and consistent with each other."""
-    train, val = open_split(Path(folder) / "train.h5"), open_split(Path(folder) / "val.h5")
-    checks = [("class_wnids", train.wnids, val.wnids, "different classes"),
-              ("weights_fingerprint", train.attrs["weights_fingerprint"], val.attrs["weights_fingerprint"], "different weights"),
-              ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
-              ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),
-              ("precision", train.attrs["precision"], val.attrs["precision"], "different precisions"),
-              ("feature_dim", train.attrs["feature_dim"], val.attrs["feature_dim"], "different feature sizes")]
-    for _, a, b, what in checks:
-        if a != b:
-            raise UserError(f"train and val in {folder} were extracted with {what}; re-extract one of them "
-                            "with the same run_extract.py settings (--overwrite)")
-    return train, val
+def run_name(lr: float, weight_decay: float) -> str:
+    return f"lr{lr:g}_wd{weight_decay:g}"
 
 
 def _prepare_out(out: Path) -> None:
@@ -299,110 +216,108 @@ def _prepare_out(out: Path) -> None:
         raise UserError(f"cannot write to --out {out} ({err.strerror}); choose a writable folder") from None
 
 
-def _fits_in_memory(num_bytes: int, device: torch.device) -> bool:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return num_bytes < 0.8 * free
-    available = available_memory()
-    return available is None or num_bytes < 0.7 * available
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel can give without swapping: MemAvailable (free pages plus reclaimable cache)."""
+@contextmanager
+def _writing(stage: StagedRun, path: Path):
+    """A failed write (a full disk) is one line naming the file; the folder still holds the previous run."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
-def load_source(split: CachedSplit, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
-    itemsize = np.dtype(split.attrs["dtype"]).itemsize
-    num_bytes = split.num_rows * int(split.attrs["feature_dim"]) * itemsize
-    if stream is None:
-        stream = not _fits_in_memory(num_bytes, device) and not (device.type == "cuda" and _fits_in_memory(num_bytes, torch.device("cpu")))
-        if stream:
-            log.info("%s (%.1f GiB) does not fit in memory: streaming it", split.path, num_bytes / 2**30)
-    if stream:
-        return StreamedFeatures(split)
-    target = device if device.type == "cpu" or _fits_in_memory(num_bytes, device) else torch.device("cpu")
-    return InMemoryFeatures.load(split, target, progress)
-
-
-def run_name(lr: float, weight_decay: float) -> str:
-    return f"lr{lr:g}_wd{weight_decay:g}"
+        yield
+    except OSError as err:
+        final = stage.out / path.relative_to(stage.path) if path.is_relative_to(stage.path) else path
+        raise UserError(f"cannot write {final} ({err.strerror or first_line(err)}); {stage.out} still holds its "
+                        "previous run, unchanged: free some space (or fix the folder), then rerun") from None
 
 
 def train_heads(config: HeadConfig) -> HeadResult:
-    """Train one head per (lr, weight decay) over the same in-memory features; write the run folder."""
+    """Train one head per (lr, weight decay) over the same in-memory features; write the run folder.
+
+    Everything is written into a staging folder inside ``out`` and published when complete (see
+    pipeline.run_folder), under ``out``'s lock: a kill, a full disk or a concurrent run never leaves
+    ``out`` holding a mix of two runs.
+    """
     config.check()
     device = resolve_device(config.device)
     train_split, val_split = open_cache(Path(config.features))
     out = Path(config.out)
     _prepare_out(out)
-    train = load_source(train_split, device, config.stream, config.progress)
-    val = load_source(val_split, device, config.stream, config.progress)
-    feature_dim = int(train_split.attrs["feature_dim"])
-    standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
-    combos = list(itertools.product(config.lrs, config.weight_decays))
-    sweep = len(combos) > 1
-    runs = []
-    for lr, weight_decay in combos:
-        folder = out / run_name(lr, weight_decay) if sweep else out
-        runs.append(_train_one(config, Recipe.from_config(config, lr, weight_decay), folder, train, val, train_split,
-                               val_split, standardizer, device, title=folder.name if sweep else None))
-    runs.sort(key=lambda r: -r.best_val_top1)
-    if sweep:
-        shutil.copyfile(runs[0].folder / "best.pt", out / "best.pt")
-        _write_table(out / "sweep.csv", runs)
-        report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], out)
+    with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
+        train = load_source(train_split, device, config.stream, config.progress)
+        val = load_source(val_split, device, config.stream, config.progress)
+        feature_dim = int(train_split.attrs["feature_dim"])
+        standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
+        combos = list(itertools.product(config.lrs, config.weight_decays))
+        sweep = len(combos) > 1
+        runs = []
+        for lr, weight_decay in combos:
+            name = run_name(lr, weight_decay) if sweep else out.name
+            folder = stage.path / name if sweep else stage.path
+            runs.append(_train_one(config, Recipe.from_config(config, lr, weight_decay), folder, train, val,
+                                   train_split, val_split, standardizer, device, stage=stage, name=name,
+                                   title=name if sweep else None))
+        runs.sort(key=lambda r: -r.best_val_top1)
+        if sweep:
+            with _writing(stage, stage.path / "best.pt"):
+                shutil.copyfile(runs[0].folder / "best.pt", stage.path / "best.pt")
+            with _writing(stage, stage.path / "sweep.csv"):
+                _write_table(stage.path / "sweep.csv", runs)
+                report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], stage.path)
+        try:
+            stage.commit({"tool": "run_train_head.py", "features": str(config.features),
+                          "weights_spec": train_split.attrs["weights_spec"], "heads": [r.name for r in runs],
+                          "best": {"head": runs[0].name, "val_top1": runs[0].best_val_top1}})
+        except OSError as err:
+            raise UserError(f"cannot finish writing the run into {out} ({err.strerror or first_line(err)}); "
+                            "free some space, then rerun: the next run completes or replaces it") from None
+    for run in runs:
+        run.folder = out / run.folder.relative_to(stage.path)
     return HeadResult(out=out, best=out / "best.pt", runs=runs, weights_spec=train_split.attrs["weights_spec"])
 
 
 def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureSource, val: FeatureSource,
                train_split: CachedSplit, val_split: CachedSplit, standardizer: Standardizer, device: torch.device,
-               title: str | None) -> HeadRun:
-    """Train one head and write its folder: config.json, history.csv, best.pt, last.pt, plots and report."""
+               *, stage: StagedRun, name: str, title: str | None) -> HeadRun:
+    """Train one head and write its (staged) folder: config.json, history.csv, best.pt, last.pt, plots, report."""
     folder.mkdir(parents=True, exist_ok=True)
     run_config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
                   "lr": recipe.lr, "weight_decay": recipe.weight_decay, "lrs": list(config.lrs),
                   "weight_decays": list(config.weight_decays), "device": str(device),
                   "features_weights": train_split.attrs["weights_spec"]}
-    (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    with _writing(stage, folder / "config.json"):
+        (folder / "config.json").write_text(json.dumps(run_config, indent=2, allow_nan=False) + "\n")
     history_path = folder / "history.csv"
-    history_path.unlink(missing_ok=True)
 
     def checkpoint(state: dict, record: dict) -> dict:
         return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=train_split.attrs,
                                wnids=train_split.wnids, names=train_split.names, config=run_config)
 
     def on_epoch(record, state, best):
-        _append_csv(history_path, record)
+        with _writing(stage, history_path):
+            _append_csv(history_path, record)
         log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
-                 folder.name, record["epoch"], recipe.epochs, record["train_loss"], record["train_acc"],
+                 name, record["epoch"], recipe.epochs, record["train_loss"], record["train_acc"],
                  record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
         if best["metrics"] is record:
-            save_checkpoint(checkpoint(state, record), folder / "best.pt")
+            with _writing(stage, folder / "best.pt"):
+                save_checkpoint(checkpoint(state, record), folder / "best.pt")
 
     result = fit_head(train, val, recipe, standardizer, num_classes=len(train_split.wnids), device=device,
                       on_epoch=on_epoch, progress=config.progress)
-    save_checkpoint(checkpoint(result.last["state"], result.last["metrics"]), folder / "last.pt")
-    report.plot_history(result.history, folder, title=title)
+    with _writing(stage, folder / "last.pt"):
+        save_checkpoint(checkpoint(result.last["state"], result.last["metrics"]), folder / "last.pt")
+    with _writing(stage, folder / "accuracy.png"):
+        report.plot_history(result.history, folder, title=title)
     best = result.best["metrics"]
     head = load_head({"feature_dim": len(standardizer.mean), "num_classes": len(train_split.wnids),
                       "head": result.best["state"]}).to(device)
     metrics = evaluate(head, val, Standardizer.identity(len(standardizer.mean), device), 1024, device,
                        keep_predictions=True)  # the saved (folded) head, as a user will load it
-    report.write_class_report(folder, labels=val_split.labels, predictions=metrics.pop("predictions"), metrics=metrics,
-                              wnids=train_split.wnids, names=train_split.names, epoch=best["epoch"],
-                              weights_spec=train_split.attrs["weights_spec"])
-    return HeadRun(name=folder.name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
+    with _writing(stage, folder / "report.md"):
+        report.write_class_report(folder, labels=val_split.labels, predictions=metrics.pop("predictions"),
+                                  metrics=metrics, wnids=train_split.wnids, names=train_split.names,
+                                  epoch=best["epoch"], weights_spec=train_split.attrs["weights_spec"])
+        report_path = folder / "report.md"  # its title names the folder it is written in: the final one, not staging
+        final = stage.out / folder.relative_to(stage.path)
+        report_path.write_text(report_path.read_text().replace(f"# Head report: {folder}", f"# Head report: {final}", 1))
+    return HeadRun(name=name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
                    best_epoch=best["epoch"], best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
                    best_val_loss=best["val_loss"], last_val_top1=result.last["metrics"]["val_top1"],
                    epoch_seconds=float(np.mean([h["train_seconds"] for h in result.history])),

@@ -1,0 +1,215 @@
+"""Where head training's batches come from: the checked cache, loaded into one tensor or streamed from disk.
+
+``open_cache`` trusts nothing it has not checked: both files complete, well-formed (shapes, dtypes, labels,
+the recorded split) and from the same extraction. Feature values are checked for NaN and Inf as they are
+read, so a damaged row is named by file and row instead of training or scoring on it.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
+from pipeline.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+LOAD_ROWS = 16384  # rows read from HDF5 at a time
+
+
+class FeatureSource(Protocol):
+    num_rows: int
+
+    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features (B, D) as stored, labels (B,)); shuffled when a generator is given."""
+
+
+def batch_order(num_rows: int, batch_size: int, generator: torch.Generator | None,
+                device: torch.device | None = None) -> list[torch.Tensor]:
+    """Row indices of each batch: a seeded permutation, or the natural order without a generator.
+
+    The permutation is drawn on the CPU (the same order on every device) and moved to ``device`` once,
+    so indexing a GPU tensor with each batch's indices needs no host-to-device copy per step.
+    """
+    order = torch.randperm(num_rows, generator=generator) if generator is not None else torch.arange(num_rows)
+    if device is not None:
+        order = order.to(device, non_blocking=True)
+    return list(order.split(batch_size))
+
+
+def check_finite(block: torch.Tensor, path: Path, start: int) -> None:
+    """Raise CacheError naming the file and first row when ``block`` (rows from ``start``) holds NaN or Inf."""
+    finite = torch.isfinite(block)
+    if not bool(finite.all()):
+        bad = (~finite).any(1).nonzero()[:, 0]
+        row = start + int(bad[0])
+        raise CacheError(f"{path} holds NaN or Inf features in row {row} ({len(bad)} such rows among rows "
+                         f"{start}..{start + len(block) - 1}); the file is damaged: re-extract it with "
+                         "run_extract.py --overwrite")
+
+
+class InMemoryFeatures:
+    """All features in one tensor; a batch is one index_select."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels.to(features.device)
+        self.num_rows = len(labels)
+
+    @classmethod
+    def load(cls, split: CachedSplit, device: torch.device, progress: bool = True) -> "InMemoryFeatures":
+        first = split.read_features(0, 1)
+        features = torch.empty((split.num_rows, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
+        for start in tqdm(range(0, split.num_rows, LOAD_ROWS), desc=f"load {split.path.name}", unit="block",
+                          disable=not progress, leave=False):
+            block = torch.from_numpy(split.read_features(start, start + LOAD_ROWS))
+            check_finite(block, split.path, start)
+            features[start:start + len(block)].copy_(block)
+        return cls(features, torch.from_numpy(split.labels))
+
+    def batches(self, batch_size, generator):
+        for idx in batch_order(self.num_rows, batch_size, generator, self.features.device):
+            yield self.features.index_select(0, idx), self.labels.index_select(0, idx)
+
+
+class StreamedFeatures:
+    """For caches larger than memory: blocks of rows read from HDF5 one at a time (each checked for NaN/Inf).
+
+    Rows are stored in class order, so a shuffled block is gathered from ``block_rows / 256`` random
+    256-row chunks (the HDF5 chunk size) across the whole file, then shuffled row by row: every batch
+    sees the classes mixed, and each row comes once per epoch.
+    """
+
+    def __init__(self, split: CachedSplit, block_rows: int = 8 * LOAD_ROWS):
+        self.split, self.block_rows = split, block_rows
+        self.chunk_rows = min(ROW_CHUNK, block_rows)
+        self.labels = torch.from_numpy(split.labels)
+        self.num_rows = split.num_rows
+
+    def batches(self, batch_size, generator):
+        if generator is None:  # evaluation and statistics: plain order
+            for start in range(0, self.num_rows, self.block_rows):
+                block = torch.from_numpy(self.split.read_features(start, start + self.block_rows))
+                check_finite(block, self.split.path, start)
+                for idx in batch_order(len(block), batch_size, None):
+                    yield block[idx], self.labels[start:start + len(block)][idx]
+            return
+        chunks = torch.arange(0, self.num_rows, self.chunk_rows)
+        chunks = chunks[torch.randperm(len(chunks), generator=generator)]
+        per_block = max(1, self.block_rows // self.chunk_rows)
+        with h5py.File(self.split.path, "r") as f:
+            features = f[self.split.dataset]
+            for group in chunks.split(per_block):
+                starts = sorted(group.tolist())  # read in file order
+                pieces = [torch.from_numpy(features[s:s + self.chunk_rows]) for s in starts]
+                for s, piece in zip(starts, pieces):
+                    check_finite(piece, self.split.path, s)
+                block = torch.cat(pieces)
+                labels = torch.cat([self.labels[s:s + self.chunk_rows] for s in starts])
+                for idx in batch_order(len(block), batch_size, generator):
+                    yield block[idx], labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening the cache
+
+
+def extraction_in_progress(folder: Path) -> str | None:
+    """Who holds ``<folder>/.lock`` (run_extract.py's writer lock) right now, or None.
+
+    Only looked at when the lock file names a holder (the holder clears it on exit), and only with a shared,
+    non-blocking flock released at once, so a finished or killed extraction never counts.
+    """
+    try:
+        with open(Path(folder) / ".lock") as lock:
+            holder = lock.read().strip()
+            if not holder:
+                return None
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return holder
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def _open_checked(path: Path, split: str) -> CachedSplit:
+    try:
+        cached = open_split(path)
+        check_split(cached, split)
+    except (KeyError, ValueError, TypeError, IndexError) as err:  # a dataset or attribute missing or malformed
+        raise CacheError(f"{path} is damaged or not a feature cache ({first_line(err)}); "
+                         "re-extract it with run_extract.py --overwrite") from None
+    return cached
+
+
+def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
+    """train.h5 and val.h5, checked complete, well-formed and consistent with each other."""
+    folder = Path(folder)
+    holder = extraction_in_progress(folder)
+    if holder:
+        who = f"an extraction ({holder})" if holder.startswith("pid ") else f"another run ({holder})"
+        raise UserError(f"{who} is writing the cache in {folder} right now; wait for it to finish, then rerun")
+    train, val = _open_checked(folder / "train.h5", "train"), _open_checked(folder / "val.h5", "val")
+    if train.path.resolve() == val.path.resolve():
+        raise CacheError(f"{train.path} and {val.path} are the same file; extract the val split too")
+    checks = [("class_wnids", train.wnids, val.wnids, "different classes"),
+              ("weights_fingerprint", train.attrs["weights_fingerprint"], val.attrs["weights_fingerprint"], "different weights"),
+              ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
+              ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),
+              ("precision", train.attrs["precision"], val.attrs["precision"], "different precisions"),
+              ("feature_dim", train.attrs["feature_dim"], val.attrs["feature_dim"], "different feature sizes")]
+    for _, a, b, what in checks:
+        if a != b:
+            raise UserError(f"train and val in {folder} were extracted with {what}; re-extract one of them "
+                            "with the same run_extract.py settings (--overwrite)")
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory or streamed
+
+
+def _fits_in_memory(num_bytes: int, device: torch.device) -> bool:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return num_bytes < 0.8 * free
+    available = available_memory()
+    return available is None or num_bytes < 0.7 * available
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping: MemAvailable (free pages plus reclaimable cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def load_source(split: CachedSplit, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
+    itemsize = np.dtype(split.attrs["dtype"]).itemsize
+    num_bytes = split.num_rows * int(split.attrs["feature_dim"]) * itemsize
+    if stream is None:
+        stream = not _fits_in_memory(num_bytes, device) and not (device.type == "cuda" and _fits_in_memory(num_bytes, torch.device("cpu")))
+        if stream:
+            log.info("%s (%.1f GiB) does not fit in memory: streaming it", split.path, num_bytes / 2**30)
+    if stream:
+        return StreamedFeatures(split)
+    target = device if device.type == "cpu" or _fits_in_memory(num_bytes, device) else torch.device("cpu")
+    return InMemoryFeatures.load(split, target, progress)

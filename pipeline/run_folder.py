@@ -1,0 +1,167 @@
+"""A run folder written whole or not at all, by one process at a time (used by head training).
+
+A run is written into ``<out>/.staging-<pid>/``; when every file is there, a manifest (``.ready``) is
+written, the previous run's own files are removed and the new ones renamed into ``<out>``, and
+``run.json`` (the marker, naming the run's files) comes last. A kill or error before that leaves the
+previous run untouched; a kill during the publish (a few renames) is finished by the next run, which
+also removes staging folders of dead runs. Files in ``<out>`` that the tool did not write are never
+touched. ``<out>/.lock`` (flock, released by the kernel even after kill -9) admits one writer at a time.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MARKER = "run.json"  # written last: names the run's files
+READY = ".ready"  # in a staging folder: its manifest, written once everything else is
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+# what a head run writes at the top of its folder (older runs without run.json are cleaned by these names)
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "accuracy.png", "loss.png", "per_class.csv",
+             "confusions.csv", "report.md", "sweep.csv", "sweep.png", MARKER)
+SWEEP_FOLDER = re.compile(r"lr[^/]*_wd[^/]*")  # pipeline.train_head.run_name's folders
+
+
+@contextmanager
+def exclusive_run(out: Path, what: str) -> Iterator[None]:
+    """Hold ``<out>/.lock`` while ``what`` writes into ``out``; a second writer gets a one-line error."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UserError(f"{out} is in use by another run ({holder}); wait for it, or pass another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{what}, pid {os.getpid()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder; a folder is first renamed aside, so it vanishes from ``out`` at once."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f"{TRASH_PREFIX}{os.getpid()}-{path.name}")
+        os.replace(path, aside)
+        shutil.rmtree(aside)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(content, indent=2, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def previous_entries(out: Path) -> set[str]:
+    """The names in ``out`` that belong to the run published there (by its run.json, else by name)."""
+    try:
+        recorded = json.loads((out / MARKER).read_text())["files"]
+        entries = {str(name) for name in recorded if "/" not in str(name) and str(name) not in ("", ".", "..")}
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = set()
+    entries.update(name for name in RUN_FILES if (out / name).exists())
+    for folder in out.iterdir():  # a sweep's head folders holding nothing but the tool's files
+        if folder.is_dir() and SWEEP_FOLDER.fullmatch(folder.name) and all(
+                p.is_file() and p.name in RUN_FILES for p in folder.iterdir()):
+            entries.add(folder.name)
+    entries.add(MARKER)
+    return entries
+
+
+def publish(out: Path, staging: Path) -> list[str]:
+    """Move a finished staging folder's files into ``out``, replacing the previous run's; idempotent after a kill.
+
+    An entry of the manifest that is no longer in ``staging`` was moved already (by this or a killed call).
+    """
+    manifest = json.loads((staging / READY).read_text())
+    files = list(manifest["files"])
+    (out / MARKER).unlink(missing_ok=True)  # from here until the end, the folder does not claim a complete run
+    for name in sorted(previous_entries(out) - {MARKER}):
+        if name in files and not (staging / name).exists():
+            continue  # this run's own, already in place
+        _remove(out / name)
+    for name in files:
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    _fsync_dir(out)
+    _write_json(out / MARKER, {**manifest["run"], "files": sorted(files + [MARKER]),
+                               "published": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    shutil.rmtree(staging, ignore_errors=True)
+    return files
+
+
+def recover(out: Path) -> None:
+    """Under the lock: finish the publish of a run killed during it, and remove other staging and trash folders."""
+    for folder in sorted(out.glob(STAGING_PREFIX + "*")):
+        if (folder / READY).is_file():
+            log.info("finishing the publish of a run that was interrupted during it (%s)", folder.name)
+            publish(out, folder)
+        else:
+            log.info("removing %s, left by an interrupted run", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder in out.glob(TRASH_PREFIX + "*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class StagedRun:
+    """Where a run's files are written (``path``) until ``commit`` moves them into ``out``.
+
+    Use as a context manager after taking the lock: on an exception the staging folder is removed and
+    ``out`` is left as it was.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out / f"{STAGING_PREFIX}{os.getpid()}"
+
+    def __enter__(self) -> "StagedRun":
+        recover(self.out)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir()
+        return self
+
+    def commit(self, run: dict) -> list[str]:
+        """Publish the staged files; ``run`` (plain values) is recorded in run.json."""
+        files = sorted(p.name for p in self.path.iterdir() if p.name != READY)
+        _write_json(self.path / READY, {"files": files, "run": run})
+        return publish(self.out, self.path)
+
+    def __exit__(self, *exc) -> None:
+        if self.path.exists() and not (self.path / READY).is_file():
+            shutil.rmtree(self.path, ignore_errors=True)
