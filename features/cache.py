@@ -351,4 +351,4 @@ def check_split(split: CachedSplit, expected_split: str) -> None:
     bad = np.flatnonzero((split.labels < 0) | (split.labels >= num_classes))
     if len(bad):
         raise CacheError(f"{path}: label {split.labels[bad[0]]} in row {bad[0]} is outside 0..{num_classes - 1} "
-                         f"({len(bad)} such rows); {redo}")
+                         f"({len(bad)} bad rows in all); {redo}")

@@ -51,7 +51,7 @@ def check_finite(block: torch.Tensor, path: Path, start: int) -> None:
     if not bool(finite.all()):
         bad = (~finite).any(1).nonzero()[:, 0]
         row = start + int(bad[0])
-        raise CacheError(f"{path} holds NaN or Inf features in row {row} ({len(bad)} such rows among rows "
+        raise CacheError(f"{path} holds NaN or Inf features in row {row} ({len(bad)} bad rows among rows "
                          f"{start}..{start + len(block) - 1}); the file is damaged: re-extract it with "
                          "run_extract.py --overwrite")
 

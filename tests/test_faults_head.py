@@ -1,0 +1,364 @@
+"""Faults injected into head training (run_train_head.py): each leaves nothing lost, nothing wrong-but-complete,
+and a rerun recovers.
+
+Caches are small synthetic files (8-d "features") written with the cache module, then damaged with h5py.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import run_train_head
+from features.cache import exclusive_writer
+from pipeline import checkpoint as checkpoint_module
+from pipeline import report, run_folder, train_head
+from pipeline.errors import UserError
+from tests.conftest import one_error_line
+from tests.test_train_head import write_synthetic_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ("--batch-size", "10", "--val-batch-size", "10")
+
+
+def train(features: Path, out: Path, *extra: str) -> int:
+    return run_train_head.main(["--features", str(features), "--out", str(out), "--device", "cpu", "--no-progress",
+                                *FAST, *extra])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (but the lock file) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def run_is_whole(out: Path) -> dict:
+    """Assert ``out`` holds one complete run, every file from the same run; returns its config."""
+    marker = json.loads((out / "run.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(out / name, weights_only=True)["config"] == config, name
+    assert len((out / "history.csv").read_text().splitlines()) == config["epochs"] + 1
+    for name in marker["files"]:
+        assert (out / name).exists(), name
+    assert not list(out.glob(".staging-*")) and not list(out.glob(".trash-*"))
+    return config
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return write_synthetic_cache(tmp_path_factory.mktemp("cache") / "feats", dim=8)
+
+
+@pytest.fixture
+def old_run(cache, tmp_path) -> tuple[Path, dict[str, bytes]]:
+    """A finished run in tmp_path/head (lr 0.01, 2 epochs), with a file of the user's beside it."""
+    out = tmp_path / "head"
+    assert train(cache, out, "--lr", "0.01", "--epochs", "2") == 0
+    (out / "notes.txt").write_text("the user's own notes")
+    return out, snapshot(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run at a time, and never a mix of two
+
+
+def test_second_training_into_the_same_out_is_refused(cache, old_run, capsys):
+    out, before = old_run
+    capsys.readouterr()
+    with run_folder.exclusive_run(out, "run_train_head.py"):  # another run holds the folder
+        assert train(cache, out, "--lr", "0.1", "--epochs", "1") == 2
+        line = one_error_line(capsys)
+        assert "in use by another run" in line and str(out) in line and f"pid {os.getpid()}" in line
+    assert snapshot(out) == before
+    assert train(cache, out, "--lr", "0.1", "--epochs", "1") == 0  # released: the rerun works
+    assert run_is_whole(out)["lr"] == 0.1
+
+
+def test_kill_after_the_new_best_pt_leaves_the_old_run_untouched(cache, old_run, monkeypatch):
+    out, before = old_run
+    real = train_head.save_checkpoint
+
+    def killed_at_last(checkpoint, path):
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt  # the new best.pt is written (in staging) by now
+        real(checkpoint, path)
+
+    monkeypatch.setattr(train_head, "save_checkpoint", killed_at_last)
+    assert train(cache, out, "--lr", "0.1", "--epochs", "3") == 130
+    assert snapshot(out) == before  # the complete old run, byte for byte; nothing new beside it
+    monkeypatch.undo()
+    assert train(cache, out, "--lr", "0.1", "--epochs", "3") == 0
+    assert run_is_whole(out)["lr"] == 0.1
+    assert (out / "notes.txt").read_text() == "the user's own notes"
+
+
+def test_sigkill_mid_run_then_rerun(cache, old_run):
+    """A real kill -9 while the new run trains: the old run stays whole; the rerun clears the stale staging."""
+    out, before = old_run
+    child = subprocess.Popen([sys.executable, str(ROOT / "run_train_head.py"), "--features", str(cache), "--out",
+                              str(out), "--device", "cpu", "--no-progress", *FAST, "--lr", "0.1", "--epochs", "100000"],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob(".staging-*/best.pt")):
+            assert child.poll() is None and time.time() < deadline, "the child never wrote its staged best.pt"
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert list(out.glob(".staging-*"))  # left behind by the killed run...
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".staging-")} == before  # ...beside the old run
+    assert train(cache, out, "--lr", "0.1", "--epochs", "2") == 0
+    assert run_is_whole(out)["lr"] == 0.1
+
+
+@pytest.mark.parametrize("replaces", [0, 1, 3, 5])  # 5: all in place, run.json not yet
+def test_kill_during_publish_is_finished_by_the_next_run(cache, old_run, monkeypatch, replaces):
+    """A kill after ``replaces`` of the publish's renames: no run.json meanwhile; the next start completes it."""
+    out, _ = old_run
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).parent == out and not Path(dst).name.endswith(".tmp"):
+            if len(calls) == replaces:
+                raise KeyboardInterrupt
+            calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(run_folder.os, "replace", replace)
+    assert train(cache, out, "--lr", "0.1", "--weight-decay", "0,0.001", "--epochs", "2") == 130  # a sweep
+    monkeypatch.undo()
+    assert not (out / "run.json").exists()  # the folder does not claim to be complete
+    run_folder.recover(out)  # what the next run does first, under the lock
+    marker = json.loads((out / "run.json").read_text())
+    assert set(marker["heads"]) == {"lr0.1_wd0", "lr0.1_wd0.001"}
+    for head in marker["heads"]:
+        config = json.loads((out / head / "config.json").read_text())
+        assert config["lr"] == 0.1 and torch.load(out / head / "best.pt", weights_only=True)["config"] == config
+    assert not (out / "config.json").exists() and not (out / "last.pt").exists()  # nothing of the old single run
+    assert (out / "sweep.csv").is_file() and (out / "notes.txt").read_text() == "the user's own notes"
+    assert train(cache, out, "--lr", "0.01", "--epochs", "2") == 0  # and a plain rerun replaces the sweep
+    assert run_is_whole(out)["lr"] == 0.01 and not (out / "lr0.1_wd0").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullFile:
+    """A file object whose writes fail with ENOSPC (what a full disk does)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    write = flush = _no_space
+
+
+@pytest.mark.parametrize("step", ["best.pt", "last.pt", "history", "plots", "report"])
+def test_disk_full_while_writing_the_run(cache, old_run, monkeypatch, capsys, step):
+    out, before = old_run
+    if step in ("best.pt", "last.pt"):
+        real = train_head.save_checkpoint
+
+        def save(checkpoint, path):
+            if Path(path).name == step:
+                monkeypatch.setattr(checkpoint_module, "open", FullFile, raising=False)  # the real write path fails
+            real(checkpoint, path)
+
+        monkeypatch.setattr(train_head, "save_checkpoint", save)
+    elif step == "history":
+        monkeypatch.setattr(train_head, "_append_csv", _no_space)
+    elif step == "plots":
+        monkeypatch.setattr(report, "plot_history", _no_space)
+    else:
+        monkeypatch.setattr(report, "write_class_report", _no_space)
+    capsys.readouterr()
+    assert train(cache, out, "--lr", "0.1", "--epochs", "2") == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and str(out) in line and "previous run" in line
+    assert snapshot(out) == before  # the old run, whole; no staging left, no new file
+    monkeypatch.undo()  # space freed
+    assert train(cache, out, "--lr", "0.1", "--epochs", "2") == 0
+    assert run_is_whole(out)["lr"] == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers that overflow
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (("--lr", "1e300"), "--lr"),
+    (("--weight-decay", "1e300"), "--weight-decay"),
+    (("--momentum", "1e300"), "--momentum"),
+    (("--seed", str(2**70)), "--seed"),
+    (("--seed", "-1"), "--seed"),
+])
+def test_huge_numbers_are_one_line_errors(cache, tmp_path, capsys, flags, flag):
+    assert train(cache, tmp_path / "out", *flags) == 2
+    assert flag in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_largest_seed_trains(cache, tmp_path):
+    assert train(cache, tmp_path / "out", "--seed", str(2**63 - 1), "--epochs", "1") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid caches: each one a line naming the file
+
+
+def _rewrite(path: Path, name: str, data) -> None:
+    with h5py.File(path, "a") as f:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+
+def _damage(folder: Path, case: str) -> tuple[str, str]:
+    """Damage the cache in ``folder``; return (the file the error must name, a phrase it must contain)."""
+    train_h5, val_h5 = folder / "train.h5", folder / "val.h5"
+    if case == "fewer-features-than-labels":
+        with h5py.File(train_h5, "r") as f:
+            features = f["features"][:-5]
+        _rewrite(train_h5, "features", features)
+        return "train.h5", "shape"
+    if case == "features-float64":
+        with h5py.File(val_h5, "r") as f:
+            features = f["features"][:].astype(np.float64)
+        _rewrite(val_h5, "features", features)
+        return "val.h5", "dtype"
+    if case == "features-1d":
+        with h5py.File(train_h5, "r") as f:
+            features = f["features"][:, 0]
+        _rewrite(train_h5, "features", features)
+        return "train.h5", "shape"
+    if case == "labels-float":
+        with h5py.File(train_h5, "r") as f:
+            labels = f["labels"][:].astype(np.float32)
+        _rewrite(train_h5, "labels", labels)
+        return "train.h5", "labels"
+    if case in ("label-too-large", "label-negative"):
+        with h5py.File(val_h5, "a") as f:
+            f["labels"][3] = 4 if case == "label-too-large" else -1
+        return "val.h5", "row 3"
+    if case in ("no-labels", "no-paths", "no-class-wnids"):
+        with h5py.File(train_h5, "a") as f:
+            del f[{"no-labels": "labels", "no-paths": "paths", "no-class-wnids": "class_wnids"}[case]]
+        return "train.h5", "re-extract"
+    if case in ("no-split-attr", "no-feature-dim-attr"):
+        with h5py.File(val_h5, "a") as f:
+            del f.attrs["split" if case == "no-split-attr" else "feature_dim"]
+        return "val.h5", "lacks the attribute"
+    if case == "empty-split":
+        with h5py.File(val_h5, "a") as f:
+            for name in ("features", "labels", "paths"):
+                data = f[name][:0]
+                del f[name]
+                f.create_dataset(name, data=data, maxshape=(None,) * data.ndim,
+                                 dtype=h5py.string_dtype("utf-8") if name == "paths" else data.dtype)
+            f.attrs["num_rows"] = 0
+        return "val.h5", "empty split"
+    if case == "swapped":
+        os.replace(train_h5, folder / "tmp.h5")
+        os.replace(val_h5, train_h5)
+        os.replace(folder / "tmp.h5", val_h5)
+        return "train.h5", "swapped"
+    if case == "val-is-train":
+        shutil.copy(train_h5, val_h5)
+        return "val.h5", "'train' split"
+    raise AssertionError(case)
+
+
+BAD_CACHES = ["fewer-features-than-labels", "features-float64", "features-1d", "labels-float", "label-too-large",
+              "label-negative", "no-labels", "no-paths", "no-class-wnids", "no-split-attr", "no-feature-dim-attr",
+              "empty-split", "swapped", "val-is-train"]
+
+
+@pytest.mark.parametrize("case", BAD_CACHES)
+def test_invalid_cache_is_a_line_naming_the_file(cache, tmp_path, capsys, case):
+    folder = tmp_path / "feats"
+    shutil.copytree(cache, folder)
+    name, phrase = _damage(folder, case)
+    damaged = snapshot(folder)
+    out = tmp_path / "head"
+    capsys.readouterr()
+    assert train(folder, out, "--epochs", "1") == 2
+    line = one_error_line(capsys)
+    assert str(folder / name) in line and phrase in line, line
+    assert snapshot(folder) == damaged  # the cache is only read
+    assert not (out / "best.pt").exists() and not list(out.glob(".staging-*"))
+    shutil.rmtree(folder)
+    shutil.copytree(cache, folder)  # re-extracted
+    assert train(folder, out, "--epochs", "1") == 0
+
+
+@pytest.mark.parametrize("split, row, value, stream", [
+    ("train", 7, np.nan, False), ("val", 3, np.inf, False), ("train", 11, -np.inf, True), ("val", 0, np.nan, True),
+])
+def test_nan_or_inf_features_name_the_file_and_row(cache, tmp_path, capsys, split, row, value, stream):
+    folder = tmp_path / "feats"
+    shutil.copytree(cache, folder)
+    with h5py.File(folder / f"{split}.h5", "a") as f:
+        f["features"][row, 5] = value
+    out = tmp_path / "head"
+    capsys.readouterr()
+    assert train(folder, out, "--epochs", "1", *(["--stream"] if stream else [])) == 2
+    line = one_error_line(capsys)
+    assert str(folder / f"{split}.h5") in line and f"row {row}" in line and "NaN or Inf" in line, line
+    assert "top-1" not in line and "--lr" not in line  # neither scored nor blamed on the learning rate
+    assert not (out / "best.pt").exists()
+
+
+def test_nan_found_with_no_standardize_while_streaming(cache, tmp_path, capsys):
+    folder = tmp_path / "feats"
+    shutil.copytree(cache, folder)
+    with h5py.File(folder / "train.h5", "a") as f:
+        f["features"][40, 0] = np.nan
+    assert train(folder, tmp_path / "head", "--epochs", "1", "--stream", "--no-standardize") == 2
+    assert "row 40" in one_error_line(capsys)
+
+
+def test_training_while_the_cache_is_being_extracted_says_so(cache, tmp_path, capsys):
+    folder = tmp_path / "feats"
+    shutil.copytree(cache, folder)
+    (folder / "val.h5").unlink()  # not written yet
+    with exclusive_writer(folder):
+        assert train(folder, tmp_path / "head", "--epochs", "1") == 2
+        line = one_error_line(capsys)
+        assert "an extraction" in line and "wait for it" in line and "interrupted" not in line
+    shutil.copy(cache / "val.h5", folder / "val.h5")  # the extraction finished
+    assert train(folder, tmp_path / "head", "--epochs", "1") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A head with NaN weights
+
+
+def test_a_head_with_nan_weights_is_never_saved(old_run, tmp_path):
+    out, _ = old_run
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    checkpoint["head"]["weight"][1, 2] = float("nan")
+    with pytest.raises(UserError, match="NaN or Inf"):
+        checkpoint_module.save_checkpoint(checkpoint, tmp_path / "never.pt")
+    assert not (tmp_path / "never.pt").exists()
