@@ -67,7 +67,7 @@ def live(args: argparse.Namespace) -> int:
     summary = run_live(config)
     if summary["frames"] == 0:
         log.warning("no frames were processed")
-    return 0
+    return 128 + 15 if summary["stopped_by"] == "SIGTERM" else 0  # stopped by SIGTERM: outputs finished, exit as killed
 
 
 def main(argv: list[str] | None = None) -> int:

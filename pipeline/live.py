@@ -17,17 +17,18 @@ line); a frame's ``latency_ms`` is the batch's model time divided by the frames 
 read one frame at a time: there latency matters, and the camera's own frame rate caps the FPS anyway.
 """
 from __future__ import annotations
-from __future__ import annotations
 
-import json
 import logging
+import signal
+import threading
 import time
 from collections import deque
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -36,10 +37,13 @@ from pipeline.backbone import load_backbone, place_backbone, resolve_device
 from pipeline.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.config import LiveConfig
 from pipeline.errors import UserError, first_line
+from pipeline.head_data import available_memory
 from pipeline.images import stack_or_list
-from pipeline.overlay import Display, VideoOutput, annotate, display_available, view
+from pipeline.overlay import (Display, PredictionsOutput, VideoOutput, annotate, check_output_paths, display_available,
+                              view)
 from pipeline.preprocess import Preprocess
-from pipeline.sources import FrameSource, ImageSource, open_source
+from pipeline.sources import CaptureSource, FrameSource, ImageSource, open_source
+from pipeline.weights_spec import IMAGENET_FILE, describe_weights, hub_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ DEFAULT_FPS = 30.0  # output video frame rate when the source has none (camera w
 STATUS_SECONDS = 2.0  # headless without outputs: how often a status line is logged
 QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
 DEFAULT_BATCH_FRAMES = 8  # frames per forward pass for video files, images and folders (cameras: always 1)
+NETWORK_BYTES_PER_FRAME = 8 * 2**20  # activations of one frame through AlexNet at 224 px, with headroom
+RANDOM_WARNING = "RANDOM BACKBONE (test only)"  # drawn on every frame when the backbone has random weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,13 +142,55 @@ def top_k(probs: torch.Tensor, k: int, wnids: list[str], names: list[str]) -> li
 
 
 def batch_frames(config: LiveConfig, source: FrameSource) -> int:
-    """Frames per forward pass: 1 for a camera, else --batch-frames (default DEFAULT_BATCH_FRAMES)."""
+    """Frames per forward pass: 1 for a camera, else --batch-frames (default DEFAULT_BATCH_FRAMES), lowered
+    when a batch of the video's frames would not fit in half the available memory."""
     if source.camera:
         if config.batch_frames and config.batch_frames > 1:
             log.info("camera %s: classifying one frame at a time (--batch-frames applies to files and folders)",
                      source.label)
         return 1
-    return config.batch_frames or DEFAULT_BATCH_FRAMES
+    batch = config.batch_frames or DEFAULT_BATCH_FRAMES
+    size = source.frame_size() if isinstance(source, CaptureSource) else None
+    available = available_memory()
+    if size and available:
+        per_frame = size[0] * size[1] * 3 * 4 + NETWORK_BYTES_PER_FRAME  # BGR, RGB, canvas and output copies
+        fits = max(1, int(0.5 * available // per_frame))
+        if batch > fits:
+            log.warning("--batch-frames %d: %d frames of %dx%d do not fit in the memory available (%.1f GiB); "
+                        "using %d", batch, batch, *size, available / 2**30, fits)
+            batch = fits
+    return batch
+
+
+def _input_files(config: LiveConfig, checkpoint: dict) -> tuple[dict[str, Path | None], Path | None]:
+    """The files a run reads ({option: path}) and the --source folder, for check_output_paths."""
+    recorded = describe_weights(config.weights or checkpoint["weights_spec"], config.seed)
+    weights = (Path(recorded[5:]) if recorded.startswith("file:")
+               else hub_dir() / "checkpoints" / IMAGENET_FILE if recorded == "imagenet" else None)
+    text = str(config.source).strip()
+    source = None if text.isdigit() else Path(text).expanduser()
+    folder = source if source is not None and source.is_dir() else None
+    return {"--source": None if folder else source, "--checkpoint": Path(config.checkpoint), "--weights": weights}, folder
+
+
+@contextmanager
+def _stop_on_sigterm(stop: dict):
+    """While the runner loops, SIGTERM asks it to stop after the current frame (as q does), so the video and the
+    predictions are finished as on Ctrl-C; a second SIGTERM interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.get("signal"):
+            raise KeyboardInterrupt
+        stop["signal"] = "SIGTERM"
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: Display | None = None) -> dict:
@@ -156,10 +204,14 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
     config.check()
     device = resolve_device(config.device)
     checkpoint = read_checkpoint(config.checkpoint)  # cheap checks before the camera is opened
+    inputs, source_folder = _input_files(config, checkpoint)
+    check_output_paths({"--output": config.output, "--predictions": config.predictions}, inputs, source_folder)
     wnids, names = list(checkpoint["class_wnids"]), list(checkpoint["class_names"])
+    warning = RANDOM_WARNING if (config.weights or checkpoint["weights_spec"]).startswith("random") else None
     summary = {"frames": 0, "seconds": 0.0, "fps": None, "latency_ms": None, "stopped_by": "end",
                "frame_ms": [], "latencies_ms": []}
-    with ExitStack() as stack:
+    stop: dict = {}  # {"signal": "SIGTERM"} once asked to stop
+    with _stop_on_sigterm(stop), ExitStack() as stack:
         if source is None:
             source = open_source(config.source, width=config.width, height=config.height)
         stack.callback(source.release)
@@ -185,15 +237,10 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
         if show:
             display = display or Display(config.window)
             stack.callback(display.close)
-        output = None
-        if config.output:
-            output = VideoOutput(config.output, source.fps or DEFAULT_FPS)
-            stack.callback(output.release)
-        predictions = None
-        if config.predictions:
-            config.predictions.parent.mkdir(parents=True, exist_ok=True)
-            predictions = stack.enter_context(open(config.predictions, "w", buffering=1))  # line-buffered
-        status = not show and output is None and predictions is None
+        output = VideoOutput(config.output, source.fps or DEFAULT_FPS) if config.output else None
+        predictions = PredictionsOutput(config.predictions) if config.predictions else None
+        outputs = [o for o in (output, predictions) if o is not None]  # the video first: it is checked on finish
+        status = not show and not outputs
 
         smoother = Smoother(config.smooth)
         fps = None  # shown on each frame: frames per second of wall time, over the batches before it
@@ -202,55 +249,69 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
         index = 0
         start = last_status = time.perf_counter()
         last = None
-        while True:
-            wanted = batch_size if not config.max_frames else min(batch_size, config.max_frames - index)
-            batch = list(islice(stream, wanted))  # fewer at the end of the source
-            if not batch:
-                break
-            t0 = time.perf_counter()
-            probs = predict_frames(model, preprocess, [frame.rgb for frame in batch])
-            latency = (time.perf_counter() - t0) * 1000 / len(batch)  # the batch's model time, shared by its frames
-            done = 0
-            for frame, frame_probs in zip(batch, probs):
-                best = top_k(smoother(frame_probs), config.top_k, wnids, names)
-                if show or output is not None:
-                    canvas = annotate(view(frame.bgr), best, fps)
-                    if output is not None:
-                        output.write(canvas)
-                if predictions is not None:
-                    predictions.write(json.dumps({"frame": index, "source": frame.label, "topk": best,
-                                                  "latency_ms": round(latency, 3)}) + "\n")
-                summary["latencies_ms"].append(latency)
-                index += 1
-                done += 1
-                summary["frames"] = index
-                if status and time.perf_counter() - last_status >= STATUS_SECONDS:
-                    last_status = time.perf_counter()
-                    log.info("frame %d: %s %.1f%% (%s fps)", index - 1, best[0]["name"], 100 * best[0]["prob"],
-                             f"{fps:.1f}" if fps else "-")
-                if show:
-                    try:
-                        display.show(canvas)
-                    except cv2.error as err:
-                        log.warning("cannot show a window (%s); continuing headless", first_line(err))
-                        show = False
-                    if show and (display.key(0 if source.still else 1) in QUIT_KEYS or display.closed()):
-                        summary["stopped_by"] = "quit"  # the rest of the batch is dropped unseen
-                        break
-            now = time.perf_counter()
-            per_frame = (now - (last if last is not None else t0)) / done  # batch to batch, reading included
-            last = now
-            summary["frame_ms"].extend([per_frame * 1000] * done)
-            weight = 0.9 ** done
-            seconds_per_frame = (per_frame if seconds_per_frame is None
-                                 else weight * seconds_per_frame + (1 - weight) * per_frame)
-            fps = 1 / max(seconds_per_frame, 1e-9)
-            if summary["stopped_by"] == "quit":
-                break
-            if config.max_frames and index >= config.max_frames:
-                summary["stopped_by"] = "max-frames"
-                break
-        if getattr(source, "stopped", False):
+        try:
+            while not stop:
+                wanted = batch_size if not config.max_frames else min(batch_size, config.max_frames - index)
+                batch = list(islice(stream, wanted))  # fewer at the end of the source
+                if not batch:
+                    break
+                t0 = time.perf_counter()
+                probs = predict_frames(model, preprocess, [frame.rgb for frame in batch])
+                latency = (time.perf_counter() - t0) * 1000 / len(batch)  # the batch's model time, shared by its frames
+                done = 0
+                for frame, frame_probs in zip(batch, probs):
+                    best = top_k(smoother(frame_probs), config.top_k, wnids, names)
+                    if show or output is not None:
+                        canvas = annotate(view(frame.bgr), best, fps, warning)
+                        if output is not None:
+                            output.write(canvas)
+                    if predictions is not None:
+                        predictions.write({"frame": index, "source": frame.label, "topk": best,
+                                           "latency_ms": round(latency, 3)})
+                    summary["latencies_ms"].append(latency)
+                    index += 1
+                    done += 1
+                    summary["frames"] = index
+                    if status and time.perf_counter() - last_status >= STATUS_SECONDS:
+                        last_status = time.perf_counter()
+                        log.info("frame %d: %s %.1f%% (%s fps)", index - 1, best[0]["name"], 100 * best[0]["prob"],
+                                 f"{fps:.1f}" if fps else "-")
+                    if show:
+                        try:
+                            display.show(canvas)
+                        except cv2.error as err:
+                            log.warning("cannot show a window (%s); continuing headless", first_line(err))
+                            show = False
+                        if show and (display.key(0 if source.still else 1) in QUIT_KEYS or display.closed()):
+                            summary["stopped_by"] = "quit"  # the rest of the batch is dropped unseen
+                            break
+                    if stop:
+                        break  # SIGTERM: the rest of the batch is dropped, the outputs are finished below
+                now = time.perf_counter()
+                per_frame = (now - (last if last is not None else t0)) / done  # batch to batch, reading included
+                last = now
+                summary["frame_ms"].extend([per_frame * 1000] * done)
+                weight = 0.9 ** done
+                seconds_per_frame = (per_frame if seconds_per_frame is None
+                                     else weight * seconds_per_frame + (1 - weight) * per_frame)
+                fps = 1 / max(seconds_per_frame, 1e-9)
+                if summary["stopped_by"] == "quit":
+                    break
+                if config.max_frames and index >= config.max_frames:
+                    summary["stopped_by"] = "max-frames"
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: the frames so far make complete outputs
+            _finish(outputs)
+            raise
+        except BaseException:
+            for o in outputs:
+                o.discard()
+            raise
+        written = _finish(outputs)
+        if stop:
+            summary["stopped_by"] = stop["signal"]
+            log.warning("stopped by %s after %d frames", stop["signal"], summary["frames"])
+        elif getattr(source, "stopped", False):
             summary["stopped_by"] = "camera stopped"
         summary["seconds"] = time.perf_counter() - start
     frames = summary["frames"]
@@ -259,7 +320,16 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
         summary["latency_ms"] = float(np.mean(summary["latencies_ms"]))
         log.info("%d frames in %.1f s (%.1f fps), model latency %.1f ms per frame (%s)", frames, summary["seconds"],
                  summary["fps"] or 0, summary["latency_ms"], summary["stopped_by"])
-    for path in (config.output, config.predictions):
-        if path:
-            log.info("wrote %s", path)
+    for path in written:
+        log.info("wrote %s", path)
     return summary
+
+
+def _finish(outputs: list) -> list[Path]:
+    """Finish every output (the video is checked first); if one fails, the others are discarded too."""
+    try:
+        return [output.path for output in outputs if output.finish()]
+    except BaseException:
+        for output in outputs:
+            output.discard()
+        raise

@@ -1,8 +1,15 @@
-"""What the live runner shows and writes: the annotated frame, the window, and the output video."""
+"""What the live runner shows and writes: the annotated frame, the window, the output video and predictions.
+
+Outputs are written under a hidden partial name (``.out.partial.mp4``, ``.preds.jsonl.partial``) and renamed
+when finished and checked, so a full disk or a crash never leaves a complete-looking file, and an older
+output of the same name stays until the new one is whole.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,12 +17,15 @@ import cv2
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.names import IMAGE_SUFFIXES
 from pipeline.sources import quiet_opencv
 
 log = logging.getLogger(__name__)
 
 MIN_VIEW_SIDE = 360  # smaller frames (Tiny ImageNet's 64x64) are enlarged for display and the output video
-
+WARNING_COLOR = (0, 80, 255)  # BGR orange-red: the overlay's warning line
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/TTF", "/usr/share/fonts", "/usr/local/share/fonts",
+             "/Library/Fonts", "C:/Windows/Fonts")  # for OpenCV's bundled Qt, which looks for fonts only in its own folder
 
 
 def view(bgr: np.ndarray, min_side: int = MIN_VIEW_SIDE) -> np.ndarray:
@@ -27,14 +37,17 @@ def view(bgr: np.ndarray, min_side: int = MIN_VIEW_SIDE) -> np.ndarray:
     return cv2.resize(bgr, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_NEAREST)
 
 
-def annotate(bgr: np.ndarray, topk: list[dict], fps: float | None) -> np.ndarray:
-    """Draw the top-k names with probabilities and the FPS on ``bgr`` (in place) over a dark box; return it."""
+def annotate(bgr: np.ndarray, topk: list[dict], fps: float | None, warning: str | None = None) -> np.ndarray:
+    """Draw the top-k names with probabilities, the FPS and an optional warning line on ``bgr`` (in place) over
+    a dark box; return it."""
     h, w = bgr.shape[:2]
     scale = max(0.45, min(h, w) / 800)
     thickness = 1 if scale < 0.7 else 2
     font = cv2.FONT_HERSHEY_SIMPLEX
     lines = [f"{i}. {t['name'][:32]}  {100 * t['prob']:5.1f}%" for i, t in enumerate(topk, 1)]
     lines.append(f"FPS {fps:5.1f}" if fps else "FPS   -")
+    if warning:
+        lines.append(warning)
     sizes = [cv2.getTextSize(line, font, scale, thickness) for line in lines]
     line_h = max(s[0][1] + s[1] for s in sizes) + int(8 * scale)
     pad = int(8 * scale) + 2
@@ -43,10 +56,26 @@ def annotate(bgr: np.ndarray, topk: list[dict], fps: float | None) -> np.ndarray
     roi = bgr[:box_h, :box_w]
     roi >>= 2  # a dark box (a quarter of the brightness) keeps the text legible on any frame
     y = pad
-    for line, (_, baseline) in zip(lines, sizes):
+    for i, (line, (_, baseline)) in enumerate(zip(lines, sizes)):
         y += line_h
-        cv2.putText(bgr, line, (pad, y - baseline - 2), font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        color = WARNING_COLOR if warning and i == len(lines) - 1 else (255, 255, 255)
+        cv2.putText(bgr, line, (pad, y - baseline - 2), font, scale, color, thickness, cv2.LINE_AA)
     return bgr
+
+
+def quiet_qt() -> None:
+    """Before the first window: point OpenCV's Qt at the system fonts and mute its font-database warnings.
+
+    opencv-python's bundled Qt looks for fonts in a folder it does not ship and prints "QFontDatabase:
+    Cannot find font directory" on every window otherwise. Settings the user made are kept.
+    """
+    if "QT_QPA_FONTDIR" not in os.environ:
+        for folder in FONT_DIRS:
+            if os.path.isdir(folder):
+                os.environ["QT_QPA_FONTDIR"] = folder
+                break
+    if "QT_LOGGING_RULES" not in os.environ:
+        os.environ["QT_LOGGING_RULES"] = "qt.qpa.fonts=false"
 
 
 def _opencv_has_gui() -> bool:
@@ -73,6 +102,8 @@ class Display:
         self.shown = False
 
     def show(self, image: np.ndarray) -> None:
+        if not self.shown:
+            quiet_qt()
         cv2.imshow(self.window, image)
         self.shown = True
 
@@ -96,11 +127,27 @@ class Display:
             pass
 
 
+def partial_path(path: Path) -> Path:
+    """Where an output is written until it is finished: hidden, and the video keeps its suffix (its container)."""
+    if path.suffix.lower() in (".mp4", ".avi", ".mkv", ".mov", ".m4v"):
+        return path.with_name(f".{path.stem}.partial{path.suffix}")
+    return path.with_name(f".{path.name}.partial")
+
+
+def _write_failed(path: Path, err: OSError) -> UserError:
+    return UserError(f"cannot write {path} ({err.strerror or err}); free some space or choose another folder, then rerun")
+
+
 class VideoOutput:
-    """The annotated video: opened on the first frame (its size), mp4v; later frames are fitted to that size."""
+    """The annotated video: opened on the first frame (its size), mp4v; later frames are fitted to that size.
+
+    Written to ``partial_path(path)``; ``finish`` checks that every frame reads back (OpenCV's writer reports
+    no write errors: a full disk gives a file of 0 readable frames) and renames it to ``path``.
+    """
 
     def __init__(self, path: Path, fps: float):
         self.path, self.fps = Path(path), fps
+        self.partial = partial_path(self.path)
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None
         self.frames = 0
@@ -108,9 +155,12 @@ class VideoOutput:
     def write(self, bgr: np.ndarray) -> None:
         if self.writer is None:
             self.size = (bgr.shape[1], bgr.shape[0])
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _write_failed(self.path, err) from None
             with quiet_opencv():
-                self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
+                self.writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
             if not self.writer.isOpened():
                 raise UserError(f"cannot write video {self.path} (mp4v at {self.size[0]}x{self.size[1]}); "
                                 "use an .mp4 name in a writable folder")
@@ -123,3 +173,119 @@ class VideoOutput:
     def release(self) -> None:
         if self.writer is not None:
             self.writer.release()
+            self.writer = None
+
+    def readable_frames(self) -> int:
+        """Frames the partial file gives back: its recorded count when the first and last frames decode, else 0."""
+        if not self.partial.is_file() or self.partial.stat().st_size == 0:
+            return 0
+        with quiet_opencv():
+            capture = cv2.VideoCapture(str(self.partial))
+        try:
+            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if capture.isOpened() else 0
+            if count <= 0 or not capture.read()[0]:
+                return 0
+            if count > 1:
+                capture.set(cv2.CAP_PROP_POS_FRAMES, count - 1)
+                if not capture.read()[0]:
+                    return 0
+            return count
+        finally:
+            capture.release()
+
+    def finish(self) -> bool:
+        """Close, check and rename into place (True; False when no frame came); a video that does not read
+        back is removed and reported."""
+        self.release()
+        if not self.frames:
+            return False
+        readable = self.readable_frames()
+        if readable != self.frames:
+            free = shutil.disk_usage(self.partial.parent).free if self.partial.parent.is_dir() else 0
+            self.discard()
+            raise UserError(f"the video {self.path} was not written completely ({readable} of {self.frames} frames "
+                            f"read back; {free / 2**20:.0f} MiB free there): free some space or choose another "
+                            "folder, then rerun")
+        os.replace(self.partial, self.path)
+        return True
+
+    def discard(self) -> None:
+        self.release()
+        self.partial.unlink(missing_ok=True)
+
+
+class PredictionsOutput:
+    """One JSON line per frame, written to ``partial_path(path)`` and renamed when finished."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.partial, "w", buffering=1)  # line-buffered: a kill loses at most a line
+        except OSError as err:
+            raise _write_failed(self.path, err) from None
+
+    def write(self, record: dict) -> None:
+        try:
+            line = json.dumps(record, allow_nan=False)
+        except ValueError:  # NaN or Inf: not JSON
+            raise UserError(f"frame {record.get('frame')} gave non-finite probabilities; the head or backbone "
+                            "is damaged: retrain the head with run_train_head.py") from None
+        try:
+            self.file.write(line + "\n")
+        except OSError as err:
+            raise _write_failed(self.path, err) from None
+
+    def finish(self) -> bool:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as err:
+            self.discard()
+            raise _write_failed(self.path, err) from None
+        os.replace(self.partial, self.path)
+        return True
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.partial.unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file, after symlinks (resolve) and hard links (samefile)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return False
+
+
+def check_output_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None],
+                       source_folder: Path | None = None) -> None:
+    """Refuse an output that is an input, another output or a folder, before anything is opened for writing.
+
+    ``outputs`` and ``inputs`` map an option (``--output``) to its file; a ``source_folder``'s images are inputs.
+    """
+    given = [(flag, Path(path)) for flag, path in outputs.items() if path is not None]
+    for i, (flag, path) in enumerate(given):
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; pass a file name")
+        for other_flag, other in given[:i]:
+            if _same_file(path, other):
+                raise UserError(f"{other_flag} and {flag} are the same file ({path}); pass two different files")
+        for input_flag, source in inputs.items():
+            if source is not None and _same_file(path, Path(source)):
+                raise UserError(f"{flag} {path} is the {input_flag} file: writing it would destroy the input; "
+                                "pass another file")
+        if source_folder is not None:
+            inside = path.resolve().parent == Path(source_folder).resolve()
+            linked = path.exists() and any(p.is_file() and _same_file(path, p) for p in Path(source_folder).iterdir())
+            if linked or (inside and (path.exists() or path.suffix.lower() in IMAGE_SUFFIXES)):
+                raise UserError(f"{flag} {path} is a file of the --source folder {source_folder}: writing it would "
+                                "destroy or add an input; pass a file outside that folder")

@@ -84,6 +84,11 @@ class CaptureSource(FrameSource):
         self.frames = 0
         self.stopped = False  # a camera that stopped delivering frames
 
+    def frame_size(self) -> tuple[int, int] | None:
+        """(width, height) as the capture reports it, or None when it does not."""
+        size = (int(self.capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(self.capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0))
+        return size if size[0] > 0 and size[1] > 0 else None
+
     def _read(self) -> np.ndarray | None:
         tries = CAMERA_RETRIES if self.camera and self.frames else 1  # a video's end is final at once
         for attempt in range(tries):
