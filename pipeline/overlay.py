@@ -128,10 +128,22 @@ class Display:
 
 
 def partial_path(path: Path) -> Path:
-    """Where an output is written until it is finished: hidden, and the video keeps its suffix (its container)."""
+    """Where an output is written until it is finished: hidden, and the video keeps its suffix (its container).
+
+    A device or pipe (``/dev/stdout``, a FIFO) is written directly; a symlink's target is what gets replaced.
+    """
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        return path
     if path.suffix.lower() in (".mp4", ".avi", ".mkv", ".mov", ".m4v"):
         return path.with_name(f".{path.stem}.partial{path.suffix}")
     return path.with_name(f".{path.name}.partial")
+
+
+def _move_into_place(partial: Path, path: Path) -> None:
+    target = Path(os.path.realpath(path))
+    if partial != target:
+        os.replace(partial, target)
 
 
 def _write_failed(path: Path, err: OSError) -> UserError:
@@ -206,12 +218,13 @@ class VideoOutput:
             raise UserError(f"the video {self.path} was not written completely ({readable} of {self.frames} frames "
                             f"read back; {free / 2**20:.0f} MiB free there): free some space or choose another "
                             "folder, then rerun")
-        os.replace(self.partial, self.path)
+        _move_into_place(self.partial, self.path)
         return True
 
     def discard(self) -> None:
         self.release()
-        self.partial.unlink(missing_ok=True)
+        if self.partial.is_file() and self.partial != Path(os.path.realpath(self.path)):
+            self.partial.unlink()
 
 
 class PredictionsOutput:
@@ -240,12 +253,13 @@ class PredictionsOutput:
     def finish(self) -> bool:
         try:
             self.file.flush()
-            os.fsync(self.file.fileno())
+            if self.partial != Path(os.path.realpath(self.path)):
+                os.fsync(self.file.fileno())
             self.file.close()
         except OSError as err:
             self.discard()
             raise _write_failed(self.path, err) from None
-        os.replace(self.partial, self.path)
+        _move_into_place(self.partial, self.path)
         return True
 
     def discard(self) -> None:
@@ -253,7 +267,8 @@ class PredictionsOutput:
             self.file.close()
         except OSError:
             pass
-        self.partial.unlink(missing_ok=True)
+        if self.partial.is_file() and self.partial != Path(os.path.realpath(self.path)):
+            self.partial.unlink()
 
 
 def _same_file(a: Path, b: Path) -> bool:

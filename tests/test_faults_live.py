@@ -307,3 +307,20 @@ def test_non_finite_probabilities_are_never_written_as_json(tmp_path):
         output.write({"frame": 0, "topk": [{"prob": float("nan")}]})
     output.discard()
     assert not list(tmp_path.iterdir())
+
+
+def test_outputs_through_a_symlink_and_to_a_pipe(trained, video, tmp_path):
+    clip, frames = video
+    target = tmp_path / "real" / "preds.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "preds.jsonl"
+    link.symlink_to(target)
+    assert webcam(trained, "--source", str(clip), "--predictions", str(link)) == 0
+    assert link.is_symlink() and len(read_jsonl(target)) == frames  # the link's target was replaced, the link kept
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    assert webcam(trained, "--source", str(clip), "--predictions", str(fifo)) == 0  # written directly, not renamed
+    lines = reader.communicate(timeout=60)[0].splitlines()
+    assert len(lines) == frames and fifo.exists() and not fifo.is_file() and no_partials(tmp_path)

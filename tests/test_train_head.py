@@ -308,6 +308,16 @@ def test_same_seed_same_head_other_seed_other_head(feats, run, tmp_path):
                               load_ckpt(tmp_path / "other" / "last.pt")["head"]["weight"])
 
 
+def test_batch_order_is_drawn_on_the_cpu_and_moved_once():
+    """The same seeded permutation on every device; on the GPU it is moved once per epoch, not per step."""
+    expected = torch.randperm(23, generator=torch.Generator().manual_seed(5)).split(4)
+    got = batch_order(23, 4, torch.Generator().manual_seed(5), CPU)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
+    if torch.cuda.is_available():
+        on_gpu = batch_order(23, 4, torch.Generator().manual_seed(5), torch.device("cuda"))
+        assert all(b.is_cuda and torch.equal(a, b.cpu()) for a, b in zip(expected, on_gpu))
+
+
 class BackboneInTheLoop:
     """A FeatureSource that reads and decodes the images and runs the frozen backbone for every batch."""
 
