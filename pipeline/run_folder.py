@@ -162,6 +162,10 @@ class StagedRun:
         _write_json(self.path / READY, {"files": files, "run": run})
         return publish(self.out, self.path)
 
+    def publishing(self) -> bool:
+        """The staged run is complete and (partly) moved into ``out``: left for the next run to finish."""
+        return (self.path / READY).is_file()
+
     def __exit__(self, *exc) -> None:
         if self.path.exists() and not (self.path / READY).is_file():
             shutil.rmtree(self.path, ignore_errors=True)

@@ -265,8 +265,9 @@ def train_heads(config: HeadConfig) -> HeadResult:
                           "weights_spec": train_split.attrs["weights_spec"], "heads": [r.name for r in runs],
                           "best": {"head": runs[0].name, "val_top1": runs[0].best_val_top1}})
         except OSError as err:
+            state = ("the next run completes it" if stage.publishing() else f"{out} still holds its previous run, unchanged")
             raise UserError(f"cannot finish writing the run into {out} ({err.strerror or first_line(err)}); "
-                            "free some space, then rerun: the next run completes or replaces it") from None
+                            f"free some space, then rerun ({state})") from None
     for run in runs:
         run.folder = out / run.folder.relative_to(stage.path)
     return HeadResult(out=out, best=out / "best.pt", runs=runs, weights_spec=train_split.attrs["weights_spec"])

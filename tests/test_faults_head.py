@@ -176,7 +176,7 @@ class FullFile:
     write = flush = _no_space
 
 
-@pytest.mark.parametrize("step", ["best.pt", "last.pt", "history", "plots", "report"])
+@pytest.mark.parametrize("step", ["best.pt", "last.pt", "history", "plots", "report", "manifest"])
 def test_disk_full_while_writing_the_run(cache, old_run, monkeypatch, capsys, step):
     out, before = old_run
     if step in ("best.pt", "last.pt"):
@@ -192,6 +192,8 @@ def test_disk_full_while_writing_the_run(cache, old_run, monkeypatch, capsys, st
         monkeypatch.setattr(train_head, "_append_csv", _no_space)
     elif step == "plots":
         monkeypatch.setattr(report, "plot_history", _no_space)
+    elif step == "manifest":  # the staged run's manifest, the last write before the publish
+        monkeypatch.setattr(run_folder, "_write_json", _no_space)
     else:
         monkeypatch.setattr(report, "write_class_report", _no_space)
     capsys.readouterr()
