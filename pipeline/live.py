@@ -307,13 +307,13 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
             for o in outputs:
                 o.discard()
             raise
+        summary["seconds"] = time.perf_counter() - start
         written = _finish(outputs)
         if stop:
             summary["stopped_by"] = stop["signal"]
             log.warning("stopped by %s after %d frames", stop["signal"], summary["frames"])
         elif getattr(source, "stopped", False):
             summary["stopped_by"] = "camera stopped"
-        summary["seconds"] = time.perf_counter() - start
     frames = summary["frames"]
     if frames:
         summary["fps"] = frames / summary["seconds"] if summary["seconds"] > 0 else None
