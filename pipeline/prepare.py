@@ -49,23 +49,35 @@ def unpack_zip(zip_path: Path, *, progress: bool = True) -> Path:
 
 def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | None = TINY_IMAGENET_MD5,
                      progress: bool = True) -> Path:
-    """Fetch the zip into ``folder`` (with a progress bar), check its md5, unpack it."""
+    """Fetch the zip into ``folder`` (with a progress bar), check its md5, unpack it.
+
+    The download goes to a hidden ``.<name>.download-<pid>`` file, renamed once its md5 is right, so a file
+    under the final name is complete; one that is there with another md5 is not ours and is never deleted.
+    """
     from torchvision.datasets.utils import check_integrity, download_url
 
     folder.mkdir(parents=True, exist_ok=True)
     filename = os.path.basename(url.split("?")[0]) or "tiny-imagenet-200.zip"
     zip_path = folder / filename
-    if not check_integrity(str(zip_path), md5):
-        if zip_path.exists():
-            zip_path.unlink()
-        try:
-            download_url(url, str(folder), filename=filename, md5=None)
-        except Exception as err:  # urllib raises many types; all mean the same to the user
-            zip_path.unlink(missing_ok=True)
-            raise UserError(f"download of {url} failed ({err}); check the address, or put the zip somewhere and pass --data ZIP") from None
+    unpack.remove_stale(folder, filename)  # downloads that were killed midway
+    if zip_path.exists():
         if not check_integrity(str(zip_path), md5):
-            zip_path.unlink(missing_ok=True)
-            raise UserError(f"download of {url} has the wrong md5 (expected {md5}); the bad file was removed, try again or use --url for a mirror")
+            raise UserError(f"{zip_path} is already there but its md5 is not {md5} (an interrupted download of an older "
+                            "version, or another file); move or delete it and rerun, or pass it with --data")
+        return find_root(unpack_zip(zip_path, progress=progress))
+    part = folder / f".{filename}.download-{os.getpid()}"
+    try:
+        download_url(url, str(folder), filename=part.name, md5=None)
+    except Exception as err:  # urllib raises many types; all mean the same to the user
+        part.unlink(missing_ok=True)
+        raise UserError(f"download of {url} failed ({err}); check the address, or put the zip somewhere and pass --data ZIP") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if not check_integrity(str(part), md5):
+        part.unlink(missing_ok=True)
+        raise UserError(f"download of {url} has the wrong md5 (expected {md5}); the bad file was removed, try again or use --url for a mirror")
+    os.replace(part, zip_path)
     return find_root(unpack_zip(zip_path, progress=progress))
 
 

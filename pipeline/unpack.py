@@ -37,7 +37,7 @@ SUPPORTED_METHODS = {getattr(zipfile, name) for name in ("ZIP_STORED", "ZIP_DEFL
                                                          "ZIP_ZSTANDARD") if hasattr(zipfile, name)}
 METHOD_NAMES = {9: "Deflate64", 6: "Implode", 98: "PPMd", 99: "AES"}
 _STEM = re.compile(r"(?P<stem>.+?)\.zip(?:\.\d+)?", re.IGNORECASE)
-_WORK = re.compile(r"\.(?P<stem>.+)\.(?:unpacking|old)-(?P<pid>\d+)")  # this tool's temporary folders
+_WORK = re.compile(r"\.(?P<stem>.+)\.(?:unpacking|old|download)-(?P<pid>\d+)")  # this tool's temporary names
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,9 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(parent: Path, stem: str) -> list[Path]:
-    """Remove this tool's temporary folders for ``stem`` in ``parent`` whose process is gone (a killed
-    unpack); those of live processes, or of another host, stay. Returns what was removed."""
+    """Remove this tool's temporary folders (and partial downloads) for ``stem`` in ``parent`` whose process
+    is gone (a killed unpack or download); those of live processes, or of another host, stay. Returns what
+    was removed."""
     removed = []
     try:
         entries = list(os.scandir(parent))
@@ -129,14 +130,17 @@ def remove_stale(parent: Path, stem: str) -> list[Path]:
         return removed
     for entry in entries:
         match = _WORK.fullmatch(entry.name)
-        if not match or match["stem"] != stem or entry.is_symlink() or not entry.is_dir():
+        if not match or match["stem"] != stem or entry.is_symlink():
             continue
         pid = int(match["pid"])
         owner = Path(entry.path) / OWNER
         if _alive(pid) or (owner.is_file() and owner.read_text().strip() != socket.gethostname()):
             continue
-        log.info("removing %s, left by an unpack that was killed (process %d is gone)", entry.path, pid)
-        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("removing %s, left by a run that was killed (process %d is gone)", entry.path, pid)
+        if entry.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
         removed.append(Path(entry.path))
     return removed
 
@@ -173,10 +177,9 @@ def _move_into_place(work: Path, target: Path, identity: dict) -> Path:
     except OSError:
         if not target.is_dir():
             raise
-    recorded = _read_marker(target)
-    if recorded is None:  # someone else's folder appeared meanwhile: never touch it
+    if not (target / MARKER).is_file():  # someone else's folder appeared meanwhile: never touch it
         raise UserError(f"{target} appeared while unpacking and was not made by this tool; move it away and rerun")
-    if recorded.get("members") == identity["members"]:  # another run finished the same zip first
+    if (_read_marker(target) or {}).get("members") == identity["members"]:  # another run finished the same zip first
         shutil.rmtree(work, ignore_errors=True)
         return target
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -191,8 +194,14 @@ def _unpack_into(zip_path: Path, contents: ZipContents, target: Path, *, progres
     check_space(zip_path, contents, parent)
     work = parent / f".{target.name}.unpacking-{os.getpid()}"
     log.info("unpacking %s into %s", zip_path, target)
+    if work.exists() or work.is_symlink():  # left by a dead process that had our PID (this one unpacks once)
+        owner = work / OWNER
+        if owner.is_file() and owner.read_text().strip() != socket.gethostname():
+            raise UserError(f"{work} belongs to an unpack running on another machine; wait for it, then rerun")
+        log.info("removing %s, left by a run that was killed", work)
+        shutil.rmtree(work) if work.is_dir() and not work.is_symlink() else work.unlink()
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True)
         (work / OWNER).write_text(socket.gethostname() + "\n")
         _extract(zip_path, contents.members, work, progress=progress)
         (work / OWNER).unlink()
