@@ -35,7 +35,7 @@ from pipeline.prepare import resolve_data
 from pipeline.synthetic import WORDS, make_tiny_imagenet, zip_dataset
 from pipeline.unpack import zip_stem
 from tests.conftest import extract_args, one_error_line
-from tests.test_dataset import file_md5, make, prepare, tree_state
+from tests.test_dataset import file_md5, http_server, make, prepare, tree_state  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS3 = sorted(WORDS)[:3]
@@ -652,3 +652,41 @@ def test_make_run_downloads_only_when_there_is_no_data(tmp_path, present, data, 
         assert "--download" not in extract_line and "--data" not in extract_line
     else:
         assert expect in extract_line and (expect == "--download") == ("--download" in extract_line)
+
+
+def test_the_first_run_downloads_into_data_and_the_next_finds_it_there(tmp_path, capsys, monkeypatch, http_server):
+    """What `make run` does on a fresh machine (--download with no --data), then on the next run (neither)."""
+    src = make_tiny_imagenet(tmp_path / "src" / NAME)
+    md5 = file_md5(zip_dataset(src, http_server.folder / f"{NAME}.zip"))
+    monkeypatch.chdir(tmp_path / "src")  # a checkout with no data/ yet
+    url = f"{http_server.url}/{NAME}.zip"
+    rc, first, err = prepare(capsys, "--download", "--url", url, "--md5", md5, summary=tmp_path / "first.json")
+    assert rc == 0, err
+    assert Path(first["root"]) == (tmp_path / "src" / "data" / NAME / NAME).resolve()
+    assert file_md5(tmp_path / "src" / "data" / f"{NAME}.zip") == md5
+    assert sorted(p.name for p in (tmp_path / "src" / "data").iterdir()) == [NAME, f"{NAME}.zip"]  # no temp left
+    fetched = len(http_server.requests)
+    rc, second, err = prepare(capsys, summary=tmp_path / "second.json")  # make run's next time: no flag at all
+    assert rc == 0 and second == first, err
+    assert len(http_server.requests) == fetched
+
+
+def test_download_never_deletes_a_file_it_did_not_write(tmp_path, capsys, http_server):
+    src = make_tiny_imagenet(tmp_path / "src" / "tiny")
+    md5 = file_md5(zip_dataset(src, http_server.folder / "tiny.zip"))
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "tiny.zip").write_bytes(b"the user's own file")
+    dead = dead_pid()
+    (dl / f".tiny.zip.download-{dead}").write_bytes(b"half a download, killed")
+    args = ["--download", "--url", f"{http_server.url}/tiny.zip", "--md5", md5, "--data", dl]
+    rc, _, err = prepare(capsys, *args)
+    line = one_error_line(err)
+    assert rc == 2 and str(dl / "tiny.zip") in line and "md5" in line
+    assert (dl / "tiny.zip").read_bytes() == b"the user's own file" and not http_server.requests
+    assert not (dl / f".tiny.zip.download-{dead}").exists()  # the killed download's part is gone
+
+    (dl / "tiny.zip").unlink()  # the user moved it away: the rerun fetches and unpacks
+    rc, summary, err = prepare(capsys, *args, summary=tmp_path / "prep.json")
+    assert rc == 0 and summary["num_classes"] == 3, err
+    assert file_md5(dl / "tiny.zip") == md5
