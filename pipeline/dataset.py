@@ -106,8 +106,8 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
 def _scan(folder: Path) -> list[os.DirEntry]:
@@ -118,29 +118,29 @@ def _scan(folder: Path) -> list[os.DirEntry]:
         raise UserError(f"cannot list {folder} ({err.strerror or err}); check the drive and permissions, then rerun") from None
 
 
-def _list_images(folder: Path, ignored: list[str], root: Path, excluded: list[dict]) -> list[Path]:
-    """Image files in ``folder``, sorted; anything else (.DS_Store, *_boxes.txt, ...) is noted as ignored,
-    an image whose name is not UTF-8 (it cannot be stored in the cache) as excluded."""
+def _list_images(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
+    """Image files in the folder ``root/rel``, sorted, as paths relative to ``root`` (strings: pathlib would
+    cost more than the listing on 110,000 files). Anything else (.DS_Store, *_boxes.txt, ...) is noted as
+    ignored, an image whose name is not UTF-8 (it cannot be stored in the cache) as excluded."""
     images = []
-    for entry in _scan(folder):
-        path = Path(entry.path)
-        if entry.is_file() and _is_image(path):
-            if _is_utf8(entry.name):
+    for entry in _scan(root / rel):
+        name, path = entry.name, f"{rel}/{entry.name}"
+        if entry.is_file() and _is_image(name):
+            if _is_utf8(name):
                 images.append(path)
             else:
-                rel = path.relative_to(root).as_posix()
-                excluded.append({"path": shown(rel), "reason": f"file name {os.fsencode(entry.name)!r} is not "
-                                 "valid UTF-8 and cannot be stored in the cache; rename the file to use it"})
-        elif not (entry.is_dir() and entry.name == "images"):
-            ignored.append(path.relative_to(root).as_posix())
+                excluded.append({"path": shown(path), "reason": f"file name {os.fsencode(name)!r} is not valid "
+                                 "UTF-8 and cannot be stored in the cache; rename the file to use it"})
+        elif not (name == "images" and entry.is_dir()):
+            ignored.append(path)
     return images
 
 
-def _class_images(class_dir: Path, ignored: list[str], root: Path, excluded: list[dict]) -> list[Path]:
-    """Images of one class folder: <class>/images/*.JPEG, or <class>/*.JPEG."""
-    images = _list_images(class_dir, ignored, root, excluded)
-    if (class_dir / "images").is_dir():
-        images += _list_images(class_dir / "images", ignored, root, excluded)
+def _class_images(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
+    """Images of one class folder: <class>/images/*.JPEG, or <class>/*.JPEG (relative to ``root``)."""
+    images = _list_images(root, rel, ignored, excluded)
+    if (root / rel / "images").is_dir():
+        images += _list_images(root, f"{rel}/images", ignored, excluded)
     return images
 
 
@@ -209,11 +209,10 @@ def index_dataset(root: Path) -> TinyImageNet:
     train = Split()
     empty = []
     for wnid in wnids:
-        images = _class_images(train_dir / wnid, ignored, root, train.excluded)
+        images = _class_images(root, f"train/{wnid}", ignored, train.excluded)
         empty += [] if images else [wnid]
-        for path in images:
-            train.paths.append(path.relative_to(root).as_posix())
-            train.labels.append(label_of[wnid])
+        train.paths += images
+        train.labels += [label_of[wnid]] * len(images)
     _warn_empty(train_dir, empty)
 
     splits = {"train": train, "val": _index_val(root, wnids, label_of, ignored)}
@@ -250,7 +249,7 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
             if wnid not in label_of:
                 unknown.append(f"{filename}:{wnid}")
             wnid_of[filename] = wnid
-        on_disk = {p.name for p in _list_images(images_dir, ignored, root, val.excluded)}
+        on_disk = {path.rsplit("/", 1)[1] for path in _list_images(root, "val/images", ignored, val.excluded)}
         missing_files = sorted(set(wnid_of) - on_disk)
         unannotated = sorted(on_disk - set(wnid_of))
         problems = []
@@ -278,11 +277,10 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
     empty = []
     for wnid in wnids:
         if wnid in folders:
-            images = _class_images(val_dir / wnid, ignored, root, val.excluded)
+            images = _class_images(root, f"val/{wnid}", ignored, val.excluded)
             empty += [] if images else [wnid]
-            for path in images:
-                val.paths.append(path.relative_to(root).as_posix())
-                val.labels.append(label_of[wnid])
+            val.paths += images
+            val.labels += [label_of[wnid]] * len(images)
     _warn_empty(val_dir, empty)
     return val
 

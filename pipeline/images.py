@@ -80,7 +80,7 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ImageDecodeError(f"cannot decode (unexpected {image.dtype} image of shape {tuple(image.shape)})")
-    return image.contiguous()
+    return image  # as decoded: JPEG comes channels-last in memory, the layout the resize is fastest in
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
