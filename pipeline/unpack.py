@@ -243,7 +243,10 @@ def unpack_zip(zip_path: Path, *, fallback: Path, progress: bool = True) -> Path
         recorded = _read_marker(folder) if folder.is_dir() else None
         if recorded and recorded.get("members") == contents.identity["members"]:
             # the same content (the zip was copied or touched): note its new stat for the quick look next time
-            _write_marker(folder, contents.identity)
+            try:
+                _write_marker(folder, contents.identity)
+            except OSError:  # a read-only copy: nothing needs writing, the next run just looks again
+                pass
             return folder
     if parent != zip_path.parent:
         log.info("%s is read-only; unpacking into %s instead", zip_path.parent, parent)

@@ -29,7 +29,6 @@ import pipeline.images
 import pipeline.unpack
 import run_extract
 from pipeline.dataset import index_dataset
-from pipeline.errors import UserError
 from pipeline.images import ImageDecodeError, ImageReadError, decode_rgb, read_rgb
 from pipeline.prepare import resolve_data
 from pipeline.synthetic import WORDS, make_tiny_imagenet, zip_dataset
