@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
-                 md5: str | None = TINY_IMAGENET_MD5, progress: bool = True) -> Path:
+                 md5: str | None = TINY_IMAGENET_MD5, progress: bool | None = None) -> Path:
     """Turn ``--data`` (a folder or the official zip, whatever its name) into the folder that holds ``wnids.txt``."""
     if download:
         return download_dataset(Path(data) if data else DEFAULT_DATA.parent, url=url, md5=md5, progress=progress)
@@ -42,13 +42,13 @@ def resolve_data(data: str | os.PathLike | None, *, download: bool = False, url:
     return find_root(path)
 
 
-def unpack_zip(zip_path: Path, *, progress: bool = True) -> Path:
+def unpack_zip(zip_path: Path, *, progress: bool | None = None) -> Path:
     """Unpack a Tiny ImageNet zip once, next to itself (or under data/ when that folder is read-only)."""
     return unpack.unpack_zip(zip_path, fallback=DEFAULT_DATA.parent, progress=progress)
 
 
 def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | None = TINY_IMAGENET_MD5,
-                     progress: bool = True) -> Path:
+                     progress: bool | None = None) -> Path:
     """Fetch the zip into ``folder`` (with a progress bar), check its md5, unpack it.
 
     The download goes to a hidden ``.<name>.download-<pid>`` file, renamed once its md5 is right, so a file

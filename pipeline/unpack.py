@@ -161,11 +161,14 @@ def check_space(zip_path: Path, contents: ZipContents, parent: Path) -> None:
                         f"{free / 1e6:.0f} MB are free; free some space, or unpack it elsewhere and pass the folder with --data")
 
 
-def _extract(zip_path: Path, members: list[zipfile.ZipInfo], folder: Path, *, progress: bool) -> None:
+def _extract(zip_path: Path, members: list[zipfile.ZipInfo], folder: Path, *, progress: bool | None) -> None:
+    """``progress``: a bar; None: a bar only on a terminal (callers that know --no-progress pass False)."""
     from tqdm import tqdm
 
     with zipfile.ZipFile(zip_path) as archive:
-        for member in tqdm(members, desc=f"unpacking {zip_path.name}", unit="file", disable=not progress, leave=False):
+        bar = tqdm(members, desc=f"unpacking {zip_path.name}", unit="file", leave=False,
+                   disable=None if progress is None else not progress)
+        for member in bar:
             archive.extract(member, folder)  # names are sanitised: no absolute paths, no '..'
 
 
@@ -189,7 +192,7 @@ def _move_into_place(work: Path, target: Path, identity: dict) -> Path:
     return target
 
 
-def _unpack_into(zip_path: Path, contents: ZipContents, target: Path, *, progress: bool) -> Path:
+def _unpack_into(zip_path: Path, contents: ZipContents, target: Path, *, progress: bool | None) -> Path:
     parent = target.parent
     check_space(zip_path, contents, parent)
     work = parent / f".{target.name}.unpacking-{os.getpid()}"
@@ -222,7 +225,7 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
-def unpack_zip(zip_path: Path, *, fallback: Path, progress: bool = True) -> Path:
+def unpack_zip(zip_path: Path, *, fallback: Path, progress: bool | None = None) -> Path:
     """The folder holding the zip's content: unpacked once, next to the zip (or in ``fallback`` when that
     folder is read-only). A folder this tool did not make is used when it is a dataset, else left alone."""
     zip_path = Path(zip_path)
