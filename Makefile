@@ -22,9 +22,12 @@ $(STAMP): requirements.txt
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# the data: DATA= if given; else data/tiny-imagenet-200 (folder or zip); else fetch it there (md5-checked, progress bar)
+DATA_ARGS = $(if $(strip $(DATA)),--data $(strip $(DATA)),$(if $(wildcard data/tiny-imagenet-200 data/tiny-imagenet-200.zip),,--download))
+
 # prepare -> extract -> train the head -> report
 run: setup
-	$(BIN)/python run_extract.py $(if $(strip $(DATA)),--data $(strip $(DATA))) --weights $(strip $(WEIGHTS)) --device $(strip $(DEVICE)) --out $(strip $(FEATURES))
+	$(BIN)/python run_extract.py $(DATA_ARGS) --weights $(strip $(WEIGHTS)) --device $(strip $(DEVICE)) --out $(strip $(FEATURES))
 	$(BIN)/python run_train_head.py --features $(strip $(FEATURES)) --device $(strip $(DEVICE)) --out $(strip $(HEAD))
 
 demo: setup

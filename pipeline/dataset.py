@@ -31,6 +31,8 @@ class Split:
 
     paths: list[str] = field(default_factory=list)  # relative to the dataset root, with '/'
     labels: list[int] = field(default_factory=list)
+    # images that cannot be indexed (a file name that is not UTF-8), as [{"path", "reason"}]: skips, listed
+    excluded: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -80,43 +82,82 @@ def find_root(path: Path) -> Path:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Non-blank lines without their line ending; CRLF and a missing final newline both work."""
-    with open(path, encoding="utf-8", newline=None) as f:
-        return [line.strip("\r\n") for line in f if line.strip()]
+    """Non-blank lines without their line ending or trailing blanks; CRLF, a missing final newline and a
+    byte-order mark all work."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as f:
+            return [line.rstrip() for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); check the drive and permissions, then rerun") from None
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def shown(name: str) -> str:
+    """A path or name as text that can always be printed and stored: bytes that are not UTF-8 as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _list_images(folder: Path, ignored: list[str], root: Path) -> list[Path]:
-    """Image files in ``folder``, sorted; anything else (.DS_Store, *_boxes.txt, ...) is noted as ignored."""
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # os.scandir hands undecodable bytes over as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as err:
+        raise UserError(f"cannot list {folder} ({err.strerror or err}); check the drive and permissions, then rerun") from None
+
+
+def _list_images(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
+    """Image files in the folder ``root/rel``, sorted, as paths relative to ``root`` (strings: pathlib would
+    cost more than the listing on 110,000 files). Anything else (.DS_Store, *_boxes.txt, ...) is noted as
+    ignored, an image whose name is not UTF-8 (it cannot be stored in the cache) as excluded."""
     images = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        path = Path(entry.path)
-        if entry.is_file() and _is_image(path):
-            images.append(path)
-        elif not (entry.is_dir() and entry.name == "images"):
-            ignored.append(path.relative_to(root).as_posix())
+    for entry in _scan(root / rel):
+        name, path = entry.name, f"{rel}/{entry.name}"
+        if entry.is_file() and _is_image(name):
+            if _is_utf8(name):
+                images.append(path)
+            else:
+                excluded.append({"path": shown(path), "reason": f"file name {os.fsencode(name)!r} is not valid "
+                                 "UTF-8 and cannot be stored in the cache; rename the file to use it"})
+        elif not (name == "images" and entry.is_dir()):
+            ignored.append(path)
     return images
 
 
-def _class_images(class_dir: Path, ignored: list[str], root: Path) -> list[Path]:
-    """Images of one class folder: <class>/images/*.JPEG, or <class>/*.JPEG."""
-    images = _list_images(class_dir, ignored, root)
-    if (class_dir / "images").is_dir():
-        images += _list_images(class_dir / "images", ignored, root)
+def _class_images(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
+    """Images of one class folder: <class>/images/*.JPEG, or <class>/*.JPEG (relative to ``root``)."""
+    images = _list_images(root, rel, ignored, excluded)
+    if (root / rel / "images").is_dir():
+        images += _list_images(root, f"{rel}/images", ignored, excluded)
     return images
 
 
 def _subfolders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return [e.name for e in _scan(folder) if e.is_dir() and not e.name.startswith(".")]
 
 
 def _examples(items) -> str:
-    items = list(items)
+    """The first few names, each as repr: two names that differ only in invisible characters look different."""
+    items = [repr(item) for item in items]
     more = f", ... ({len(items)} in all)" if len(items) > MAX_EXAMPLES else ""
     return ", ".join(items[:MAX_EXAMPLES]) + more
+
+
+def _warn_empty(folder: Path, empty: list[str]) -> None:
+    if empty:
+        log.warning("%d class folders under %s hold no images: %s", len(empty), folder, _examples(empty))
 
 
 def read_class_names(root: Path, wnids: list[str]) -> tuple[list[str], list[str]]:
@@ -143,7 +184,7 @@ def index_dataset(root: Path) -> TinyImageNet:
     root = Path(root)
     if not (root / "wnids.txt").is_file():
         raise UserError(f"{root / 'wnids.txt'} not found; pass the Tiny ImageNet folder that holds it")
-    wnids = sorted(set(read_lines(root / "wnids.txt")))
+    wnids = sorted({line.strip() for line in read_lines(root / "wnids.txt")})
     if not wnids:
         raise UserError(f"{root / 'wnids.txt'} lists no classes")
     names, full_names = read_class_names(root, wnids)
@@ -153,7 +194,8 @@ def index_dataset(root: Path) -> TinyImageNet:
     # train
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise UserError(f"{train_dir} not found; the dataset needs train/<wnid>/images/")
+        what = "is not a folder" if train_dir.exists() else "not found"
+        raise UserError(f"{train_dir} {what}; the dataset needs train/<wnid>/images/")
     folders = _subfolders(train_dir)
     unlisted = sorted(set(folders) - set(wnids))
     missing = sorted(set(wnids) - set(folders))
@@ -165,10 +207,13 @@ def index_dataset(root: Path) -> TinyImageNet:
             parts.append(f"wnids with no folder: {_examples(missing)}")
         raise UserError(f"{train_dir} disagrees with wnids.txt ({'; '.join(parts)}); fix the folders or wnids.txt")
     train = Split()
+    empty = []
     for wnid in wnids:
-        for path in _class_images(train_dir / wnid, ignored, root):
-            train.paths.append(path.relative_to(root).as_posix())
-            train.labels.append(label_of[wnid])
+        images = _class_images(root, f"train/{wnid}", ignored, train.excluded)
+        empty += [] if images else [wnid]
+        train.paths += images
+        train.labels += [label_of[wnid]] * len(images)
+    _warn_empty(train_dir, empty)
 
     splits = {"train": train, "val": _index_val(root, wnids, label_of, ignored)}
     for split_name, split in splits.items():
@@ -176,14 +221,23 @@ def index_dataset(root: Path) -> TinyImageNet:
             raise UserError(f"{root / split_name} holds no images")
     if ignored:
         log.info("ignored %d files that are not images (first: %s)", len(ignored), _examples(ignored))
+    for split in splits.values():
+        for item in split.excluded:
+            log.warning("skipping %s: %s", item["path"], item["reason"])
     return TinyImageNet(root=root, wnids=wnids, names=names, full_names=full_names, splits=splits, ignored=ignored)
 
 
 def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: list[str]) -> Split:
     val_dir = root / "val"
     annotations = val_dir / "val_annotations.txt"
+    images_dir = val_dir / "images"
     val = Split()
-    if annotations.is_file() and (val_dir / "images").is_dir():
+    if not val_dir.is_dir():
+        what = "is not a folder" if val_dir.exists() else "not found"
+        raise UserError(f"{val_dir} {what}; the dataset needs val/images/ with val/val_annotations.txt")
+    if images_dir.exists() and not images_dir.is_dir():
+        raise UserError(f"{images_dir} is a file, not a folder; restore the val/images/ folder of the dataset")
+    if annotations.is_file() and images_dir.is_dir():
         # the official layout: the annotation file is the truth
         wnid_of: dict[str, str] = {}
         unknown = []
@@ -195,7 +249,7 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
             if wnid not in label_of:
                 unknown.append(f"{filename}:{wnid}")
             wnid_of[filename] = wnid
-        on_disk = {p.name for p in _list_images(val_dir / "images", ignored, root)}
+        on_disk = {path.rsplit("/", 1)[1] for path in _list_images(root, "val/images", ignored, val.excluded)}
         missing_files = sorted(set(wnid_of) - on_disk)
         unannotated = sorted(on_disk - set(wnid_of))
         problems = []
@@ -206,25 +260,28 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
         if unannotated:
             problems.append(f"{len(unannotated)} images have no annotation ({_examples(unannotated)})")
         if problems:
-            raise UserError(f"{annotations} disagrees with {val_dir / 'images'}: {'; '.join(problems)}")
+            raise UserError(f"{annotations} disagrees with {images_dir}: {'; '.join(problems)}")
         for filename in sorted(wnid_of, key=lambda f: (label_of[wnid_of[f]], f)):
             val.paths.append(f"val/images/{filename}")
             val.labels.append(label_of[wnid_of[filename]])
         return val
-    if not val_dir.is_dir():
-        raise UserError(f"{val_dir} not found; the dataset needs val/images/ with val/val_annotations.txt")
     # val already arranged into class folders
     folders = [f for f in _subfolders(val_dir) if f != "images"]
     unknown = sorted(set(folders) - set(wnids))
     if unknown:
         raise UserError(f"{val_dir} has class folders not in wnids.txt: {_examples(unknown)}; fix the folders or wnids.txt")
     if not folders:
+        if annotations.is_file():  # the annotations are there, the images folder is not
+            raise UserError(f"{images_dir} not found and {val_dir} has no class folders; restore val/images/")
         raise UserError(f"{annotations} not found and {val_dir} has no class folders; restore val_annotations.txt")
+    empty = []
     for wnid in wnids:
         if wnid in folders:
-            for path in _class_images(val_dir / wnid, ignored, root):
-                val.paths.append(path.relative_to(root).as_posix())
-                val.labels.append(label_of[wnid])
+            images = _class_images(root, f"val/{wnid}", ignored, val.excluded)
+            empty += [] if images else [wnid]
+            val.paths += images
+            val.labels += [label_of[wnid]] * len(images)
+    _warn_empty(val_dir, empty)
     return val
 
 

@@ -1,4 +1,13 @@
-"""Decoding image files to RGB uint8 tensors, and the skip policy for ones that will not decode."""
+"""Decoding image files to 8-bit RGB tensors, and the skip policy for ones that will not decode.
+
+Two kinds of failure, kept apart on purpose:
+
+- ``ImageDecodeError``: the bytes were read but are not a usable image (empty, truncated, not an image,
+  a format the decoder does not know). The file is skipped, counted and listed.
+- ``ImageReadError`` (an ``OSError``): the file could not be read at all (I/O error, permission denied,
+  vanished file or drive). That says nothing about the image, so it is never a skip: callers stop with
+  ``unreadable(path, err)``, and a rerun after the fault is fixed reads the file again.
+"""
 from __future__ import annotations
 
 import logging
@@ -18,6 +27,10 @@ class ImageDecodeError(Exception):
     """An image file that is empty, truncated or not an image; the message is the reason."""
 
 
+class ImageReadError(OSError):
+    """An image file that could not be read (errno and strerror of the underlying OSError, filename set)."""
+
+
 @dataclass(frozen=True)
 class Skipped:
     path: str  # relative to the dataset root
@@ -27,28 +40,51 @@ class Skipped:
         return {"path": self.path, "reason": self.reason}
 
 
+def unreadable(path: str | Path, err: OSError) -> UserError:
+    """The one-line error for a file that cannot be read (not a skip: the run stops)."""
+    reason = err.strerror or first_line(err)
+    return UserError(f"cannot read {path} ({reason}); check the drive and the file's permissions, then rerun")
+
+
 def read_bytes(path: str | Path) -> torch.Tensor:
-    """The file's bytes as a 1-d uint8 tensor (what decode_image and decode_jpeg take)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """The file's bytes as a 1-d uint8 tensor (what decode_image takes). Raises ImageReadError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ImageReadError(err.errno, err.strerror or first_line(err), str(path)) from err
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 RGB from encoded bytes: JPEG (also grayscale or CMYK), PNG, ... whatever the suffix says."""
+    """(3, H, W) uint8 RGB from encoded bytes, whatever the suffix says.
+
+    JPEG (also grayscale or CMYK), PNG (also 16-bit: scaled to 8 bits as torchvision's to_dtype does, by
+    dropping the low byte), WebP and GIF (an animation gives its first frame). Anything else raises
+    ImageDecodeError with the reason.
+    """
     if data.numel() == 0:
         raise ImageDecodeError("empty file")
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as err:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as err:
         reason = first_line(err, last=True)
         if "truncated" in reason.lower() or "premature" in reason.lower():
             raise ImageDecodeError(f"truncated image ({reason})") from None
         raise ImageDecodeError(f"cannot decode ({reason})") from None
+    if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
+        if image.shape[0] == 0:
+            raise ImageDecodeError("animation with no frames")
+        image = image[0]
+    if image.dtype == torch.uint16:  # 16-bit PNG: 0..65535 -> 0..255 (uint16 has no shift on the CPU)
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ImageDecodeError(f"cannot decode (unexpected {image.dtype} image of shape {tuple(image.shape)})")
+    return image  # as decoded: JPEG comes channels-last in memory, the layout the resize is fastest in
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
-    """(3, H, W) uint8 RGB from an image file."""
+    """(3, H, W) uint8 RGB from an image file. ImageDecodeError: a skip; ImageReadError (OSError): stop."""
     return decode_rgb(read_bytes(path))
 
 
@@ -65,10 +101,13 @@ def stack_or_list(images: list[torch.Tensor], *, channels_last: bool = False) ->
 
 
 def check_image(root: Path, rel: str) -> Skipped | None:
+    """None when the image decodes, a Skipped when its content does not; a read error stops (UserError)."""
     try:
         read_rgb(root / rel)
-    except (ImageDecodeError, OSError) as err:
+    except ImageDecodeError as err:
         return Skipped(rel, str(err))
+    except OSError as err:
+        raise unreadable(root / rel, err) from None
     return None
 
 
@@ -76,10 +115,13 @@ def verify_images(root: Path, paths: list[str], *, workers: int = 4, progress: b
     """Decode every image once; return the ones that fail, in order."""
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding releases the GIL
+    pool = ThreadPoolExecutor(max(1, workers))  # decoding releases the GIL
+    try:
         results = pool.map(lambda rel: check_image(root, rel), paths, chunksize=64)
         return [r for r in tqdm(results, total=len(paths), desc="checking images", unit="img",
                                 disable=not progress, leave=False) if r is not None]
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a read error, do not decode the rest first
 
 
 def enforce_skip_policy(skipped: list[Skipped], *, strict: bool) -> None:

@@ -368,12 +368,12 @@ def test_zip_is_unpacked_next_to_it_once_and_never_modified(tmp_path, capsys, mo
     assert summary["splits"]["train"]["images"] == 12 and summary["splits"]["val"]["images"] == 6
     marker_mtime, unpacked_state = marker.stat().st_mtime_ns, tree_state(target)
 
-    import torchvision.datasets.utils
+    import pipeline.unpack
 
     def no_second_extract(*args, **kwargs):
         raise AssertionError("the zip was extracted a second time")
 
-    monkeypatch.setattr(torchvision.datasets.utils, "extract_archive", no_second_extract)
+    monkeypatch.setattr(pipeline.unpack, "_extract", no_second_extract)
     rc, summary2, err = prepare(capsys, "--data", zip_path, summary=tmp_path / "prep2.json")
     assert rc == 0, err
     assert summary2 == summary
