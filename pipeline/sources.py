@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.images import ImageDecodeError, read_rgb
+from pipeline.images import ImageDecodeError, read_rgb, unreadable
 from pipeline.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,13 @@ class ImageSource(FrameSource):
         for path in self.paths:
             try:
                 rgb = read_rgb(path)
-            except (ImageDecodeError, OSError) as err:
+            except ImageDecodeError as err:  # bad content: a folder skips it (and says so), one image is an error
                 if not self.folder:
                     raise UserError(f"cannot read image {path}: {err}") from None
                 log.warning("skipping %s: %s", path, err)
                 continue
+            except OSError as err:  # the file cannot be read at all: stop, as extraction does
+                raise unreadable(path, err) from None
             good += 1
             yield rgb_to_frame(str(path), rgb)
         if self.folder and not good:

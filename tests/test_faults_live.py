@@ -324,3 +324,29 @@ def test_outputs_through_a_symlink_and_to_a_pipe(trained, video, tmp_path):
     assert webcam(trained, "--source", str(clip), "--predictions", str(fifo)) == 0  # written directly, not renamed
     lines = reader.communicate(timeout=60)[0].splitlines()
     assert len(lines) == frames and fifo.exists() and not fifo.is_file() and no_partials(tmp_path)
+
+
+def test_unreadable_image_in_a_folder_stops_the_run(tmp_path, monkeypatch):
+    """An image that cannot be read (I/O error) is not skipped like an undecodable one: the run stops, naming it."""
+    import errno
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import images, sources
+    from pipeline.errors import UserError
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    real = images.read_bytes
+
+    def failing(path):
+        if str(path).endswith("1.png"):
+            raise images.ImageReadError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(images, "read_bytes", failing)
+    with pytest.raises(UserError, match=r"cannot read .*1\.png \(Input/output error\)"):
+        list(sources.open_source(str(folder)))
