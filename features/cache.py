@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from features.errors import CacheError, describe_error
-from features.locking import exclusive_writer, writer_holding
+from features.locking import exclusive_writer, lock_shared_with_child, writer_holding
 from features.shards import (discard, discard_trash, done_shards, parts_digest, parts_folder, read_shard, shard_file,
                              start_parts, write_shard)
 
@@ -95,10 +95,12 @@ def _write_isolated(path: Path, fill: Callable[[h5py.File], None]) -> None:
 
     After a failed HDF5 write (a full disk), closing the file or even exiting the process segfaults
     (h5py 3.16, HDF5 2.0: measured). The child leaves by ``os._exit``, before any of that runs; the parent
-    keeps a sound HDF5 library and turns the child's error into a CacheError.
+    keeps a sound HDF5 library and turns the child's error into a CacheError. The child keeps the writer
+    lock until it exits, so a rerun after the parent's kill -9 cannot write the same file beside it.
     """
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with lock_shared_with_child():
+        pid = os.fork()
     if pid == 0:  # the child: write, and never return into the caller's code
         code = 1
         try:

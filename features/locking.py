@@ -10,6 +10,7 @@ from features.errors import CacheError
 
 
 _held_locks: set[int] = set()  # file descriptors of the writer locks this process holds
+_shared_with_child = False  # True around a fork whose child writes the cache: it keeps the lock
 
 
 def _drop_inherited_locks() -> None:
@@ -19,7 +20,7 @@ def _drop_inherited_locks() -> None:
     outlives a parent killed by kill -9 would keep the lock held (for seconds) and refuse the rerun.
     The child's descriptor is pointed at /dev/null instead; that does not unlock the parent's.
     """
-    if not _held_locks:
+    if not _held_locks or _shared_with_child:
         return
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -31,6 +32,18 @@ def _drop_inherited_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextmanager
+def lock_shared_with_child():
+    """Forks inside this block keep the writer lock in the child: a child that writes the cache file holds
+    the lock until it is done, even when its parent is killed first, so no rerun writes beside it."""
+    global _shared_with_child
+    _shared_with_child = True
+    try:
+        yield
+    finally:
+        _shared_with_child = False
 
 
 @contextmanager

@@ -203,7 +203,10 @@ def _plan(path: Path, settings: cache.CacheSettings, layers: tuple[str, ...],
         return attrs, tuple(layer for layer in layers if layer not in held)
     if not overwrite:
         changed = ", ".join(existing.differences(settings)) if existing else "it is incomplete"
-        why = " (an image changed since: size or modification time)" if changed == "files_signature" else ""
+        why = ""
+        if existing and changed == "files_signature":
+            why = (" (made before image sizes and times were recorded)" if existing.files_signature is None
+                   else " (an image changed since: its size or modification time)")
         raise UserError(f"{path} was extracted with other settings ({changed}){why}; "
                         "pass --overwrite to replace it, or another --out")
     return None, layers

@@ -426,3 +426,18 @@ def test_shards_from_another_cpu_capability_are_discarded(data, reference, tmp_p
     assert sorted(s for name, s in written if name == ".train.parts") == [0, 1, 2, 3]  # none resumed
     monkeypatch.undo()
     assert_same(out, reference)
+
+
+def test_the_child_writing_the_file_keeps_the_writer_lock(tmp_path):
+    """A parent killed while its child writes the file leaves the lock held until the child is done (a DataLoader
+    worker, in contrast, lets go of it at once)."""
+    from features import locking
+
+    with exclusive_writer(tmp_path):
+        fd = next(iter(locking._held_locks))
+
+        def fill(f):
+            f.attrs["lock"] = os.readlink(f"/proc/self/fd/{fd}")
+        cache._write_isolated(tmp_path / "x.h5", fill)
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        assert f.attrs["lock"] == str(tmp_path / ".lock")
