@@ -1,6 +1,7 @@
-"""Stage one: extract AlexNet fc7 features once into the HDF5 cache.
+"""Stage one: extract AlexNet features (fc7, or also pool5 and fc6) once into the HDF5 cache.
 
     python run_extract.py --device cuda                          # data/tiny-imagenet-200 -> runs/features
+    python run_extract.py --device cuda --layers pool5,fc6,fc7   # DeCAF's three layers, one backbone pass
     python run_extract.py --data tiny-imagenet-200.zip --weights alexnet-owt-7be5be79.pth
     python run_extract.py --download                             # fetch and check the official zip first
     python run_extract.py --data DIR --prepare-only --summary-json prep.json
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", default=d.weights,
                        help="imagenet (torchvision IMAGENET1K_V1), random (for tests), or a state_dict path")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
+    model.add_argument("--layers", default=",".join(d.layers),
+                       help="comma list of cached layers: pool5 (9216-d), fc6, fc7 (4096-d); layers missing from "
+                            "an existing cache are added, the others left as they are")
     model.add_argument("--image-size", type=int, default=d.preprocess.image_size, help="side of the network input")
     model.add_argument("--resize-size", type=int, default=d.preprocess.resize_size,
                        help="shorter side before the centre crop (raised to --image-size if smaller)")
@@ -91,7 +95,8 @@ def make_config(args: argparse.Namespace):
         data=args.data, download=args.download, url=args.url, md5=args.md5, out=args.out, weights=args.weights,
         seed=args.seed, device=args.device, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
         workers=args.workers, preprocess=preprocess, shard_size=args.shard_size, compression=args.compression,
-        overwrite=args.overwrite, strict=args.strict, arrange_val=args.arrange_val, progress=not args.no_progress)
+        overwrite=args.overwrite, strict=args.strict, arrange_val=args.arrange_val, progress=not args.no_progress,
+        layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()))
 
 
 def warn_random(spec: str) -> None:

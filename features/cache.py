@@ -1,57 +1,69 @@
-"""The fc7 feature cache: one self-describing HDF5 file per split, written crash-safely.
+"""The feature cache: one self-describing HDF5 file per split, written crash-safely.
 
-While extraction runs, each shard of rows goes to its own small file under ``<out>/.<split>.parts/``,
-written to a temporary name and renamed into place, so a kill at any moment loses at most the shard
-in flight. When every shard is there, they are streamed into ``<split>.h5.tmp``, which is marked
-complete and renamed to ``<split>.h5``. So ``<split>.h5`` exists only when complete, and readers check
-its ``complete`` attribute as well. The schema is documented in README.md.
+While extraction runs, each shard of rows goes to its own small ``.npz`` file under ``<out>/.<split>.parts/``,
+written to a temporary name and renamed into place, so a kill at any moment loses at most the shard in
+flight. Every shard's name and content carry the digest of the settings that made it, so a shard is never
+assembled under other settings, whatever moment a kill interrupted a cleanup. When every shard is there,
+they are streamed into ``<split>.h5.tmp``, which is marked complete and renamed to ``<split>.h5``. So
+``<split>.h5`` exists only when complete, and readers check its ``complete`` attribute as well. A file holds
+one dataset per layer (``pool5``, ``fc6``, ``fc7``) and ``features``, a soft link to its fc7 (or its only
+layer). The schema is documented in README.md.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
+from features.errors import CacheError, describe_error
+from features.locking import exclusive_writer, lock_shared_with_child, writer_holding
+from features.shards import (discard, discard_trash, done_shards, parts_digest, parts_folder, read_shard, shard_file,
+                             start_parts, write_shard)
+
+__all__ = ["CacheError", "CacheSettings", "CachedSplit", "assemble", "discard", "discard_trash", "done_shards",
+           "exclusive_writer", "held_layers", "open_split", "parts_digest", "parts_folder", "quick_up_to_date",
+           "read_attrs", "shard_file", "split_file", "start_parts", "write_shard", "writer_holding"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROW_CHUNK = 256  # rows per HDF5 chunk: 4 MiB of float32 fc7
 STR = h5py.string_dtype("utf-8")
-
-
-class CacheError(Exception):
-    """A cache that is missing, partial, foreign or locked: the entry scripts print it as one line."""
+LAYER_DATASETS = ("pool5", "fc6", "fc7")  # the layer datasets a cache may hold, in network order (models.LAYERS)
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """Everything that decides a cache's content. Two caches with equal settings hold equal data."""
+    """Everything that decides a cache's content. Two caches with equal settings hold equal data.
+
+    Which layers a file holds is not a setting: a file with equal settings can gain a layer.
+    """
 
     backbone: str  # "alexnet"
-    layer: str  # "fc7"
     weights_fingerprint: str
     preprocess: str  # Preprocess.to_json()
     dtype: str  # "float32" or "float16", as stored
     precision: str  # compute precision: fp32, bf16 or fp16
     dataset_signature: str  # sha256 of the class order and the split's (path, label) list
+    files_signature: str | None = None  # sha256 of each image's size and mtime: an image changed in place
+    layer: str = field(default="fc7", compare=False)  # the layer ``features`` links to (see assemble)
 
     def differences(self, other: "CacheSettings") -> list[str]:
         mine, theirs = asdict(self), asdict(other)
-        return [k for k in mine if mine[k] != theirs[k]]
+        return [f.name for f in fields(self) if f.compare and mine[f.name] != theirs[f.name]]
 
     @classmethod
     def from_attrs(cls, attrs) -> "CacheSettings":
-        return cls(**{k: _plain(attrs[k]) for k in cls.__dataclass_fields__})
+        """The settings a file records (a file from before a field was added records None for it)."""
+        return cls(**{f.name: _plain(attrs[f.name]) if f.name in attrs else f.default for f in fields(cls)})
 
 
 def _plain(value):
@@ -62,160 +74,149 @@ def _plain(value):
     return value
 
 
+def held_layers(attrs: dict) -> list[str]:
+    """The layers a complete file holds (a file from before layers holds its ``layer``, as ``features``)."""
+    return json.loads(attrs["layers"]) if "layers" in attrs else [attrs.get("layer", "fc7")]
+
+
 def split_file(out: Path, split: str) -> Path:
     return Path(out) / f"{split}.h5"
 
 
-def parts_folder(out: Path, split: str) -> Path:
-    return Path(out) / f".{split}.parts"
 
-
-# ---------------------------------------------------------------------------------------------
-# One writer at a time
-
-
-_held_locks: set[int] = set()  # file descriptors of the writer locks this process holds
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (a DataLoader worker), let go of the parent's writer lock.
-
-    flock belongs to the open file description, which fork shares with the child: a worker that
-    outlives a parent killed by kill -9 would keep the lock held (for seconds) and refuse the rerun.
-    The child's descriptor is pointed at /dev/null instead; that does not unlock the parent's.
-    """
-    if not _held_locks:
-        return
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        for fd in _held_locks:
-            os.dup2(devnull, fd, inheritable=False)
-    finally:
-        os.close(devnull)
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-@contextmanager
-def exclusive_writer(out: Path):
-    """Hold ``<out>/.lock`` for the whole extraction; a second writer gets a clear error.
-
-    flock is released by the kernel when the process dies, even by kill -9, so no stale lock is left
-    (forked children, such as DataLoader workers, drop their inherited copy: see above).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock_path = out / ".lock"
-    with open(lock_path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise CacheError(f"another extraction ({holder}) is writing to {out}; wait for it, or pass another --out") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}")
-        lock.flush()
-        _held_locks.add(lock.fileno())
-        try:
-            yield
-        finally:
-            _held_locks.discard(lock.fileno())
-            lock.truncate(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shards: the resumable unit of work
-
-
-def start_parts(parts: Path, settings: CacheSettings, **layout) -> None:
-    """Make the parts folder for these settings; parts made with other settings are discarded.
-
-    ``layout`` (batch size, shard size, row count) must match too: it decides which rows share a
-    batch, and fp32 results can differ in the last bit between batch compositions.
-    """
-    meta_path = parts / "settings.json"
-    meta = {"settings": asdict(settings), **layout}
-    if meta_path.is_file():
-        if json.loads(meta_path.read_text()) == meta:
-            return
-        log.info("discarding partial extraction in %s: it was made with other settings", parts)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    tmp = parts / "settings.json.tmp"
-    tmp.write_text(json.dumps(meta, sort_keys=True))
-    os.replace(tmp, meta_path)
-
-
-def shard_file(parts: Path, shard: int) -> Path:
-    return parts / f"shard-{shard:06d}.h5"
-
-
-def done_shards(parts: Path) -> set[int]:
-    if not parts.is_dir():
-        return set()
-    return {int(p.stem.split("-")[1]) for p in parts.glob("shard-*.h5")}
-
-
-def write_shard(parts: Path, shard: int, features: np.ndarray, positions: np.ndarray, skipped: list[dict]) -> None:
-    """Atomically write one shard: rows ``features`` for dataset ``positions``, plus its skipped images."""
-    final = shard_file(parts, shard)
-    tmp = final.with_suffix(".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features)
-        f.create_dataset("positions", data=positions.astype(np.int64))
-        f.attrs["skipped"] = json.dumps(skipped)
-    os.replace(tmp, final)  # the shard exists under its real name only once fully written
 
 
 # ---------------------------------------------------------------------------------------------
 # The finished file
 
 
+def _write_isolated(path: Path, fill: Callable[[h5py.File], None]) -> None:
+    """Write the HDF5 file ``path`` with ``fill`` in a forked child, and report its failure in one line.
+
+    After a failed HDF5 write (a full disk), closing the file or even exiting the process segfaults
+    (h5py 3.16, HDF5 2.0: measured). The child leaves by ``os._exit``, before any of that runs; the parent
+    keeps a sound HDF5 library and turns the child's error into a CacheError. The child keeps the writer
+    lock until it exits, so a rerun after the parent's kill -9 cannot write the same file beside it.
+    """
+    read_end, write_end = os.pipe()
+    with lock_shared_with_child():
+        pid = os.fork()
+    if pid == 0:  # the child: write, and never return into the caller's code
+        code = 1
+        try:
+            os.close(read_end)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)  # HDF5's complaints while it unwinds a failed write: the pipe carries the reason
+            f = h5py.File(path, "w")
+            fill(f)
+            f.close()
+            code = 0
+        except BaseException as err:  # noqa: BLE001 - everything is reported to the parent
+            try:
+                os.write(write_end, describe_error(err).encode()[:2000])
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        reason = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        path.unlink(missing_ok=True)
+        reason = reason or (f"the writer died of signal {-code}" if code < 0 else "the writer failed")
+        raise CacheError(f"cannot write {path}: {reason}; free some space (or fix the folder's permissions) "
+                         "and rerun: the extracted shards are kept")
+
+
+def _check_space(folder: Path, num_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < num_bytes:
+        raise CacheError(f"{folder} has {free / 2**20:.0f} MiB free, but the cache file needs about "
+                         f"{num_bytes / 2**20:.0f} MiB; free some space and rerun: the extracted shards are kept")
+
+
 def assemble(out: Path, split: str, *, settings: CacheSettings, num_shards: int, paths: list[str],
-             labels: list[int], wnids: list[str], names: list[str], attrs: dict, compression: str | None) -> dict:
-    """Stream the shards into ``<split>.h5`` (complete) and drop the parts. Returns the file's attributes."""
+             labels: list[int], wnids: list[str], names: list[str], attrs: dict, compression: str | None,
+             layers: dict[str, int] | None = None, keep: Path | None = None) -> dict:
+    """Stream the shards into ``<split>.h5`` (complete) and drop the parts. Returns the file's attributes.
+
+    ``layers``: {layer: dim} the shards hold (default: ``settings.layer`` of ``attrs["feature_dim"]``).
+    ``keep``: a complete file with equal settings; its other layers are copied as they are (bit for bit)
+    into the new file, which then replaces it.
+    """
     parts = parts_folder(out, split)
+    digest = parts_digest(parts)
     missing = sorted(set(range(num_shards)) - done_shards(parts))
-    if missing:
-        raise RuntimeError(f"cannot assemble {split}: shards {missing[:5]} are missing")
-    shards = [shard_file(parts, i) for i in range(num_shards)]
-    skipped, num_rows = [], 0
+    if digest is None or missing:
+        raise CacheError(f"cannot assemble {split}: shards {missing[:5]} are missing in {parts}; rerun run_extract.py")
+    layers = dict(layers or {settings.layer: int(attrs["feature_dim"])})
+    shards = [shard_file(parts, i, digest) for i in range(num_shards)]
+    skipped, rows = [], []
     for path in shards:
-        with h5py.File(path, "r") as f:
-            num_rows += f["positions"].shape[0]
-            skipped += json.loads(f.attrs["skipped"])
-    dim = attrs["feature_dim"]
-    final = split_file(out, split)
-    tmp = final.with_name(final.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        chunks = (max(1, min(ROW_CHUNK, num_rows)), dim)
+        shard = read_shard(path, digest)
+        rows.append(shard["positions"])
+        skipped += shard["skipped"]
+    order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    num_rows = len(order)
+
+    kept: dict[str, tuple[str, int]] = {}  # layer -> (its dataset in ``keep``, dim)
+    if keep is not None:
+        keep_attrs = read_attrs(keep) or {}
+        with h5py.File(keep, "r") as old:
+            if list(old["paths"].asstr()[:]) != [paths[p] for p in order]:
+                raise CacheError(f"{keep} holds other rows than the images extracted now; rerun with --overwrite")
+            for name in held_layers(keep_attrs):
+                if name not in layers:
+                    source = name if name in old else "features"
+                    kept[name] = (source, int(old[source].shape[1]))
+    dims = {**layers, **{name: dim for name, (_, dim) in kept.items()}}
+    all_layers = [n for n in LAYER_DATASETS if n in dims] + [n for n in dims if n not in LAYER_DATASETS]
+    main = "fc7" if "fc7" in dims else all_layers[0]  # what ``features`` links to, and ``layer`` names
+    if not compression:
+        _check_space(Path(out), num_rows * (sum(dims.values()) * np.dtype(settings.dtype).itemsize + 256) + 2**20)
+
+    record = {**attrs, **asdict(settings), "layer": main, "layers": json.dumps(all_layers), "feature_dim": dims[main],
+              "format_version": FORMAT_VERSION, "split": split, "num_rows": num_rows, "num_classes": len(wnids),
+              "num_skipped": len(skipped), "skipped": json.dumps(skipped),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {key: value for key, value in record.items() if value is not None}
+    labels = np.asarray(labels)
+
+    def fill(f: h5py.File) -> None:
         kwargs = {"compression": compression} if compression else {}
-        features = f.create_dataset("features", shape=(num_rows, dim), dtype=settings.dtype, chunks=chunks, **kwargs)
+        datasets = {name: f.create_dataset(name, shape=(num_rows, dim), dtype=settings.dtype,
+                                           chunks=(max(1, min(ROW_CHUNK, num_rows)), dim), **kwargs)
+                    for name, dim in layers.items()}
         out_labels = f.create_dataset("labels", shape=(num_rows,), dtype=np.int64)
         out_paths = f.create_dataset("paths", shape=(num_rows,), dtype=STR)
         f.create_dataset("class_wnids", data=np.array(wnids, dtype=object), dtype=STR)
         f.create_dataset("class_names", data=np.array(names, dtype=object), dtype=STR)
-        labels = np.asarray(labels)
         row = 0
         for path in shards:
-            with h5py.File(path, "r") as shard:
-                positions = shard["positions"][:]
-                n = len(positions)
-                features[row:row + n] = shard["features"][:]
-                out_labels[row:row + n] = labels[positions]
-                out_paths[row:row + n] = np.array([paths[p] for p in positions], dtype=object)
-                row += n
-        record = {**attrs, **asdict(settings), "format_version": FORMAT_VERSION, "split": split,
-                  "num_rows": num_rows, "num_classes": len(wnids), "num_skipped": len(skipped),
-                  "skipped": json.dumps(skipped), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            shard = read_shard(path, digest)
+            positions = shard["positions"]
+            n = len(positions)
+            for name, dataset in datasets.items():
+                dataset[row:row + n] = shard["layers"][name]
+            out_labels[row:row + n] = labels[positions]
+            out_paths[row:row + n] = np.array([paths[p] for p in positions], dtype=object)
+            row += n
+        if kept:
+            with h5py.File(keep, "r") as old:
+                for name, (source, _) in kept.items():
+                    old.copy(old[source], f, name=name)  # raw bytes, chunks and compression as they were
+        f["features"] = h5py.SoftLink(f"/{main}")  # today's readers of ``features`` keep working
         for key, value in record.items():
             f.attrs[key] = value
         f.attrs["complete"] = True  # written last: only a fully written file says so
+
+    final = split_file(out, split)
+    tmp = final.with_name(final.name + ".tmp")
+    _write_isolated(tmp, fill)
     os.replace(tmp, final)
-    shutil.rmtree(parts, ignore_errors=True)
+    discard(parts)
+    discard_trash(parts)
     return record
 
 
@@ -230,8 +231,9 @@ def read_attrs(path: Path) -> dict | None:
         raise CacheError(f"{path} is not a readable HDF5 file ({err}); delete it, or rerun run_extract.py with --overwrite") from None
 
 
-def quick_up_to_date(path: Path, expected: dict) -> dict | None:
-    """The attributes of ``path`` when it is complete and records exactly ``expected``; else None.
+def quick_up_to_date(path: Path, expected: dict, layers: tuple[str, ...] | list[str] = ()) -> dict | None:
+    """The attributes of ``path`` when it is complete, records exactly ``expected`` and holds ``layers``;
+    else None.
 
     A torch-free first look for reruns: ``expected`` holds the settings and the weights spec and stamp
     (the weights spec and stamp). None only means "look properly", never "out of date".
@@ -242,7 +244,17 @@ def quick_up_to_date(path: Path, expected: dict) -> dict | None:
         return None
     if not attrs or not attrs.get("complete") or attrs.get("format_version") != FORMAT_VERSION:
         return None
+    if not set(layers) <= set(held_layers(attrs)):
+        return None
     return attrs if all(attrs.get(key) == value for key, value in expected.items()) else None
+
+
+def _absent_hint(path: Path) -> str:
+    """Why ``path`` is not there yet: being written now (an error of its own), interrupted, or never made."""
+    holder = writer_holding(path.parent)
+    if holder:
+        raise CacheError(f"{path} is being written by {holder} right now; wait for run_extract.py to finish, then rerun")
+    return " (an extraction into it was interrupted: rerun it to finish)" if parts_folder(path.parent, path.stem).exists() else ""
 
 
 @dataclass
@@ -281,8 +293,7 @@ def open_split(path: Path, layer: str = "fc7") -> CachedSplit:
     path = Path(path)
     attrs = read_attrs(path)
     if attrs is None:
-        partial = parts_folder(path.parent, path.stem)
-        hint = " (an extraction into it was interrupted: rerun it to finish)" if partial.exists() else ""
+        hint = _absent_hint(path)
         raise CacheError(f"no feature cache at {path}{hint}; run run_extract.py first, or pass --features DIR")
     if not attrs.get("complete"):
         raise CacheError(f"{path} is not a complete feature cache; rerun run_extract.py to finish it")

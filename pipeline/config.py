@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from features.cache import LAYER_DATASETS
 from pipeline.errors import UserError
 from pipeline.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
@@ -47,8 +48,15 @@ class ExtractConfig:
     arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = True
+    layers: tuple[str, ...] = ("fc7",)  # cached layers: pool5, fc6, fc7 (one backbone pass fills them all)
 
     def check(self) -> None:
+        unknown = [layer for layer in self.layers if layer not in LAYER_DATASETS]
+        if unknown or not self.layers:
+            raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYER_DATASETS)}")
+        self.layers = tuple(layer for layer in LAYER_DATASETS if layer in self.layers)  # network order, once each
+        if not 0 <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise UserError(f"--seed must be between 0 and 2**64-1, got {self.seed}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS)}")
         if self.dtype not in DTYPES:

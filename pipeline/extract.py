@@ -1,10 +1,14 @@
-"""Stage one: run the frozen AlexNet once over train and val and store fc7 in the HDF5 cache.
+"""Stage one: run the frozen AlexNet once over train and val and store its layers in the HDF5 cache.
 
 Data path: DataLoader workers read and decode whole batches of JPEGs (and on the CPU also resize and
 crop them, as uint8); the main process normalises on the device, runs the backbone in channels_last
-with its weights cast once to the compute precision, and writes one shard file per ``shard_size`` rows
-(features.cache). Under torchrun each rank takes every world_size-th shard; rank 0 assembles the shards
-into ``train.h5`` / ``val.h5``.
+with its weights cast once to the compute precision (one pass fills every requested layer), and writes
+one shard file per ``shard_size`` rows (features.cache). Under torchrun each rank takes every
+world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
+
+An image that cannot be read (an I/O error, permission denied, a vanished drive) stops the run with one
+line naming it; only content that does not decode is a listed skip. The shard it belongs to is not
+written, so a rerun after the fault is fixed reads it again.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features import cache
-from models import FC7_DIM, MIN_IMAGE_SIZE
+from features.errors import describe_error
+from models import LAYER_DIMS, MIN_IMAGE_SIZE
 from pipeline.backbone import load_backbone, place_backbone, resolve_device
 from pipeline.config import ExtractConfig
 from pipeline.dataset import TinyImageNet, arrange_val, index_dataset
@@ -90,8 +95,10 @@ class BatchReader(Dataset):
             try:
                 images.append(read_rgb(self.root / self.paths[position]))
                 kept.append(position)
-            except (ImageDecodeError, OSError) as err:
+            except ImageDecodeError as err:  # bad content: a listed skip
                 skipped.append(Skipped(self.paths[position], str(err)).to_dict())
+            except OSError as err:  # a read failure stops the run; returned as data, so no worker traceback
+                return {"shard": shard, "read_error": {"path": self.paths[position], "reason": describe_error(err)}}
         if not images:
             batch = None
         elif self.preprocess is not None:  # CPU extraction: resize and crop here, off the main process
@@ -99,7 +106,7 @@ class BatchReader(Dataset):
         else:
             batch = stack_or_list(images)  # (B, 3, H, W) uint8, or mixed sizes resized on the device one by one
         return {"shard": shard, "positions": np.asarray(kept, dtype=np.int64), "images": batch,
-                "skipped": skipped, "count": len(positions)}
+                "skipped": skipped, "count": len(positions), "read_error": None}
 
 
 def _start(device_name: str) -> tuple[int, int, torch.device]:
@@ -155,6 +162,15 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
 
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
+    settings = {split: split_settings(dataset, split, config, fingerprint) for split in config.splits}
+    if world == 1 and not config.overwrite:  # the full check reads only: no lock when nothing is to be written
+        plans = {split: _plan(cache.split_file(out, split), settings[split], config.layers, False)
+                 for split in config.splits}
+        if all(attrs is not None and not todo for attrs, todo in plans.values()):
+            for split, (attrs, _) in plans.items():
+                result.splits[split] = SplitResult(split, cache.split_file(out, split), attrs["num_rows"],
+                                                   json.loads(attrs["skipped"]), up_to_date=True)
+            return result
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
     try:
         with lock:
@@ -162,9 +178,8 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
                 dist.barrier()  # nobody writes before rank 0 holds the lock
             backbone = place_backbone(backbone, device, config.precision)
             for split in config.splits:
-                settings = split_settings(dataset, split, config, fingerprint)
                 result.splits[split] = _extract_split(
-                    dataset, split, settings, config, backbone=backbone, device=device, batch_size=batch_size,
+                    dataset, split, settings[split], config, backbone=backbone, device=device, batch_size=batch_size,
                     workers=workers, weights_spec=weights_spec, rank=rank, world=world)
     finally:
         if world > 1 and dist.is_initialized():
@@ -172,19 +187,38 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
     return result
 
 
-def _check_existing(path: Path, settings: cache.CacheSettings, overwrite: bool) -> dict | None:
-    """Attributes of an up-to-date cache at ``path``; None when there is work to do; an error on a mismatch."""
+def _plan(path: Path, settings: cache.CacheSettings, layers: tuple[str, ...],
+          overwrite: bool) -> tuple[dict | None, tuple[str, ...]]:
+    """(attributes of the complete file at ``path`` to build on, or None; the layers to compute).
+
+    Nothing to compute: up to date. A file with equal settings that lacks layers gains them; any other
+    file is an error, unless ``overwrite`` (which always re-extracts every requested layer).
+    """
     attrs = cache.read_attrs(path)
     if attrs is None:
-        return None
+        return None, layers
     existing = cache.CacheSettings.from_attrs(attrs) if attrs.get("complete") else None
-    if existing == settings:
-        return attrs
+    if existing == settings and not overwrite:
+        held = cache.held_layers(attrs)
+        return attrs, tuple(layer for layer in layers if layer not in held)
     if not overwrite:
         changed = ", ".join(existing.differences(settings)) if existing else "it is incomplete"
-        raise UserError(f"{path} was extracted with other settings ({changed}); "
+        why = ""
+        if existing and changed == "files_signature":
+            why = (" (made before image sizes and times were recorded)" if existing.files_signature is None
+                   else " (an image changed since: its size or modification time)")
+        raise UserError(f"{path} was extracted with other settings ({changed}){why}; "
                         "pass --overwrite to replace it, or another --out")
-    return None
+    return None, layers
+
+
+def device_detail(device: torch.device) -> dict:
+    """What, besides the settings, decides the last bits of the features: the GPU model and cuDNN, or the
+    CPU's vector instructions; and torch. Resumed shards must come from the same."""
+    if device.type == "cuda":
+        return {"gpu": torch.cuda.get_device_name(device), "cudnn": torch.backends.cudnn.version(),
+                "torch": torch.__version__}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSettings, config: ExtractConfig, *,
@@ -192,9 +226,12 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
                    rank: int, world: int) -> dict:
     out = Path(config.out)
     final = cache.split_file(out, split)
-    attrs = _check_existing(final, settings, config.overwrite)
-    if attrs is not None:
-        return SplitResult(split, final, attrs["num_rows"], json.loads(attrs["skipped"]), up_to_date=True)
+    kept, layers = _plan(final, settings, config.layers, config.overwrite)
+    if kept is not None and not layers:
+        return SplitResult(split, final, kept["num_rows"], json.loads(kept["skipped"]), up_to_date=True)
+    if kept is not None and rank == 0:
+        log.info("%s: adding %s to %s (its %s stay as they are)", split, ", ".join(layers), final,
+                 ", ".join(cache.held_layers(kept)))
 
     paths, labels = dataset.splits[split].paths, dataset.splits[split].labels
     parts = cache.parts_folder(out, split)
@@ -202,11 +239,12 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     if world > 1:
         dist.barrier()  # every rank has read the old file before rank 0 removes it
     if rank == 0:
-        if final.exists():  # --overwrite of a different cache
+        if kept is None and final.exists():  # --overwrite: the old file and any partial work are replaced
             final.unlink()
-        # shards from another batch size or device type would not match bit for bit: they are discarded
+            cache.discard(parts)
+        # shards from another batch size, device or set of layers would not match: they are discarded
         cache.start_parts(parts, settings, batch_size=batch_size, shard_size=config.shard_size, num_rows=len(paths),
-                          device=device.type)
+                          device=device.type, device_detail=device_detail(device), layers=list(layers))
     if world > 1:
         dist.barrier()
     done = cache.done_shards(parts)
@@ -228,7 +266,12 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     with torch.inference_mode():
         for item in loader:
             shard = item["shard"]
-            acc = pending.setdefault(shard, {"features": [], "positions": [], "skipped": [], "seen": 0})
+            if item["read_error"]:  # nothing of this shard is written: the rerun reads it again
+                error = item["read_error"]
+                raise UserError(f"cannot read {dataset.root / error['path']}: {error['reason']}; fix the drive or the "
+                                "file's permissions and rerun (finished shards are kept; this one is read again)")
+            acc = pending.setdefault(shard, {"features": {layer: [] for layer in layers}, "positions": [],
+                                             "skipped": [], "seen": 0})
             if item["skipped"]:
                 enforce_skip_policy([Skipped(**s) for s in item["skipped"]], strict=config.strict)
             if item["images"] is not None:
@@ -238,14 +281,16 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
                 else:
                     images = images.to(device, non_blocking=True)
                 x = config.preprocess.normalize(images if in_workers else config.preprocess.resize_crop(images))
-                fc7 = backbone(x)  # (B, 4096) post-ReLU, in the backbone's dtype
-                acc["features"].append(fc7.to(storage).cpu().numpy())
+                outputs = backbone.forward_layers(x, layers)  # {layer: (B, dim)}, in the backbone's dtype
+                for layer, rows in outputs.items():
+                    acc["features"][layer].append(rows.to(storage).cpu().numpy())
             acc["positions"].append(item["positions"])
             acc["skipped"] += item["skipped"]
             acc["seen"] += item["count"]
             processed += item["count"]
             if acc["seen"] == len(shards[shard]):
-                features = np.concatenate(acc["features"]) if acc["features"] else np.zeros((0, FC7_DIM), config.dtype)
+                features = {layer: np.concatenate(rows) if rows else np.zeros((0, LAYER_DIMS[layer]), config.dtype)
+                            for layer, rows in acc["features"].items()}
                 cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
                 del pending[shard]
                 if world > 1:  # rank 0 shows everyone's progress: count the finished shards on disk
@@ -263,7 +308,8 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
     record = cache.assemble(
         out, split, settings=settings, num_shards=len(shards), paths=paths, labels=labels,
         wnids=dataset.wnids, names=dataset.names, compression=config.compression,
-        attrs={"weights_spec": weights_spec, "weights_stamp": weights_stamp(weights_spec), "feature_dim": FC7_DIM, "batch_size": batch_size,
+        layers={layer: LAYER_DIMS[layer] for layer in layers}, keep=final if kept is not None else None,
+        attrs={"weights_spec": weights_spec, "weights_stamp": weights_stamp(weights_spec), "batch_size": batch_size,
                "shard_size": config.shard_size, "dataset_root": str(dataset.root), "versions": _versions(),
                "class_full_names": "\n".join(dataset.full_names), "world_size": world})
     return SplitResult(split, final, record["num_rows"], json.loads(record["skipped"]), seconds=round(seconds, 2),

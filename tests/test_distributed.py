@@ -71,13 +71,13 @@ def test_torchrun_resumes_after_kill(dataset, reference, tmp_path):
     parts = out / ".train.parts"
     proc = _torchrun(dataset, out)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(parts.glob("shard-*.h5"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(list(parts.glob("shard-*.npz"))) < 2:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed; make the dataset larger"
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, at once
     proc.wait()
     assert not (out / "train.h5").exists(), "a killed run must not leave a file that looks complete"
-    done_before = len(list(parts.glob("shard-*.h5")))
+    done_before = len(list(parts.glob("shard-*.npz")))
     assert done_before >= 2
 
     proc = _torchrun(dataset, out)

@@ -259,7 +259,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path, monkeypatch):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(parts.glob("shard-*.h5")):
+        while not list(parts.glob("shard-*.npz")):
             assert proc.poll() is None, f"extraction ended before the kill: {proc.stderr.read().decode()[-2000:]}"
             assert time.monotonic() < deadline, "no shard was written in 120 s"
             time.sleep(0.002)

@@ -1,0 +1,116 @@
+"""Shards, the resumable unit of extraction: ``.npz`` files in ``<out>/.<split>.parts/``, tied to their settings.
+
+Every shard's name and content carry the digest of the settings and layout that made it, so a shard is
+never counted or assembled under other settings, whatever moment a kill interrupted a cleanup. Shards are
+written with plain numpy I/O, where a full disk is a clean OSError (not an HDF5 write failure).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import CacheError, describe_error
+
+log = logging.getLogger(__name__)
+
+
+def parts_folder(out: Path, split: str) -> Path:
+    return Path(out) / f".{split}.parts"
+
+
+def start_parts(parts: Path, settings: CacheSettings, **layout) -> str:
+    """Make the parts folder for these settings and return their digest; other parts are discarded.
+
+    ``layout`` (batch size, shard size, row count, device, layers) must match too: it decides which rows
+    share a batch, and fp32 results can differ in the last bit between batch compositions and devices.
+    Shards are named by the digest, so a shard made under other settings is never counted, even when a
+    kill left it behind; the old folder is renamed away before it is deleted.
+    """
+    meta = {"settings": asdict(settings), **layout}
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    if parts_digest(parts) == digest:
+        return digest
+    if parts.exists():
+        log.info("discarding partial extraction in %s: it was made with other settings", parts)
+        discard(parts)
+    discard_trash(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = parts / "settings.json.tmp"
+    tmp.write_text(json.dumps({"digest": digest, **meta}, sort_keys=True))
+    os.replace(tmp, parts / "settings.json")
+    return digest
+
+
+def parts_digest(parts: Path) -> str | None:
+    """The settings digest of a parts folder (None when it has no readable settings file)."""
+    try:
+        return json.loads((parts / "settings.json").read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def discard(folder: Path) -> None:
+    """Delete a folder of our own making: renamed away first (atomic), so no kill leaves it half-deleted
+    under its real name."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(f"{folder.name}.trash-{os.getpid()}-{time.time_ns()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def discard_trash(parts: Path) -> None:
+    """Finish deletions that a kill interrupted."""
+    for trash in parts.parent.glob(f"{parts.name}.trash-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def shard_file(parts: Path, shard: int, digest: str | None = None) -> Path:
+    return parts / f"shard-{digest or parts_digest(parts)}-{shard:06d}.npz"
+
+
+def done_shards(parts: Path) -> set[int]:
+    """The shards finished under the folder's current settings."""
+    digest = parts_digest(parts)
+    if digest is None:
+        return set()
+    return {int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"shard-{digest}-*.npz")}
+
+
+def write_shard(parts: Path, shard: int, features: np.ndarray | dict[str, np.ndarray], positions: np.ndarray,
+                skipped: list[dict]) -> None:
+    """Atomically write one shard: rows ``features`` ({layer: (n, dim)}; an array is fc7) for dataset
+    ``positions``, plus its skipped images. Plain numpy I/O: a full disk is a clean OSError here."""
+    layers = features if isinstance(features, dict) else {"fc7": features}
+    digest = parts_digest(parts)
+    if digest is None:
+        raise CacheError(f"{parts} has no settings file; rerun run_extract.py")
+    final = shard_file(parts, shard, digest)
+    tmp = final.with_name(final.name + ".tmp")
+    arrays = {f"layer_{name}": np.ascontiguousarray(rows) for name, rows in layers.items()}
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, positions=np.asarray(positions, dtype=np.int64), skipped=np.array(json.dumps(skipped)),
+                     digest=np.array(digest), **arrays)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"cannot write {final}: {describe_error(err)}; free some space (or fix the folder's "
+                         "permissions) and rerun: the finished shards are kept") from None
+    os.replace(tmp, final)  # the shard exists under its real name only once fully written
+
+
+def read_shard(path: Path, digest: str) -> dict:
+    with np.load(path, allow_pickle=False) as shard:
+        if str(shard["digest"]) != digest:
+            path.unlink()
+            raise CacheError(f"{path} was made under other settings and is discarded; rerun run_extract.py")
+        return {"positions": shard["positions"], "skipped": json.loads(str(shard["skipped"])),
+                "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")}}
