@@ -138,12 +138,14 @@ def _check_space(folder: Path, num_bytes: int) -> None:
 
 def assemble(out: Path, split: str, *, settings: CacheSettings, num_shards: int, paths: list[str],
              labels: list[int], wnids: list[str], names: list[str], attrs: dict, compression: str | None,
-             layers: dict[str, int] | None = None, keep: Path | None = None) -> dict:
+             layers: dict[str, int] | None = None, keep: Path | None = None,
+             skipped_before: list[dict] | None = None) -> dict:
     """Stream the shards into ``<split>.h5`` (complete) and drop the parts. Returns the file's attributes.
 
     ``layers``: {layer: dim} the shards hold (default: ``settings.layer`` of ``attrs["feature_dim"]``).
     ``keep``: a complete file with equal settings; its other layers are copied as they are (bit for bit)
-    into the new file, which then replaces it.
+    into the new file, which then replaces it. ``skipped_before``: images left out before extraction (such
+    as file names the cache cannot store), listed with the shards' skips.
     """
     parts = parts_folder(out, split)
     digest = parts_digest(parts)
@@ -152,7 +154,7 @@ def assemble(out: Path, split: str, *, settings: CacheSettings, num_shards: int,
         raise CacheError(f"cannot assemble {split}: shards {missing[:5]} are missing in {parts}; rerun run_extract.py")
     layers = dict(layers or {settings.layer: int(attrs["feature_dim"])})
     shards = [shard_file(parts, i, digest) for i in range(num_shards)]
-    skipped, rows = [], []
+    skipped, rows = list(skipped_before or []), []
     for path in shards:
         shard = read_shard(path, digest)
         rows.append(shard["positions"])

@@ -149,7 +149,8 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
 
     if dataset is None or config.download or config.arrange_val or world > 1:
         # rank 0 alone downloads or unpacks; the others learn the folder from it
-        root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5) if rank == 0 else None
+        root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5,
+                            progress=config.progress) if rank == 0 else None
         if rank == 0 and config.arrange_val:
             log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
         if world > 1:
@@ -223,7 +224,7 @@ def device_detail(device: torch.device) -> dict:
 
 def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSettings, config: ExtractConfig, *,
                    backbone, device: torch.device, batch_size: int, workers: int, weights_spec: str,
-                   rank: int, world: int) -> dict:
+                   rank: int, world: int) -> SplitResult:
     out = Path(config.out)
     final = cache.split_file(out, split)
     kept, layers = _plan(final, settings, config.layers, config.overwrite)
@@ -233,6 +234,8 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
         log.info("%s: adding %s to %s (its %s stay as they are)", split, ", ".join(layers), final,
                  ", ".join(cache.held_layers(kept)))
 
+    if dataset.splits[split].excluded:  # names the cache cannot store: skipped and listed, or an error with --strict
+        enforce_skip_policy([Skipped(**item) for item in dataset.splits[split].excluded], strict=config.strict)
     paths, labels = dataset.splits[split].paths, dataset.splits[split].labels
     parts = cache.parts_folder(out, split)
     shards = _shards(len(paths), config.shard_size)
@@ -309,6 +312,7 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
         out, split, settings=settings, num_shards=len(shards), paths=paths, labels=labels,
         wnids=dataset.wnids, names=dataset.names, compression=config.compression,
         layers={layer: LAYER_DIMS[layer] for layer in layers}, keep=final if kept is not None else None,
+        skipped_before=dataset.splits[split].excluded,
         attrs={"weights_spec": weights_spec, "weights_stamp": weights_stamp(weights_spec), "batch_size": batch_size,
                "shard_size": config.shard_size, "dataset_root": str(dataset.root), "versions": _versions(),
                "class_full_names": "\n".join(dataset.full_names), "world_size": world})

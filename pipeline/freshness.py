@@ -75,7 +75,7 @@ def quick_up_to_date(config: ExtractConfig) -> tuple[TinyImageNet | None, dict[P
     """
     if config.download or config.arrange_val or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None, None
-    dataset = index_dataset(resolve_data(config.data))
+    dataset = index_dataset(resolve_data(config.data, progress=config.progress))
     if config.overwrite:
         return dataset, None
     spec = describe_weights(config.weights, config.seed)

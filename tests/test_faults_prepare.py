@@ -554,6 +554,12 @@ def test_extraction_agrees_with_prepare_on_unusual_formats_and_names(tmp_path, c
         with h5py.File(out / f"{split}.h5", "r") as f:
             assert f.attrs["complete"] and f.attrs["num_rows"] == rows
             assert np.isfinite(f["features"][:]).all()
+    # the name the cache cannot store is counted and listed there, as --prepare-only lists it
+    with h5py.File(out / "train.h5", "r") as f:
+        skipped = json.loads(f.attrs["skipped"])
+        assert f.attrs["num_skipped"] == 1 and skipped[0]["path"] == f"train/{WNIDS3[2]}/images/bad\\xff.JPEG"
+    rc = run_extract.main(extract_args(root, tmp_path / "strict", "--batch-size", "8", "--strict"))
+    assert rc == 2 and "bad\\xff.JPEG" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
