@@ -69,6 +69,16 @@ def describe_cpu(kind: dict | None = None) -> str:
     return f"{kind['model']} ({kind['capability'] or 'unknown capability'}; {bf16})"
 
 
+def cpu_tag(kind: dict | None = None) -> str:
+    """A short name for result files: amx, avx512-bf16, avx512, avx2 or the machine type."""
+    kind = kind or cpu_kind()
+    flags = set(kind["flags"])
+    for tag, flag in (("amx", "amx_bf16"), ("avx512-bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return tag
+    return platform.machine() or "cpu"
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
     try:
