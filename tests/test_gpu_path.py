@@ -332,7 +332,9 @@ def test_host_copy_and_preprocessing_on_cuda(random_backbone):
     p = Preprocess()
     images = F.gaussian_blur(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), [5, 5])
     on_gpu = p(images.to(device)).cpu()
-    assert torch.equal(on_gpu, p(images, float_resize=True))  # the CPU emulation is what CUDA computes
+    emulated = p(images, float_resize=True)  # what CUDA computes, up to a rounding step at .5 now and then
+    step = 1 / (255 * min(p.std))  # one uint8 level, normalised
+    assert (on_gpu - emulated).abs().max() <= step + 1e-4 and (on_gpu != emulated).float().mean() < 0.01
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(random_backbone(on_gpu), random_backbone(p(images)), dim=1)
     assert cosine.min() >= 0.9999
