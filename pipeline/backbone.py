@@ -146,15 +146,6 @@ def resolve_precision(requested: str | None, device: torch.device) -> str:
     return CUDA_PRECISION if device.type == "cuda" else CPU_PRECISION
 
 
-def device_signature(device: torch.device) -> str:
-    """What decides the last bits of a result besides the settings: the device type, and on CUDA the GPU
-    model and the cuDNN and CUDA versions (shards made on another GPU are not mixed with these)."""
-    if device.type != "cuda":
-        return device.type
-    return (f"cuda/{torch.cuda.get_device_name(device)}/cudnn {torch.backends.cudnn.version()}"
-            f"/cuda {torch.version.cuda}")
-
-
 def compute_dtype(precision: str) -> torch.dtype:
     """The backbone's compute dtype for a precision name (see pipeline.names.PRECISIONS)."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

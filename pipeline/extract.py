@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from features import cache
 from models import FC7_DIM, MIN_IMAGE_SIZE
-from pipeline.backbone import (HostCopy, device_signature, load_backbone, place_backbone, resolve_precision,
-                               start_distributed, warm_up)
+from pipeline.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
+                               warm_up)
 from pipeline.config import ExtractConfig
 from pipeline.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.errors import UserError
@@ -194,7 +194,7 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
             final.unlink()
         # shards from another batch size or device type would not match bit for bit: they are discarded
         cache.start_parts(parts, settings, batch_size=batch_size, shard_size=config.shard_size, num_rows=len(paths),
-                          device=device_signature(device))
+                          device=device.type)
     if world > 1:
         dist.barrier()
     done = cache.done_shards(parts)
