@@ -10,7 +10,7 @@ DEVICE ?= auto             # auto, cpu, cuda, cuda:N
 FEATURES ?= runs/features  # the fc7 cache
 HEAD ?= runs/head          # the head's run folder
 
-.PHONY: setup test run demo bench clean
+.PHONY: setup test run demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_extract.py
+
+# on a GPU machine: the test suite, then the CUDA checks and timings -> benchmarks/results/gpu.json (~5 min)
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs

@@ -1,102 +1,159 @@
 """Extraction and head-training speed, measured side by side in one run on the same images.
 
     python benchmarks/bench_extract.py                       # the 10-class subset if found, else generated JPEGs
-    python benchmarks/bench_extract.py --images 256 --head-rows 100000
+    python benchmarks/bench_extract.py --images 320 --skip-head
 
-(a) the plain pipeline: ImageFolder-style PIL decode + Resize/CenterCrop/ToTensor/Normalize, a DataLoader,
+Whole processes (each its own Python process, start-up included, on the same first N train images):
+(a) the plain pipeline: PIL decode + Resize/CenterCrop/ToTensor/Normalize per sample, a DataLoader,
     fp32 AlexNet (NCHW), fc7 = classifier[:6];
-(b) the project's extraction (pipeline.extract) in fp32 and bf16 (fp16 too on CUDA);
-(c) the limit: the bare fc7 forward on ready-made input tensors, same precision, batch and memory format;
+(b) the project's extraction (pipeline.extract) in fp32 and in bf16, with its phases timed: imports,
+    indexing, start-up to the first batch (backbone, fingerprint, workers), steady state, assembly.
+The limits, in this process on ready-made input tensors at the same batch size:
+(c) the bare fc7 forward: fp32 channels_last; bf16 with the weights cast once; bf16 autocast (fp32 weights);
 (d) head epochs: the project's trainer against a bare SGD loop on an in-memory tensor;
 (e) the 20-epoch job: extract once + 20 head epochs, against running the frozen backbone every epoch.
-Writes benchmarks/results/extract.json and extract.png.
+Fidelity: bf16 cache vs fp32 cache, fp32 cache vs the plain reference (cosine per row, min).
+The CPU kind (model, native bf16, torch's capability, flags) is printed and recorded.
+Writes benchmarks/results/extract-<cpu tag>.json and .png.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import logging
 import os
-import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-
-from features.cache import open_split  # noqa: E402
-from pipeline.config import ExtractConfig  # noqa: E402
-from pipeline.extract import extract  # noqa: E402
-from models import AlexNetFC7  # noqa: E402
-from pipeline.dataset import index_dataset  # noqa: E402
-from pipeline.prepare import resolve_data  # noqa: E402
-from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.synthetic import make_tiny_imagenet  # noqa: E402
-from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
-MINI = Path(os.environ.get("TINY_IMAGENET_MINI", ROOT.parent / "shared" / "data" / "tiny-imagenet-mini.zip"))
+MINI = Path(os.environ.get("TINY_IMAGENET_MINI", ROOT.parent / "shared" / "data" / "tiny-imagenet-mini.zip"))  # 10 classes
 EPOCHS = 20
 
 
-class PlainImages(Dataset):
-    """What one writes by hand: PIL per sample, torchvision transforms per sample."""
-
-    def __init__(self, root: Path, paths: list[str], labels: list[int]):
-        self.root, self.paths, self.labels = root, paths, labels
-        self.transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with Image.open(self.root / self.paths[i]) as image:
-            return self.transform(image.convert("RGB")), self.labels[i]
+# ---------------------------------------------------------------------------------------------
+# Children: one whole process each
 
 
-def plain_fc7(alexnet) -> torch.nn.Module:
-    return torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6]).eval()
+def child_plain(args) -> dict:
+    """The plain pipeline as one writes it by hand; fc7 saved to args.out (.npy)."""
+    import numpy as np
+    import torch
+    import torchvision
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from pipeline.dataset import index_dataset
+    from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    class PlainImages(Dataset):
+        def __init__(self, root, paths):
+            self.root, self.paths = root, paths
+            self.transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                                 transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            with Image.open(self.root / self.paths[i]) as image:
+                return self.transform(image.convert("RGB"))
+
+    dataset = index_dataset(Path(args.data))
+    torch.manual_seed(0)
+    alexnet = torchvision.models.alexnet(weights=None)
+    model = torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6]).eval()
+    loader = DataLoader(PlainImages(dataset.root, dataset.splits["train"].paths), batch_size=args.batch_size,
+                        num_workers=args.workers)
+    with torch.no_grad():
+        features = torch.cat([model(x) for x in loader])
+    np.save(args.out, features.numpy())
+    return {"images": len(features)}
 
 
-def time_plain_pass(model, loader, device, head=None, optimizer=None) -> tuple[float, int]:
-    """One pass of the plain pipeline; with a head, one plain training epoch (backbone in the loop)."""
-    start, n = time.perf_counter(), 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad():
-            fc7 = model(x)
-        if head is not None:
-            loss = torch.nn.functional.cross_entropy(head(fc7), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        n += len(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, n
+def child_project(args) -> dict:
+    """run_extract's work with its phases timed; the cache goes to args.out."""
+    from features import cache
+    from models import AlexNetFC7
+    from pipeline import extract as extract_module
+    from pipeline.config import ExtractConfig
+    from pipeline.dataset import index_dataset
+
+    t_imports = time.perf_counter()
+    dataset = index_dataset(Path(args.data))
+    t_index = time.perf_counter()
+    stamps, spans = [], {"backbone_load_s": 0.0, "assembly_s": 0.0}
+
+    def timed(owner, name, key):
+        real = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                spans[key] += time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    timed(extract_module, "load_backbone", "backbone_load_s")
+    timed(cache, "assemble", "assembly_s")
+    forward = AlexNetFC7.forward
+    AlexNetFC7.forward = lambda self, x: (out := forward(self, x), stamps.append((time.perf_counter(), len(x))))[0]
+    config = ExtractConfig(data=args.data, out=Path(args.out), weights="random", seed=0, device=args.device,
+                           precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                           splits=("train",), progress=False)
+    result = extract_module.extract(config, dataset).splits["train"]
+    t_end = time.perf_counter()
+    first, last = stamps[0][0], stamps[-1][0]
+    steady_images = sum(n for _, n in stamps[1:])
+    return {"images": result.rows, "imports_s": t_imports - STARTED, "indexing_s": t_index - t_imports,
+            "to_first_batch_s": first - t_index, **spans, "steady_s": last - first,
+            "steady_img_s": steady_images / (last - first) if last > first else None,
+            "loop_img_s": result.images_per_s, "in_process_s": t_end - STARTED}
 
 
-def time_bare_forward(backbone, batch_size, device, dtype, batches=4) -> float:
-    """Images/s of the fc7 forward alone on a ready channels_last tensor."""
-    x = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+def whole_process(mode: str, data: Path, out: Path, device: str, batch: int, workers: int,
+                  precision: str | None = None) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--data", str(data), "--out", str(out),
+               "--device", device, "--batch-size", str(batch), "--workers", str(workers),
+               *(["--precision", precision] if precision else [])]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{mode} {precision or ''} failed: {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "whole_s": seconds, "whole_img_s": result["images"] / seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits in this process
+
+
+def time_bare_forward(backbone, batch_size, device, mode: str, batches: int) -> float:
+    """Images/s of the fc7 forward alone on a ready channels_last tensor; mode fp32, bf16_cast or bf16_autocast."""
+    import torch
+
+    dtype = torch.bfloat16 if mode == "bf16_cast" else torch.float32
+    model = copy.deepcopy(backbone).to(dtype=dtype) if mode == "bf16_cast" else backbone
+    x = torch.randn(batch_size, 3, 224, 224, device=device).to(dtype=dtype, memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16_autocast" else nullcontext()
     with torch.inference_mode(), autocast:
-        backbone(x)  # warm-up
+        model(x)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(batches):
-            backbone(x)
+            model(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return batches * batch_size / (time.perf_counter() - start)
@@ -104,11 +161,14 @@ def time_bare_forward(backbone, batch_size, device, dtype, batches=4) -> float:
 
 def time_head_epochs(rows: int, num_classes: int, device, epochs: int = 2) -> dict:
     """Seconds per epoch: the project's trainer vs a bare SGD loop over an in-memory tensor."""
+    import torch
+
+    from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head
+
     g = torch.Generator().manual_seed(0)
     features = torch.rand(rows, 4096, generator=g).to(device)
     labels = torch.randint(0, num_classes, (rows,), generator=g).to(device)
     source = InMemoryFeatures(features, labels)
-    # bare loop: the minimum work of an epoch (shuffle, index, forward, backward, step)
     head = torch.nn.Linear(4096, num_classes).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.001, momentum=0.9)
     bare = []
@@ -119,8 +179,6 @@ def time_head_epochs(rows: int, num_classes: int, device, epochs: int = 2) -> di
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         bare.append(time.perf_counter() - start)
     val = InMemoryFeatures(features[:1000], labels[:1000])
     result = fit_head(source, val, Recipe(epochs=epochs), Standardizer.fit(source, device), num_classes=num_classes,
@@ -130,117 +188,32 @@ def time_head_epochs(rows: int, num_classes: int, device, epochs: int = 2) -> di
             "ratio_project_over_bare": min(project) / min(bare)}
 
 
-def dataset_root(tmp: Path, images: int) -> Path:
-    if MINI.is_file():
-        return resolve_data(MINI)
-    per_class = max(1, images // 10)
-    return make_tiny_imagenet(tmp / "generated", num_classes=10, train_per_class=per_class, val_per_class=1)
+def plain_training_epoch_s(root: Path, paths: list[str], labels: list[int], num_classes: int, device) -> float:
+    """One epoch of the seed's recipe with the backbone in the loop (PIL transforms, batch 100)."""
+    import torch
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
 
+    from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1000, help="train images to time (a prefix of the train split)")
-    p.add_argument("--bf16-images", type=int, default=256, help="images for the reduced-precision runs (slow on CPUs without bf16 units)")
-    p.add_argument("--head-rows", type=int, default=100_000, help="rows for the head-epoch benchmark (d)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both pipelines")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
-    batch = args.batch_size or (256 if device.type == "cuda" else 64)
-    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 1)
-    results = {"bf16_images": args.bf16_images, "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "batch_size": batch, "workers": workers}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        full = index_dataset(dataset_root(tmp, args.images))
-        # a dataset holding the first N train images (and a few val) so both pipelines read the same files
-        paths, labels = full.splits["train"].paths[:args.images], full.splits["train"].labels[:args.images]
-        subset = make_subset(full, paths, tmp / "subset")
-        n = len(paths)
-        results["images"] = n
-        print(f"{n} images from {full.root}, device {device}, batch {batch}, workers {workers}", flush=True)
-
-        torch.manual_seed(0)
-        alexnet = torchvision.models.alexnet(weights=None)
-        # (a) plain pipeline
-        model = plain_fc7(alexnet).to(device)
-        loader = DataLoader(PlainImages(full.root, paths, labels), batch_size=batch, num_workers=workers)
-        warm = DataLoader(PlainImages(full.root, paths[:batch], labels[:batch]), batch_size=batch, num_workers=0)
-        time_plain_pass(model, warm, device)  # warm-up: page cache, oneDNN primitives
-        seconds, _ = time_plain_pass(model, loader, device)
-        results["plain_img_s"] = n / seconds
-        print(f"(a) plain pipeline             {n / seconds:8.1f} img/s", flush=True)
-
-        # (b) + (c) the project, and the bare forward at the same settings
-        precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-        features = {}
-        backbone = AlexNetFC7(alexnet).to(device, memory_format=torch.channels_last)
-        small = make_subset(full, paths[:args.bf16_images], tmp / "subset-small")
-        for precision in precisions:
-            out = tmp / f"cache-{precision}"
-            config = ExtractConfig(data=str(subset if precision == "fp32" else small), out=out, weights="random", seed=0,
-                                   device=str(device), precision=precision, batch_size=batch, workers=workers,
-                                   splits=("train",), progress=False)
-            summary = extract(config).splits["train"]
-            results[f"project_{precision}_img_s"] = summary.images_per_s
-            dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-            results[f"bare_{precision}_img_s"] = time_bare_forward(backbone, batch, device, dtype)
-            features[precision] = open_split(out / "train.h5").read_features()
-            print(f"(b) project {precision:5s}             {summary.images_per_s:8.1f} img/s", flush=True)
-            print(f"(c) bare forward {precision:5s}        {results[f'bare_{precision}_img_s']:8.1f} img/s", flush=True)
-        f32 = torch.from_numpy(features["fp32"])
-        for precision in precisions[1:]:
-            low = torch.from_numpy(features[precision]).float()
-            cos = torch.nn.functional.cosine_similarity(low, f32[:len(low)], dim=1)
-            results[f"{precision}_cosine_min"] = cos.min().item()
-        # fidelity of the fp32 default against the plain reference
-        with torch.inference_mode():
-            reference = torch.cat([model(x.to(device)).cpu() for x, _ in loader])
-        results["fp32_cosine_vs_plain_min"] = torch.nn.functional.cosine_similarity(reference, f32, dim=1).min().item()
-
-        # (d) head epochs
-        head = time_head_epochs(args.head_rows, 200, device)
-        results["head"] = head
-        print(f"(d) head epoch on {head['rows']} rows: project {head['project_epoch_s']:.2f} s, bare loop "
-              f"{head['bare_epoch_s']:.2f} s", flush=True)
-
-        # (e) the whole job on these n images: extract once + 20 head epochs vs 20 plain epochs
-        head_model = torch.nn.Linear(4096, full.num_classes).to(device)
-        optimizer = torch.optim.SGD(head_model.parameters(), lr=0.001, momentum=0.9)
-        plain_loader = DataLoader(PlainImages(full.root, paths, labels), batch_size=100, num_workers=workers, shuffle=True)
-        plain_epoch, _ = time_plain_pass(model, plain_loader, device, head_model, optimizer)
-        cache = InMemoryFeatures(torch.from_numpy(features["fp32"]), torch.tensor(labels))
-        start = time.perf_counter()
-        fit_head(cache, cache, Recipe(epochs=EPOCHS), Standardizer.fit(cache, device), num_classes=full.num_classes,
-                 device=device, progress=False)
-        head_job = time.perf_counter() - start
-        extract_seconds = n / results["project_fp32_img_s"]
-        results["job"] = {"plain_20_epochs_s": EPOCHS * plain_epoch, "project_extract_s": extract_seconds,
-                          "project_20_head_epochs_s": head_job,
-                          "speedup": EPOCHS * plain_epoch / (extract_seconds + head_job)}
-
-    ratios = {
-        "project_fp32_over_plain": results["project_fp32_img_s"] / results["plain_img_s"],
-        "project_bf16_over_plain": results["project_bf16_img_s"] / results["plain_img_s"],
-        "project_fp32_over_bare_fp32": results["project_fp32_img_s"] / results["bare_fp32_img_s"],
-        "project_bf16_over_bare_bf16": results["project_bf16_img_s"] / results["bare_bf16_img_s"],
-        "head_epoch_over_bare": results["head"]["ratio_project_over_bare"],
-        "job_speedup_20_epochs": results["job"]["speedup"],
-    }
-    results["ratios"] = ratios
-    print("\nratios")
-    for key, value in ratios.items():
-        print(f"  {key:32s} {value:6.2f}")
-    print(f"  bf16 cosine to fp32 (min row)    {results['bf16_cosine_min']:.5f}")
-    print(f"  fp32 cosine to plain (min row)   {results['fp32_cosine_vs_plain_min']:.6f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "extract.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "extract.png")
-    print(f"wrote {RESULTS / 'extract.json'} and {RESULTS / 'extract.png'}")
-    return 0
+    transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.manual_seed(0)
+    alexnet = torchvision.models.alexnet(weights=None)
+    model = torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6]).eval()
+    head = torch.nn.Linear(4096, num_classes)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.001, momentum=0.9)
+    start = time.perf_counter()
+    for i in range(0, len(paths), 100):
+        x = torch.stack([transform(Image.open(root / p).convert("RGB")) for p in paths[i:i + 100]])
+        with torch.no_grad():
+            fc7 = model(x)
+        loss = torch.nn.functional.cross_entropy(head(fc7), torch.tensor(labels[i:i + 100]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
 
 
 def make_subset(full, paths: list[str], root: Path) -> Path:
@@ -251,13 +224,148 @@ def make_subset(full, paths: list[str], root: Path) -> Path:
     for wnid in full.wnids:
         (root / "train" / wnid / "images").mkdir(parents=True)
     for path in paths:
-        target = root / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(full.root / path)
+        (root / path).symlink_to(full.root / path)
     val = root / "val" / full.wnids[0] / "images"
     val.mkdir(parents=True)
     (val / "v.JPEG").symlink_to(full.root / paths[0])
     return root
+
+
+def cosine_min(a, b) -> float:
+    import torch
+    return torch.nn.functional.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double(), dim=1).min().item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=320, help="train images (a prefix of the train split)")
+    p.add_argument("--head-rows", type=int, default=100_000, help="rows for the head-epoch benchmark (d)")
+    p.add_argument("--skip-head", action="store_true", help="leave out (d) and (e)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both pipelines")
+    p.add_argument("--bare-batches", type=int, default=2, help="timed batches per bare forward")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default results/extract-<cpu tag>.json)")
+    p.add_argument("--child", choices=("plain", "project"), help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps((child_plain if args.child == "plain" else child_project)(args)))
+        return 0
+
+    import numpy as np
+    import torch
+    import torchvision
+
+    from features.cache import open_split
+    from models import AlexNetFC7
+    from pipeline.dataset import index_dataset
+    from pipeline.hardware import cpu_kind, cpu_tag, describe_cpu
+    from pipeline.prepare import resolve_data
+    from pipeline.synthetic import make_tiny_imagenet
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = args.batch_size or (256 if device.type == "cuda" else 64)
+    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 1)
+    kind = cpu_kind()
+    out_json = args.out or RESULTS / f"extract-{cpu_tag(kind)}.json"
+    print(f"CPU: {describe_cpu(kind)}; flags {' '.join(kind['flags'])}", flush=True)
+    results = {"cpu": kind, "cpu_kind": describe_cpu(kind), "device": str(device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "batch_size": batch, "workers": workers,
+               "load_average_before": os.getloadavg()[0]}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if MINI.is_file():  # unpacked from a copy: nothing is written beside the shared zip
+            shutil.copy(MINI, tmp / MINI.name)
+            root = resolve_data(tmp / MINI.name)
+        else:
+            root = make_tiny_imagenet(tmp / "generated", num_classes=10, train_per_class=max(1, args.images // 10),
+                                      val_per_class=1)
+        full = index_dataset(root)
+        paths, labels = full.splits["train"].paths[:args.images], full.splits["train"].labels[:args.images]
+        subset = make_subset(full, paths, tmp / "subset")
+        n = results["images"] = len(paths)
+        print(f"{n} images from {full.root}, device {device}, batch {batch}, workers {workers}", flush=True)
+
+        # (a), (b): whole processes, one after the other on the same files (warm page cache for all: one read first)
+        for path in paths:
+            (full.root / path).read_bytes()
+        runs = {"plain": whole_process("plain", subset, tmp / "plain.npy", str(device), batch, workers)}
+        for precision in ("fp32", "bf16"):
+            runs[f"project_{precision}"] = whole_process("project", subset, tmp / f"cache-{precision}", str(device),
+                                                         batch, workers, precision)
+        results["whole_process"] = runs
+        for name, r in runs.items():
+            print(f"(a/b) {name:14s} whole process {r['whole_s']:6.1f} s = {r['whole_img_s']:6.1f} img/s"
+                  + (f"; steady {r['steady_img_s']:.1f} img/s" if r.get("steady_img_s") else ""), flush=True)
+
+        # (c) the bare forwards
+        torch.manual_seed(0)
+        backbone = AlexNetFC7(torchvision.models.alexnet(weights=None)).to(device, memory_format=torch.channels_last)
+        bare = {}
+        for mode in ("fp32", "bf16_cast", "bf16_autocast"):
+            bare[mode] = time_bare_forward(backbone, batch, device, mode, args.bare_batches * (2 if mode == "fp32" else 1))
+            print(f"(c) bare forward {mode:14s} {bare[mode]:7.1f} img/s", flush=True)
+        results["bare_img_s"] = bare
+
+        f32 = open_split(tmp / "cache-fp32" / "train.h5").read_features()
+        bf16 = open_split(tmp / "cache-bf16" / "train.h5").read_features()
+        results["bf16_cosine_min"] = cosine_min(bf16, f32)
+        results["fp32_cosine_vs_plain_min"] = cosine_min(f32, np.load(tmp / "plain.npy"))
+
+        if not args.skip_head:
+            head = results["head"] = time_head_epochs(args.head_rows, 200, device)
+            print(f"(d) head epoch on {head['rows']} rows: project {head['project_epoch_s']:.2f} s, bare loop "
+                  f"{head['bare_epoch_s']:.2f} s", flush=True)
+            plain_epoch = plain_training_epoch_s(full.root, paths, labels, full.num_classes, device)
+            from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head
+            features = InMemoryFeatures(torch.from_numpy(f32), torch.tensor(labels))
+            start = time.perf_counter()
+            fit_head(features, features, Recipe(epochs=EPOCHS), Standardizer.fit(features, device),
+                     num_classes=full.num_classes, device=device, progress=False)
+            head_job = time.perf_counter() - start
+            extract_s = runs["project_fp32"]["whole_s"]
+            results["job"] = {"plain_20_epochs_s": EPOCHS * plain_epoch, "project_extract_s": extract_s,
+                              "project_20_head_epochs_s": head_job,
+                              "speedup": EPOCHS * plain_epoch / (extract_s + head_job)}
+
+    results["load_average_after"] = os.getloadavg()[0]
+    r = results["whole_process"]
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    results["ratios"] = {
+        "project_fp32_over_plain_whole": ratio(r["plain"]["whole_s"], r["project_fp32"]["whole_s"]),
+        "project_bf16_over_plain_whole": ratio(r["plain"]["whole_s"], r["project_bf16"]["whole_s"]),
+        "project_fp32_whole_over_bare_fp32": ratio(r["project_fp32"]["whole_img_s"], bare["fp32"]),
+        "project_fp32_steady_over_bare_fp32": ratio(r["project_fp32"]["steady_img_s"], bare["fp32"]),
+        "project_bf16_whole_over_bare_bf16_cast": ratio(r["project_bf16"]["whole_img_s"], bare["bf16_cast"]),
+        "project_bf16_steady_over_bare_bf16_cast": ratio(r["project_bf16"]["steady_img_s"], bare["bf16_cast"]),
+        "bf16_cast_over_autocast": ratio(bare["bf16_cast"], bare["bf16_autocast"]),
+        "bf16_cast_over_fp32": ratio(bare["bf16_cast"], bare["fp32"]),
+        **({"head_epoch_over_bare": results["head"]["ratio_project_over_bare"],
+            "job_speedup_20_epochs": results["job"]["speedup"]} if "head" in results else {}),
+    }
+    print("\nphases of the project's whole runs (s): imports, indexing, to the first batch (of which backbone "
+          "load), steady, assembly")
+    for precision in ("fp32", "bf16"):
+        ph = r[f"project_{precision}"]
+        print(f"  {precision}: {ph['imports_s']:.2f}, {ph['indexing_s']:.2f}, {ph['to_first_batch_s']:.2f} "
+              f"({ph['backbone_load_s']:.2f}), {ph['steady_s']:.2f}, {ph['assembly_s']:.2f}; whole {ph['whole_s']:.2f}")
+    print("ratios")
+    for key, value in results["ratios"].items():
+        print(f"  {key:42s} {value:6.2f}" if value is not None else f"  {key:42s}   n/a")
+    print(f"  bf16 cosine to fp32 (min row)    {results['bf16_cosine_min']:.6f}")
+    print(f"  fp32 cosine to plain (min row)   {results['fp32_cosine_vs_plain_min']:.7f}")
+    print(f"  load average before/after        {results['load_average_before']:.2f} / {results['load_average_after']:.2f}")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out_json.with_suffix(".png"))
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
+    return 0
 
 
 def plot(results: dict, path: Path) -> None:
@@ -265,17 +373,17 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["plain fp32"] + [f"project {p}" for p in ("fp32", "bf16", "fp16") if f"project_{p}_img_s" in results] \
-        + [f"bare {p}" for p in ("fp32", "bf16", "fp16") if f"bare_{p}_img_s" in results]
-    keys = ["plain_img_s"] + [f"project_{p}_img_s" for p in ("fp32", "bf16", "fp16") if f"project_{p}_img_s" in results] \
-        + [f"bare_{p}_img_s" for p in ("fp32", "bf16", "fp16") if f"bare_{p}_img_s" in results]
+    r, bare = results["whole_process"], results["bare_img_s"]
+    bars = {"plain fp32 (whole)": r["plain"]["whole_img_s"], "project fp32 (whole)": r["project_fp32"]["whole_img_s"],
+            "project bf16 (whole)": r["project_bf16"]["whole_img_s"], "bare fp32": bare["fp32"],
+            "bare bf16 cast": bare["bf16_cast"], "bare bf16 autocast": bare["bf16_autocast"]}
     fig, ax = plt.subplots(figsize=(8, 4))
-    colors = {"plain": "#999", "project": "#2a7", "bare": "#36c"}
-    bars = ax.bar(labels, [results[k] for k in keys], color=[colors[label.split()[0]] for label in labels])
-    ax.bar_label(bars, fmt="%.0f")
+    drawn = ax.bar(list(bars), list(bars.values()),
+                   color=["#999", "#2a7", "#2a7", "#36c", "#36c", "#36c"])
+    ax.bar_label(drawn, fmt="%.0f")
     ax.set_ylabel("images / s")
-    ax.set_title(f"fc7 extraction on {results['device']} ({results['images']} images, batch {results['batch_size']}); "
-                 f"20-epoch job {results['job']['speedup']:.0f}x faster", fontsize=9)
+    ax.set_title(f"fc7 extraction, {results['cpu_kind']}\n{results['images']} images, batch {results['batch_size']}",
+                 fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,6 +1,6 @@
 """Live-runner speed: synthetic 640x480 frames through the whole per-frame path, no camera, no window.
 
-    python benchmarks/bench_webcam.py                       # 200 timed frames per variant
+    python benchmarks/bench_webcam.py                       # 200 timed frames per variant, fp32 and bf16
     python benchmarks/bench_webcam.py --frames 500 --device cuda
 
 The frames go through pipeline.live.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
@@ -17,7 +17,10 @@ weights read once per batch. For batched rows the per-frame times are the batch'
 Against the limit: the bare batch-1 fc7 + head forward on a ready (1, 3, 224, 224) tensor, timed before
 and after the live runs (and the per-image time of bare batch-4, -8 and -64 forwards; 64 is what
 extraction sees: at batch 1, fc6/fc7's 218 MB of weights are read once per frame).
-Writes benchmarks/results/webcam.json; other processes' CPU use during the run is recorded with it.
+Each precision (--precisions, default fp32,bf16) uses a checkpoint recording it, so the live runner casts
+the backbone's weights once, as extraction did; bf16 runs the camera path only (batch 1, --bf16-frames).
+Writes benchmarks/results/webcam-<cpu tag>.json with the CPU kind; other processes' CPU use during the run
+is recorded with it.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ from models import FC7_DIM, AlexNetClassifier  # noqa: E402
 from pipeline import live, overlay, sources  # noqa: E402
 from pipeline.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.config import LiveConfig  # noqa: E402
-from pipeline.backbone import load_backbone, resolve_device  # noqa: E402
+from pipeline.backbone import load_backbone, place_backbone, resolve_device  # noqa: E402
+from pipeline.hardware import cpu_kind, cpu_tag, describe_cpu  # noqa: E402
 from pipeline.preprocess import Preprocess  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,12 +95,12 @@ class NullWindow(overlay.Display):
         pass
 
 
-def make_checkpoint(path: Path, spec: str, fingerprint: str) -> None:
+def make_checkpoint(path: Path, spec: str, fingerprint: str, precision: str = "fp32") -> None:
     """A head checkpoint for ``NUM_CLASSES`` made-up classes, written as run_train_head.py writes one."""
     torch.manual_seed(1)
     head = nn.Linear(FC7_DIM, NUM_CLASSES)
     attrs = {"feature_dim": FC7_DIM, "backbone": "alexnet", "layer": "fc7", "weights_spec": spec,
-             "weights_fingerprint": fingerprint, "preprocess": Preprocess().to_json(), "precision": "fp32"}
+             "weights_fingerprint": fingerprint, "preprocess": Preprocess().to_json(), "precision": precision}
     save_checkpoint(build_checkpoint({k: v.detach().clone() for k, v in head.state_dict().items()}, metrics={},
                                      epoch=0, cache_attrs=attrs, wnids=[f"n{9000000 + i:08d}" for i in range(NUM_CLASSES)],
                                      names=[f"class {i}" for i in range(NUM_CLASSES)], config={}), path)
@@ -126,7 +130,7 @@ def bare_forward(model: AlexNetClassifier, device: torch.device, iters: int, war
     with torch.inference_mode():
         for i in range(warmup + iters):
             t0 = time.perf_counter()
-            model.head(model.backbone(x))
+            model(x)  # fc7 in the backbone's dtype, the head in fp32, as live runs it
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -139,10 +143,10 @@ def batch_forward(model: AlexNetClassifier, device: torch.device, batch: int = 6
     iters = iters or max(3, 192 // batch)
     x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        model.head(model.backbone(x))
+        model(x)
         t0 = time.perf_counter()
         for _ in range(iters):
-            model.head(model.backbone(x))
+            model(x)  # fc7 in the backbone's dtype, the head in fp32, as live runs it
         if device.type == "cuda":
             torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1000 / (iters * batch)
@@ -167,74 +171,96 @@ def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, default=200, help="timed frames per variant")
-    p.add_argument("--warmup", type=int, default=20, help="untimed frames first")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=RESULTS / "webcam.json")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    device = resolve_device(args.device)
-
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    backbone, spec, fingerprint = load_backbone("random", seed=0)
-    head = nn.Linear(FC7_DIM, NUM_CLASSES)
-    model = AlexNetClassifier(backbone, head)
-    model.backbone.to(device, memory_format=torch.channels_last)
-    model.head.to(device)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        checkpoint = tmp / "best.pt"
-        make_checkpoint(checkpoint, spec, fingerprint)
-        bare = bare_forward(model, device, args.frames, args.warmup)
-        variants = {name: run_variant(name, checkpoint, tmp, args.device, args.frames, args.warmup)
-                    for name in VARIANTS}
-        bare += bare_forward(model, device, args.frames, args.warmup)
-        batched_ms = {batch: batch_forward(model, device, batch) for batch in (4, 8, 64)}
-
+def measure(precision: str, args, device: torch.device, spec: str, fingerprint: str, tmp: Path) -> dict:
+    """The bare forwards and the live variants for one precision (bf16: the camera path only)."""
+    backbone = load_backbone("random", seed=0)[0]
+    model = AlexNetClassifier(place_backbone(backbone, device, precision), nn.Linear(FC7_DIM, NUM_CLASSES).to(device))
+    checkpoint = tmp / f"best-{precision}.pt"
+    make_checkpoint(checkpoint, spec, fingerprint, precision)
+    frames, warmup = (args.frames, args.warmup) if precision == "fp32" else (args.bf16_frames, args.bf16_warmup)
+    names = list(VARIANTS) if precision == "fp32" else ["headless"]
+    bare = bare_forward(model, device, frames, warmup)
+    variants = {name: run_variant(name, checkpoint, tmp, args.device, frames, warmup) for name in names}
+    bare += bare_forward(model, device, frames, warmup)
+    batched_ms = {batch: batch_forward(model, device, batch) for batch in ((4, 8, 64) if precision == "fp32" else (8,))}
     bare_stats = stats(bare)
-    cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
-    others = None  # cores' worth of CPU that other processes used meanwhile: > 0.2 means the numbers are disturbed
-    if cpu_start and cpu_end:
-        others = round(((cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / wall, 2)
-    result = {
-        "what": "640x480 synthetic frames through pipeline.live.run_live (random AlexNet fc7 + 4096->200 head), fp32, "
-                "one frame per forward (as a camera) and --batch-frames 4/8 (as a video file), against the bare "
-                "batch-1 forward on a ready channels_last tensor; batched rows: per-frame times = batch's / frames",
-        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "torch": torch.__version__, "opencv": cv2.__version__,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "other_processes_cores_busy": others,
+    return {
         "bare_forward": bare_stats,
         **{f"bare_forward_batch{batch}": {"ms_per_image": round(ms, 3), "images_per_s": round(1000 / ms, 2)}
            for batch, ms in batched_ms.items()},
         "live": variants,
         "ratio_fps_live_over_bare": {k: round(v["fps"] / bare_stats["fps"], 3) for k, v in variants.items()},
     }
-    print("fp32, 640x480; per frame: wall ms (reading, preprocessing, model, outputs), FPS, model ms; "
+
+
+def print_table(precision: str, result: dict) -> None:
+    bare_stats = result["bare_forward"]
+    print(f"\n{precision}, 640x480; per frame: wall ms (reading, preprocessing, model, outputs), FPS, model ms; "
           "batch ms: model time of a whole batch")
     print(f"{'':24s} {'batch':>5s} {'mean ms':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'FPS':>7s} {'vs bare':>8s} "
           f"{'model ms':>9s} {'batch ms':>9s}")
     print(f"{'bare forward':24s} {1:5d} {bare_stats['mean_ms']:8.2f} {bare_stats['p50_ms']:8.2f} "
           f"{bare_stats['p95_ms']:8.2f} {bare_stats['fps']:7.1f} {1:8.2f} {bare_stats['mean_ms']:9.2f} "
           f"{bare_stats['mean_ms']:9.2f}")
-    for batch, ms in batched_ms.items():
-        print(f"{'bare forward':24s} {batch:5d} {ms:8.2f} {'':8s} {'':8s} {1000 / ms:7.1f} "
-              f"{bare_stats['mean_ms'] / ms:8.2f} {ms:9.2f} {ms * batch:9.2f}")
-    for name, v in variants.items():
+    for key, value in result.items():
+        if key.startswith("bare_forward_batch"):
+            batch, ms = int(key[len("bare_forward_batch"):]), value["ms_per_image"]
+            print(f"{'bare forward':24s} {batch:5d} {ms:8.2f} {'':8s} {'':8s} {1000 / ms:7.1f} "
+                  f"{bare_stats['mean_ms'] / ms:8.2f} {ms:9.2f} {ms * batch:9.2f}")
+    for name, v in result["live"].items():
         print(f"{'live ' + name:24s} {v['batch_frames']:5d} {v['mean_ms']:8.2f} {v['p50_ms']:8.2f} {v['p95_ms']:8.2f} "
               f"{v['fps']:7.1f} {result['ratio_fps_live_over_bare'][name]:8.2f} "
               f"{v['model_latency']['mean_ms']:9.2f} {v['model_ms_per_batch']:9.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=200, help="timed frames per fp32 variant")
+    p.add_argument("--warmup", type=int, default=20, help="untimed frames first")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    p.add_argument("--bf16-frames", type=int, default=40, help="timed frames for reduced precisions (slow without native bf16)")
+    p.add_argument("--bf16-warmup", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default results/webcam-<cpu tag>.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    device = resolve_device(args.device)
+    kind = cpu_kind()
+    out = args.out or RESULTS / f"webcam-{cpu_tag(kind)}.json"
+    print(f"CPU: {describe_cpu(kind)}")
+
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    _, spec, fingerprint = load_backbone("random", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = {precision: measure(precision, args, device, spec, fingerprint, Path(tmp))
+                    for precision in args.precisions.split(",")}
+
+    cpu_end, wall = cpu_seconds(), time.perf_counter() - wall_start
+    others = None  # cores' worth of CPU that other processes used meanwhile: > 0.2 means the numbers are disturbed
+    if cpu_start and cpu_end:
+        others = round(((cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / wall, 2)
+    result = {
+        "what": "640x480 synthetic frames through pipeline.live.run_live (random AlexNet fc7 + 4096->200 head), "
+                "one frame per forward (as a camera) and --batch-frames 4/8 (as a video file), against the bare "
+                "batch-1 forward on a ready channels_last tensor; batched rows: per-frame times = batch's / frames; "
+                "per precision, the backbone's weights cast once as the checkpoint records",
+        "cpu": kind, "cpu_kind": describe_cpu(kind),
+        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "torch": torch.__version__, "opencv": cv2.__version__,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "other_processes_cores_busy": others,
+        "precisions": measured,
+    }
+    for precision, values in measured.items():
+        print_table(precision, values)
     print(f"(other processes kept {others} cores busy meanwhile)")
     if others is not None and others > 0.2:
         print("WARNING: other processes used the CPU during the run: these timings are disturbed")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,22 +1,28 @@
 """Building the frozen AlexNet fc7 backbone from a weights spec: imagenet, a file, or random."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torchvision
 from torchvision.models import AlexNet_Weights
 
 from models import AlexNetFC7, weights_fingerprint
 from pipeline.errors import UserError, first_line
+from pipeline.hardware import CPU_PRECISION, CUDA_PRECISION
 from pipeline.weights_spec import describe_weights
 
 log = logging.getLogger(__name__)
 
 IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
 IMAGENET_URL = IMAGENET_WEIGHTS.url  # module-level so tests can point it at a loopback server
+# how long ranks wait for each other: rank 0 may download, unpack and index the dataset before the first
+# collective (NCCL's own default is 10 minutes); FC7_DIST_TIMEOUT_MIN overrides it
+DIST_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("FC7_DIST_TIMEOUT_MIN", "60")))
 
 
 def imagenet_cache_file() -> Path:
@@ -66,14 +72,16 @@ def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetFC7, str, str]:
         log.warning("backbone has RANDOM weights (seed %d): features are not ImageNet features", seed)
     else:
         state = _imagenet_state_dict() if recorded == "imagenet" else _file_state_dict(Path(recorded[5:]))
-        alexnet = torchvision.models.alexnet(weights=None)
+        with torch.device("meta"):  # no random initialisation to throw away (~1 s of start-up on 2 cores)
+            alexnet = torchvision.models.alexnet(weights=None)
         source = "the ImageNet weights" if recorded == "imagenet" else recorded[5:]
         expected = alexnet.state_dict()
         wrong = sorted(set(expected) ^ set(state)) or [k for k in expected if state[k].shape != expected[k].shape]
         if wrong:
             raise UserError(f"{source} do not fit torchvision's AlexNet (keys or shapes differ: {', '.join(wrong[:3])}); "
                             "pass a state_dict of torchvision.models.alexnet")
-        alexnet.load_state_dict(state)
+        # the file's tensors become the parameters, as float32 as load_state_dict's copy would make them
+        alexnet.load_state_dict({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}, assign=True)
     backbone = AlexNetFC7(alexnet)
     return backbone, recorded, weights_fingerprint(backbone)
 
@@ -96,6 +104,48 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) for --device ``device_name``, under torchrun or not.
+
+    Under several ranks, ``auto``/``cuda`` give each rank one visible GPU: cuda:(LOCAL_RANK mod the visible
+    count), so one GPU per process (CUDA_VISIBLE_DEVICES set per rank) works too; an explicit cuda:N is
+    refused, as every rank would use that one GPU. The CUDA device is made current in every case: NCCL and
+    the DataLoader's pin-memory thread use the current device, which is otherwise cuda:0.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device_name.startswith("cuda:"):
+        raise UserError(f"--device {device_name} names one GPU, but torchrun started {world} ranks, which would all "
+                        "use it; pass --device cuda (each rank takes its own GPU), or narrow CUDA_VISIBLE_DEVICES")
+    if world > 1 and device_name in ("auto", "cuda") and torch.cuda.is_available():
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if visible > 1 and local_world > visible:
+            raise UserError(f"torchrun started {local_world} ranks on this node but only {visible} GPUs are visible; "
+                            f"pass --nproc_per_node={visible} or fewer")
+        device_name = f"cuda:{local_rank % visible}"
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    if device.type == "cuda":  # one visible GPU per process is only right if the processes see different GPUs
+        gpus: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gpus, str(torch.cuda.get_device_properties(device).uuid))
+        if len(set(gpus)) < len(gpus):
+            raise UserError(f"several torchrun ranks share one GPU ({len(set(gpus))} GPUs for {len(gpus)} ranks); "
+                            "start at most one rank per GPU (--nproc_per_node), or give each its own CUDA_VISIBLE_DEVICES")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> str:
+    """The compute precision: ``requested``, or by default bf16 on CUDA and fp32 on the CPU."""
+    if requested is not None:
+        return requested
+    return CUDA_PRECISION if device.type == "cuda" else CPU_PRECISION
+
+
 def compute_dtype(precision: str) -> torch.dtype:
     """The backbone's compute dtype for a precision name (see pipeline.names.PRECISIONS)."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -116,3 +166,37 @@ def place_backbone(backbone: AlexNetFC7, device: torch.device, precision: str) -
     """The backbone on ``device`` in channels_last, its weights cast once to the precision's dtype."""
     set_precision(device, precision)
     return backbone.to(device=device, dtype=compute_dtype(precision), memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def warm_up(backbone: AlexNetFC7, preprocess, device: torch.device, batch_size: int) -> None:
+    """On CUDA, one untimed forward of a full batch: cuDNN's and cuBLAS's start-up (and the caching
+    allocator's first blocks) then happen before the timed loop. Nothing to warm on the CPU."""
+    if device.type != "cuda":
+        return
+    images = torch.zeros(batch_size, 3, 64, 64, dtype=torch.uint8, device=device)
+    backbone(preprocess(images, backbone.dtype))
+    torch.cuda.synchronize(device)
+
+
+class HostCopy:
+    """A device tensor copied into pinned host memory without waiting; ``numpy()`` waits for it to land.
+
+    On CUDA the copy is queued behind the forward (non_blocking) and an event marks its end, so the main
+    thread goes on to the next batch; on the CPU the tensor is its own copy.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.event = None
+        if tensor.device.type == "cpu":
+            self.host = tensor
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def numpy(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()

@@ -36,10 +36,10 @@ class ExtractConfig:
     weights: str = "imagenet"  # imagenet, random, or a state_dict path
     seed: int = 0  # for --weights random
     device: str = "auto"
-    precision: str = "fp32"  # compute precision: fp32, bf16 or fp16 (the weights are cast once)
+    precision: str | None = None  # compute precision: fp32, bf16 or fp16 (weights cast once); None: bf16 on CUDA, fp32 on CPU
     dtype: str = "float32"  # storage dtype of the features
     batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
-    workers: int | None = None  # DataLoader workers; None: 1 on CPU, up to 8 on CUDA
+    workers: int | None = None  # DataLoader workers; None: 1 on CPU; on CUDA the usable CPUs per local rank - 1, up to 16
     preprocess: Preprocess = field(default_factory=Preprocess)
     shard_size: int = 2048  # rows per resumable shard
     compression: str | None = None  # None, "gzip" or "lzf"
@@ -57,7 +57,7 @@ class ExtractConfig:
         self.layers = tuple(layer for layer in LAYER_DATASETS if layer in self.layers)  # network order, once each
         if not 0 <= self.seed < 2**64:  # what torch.manual_seed takes
             raise UserError(f"--seed must be between 0 and 2**64-1, got {self.seed}")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS)}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,13 @@ from tqdm import tqdm
 from features import cache
 from features.errors import describe_error
 from models import LAYER_DIMS, MIN_IMAGE_SIZE
-from pipeline.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
+                               warm_up)
 from pipeline.config import ExtractConfig
 from pipeline.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.errors import UserError
 from pipeline.freshness import log_up_to_date, split_settings
+from pipeline.hardware import default_workers, log_precision_hint
 from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.prepare import resolve_data
 from pipeline.weights_spec import weights_stamp
@@ -109,22 +111,6 @@ class BatchReader(Dataset):
                 "skipped": skipped, "count": len(positions), "read_error": None}
 
 
-def _start(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun with several ranks: one GPU per rank (cuda:LOCAL_RANK)
-    and NCCL, or the CPU and gloo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    device = resolve_device(device_name)
-    if world <= 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL addresses "the current device"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def resize_in_workers(device: torch.device) -> bool:
     """Where the uint8 resize and crop run: in the CPU workers for CPU extraction; on the GPU otherwise,
     so the workers only decode and small 64x64 images cross the bus."""
@@ -141,11 +127,12 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
     if config.preprocess.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size {config.preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
-    rank, world, device = _start(config.device)
-    if config.precision == "fp16" and device.type == "cpu":
-        log.warning("fp16 on the CPU is slow and rarely supported well; bf16 or fp32 are better choices")
+    rank, world, device = start_distributed(config.device)  # under torchrun: one GPU per rank, NCCL or gloo
+    config = replace(config, precision=resolve_precision(config.precision, device))  # None: bf16 on CUDA, else fp32
+    if rank == 0:
+        log_precision_hint(device.type, config.precision)
     batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
-    workers = config.workers if config.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
+    workers = config.workers if config.workers is not None else default_workers(device.type)
 
     if dataset is None or config.download or config.arrange_val or world > 1:
         # rank 0 alone downloads or unpacks; the others learn the folder from it
@@ -178,6 +165,7 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
             if world > 1:
                 dist.barrier()  # nobody writes before rank 0 holds the lock
             backbone = place_backbone(backbone, device, config.precision)
+            warm_up(backbone, config.preprocess, device, batch_size)  # CUDA start-up before the timed loop
             for split in config.splits:
                 result.splits[split] = _extract_split(
                     dataset, split, settings[split], config, backbone=backbone, device=device, batch_size=batch_size,
@@ -283,17 +271,17 @@ def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSetti
                     images = [im.to(device, non_blocking=True) for im in images]
                 else:
                     images = images.to(device, non_blocking=True)
-                x = config.preprocess.normalize(images if in_workers else config.preprocess.resize_crop(images))
-                outputs = backbone.forward_layers(x, layers)  # {layer: (B, dim)}, in the backbone's dtype
+                preprocess = config.preprocess.normalize if in_workers else config.preprocess
+                outputs = backbone.forward_layers(preprocess(images, backbone.dtype), layers)  # {layer: (B, dim)}
                 for layer, rows in outputs.items():
-                    acc["features"][layer].append(rows.to(storage).cpu().numpy())
+                    acc["features"][layer].append(HostCopy(rows.to(storage)))  # on CUDA: pinned, without waiting
             acc["positions"].append(item["positions"])
             acc["skipped"] += item["skipped"]
             acc["seen"] += item["count"]
             processed += item["count"]
             if acc["seen"] == len(shards[shard]):
-                features = {layer: np.concatenate(rows) if rows else np.zeros((0, LAYER_DIMS[layer]), config.dtype)
-                            for layer, rows in acc["features"].items()}
+                features = {layer: np.concatenate([copy.numpy() for copy in rows]) if rows
+                            else np.zeros((0, LAYER_DIMS[layer]), config.dtype) for layer, rows in acc["features"].items()}
                 cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
                 del pending[shard]
                 if world > 1:  # rank 0 shows everyone's progress: count the finished shards on disk

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from features import cache
 from pipeline.config import ExtractConfig
 from pipeline.dataset import TinyImageNet, index_dataset
 from pipeline.errors import UserError
+from pipeline.hardware import guess_precision
 from pipeline.prepare import resolve_data
 from pipeline.weights_spec import describe_weights, weights_stamp
 
@@ -78,6 +79,8 @@ def quick_up_to_date(config: ExtractConfig) -> tuple[TinyImageNet | None, dict[P
     dataset = index_dataset(resolve_data(config.data, progress=config.progress))
     if config.overwrite:
         return dataset, None
+    if config.precision is None:  # the device's default, guessed without torch (see pipeline.hardware)
+        config = replace(config, precision=guess_precision(config.device))
     spec = describe_weights(config.weights, config.seed)
     found = {}
     for split in config.splits:

@@ -332,3 +332,23 @@ def test_classifier_is_head_on_backbone(random_backbone):
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
     model.train()
     assert not model.backbone.training
+
+
+def test_weights_file_is_loaded_without_a_random_initialisation(saved_alexnet, tmp_path, monkeypatch):
+    """AlexNet is built on the meta device and takes the file's tensors (as float32, as load_state_dict's
+    copy made them): no ~1 s random initialisation to throw away, and the same weights and fingerprint."""
+    path, model = saved_alexnet
+    inits = []
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda *a, **k: inits.append(a) or a[0])
+    backbone, _, fingerprint = load_backbone(str(path))
+    assert inits and all(tensor.device.type == "meta" for tensor, *_ in inits)  # initialised: nothing, for free
+    assert_same_weights(backbone, model)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in backbone.parameters())
+    assert fingerprint == weights_fingerprint(AlexNetFC7(model))
+
+    half = tmp_path / "half.pth"  # a file saved in float16 still gives a float32 backbone
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, half)
+    backbone16, _, _ = load_backbone(str(half))
+    assert all(p.dtype == torch.float32 for p in backbone16.parameters())
+    torch.testing.assert_close(backbone16.state_dict()["features.0.weight"],
+                               model.state_dict()["features.0.weight"].half().float(), rtol=0, atol=0)
