@@ -116,7 +116,15 @@ class InMemoryFeatures:
         self.num_rows = len(labels)
 
     @classmethod
-    def load(cls, split: CachedSplit, device: torch.device, progress: bool = True) -> "InMemoryFeatures":
+    def load(cls, split: CachedSplit, device: torch.device, progress: bool = True,
+             rows: np.ndarray | None = None) -> "InMemoryFeatures":
+        """The split's features (``rows``: only those rows, in that order) as one tensor on ``device``."""
+        if rows is not None:
+            with h5py.File(split.path, "r") as f:  # h5py reads a sorted, duplicate-free selection
+                order = np.argsort(rows, kind="stable")
+                block = np.empty((len(rows), f[split.dataset].shape[1]), dtype=f[split.dataset].dtype)
+                block[order] = f[split.dataset][np.asarray(rows)[order]]
+            return cls(torch.from_numpy(block).to(device), torch.from_numpy(split.labels[rows]))
         first = split.read_features(0, 1)
         features = torch.empty((split.num_rows, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
         for start in tqdm(range(0, split.num_rows, LOAD_ROWS), desc=f"load {split.path.name}", unit="block",
@@ -156,7 +164,7 @@ class StreamedFeatures:
         chunks = chunks[torch.randperm(len(chunks), generator=generator)]
         per_block = max(1, self.block_rows // self.chunk_rows)
         with h5py.File(self.split.path, "r") as f:
-            features = f["features"]
+            features = f[self.split.dataset]
             for group in chunks.split(per_block):
                 starts = sorted(group.tolist())  # read in file order
                 block = torch.from_numpy(np.concatenate([features[s:s + self.chunk_rows] for s in starts]))
@@ -273,15 +281,15 @@ def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardi
 # The command: load the cache, train one head per (lr, weight decay), write the run folder
 
 
-def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
-    """train.h5 and val.h5, checked complete and consistent with each other."""
-    train, val = open_split(Path(folder) / "train.h5"), open_split(Path(folder) / "val.h5")
+def open_cache(folder: Path, layer: str = "fc7") -> tuple[CachedSplit, CachedSplit]:
+    """train.h5 and val.h5 (their ``layer`` features), checked complete and consistent with each other."""
+    train, val = open_split(Path(folder) / "train.h5", layer), open_split(Path(folder) / "val.h5", layer)
     checks = [("class_wnids", train.wnids, val.wnids, "different classes"),
               ("weights_fingerprint", train.attrs["weights_fingerprint"], val.attrs["weights_fingerprint"], "different weights"),
               ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
               ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),
               ("precision", train.attrs["precision"], val.attrs["precision"], "different precisions"),
-              ("feature_dim", train.attrs["feature_dim"], val.attrs["feature_dim"], "different feature sizes")]
+              ("feature_dim", train.feature_dim, val.feature_dim, "different feature sizes")]
     for _, a, b, what in checks:
         if a != b:
             raise UserError(f"train and val in {folder} were extracted with {what}; re-extract one of them "
@@ -324,7 +332,7 @@ def available_memory() -> int | None:
 
 def load_source(split: CachedSplit, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
     itemsize = np.dtype(split.attrs["dtype"]).itemsize
-    num_bytes = split.num_rows * int(split.attrs["feature_dim"]) * itemsize
+    num_bytes = split.num_rows * split.feature_dim * itemsize
     if stream is None:
         stream = not _fits_in_memory(num_bytes, device) and not (device.type == "cuda" and _fits_in_memory(num_bytes, torch.device("cpu")))
         if stream:
@@ -339,16 +347,20 @@ def run_name(lr: float, weight_decay: float) -> str:
     return f"lr{lr:g}_wd{weight_decay:g}"
 
 
-def train_heads(config: HeadConfig) -> HeadResult:
-    """Train one head per (lr, weight decay) over the same in-memory features; write the run folder."""
+def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarray | None = None) -> HeadResult:
+    """Train one head per (lr, weight decay) over the same in-memory features; write the run folder.
+
+    ``layer``: the cached layer to train on; ``train_rows``: train on these rows only (few-shot).
+    """
     config.check()
     device = resolve_device(config.device)
-    train_split, val_split = open_cache(Path(config.features))
+    train_split, val_split = open_cache(Path(config.features), layer)
     out = Path(config.out)
     _prepare_out(out)
-    train = load_source(train_split, device, config.stream, config.progress)
+    train = (load_source(train_split, device, config.stream, config.progress) if train_rows is None
+             else InMemoryFeatures.load(train_split, device, config.progress, rows=train_rows))
     val = load_source(val_split, device, config.stream, config.progress)
-    feature_dim = int(train_split.attrs["feature_dim"])
+    feature_dim = train_split.feature_dim
     standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
     combos = list(itertools.product(config.lrs, config.weight_decays))
     sweep = len(combos) > 1
@@ -379,7 +391,7 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
     history_path.unlink(missing_ok=True)
 
     def checkpoint(state: dict, record: dict) -> dict:
-        return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=train_split.attrs,
+        return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=layer_attrs(train_split),
                                wnids=train_split.wnids, names=train_split.names, config=run_config)
 
     def on_epoch(record, state, best):
@@ -424,3 +436,8 @@ def _write_table(path: Path, runs: list[HeadRun]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(asdict(run) for run in runs)
+
+
+def layer_attrs(split: CachedSplit) -> dict:
+    """The split's attributes as a checkpoint records them: the layer read and its width."""
+    return {**split.attrs, "layer": split.layer, "feature_dim": split.feature_dim}
