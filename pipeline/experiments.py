@@ -11,6 +11,7 @@ combination, ``<out>/<layer>_<head>_<shots>[_lr.._wd..]/``, one table (experimen
 """
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import logging
@@ -57,6 +58,8 @@ def is_grid(config: HeadConfig) -> bool:
 def run_experiments(config: HeadConfig) -> ExperimentsResult:
     """Run every (layer, head, shots) combination of ``config``; see the module docstring for the outputs."""
     config.check()
+    config = replace(config, **{name: tuple(dict.fromkeys(getattr(config, name)))  # a repeated value runs once
+                                for name in ("layers", "heads", "shots", "lrs", "weight_decays", "ks")})
     unknown = [layer for layer in config.layers if layer not in LAYERS]
     if unknown:
         raise UserError(f"--layer {','.join(unknown)}: use {', '.join(LAYERS)} (a comma list compares them)")
@@ -113,10 +116,13 @@ def _train_images(split: CachedSplit, rows: np.ndarray | None) -> int:
     return split.num_rows if rows is None else len(rows)
 
 
+def _drawn(shots: int | None, seed: int) -> str:
+    return "all of them" if shots is None else f"{shots} per class, drawn with seed {seed}"
+
+
 def _note_train_images(report_md: Path, count: int, shots: int | None, seed: int) -> None:
-    drawn = "all of them" if shots is None else f"{shots} per class, drawn with seed {seed}"
     with open(report_md, "a") as f:
-        f.write(f"\nTrained on {count} train images ({drawn}); val untouched.\n")
+        f.write(f"\nTrained on {count} train images ({_drawn(shots, seed)}); val untouched.\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +220,13 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
         head.weight.copy_(fitted.weight)
         head.bias.copy_(fitted.bias)
     state = standardizer.fold_into(head)
-    metrics = {"epoch": best.iterations, **asdict(best)}
+    metrics = {"epoch": best.iterations, **asdict(best)}  # a logreg checkpoint's "epoch": its L-BFGS iterations
     save_checkpoint(make_checkpoint(state, metrics=metrics, epoch=best.iterations, cache_attrs=layer_attrs(train_split),
                                     wnids=train_split.wnids, names=train_split.names, config=run_config),
                     folder / "best.pt")
     with torch.no_grad():
-        ranked = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
-    report.write_class_report(folder, labels=val_split.labels, predictions=ranked,
+        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
+    report.write_class_report(folder, labels=val_split.labels, predictions=predictions,
                               metrics={"val_top1": best.val_top1, "val_top5": best.val_top5}, wnids=train_split.wnids,
                               names=train_split.names, epoch=best.iterations, weights_spec=train_split.attrs["weights_spec"])
     penalties = ",".join(f"{f.weight_decay:g}" for f in fitted.fits)
@@ -228,8 +234,8 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
     _rewrite_summary(folder / "report.md", best.iterations,
                      f"Logistic regression (L-BFGS), weight decay {best.weight_decay:g} (best of {penalties}), "
                      f"{best.iterations} iterations:",
-                     [f"Trained on {count} train images ({'all of them' if shots is None else f'{shots} per class, drawn with seed {config.seed}'}); "
-                      "val untouched. The penalty path is in path.csv."])
+                     [f"Trained on {count} train images ({_drawn(shots, config.seed)}); val untouched. "
+                      "The penalty path is in path.csv."])
     seconds = time.perf_counter() - start
     return Experiment(layer=train_split.layer, head="logreg",
                       params=f"wd={best.weight_decay:g} (best of {penalties}), {best.iterations} it.",
@@ -238,8 +244,6 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
 
 
 def _append_csv(path: Path, record: dict) -> None:
-    import csv
-
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(record))
@@ -285,10 +289,9 @@ def _run_knn(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots:
     lines = ["## Every k", "", "| k | val top-1 | val top-5 |", "|---|---|---|"]
     lines += [f"| {k}{'' if used[k] == k else f' (all {count})'} | {results[k]['val_top1']:.2f}% | "
               f"{results[k]['val_top5']:.2f}% |" for k in config.ks]
-    drawn = "all of them" if shots is None else f"{shots} per class, drawn with seed {config.seed}"
     _rewrite_summary(folder / "report.md", 0, f"Weighted kNN (DINO), k={best_k} (best of "
                      f"{','.join(map(str, config.ks))}), T={config.knn_temperature:g}:",
-                     ["", *lines, "", f"Neighbours from {count} train images ({drawn}); val untouched."])
+                     ["", *lines, "", f"Neighbours from {count} train images ({_drawn(shots, config.seed)}); val untouched."])
     return [Experiment(layer=train_split.layer, head="knn",
                        params=f"k={k}{'' if used[k] == k else f' (all {count})'} T={config.knn_temperature:g}",
                        shots=shots_name(shots), val_top1=results[k]["val_top1"], val_top5=results[k]["val_top5"],
