@@ -344,9 +344,12 @@ def check_split(split: CachedSplit, expected_split: str) -> None:
         raise CacheError(f"{path} is an empty split (0 rows); extract a dataset with {expected_split} images")
     with h5py.File(path, "r") as f:
         features = f[split.dataset]
-        if features.ndim != 2 or features.shape[0] != num_rows or features.shape[1] != attrs["feature_dim"]:
+        # the layer ``feature_dim`` describes (fc7, or the only one cached) must have that width; every layer
+        # must have a row per label
+        dim = attrs["feature_dim"] if split.layer == attrs.get("layer", "fc7") else features.shape[-1]
+        if features.ndim != 2 or features.shape[0] != num_rows or features.shape[1] != dim:
             raise CacheError(f"{path}: {split.dataset} has shape {features.shape}, expected ({num_rows}, "
-                             f"{attrs['feature_dim']}) for its {num_rows} labels; {redo}")
+                             f"{dim}) for its {num_rows} labels; {redo}")
         if features.dtype.kind != "f" or features.dtype.itemsize not in (2, 4):
             raise CacheError(f"{path}: {split.dataset} has dtype {features.dtype}, expected float32 or float16; {redo}")
         if str(features.dtype) != attrs["dtype"]:

@@ -4,6 +4,7 @@ The entry scripts build their argparse defaults from these dataclasses, so a def
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,14 +68,30 @@ class ExtractConfig:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
 
 
+HEADS = ("linear", "logreg", "knn")  # SGD seed recipe; L-BFGS logistic regression; DINO's weighted kNN
+
+
 @dataclass
 class HeadConfig:
-    """Stage two: the cache to read, the run folder, and the SGD recipe (one head per lr x weight decay)."""
+    """Stage two: the cache to read, the run folder, the heads to compare and their recipes.
+
+    One head is today's run. Several layers, heads, shots, learning rates or weight decays make a grid:
+    one folder per combination and one table (pipeline.experiments).
+    """
 
     features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5
     out: Path = DEFAULT_HEAD  # run folder
-    lrs: tuple[float, ...] = (0.001,)  # several: one head per (lr, weight decay)
-    weight_decays: tuple[float, ...] = (0.0,)
+    heads: tuple[str, ...] = ("linear",)  # any of HEADS
+    layers: tuple[str, ...] = ("fc7",)  # cached layers to train on: pool5, fc6, fc7
+    shots: tuple[int | None, ...] = (None,)  # train images per class, drawn with `seed`; None: all of them
+    lrs: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
+    weight_decays: tuple[float, ...] = (0.0,)  # linear: SGD weight decay
+    # logreg: L2 penalties on standardized features, warm-started strongest first (strong ones converge fastest)
+    logreg_weight_decays: tuple[float, ...] = (0.1, 0.01, 0.001)
+    logreg_max_iter: int = 20  # logreg: L-BFGS iterations per penalty (each about 1.3 full-batch passes)
+    ks: tuple[int, ...] = (10, 20, 100, 200)  # knn: neighbours, all answered from one top-k search
+    knn_temperature: float = 0.07  # knn: a neighbour's vote is exp(similarity / T) (DINO's eval_knn.py)
+    knn_chunk_rows: int = 256  # knn: val rows per similarity block; memory ~ chunk x train rows x 4 bytes
     momentum: float = 0.9
     epochs: int = 20
     batch_size: int = 100
@@ -86,14 +103,29 @@ class HeadConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name, values in (("--lr", self.lrs), ("--weight-decay", self.weight_decays)):
+        for name, values in (("--lr", self.lrs), ("--weight-decay", self.weight_decays), ("--head", self.heads),
+                             ("--layer", self.layers), ("--shots", self.shots), ("--k", self.ks),
+                             ("--weight-decay", self.logreg_weight_decays)):
             if not values:
                 raise UserError(f"{name} needs at least one value")
+        unknown = [h for h in self.heads if h not in HEADS]
+        if unknown:
+            raise UserError(f"--head {','.join(unknown)}: use {', '.join(HEADS)} (a comma list compares them)")
+        if any(shots is not None and shots < 1 for shots in self.shots):
+            raise UserError(f"--shots must be a positive number of images per class or 'all', got "
+                            f"{','.join('all' if s is None else str(s) for s in self.shots)}")
+        if any(k < 1 for k in self.ks):
+            raise UserError(f"--k must be positive, got {','.join(map(str, self.ks))}")
+        if not (self.knn_temperature > 0 and math.isfinite(self.knn_temperature)):
+            raise UserError(f"the kNN temperature must be positive, got {self.knn_temperature}")
+        _positive("--max-iter", self.logreg_max_iter)
+        _positive("the kNN chunk size", self.knn_chunk_rows)
         # NaN fails every comparison; beyond MAX_RATE the products with gradients overflow float32 (a traceback)
         if any(not (0 < lr <= MAX_RATE) for lr in self.lrs):
             raise UserError(f"--lr must be above 0 and at most {MAX_RATE:g}, got {','.join(map(str, self.lrs))}")
-        if any(not (0 <= wd <= MAX_RATE) for wd in self.weight_decays):
-            raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, self.weight_decays))}")
+        for weight_decays in (self.weight_decays, self.logreg_weight_decays):
+            if any(not (0 <= wd <= MAX_RATE) for wd in weight_decays):
+                raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, weight_decays))}")
         if not (0 <= self.momentum <= 1):
             raise UserError(f"--momentum must be from 0 to 1, got {self.momentum}")
         if not (0 <= self.seed <= MAX_SEED):

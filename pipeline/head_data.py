@@ -66,7 +66,16 @@ class InMemoryFeatures:
         self.num_rows = len(labels)
 
     @classmethod
-    def load(cls, split: CachedSplit, device: torch.device, progress: bool = True) -> "InMemoryFeatures":
+    def load(cls, split: CachedSplit, device: torch.device, progress: bool = True,
+             rows: np.ndarray | None = None) -> "InMemoryFeatures":
+        """The split's features (``rows``: only those rows, in that order) as one tensor on ``device``."""
+        if rows is not None:
+            with h5py.File(split.path, "r") as f:  # h5py reads a sorted, duplicate-free selection
+                order = np.argsort(rows, kind="stable")
+                block = np.empty((len(rows), f[split.dataset].shape[1]), dtype=f[split.dataset].dtype)
+                block[order] = f[split.dataset][np.asarray(rows)[order]]
+            check_finite(torch.from_numpy(block), split.path, 0)
+            return cls(torch.from_numpy(block).to(device), torch.from_numpy(split.labels[rows]))
         first = split.read_features(0, 1)
         features = torch.empty((split.num_rows, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
         for start in tqdm(range(0, split.num_rows, LOAD_ROWS), desc=f"load {split.path.name}", unit="block",
@@ -144,9 +153,9 @@ def extraction_in_progress(folder: Path) -> str | None:
     return None
 
 
-def _open_checked(path: Path, split: str) -> CachedSplit:
+def _open_checked(path: Path, split: str, layer: str = "fc7") -> CachedSplit:
     try:
-        cached = open_split(path)
+        cached = open_split(path, layer)
         check_split(cached, split)
     except (KeyError, ValueError, TypeError, IndexError) as err:  # a dataset or attribute missing or malformed
         raise CacheError(f"{path} is damaged or not a feature cache ({first_line(err)}); "
@@ -154,14 +163,14 @@ def _open_checked(path: Path, split: str) -> CachedSplit:
     return cached
 
 
-def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
-    """train.h5 and val.h5, checked complete, well-formed and consistent with each other."""
+def open_cache(folder: Path, layer: str = "fc7") -> tuple[CachedSplit, CachedSplit]:
+    """train.h5 and val.h5 (their ``layer`` features), checked complete, well-formed and consistent."""
     folder = Path(folder)
     holder = extraction_in_progress(folder)
     if holder:
         who = f"an extraction ({holder})" if holder.startswith("pid ") else f"another run ({holder})"
         raise UserError(f"{who} is writing the cache in {folder} right now; wait for it to finish, then rerun")
-    train, val = _open_checked(folder / "train.h5", "train"), _open_checked(folder / "val.h5", "val")
+    train, val = _open_checked(folder / "train.h5", "train", layer), _open_checked(folder / "val.h5", "val", layer)
     if train.path.resolve() == val.path.resolve():
         raise CacheError(f"{train.path} and {val.path} are the same file; extract the val split too")
     checks = [("class_wnids", train.wnids, val.wnids, "different classes"),
@@ -169,7 +178,7 @@ def open_cache(folder: Path) -> tuple[CachedSplit, CachedSplit]:
               ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
               ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),
               ("precision", train.attrs["precision"], val.attrs["precision"], "different precisions"),
-              ("feature_dim", train.attrs["feature_dim"], val.attrs["feature_dim"], "different feature sizes")]
+              ("feature_dim", train.feature_dim, val.feature_dim, "different feature sizes")]
     for _, a, b, what in checks:
         if a != b:
             raise UserError(f"train and val in {folder} were extracted with {what}; re-extract one of them "
@@ -206,7 +215,7 @@ def available_memory() -> int | None:
 
 def load_source(split: CachedSplit, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
     itemsize = np.dtype(split.attrs["dtype"]).itemsize
-    num_bytes = split.num_rows * int(split.attrs["feature_dim"]) * itemsize
+    num_bytes = split.num_rows * split.feature_dim * itemsize
     if stream is None:
         stream = not _fits_in_memory(num_bytes, device) and not (device.type == "cuda" and _fits_in_memory(num_bytes, torch.device("cpu")))
         if stream:

@@ -227,7 +227,7 @@ def _writing(stage: StagedRun, path: Path):
                         "previous run, unchanged: free some space (or fix the folder), then rerun") from None
 
 
-def train_heads(config: HeadConfig) -> HeadResult:
+def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarray | None = None) -> HeadResult:
     """Train one head per (lr, weight decay) over the same in-memory features; write the run folder.
 
     Everything is written into a staging folder inside ``out`` and published when complete (see
@@ -236,13 +236,14 @@ def train_heads(config: HeadConfig) -> HeadResult:
     """
     config.check()
     device = resolve_device(config.device)
-    train_split, val_split = open_cache(Path(config.features))
+    train_split, val_split = open_cache(Path(config.features), layer)
     out = Path(config.out)
     _prepare_out(out)
     with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
-        train = load_source(train_split, device, config.stream, config.progress)
+        train = (load_source(train_split, device, config.stream, config.progress) if train_rows is None
+                 else InMemoryFeatures.load(train_split, device, config.progress, rows=train_rows))  # few-shot
         val = load_source(val_split, device, config.stream, config.progress)
-        feature_dim = int(train_split.attrs["feature_dim"])
+        feature_dim = train_split.feature_dim
         standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
         combos = list(itertools.product(config.lrs, config.weight_decays))
         sweep = len(combos) > 1
@@ -278,7 +279,9 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
                *, stage: StagedRun, name: str, title: str | None) -> HeadRun:
     """Train one head and write its (staged) folder: config.json, history.csv, best.pt, last.pt, plots, report."""
     folder.mkdir(parents=True, exist_ok=True)
-    run_config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    # plain JSON values (paths as str, tuples as lists): the checkpoint's config equals config.json's
+    run_config = {**{k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                     for k, v in asdict(config).items()},
                   "lr": recipe.lr, "weight_decay": recipe.weight_decay, "lrs": list(config.lrs),
                   "weight_decays": list(config.weight_decays), "device": str(device),
                   "features_weights": train_split.attrs["weights_spec"]}
@@ -287,7 +290,7 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
     history_path = folder / "history.csv"
 
     def checkpoint(state: dict, record: dict) -> dict:
-        return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=train_split.attrs,
+        return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=layer_attrs(train_split),
                                wnids=train_split.wnids, names=train_split.names, config=run_config)
 
     def on_epoch(record, state, best):
@@ -340,3 +343,8 @@ def _write_table(path: Path, runs: list[HeadRun]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(asdict(run) for run in runs)
+
+
+def layer_attrs(split: CachedSplit) -> dict:
+    """The split's attributes as a checkpoint records them: the layer read and its width."""
+    return {**split.attrs, "layer": split.layer, "feature_dim": split.feature_dim}

@@ -1,0 +1,83 @@
+"""The grid's comparison: experiments.csv, experiments.md and experiments.png, one row per combination."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure  # the object API, as pipeline.report
+
+COLUMNS = ["layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
+HEAD_COLOURS = {"linear": "tab:blue", "logreg": "tab:orange", "knn": "tab:green"}
+
+
+@dataclass
+class Experiment:
+    """One row of the table: a trained head (linear, logreg) or one k of a kNN run."""
+
+    layer: str
+    head: str
+    params: str  # the hyper-parameters, as a person reads them
+    shots: str  # "5shot" or "all"
+    val_top1: float  # %
+    val_top5: float
+    train_images: int
+    seconds: float  # wall time of the run, loading the features included (a kNN run's k share one)
+    folder: Path
+    checkpoint: Path | None  # best.pt (linear, logreg); None for knn
+
+    def record(self, out: Path) -> dict:
+        return {"layer": self.layer, "head": self.head, "hyper_parameters": self.params, "shots": self.shots,
+                "val_top1": round(self.val_top1, 4), "val_top5": round(self.val_top5, 4),
+                "train_images": self.train_images, "seconds": round(self.seconds, 2),
+                "folder": os.path.relpath(self.folder, out)}
+
+
+def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weights_spec: str) -> None:
+    """experiments.csv, experiments.md and experiments.png in ``out``; each written whole, then renamed."""
+    records = [row.record(out) for row in rows]
+    tmp = out / "experiments.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, out / "experiments.csv")
+
+    lines = [f"# Head experiments: {out}", ""]
+    if best is not None:
+        lines += [f"Best head with a checkpoint: `{os.path.relpath(best.folder, out)}` (val top-1 {best.val_top1:.2f}%), "
+                  "copied to `best.pt`.", ""]
+    if str(weights_spec).startswith("random"):
+        lines += [f"Backbone weights: `{weights_spec}` (RANDOM: for testing only, accuracy is not meaningful).", ""]
+    lines += ["| layer | head | hyper-parameters | shots | val top-1 | val top-5 | train images | seconds |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['head']} | {r['hyper_parameters']} | {r['shots']} | {r['val_top1']:.2f}% | "
+              f"{r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |" for r in records]
+    lines += ["", "Seconds include loading the features; the rows of one kNN run (one per k) share one search. "
+              "Hyper-parameters (best epoch, weight decay, k) are picked on val, so val top-1 is slightly optimistic."]
+    tmp = out / "experiments.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "experiments.md")
+    plot_experiments(rows, out / "experiments.png")
+
+
+def plot_experiments(rows: list[Experiment], path: Path) -> None:
+    """One horizontal bar per row: val top-1 (solid) over val top-5 (pale), coloured by head."""
+    fig = Figure(figsize=(9, 1.2 + 0.32 * len(rows)))
+    ax = fig.subplots()
+    positions = list(range(len(rows)))[::-1]  # first row on top
+    colours = [HEAD_COLOURS.get(r.head, "tab:gray") for r in rows]
+    ax.barh(positions, [r.val_top5 for r in rows], color=colours, alpha=0.3, label="val top-5")
+    ax.barh(positions, [r.val_top1 for r in rows], color=colours, label="val top-1")
+    for y, r in zip(positions, rows):
+        ax.text(r.val_top1 + 0.5, y, f"{r.val_top1:.1f}", va="center", fontsize=7)
+    ax.set_yticks(positions, [f"{r.layer} {r.head} {r.shots} {r.params}" for r in rows], fontsize=7)
+    ax.set_xlabel("val accuracy (%)  (solid: top-1, pale: top-5)")
+    ax.set_xlim(0, 100)
+    ax.set_title("head experiments")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)

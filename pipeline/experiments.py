@@ -1,0 +1,308 @@
+"""Quick head experiments on the cache: layers x heads x shots (x hyper-parameters) in one command.
+
+One combination is today's run: its outputs go straight into ``--out`` (a plain linear run, or a linear
+lr x weight-decay sweep, is exactly pipeline.train_head's). Several make a grid: one folder per
+combination, ``<out>/<layer>_<head>_<shots>[_lr.._wd..]/``, one table (experiments.csv and .md), one plot
+(experiments.png), and the best head that has a checkpoint (linear or logreg) copied to ``<out>/best.pt``.
+
+- linear: the SGD seed recipe of pipeline.train_head, one run per (lr, weight decay);
+- logreg: L-BFGS logistic regression (pipeline.logreg), one run per --weight-decay path, best kept;
+- knn: DINO's weighted kNN (pipeline.knn), one run answering every --k, one table row per k.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from features.cache import CachedSplit
+from models import LAYERS
+from pipeline import knn, logreg, report
+from pipeline.backbone import resolve_device
+from pipeline.checkpoint import make_checkpoint, save_checkpoint
+from pipeline.config import HeadConfig
+from pipeline.errors import UserError
+from pipeline.experiment_table import Experiment, write_table
+from pipeline.run_folder import exclusive_run
+from pipeline.shots import few_shot_rows, shots_name
+from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, available_memory, layer_attrs, open_cache,
+                                 run_name, train_heads)
+
+log = logging.getLogger(__name__)
+
+MEMORY_SHARE = 0.7  # logreg and knn hold the features in memory: refuse what would not fit in this share
+
+
+@dataclass
+class ExperimentsResult:
+    out: Path
+    rows: list[Experiment]  # in grid order
+    best: Path | None  # the best checkpoint (None when only knn ran)
+    weights_spec: str
+    head_result: HeadResult | None = None  # a plain linear run: train_heads' own result
+
+
+def is_grid(config: HeadConfig) -> bool:
+    return len(config.layers) * len(config.heads) * len(config.shots) > 1
+
+
+def run_experiments(config: HeadConfig) -> ExperimentsResult:
+    """Run every (layer, head, shots) combination of ``config``; see the module docstring for the outputs."""
+    config.check()
+    config = replace(config, **{name: tuple(dict.fromkeys(getattr(config, name)))  # a repeated value runs once
+                                for name in ("layers", "heads", "shots", "lrs", "weight_decays", "ks")})
+    unknown = [layer for layer in config.layers if layer not in LAYERS]
+    if unknown:
+        raise UserError(f"--layer {','.join(unknown)}: use {', '.join(LAYERS)} (a comma list compares them)")
+    device = resolve_device(config.device)
+    splits = {layer: open_cache(Path(config.features), layer) for layer in config.layers}  # every layer there, first
+    train_split = splits[config.layers[0]][0]
+    train_rows = {shots: None if shots is None else few_shot_rows(train_split.labels, shots, seed=config.seed,
+                                                                  wnids=train_split.wnids)
+                  for shots in config.shots}
+    out = Path(config.out)
+    grid = is_grid(config)
+    out.mkdir(parents=True, exist_ok=True)
+    # a grid (or a logreg/knn run) holds --out's lock throughout, as a linear run does (train_heads locks its
+    # own folder): two runs into one --out never mix their tables
+    with exclusive_run(out, "run_train_head.py") if grid or config.heads[0] != "linear" else nullcontext():
+        return _run_all(config, splits, train_split, train_rows, out, grid, device)
+
+
+def _run_all(config: HeadConfig, splits: dict, train_split: CachedSplit, train_rows: dict, out: Path, grid: bool,
+             device: torch.device) -> ExperimentsResult:
+    if grid:
+        for name in ("experiments.csv", "experiments.md", "experiments.png", "best.pt"):  # describe the last grid
+            (out / name).unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(_plain(asdict(config)), indent=2) + "\n")
+    rows, head_result = [], None
+    combos = list(itertools.product(config.layers, config.heads, config.shots))
+    for number, (layer, head, shots) in enumerate(combos, 1):
+        log.info("[%d/%d] %s %s %s", number, len(combos), layer, head, shots_name(shots))
+        folder = out / f"{layer}_{head}_{shots_name(shots)}" if grid else out
+        rows_of = train_rows[shots]
+        if head == "linear":
+            result, new_rows = _run_linear(config, splits[layer], shots, rows_of, folder, grid)
+            head_result = head_result or result
+        elif head == "logreg":
+            new_rows = [_run_logreg(config, splits[layer], shots, rows_of, folder, device)]
+        else:
+            new_rows = _run_knn(config, splits[layer], shots, rows_of, folder, device)
+        rows += new_rows
+    with_checkpoint = [r for r in rows if r.checkpoint is not None]
+    best = max(with_checkpoint, key=lambda r: r.val_top1) if with_checkpoint else None  # max: the first of equals
+    weights_spec = train_split.attrs["weights_spec"]
+    if grid:
+        if best is not None:
+            shutil.copyfile(best.checkpoint, out / "best.pt.tmp")
+            os.replace(out / "best.pt.tmp", out / "best.pt")
+        write_table(out, rows, best, weights_spec)
+    best_path = (out / "best.pt") if grid and best else (best.checkpoint if best else None)
+    return ExperimentsResult(out=out, rows=rows, best=best_path, weights_spec=weights_spec, head_result=head_result)
+
+
+def _plain(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _train_images(split: CachedSplit, rows: np.ndarray | None) -> int:
+    return split.num_rows if rows is None else len(rows)
+
+
+def _drawn(shots: int | None, seed: int) -> str:
+    return "all of them" if shots is None else f"{shots} per class, drawn with seed {seed}"
+
+
+def _note_train_images(report_md: Path, count: int, shots: int | None, seed: int) -> None:
+    with open(report_md, "a") as f:
+        f.write(f"\nTrained on {count} train images ({_drawn(shots, seed)}); val untouched.\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# linear: pipeline.train_head as it is
+
+
+def _run_linear(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,
+                rows: np.ndarray | None, folder: Path, grid: bool) -> tuple[HeadResult, list[Experiment]]:
+    """A plain run or sweep into ``folder`` (not a grid), or one folder per (lr, weight decay) (a grid)."""
+    layer = splits[0].layer
+    single = replace(config, layers=(layer,), heads=("linear",), shots=(shots,))
+    runs = [single] if not grid else [
+        replace(single, out=folder.with_name(f"{folder.name}_{run_name(lr, wd)}"), lrs=(lr,), weight_decays=(wd,))
+        for lr, wd in itertools.product(config.lrs, config.weight_decays)]
+    count = _train_images(splits[0], rows)
+    experiments, first = [], None
+    for run_config in runs:
+        start = time.perf_counter()
+        result = train_heads(run_config, layer=layer, train_rows=rows)
+        seconds = (time.perf_counter() - start) / len(result.runs)  # a sweep shares its loading
+        first = first or result
+        for run in result.runs:
+            if shots is not None:
+                _note_train_images(run.folder / "report.md", count, shots, config.seed)
+            experiments.append(Experiment(
+                layer=layer, head="linear", params=f"lr={run.lr:g} wd={run.weight_decay:g}, epoch "
+                f"{run.best_epoch}/{config.epochs}", shots=shots_name(shots), val_top1=run.best_val_top1,
+                val_top5=run.best_val_top5, train_images=count, seconds=seconds, folder=run.folder,
+                checkpoint=run.folder / "best.pt"))
+    return first, experiments
+
+
+# ---------------------------------------------------------------------------------------------
+# Features in memory, for logreg and knn
+
+
+def load_float32(split: CachedSplit, rows: np.ndarray | None, device: torch.device, progress: bool,
+                 extra_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32, labels (N,)) of ``rows`` (None: all) on ``device``; refused if it won't fit."""
+    count = _train_images(split, rows)
+    need = count * split.feature_dim * 4 + extra_bytes
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory()
+    if free is not None and need > MEMORY_SHARE * free:
+        raise UserError(f"{split.path} ({split.layer}, {count} rows) needs {need / 2**30:.1f} GiB in memory for "
+                        f"logreg or knn, but {free / 2**30:.1f} GiB is free on {device}; use --shots, or the "
+                        "linear head (it streams)")
+    source = InMemoryFeatures.load(split, device, progress, rows=rows)
+    features = source.features if source.features.dtype == torch.float32 else source.features.float()
+    return features, source.labels
+
+
+def _run_config(config: HeadConfig, layer: str, head: str, shots: int | None, device: torch.device,
+                split: CachedSplit) -> dict:
+    return {**_plain(asdict(replace(config, layers=(layer,), heads=(head,), shots=(shots,)))), "device": str(device),
+            "features_weights": split.attrs["weights_spec"]}
+
+
+def _rewrite_summary(report_md: Path, epoch: int, summary: str, extra: list[str]) -> None:
+    """report.md from report.write_class_report, with the head's own summary instead of its epoch line."""
+    text = report_md.read_text().replace(f"Best epoch {epoch}:", summary, 1)
+    report_md.write_text(text + "\n" + "\n".join(extra) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# logreg
+
+
+def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,
+                rows: np.ndarray | None, folder: Path, device: torch.device) -> Experiment:
+    start = time.perf_counter()
+    train_split, val_split = splits
+    folder.mkdir(parents=True, exist_ok=True)
+    run_config = _run_config(config, train_split.layer, "logreg", shots, device, train_split)
+    (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    num_classes = len(train_split.wnids)
+    train_x, train_y = load_float32(train_split, rows, device, config.progress,
+                                    extra_bytes=4 * _train_images(train_split, rows) * num_classes * 4)
+    dim = train_x.shape[1]
+    source = InMemoryFeatures(train_x, train_y)
+    standardizer = Standardizer.fit(source, device) if config.standardize else Standardizer.identity(dim, device)
+    train_x.sub_(standardizer.mean).mul_(standardizer.inv_std)  # in place: one copy of the features
+    val_x, val_y = load_float32(val_split, None, device, config.progress)
+    val_x.sub_(standardizer.mean).mul_(standardizer.inv_std)
+    path_csv = folder / "path.csv"
+    path_csv.unlink(missing_ok=True)
+    fitted = logreg.fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes,
+                               weight_decays=config.logreg_weight_decays, max_iter=config.logreg_max_iter,
+                               progress=config.progress, on_fit=lambda fit: _append_csv(path_csv, asdict(fit)))
+    best = fitted.fits[fitted.best]
+    head = nn.Linear(dim, num_classes).to(device)
+    with torch.no_grad():
+        head.weight.copy_(fitted.weight)
+        head.bias.copy_(fitted.bias)
+    state = standardizer.fold_into(head)
+    metrics = {"epoch": best.iterations, **asdict(best)}  # a logreg checkpoint's "epoch": its L-BFGS iterations
+    save_checkpoint(make_checkpoint(state, metrics=metrics, epoch=best.iterations, cache_attrs=layer_attrs(train_split),
+                                    wnids=train_split.wnids, names=train_split.names, config=run_config),
+                    folder / "best.pt")
+    with torch.no_grad():
+        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
+    report.write_class_report(folder, labels=val_split.labels, predictions=predictions,
+                              metrics={"val_top1": best.val_top1, "val_top5": best.val_top5}, wnids=train_split.wnids,
+                              names=train_split.names, epoch=best.iterations, weights_spec=train_split.attrs["weights_spec"])
+    penalties = ",".join(f"{f.weight_decay:g}" for f in fitted.fits)
+    count = len(train_y)
+    _rewrite_summary(folder / "report.md", best.iterations,
+                     f"Logistic regression (L-BFGS), weight decay {best.weight_decay:g} (best of {penalties}), "
+                     f"{best.iterations} iterations:",
+                     [f"Trained on {count} train images ({_drawn(shots, config.seed)}); val untouched. "
+                      "The penalty path is in path.csv."])
+    seconds = time.perf_counter() - start
+    return Experiment(layer=train_split.layer, head="logreg",
+                      params=f"wd={best.weight_decay:g} (best of {penalties}), {best.iterations} it.",
+                      shots=shots_name(shots), val_top1=best.val_top1, val_top5=best.val_top5, train_images=count,
+                      seconds=seconds, folder=folder, checkpoint=folder / "best.pt")
+
+
+def _append_csv(path: Path, record: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(record))
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+# ---------------------------------------------------------------------------------------------
+# knn
+
+
+def _run_knn(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,
+             rows: np.ndarray | None, folder: Path, device: torch.device) -> list[Experiment]:
+    start = time.perf_counter()
+    train_split, val_split = splits
+    folder.mkdir(parents=True, exist_ok=True)
+    run_config = _run_config(config, train_split.layer, "knn", shots, device, train_split)
+    (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    count = _train_images(train_split, rows)
+    train_x, train_y = load_float32(train_split, rows, device, config.progress,
+                                    extra_bytes=config.knn_chunk_rows * count * 4 * 2)
+    val_x, val_y = load_float32(val_split, None, device, config.progress)
+    knn.normalize_rows(train_x)
+    knn.normalize_rows(val_x)
+    used = {k: min(k, count) for k in config.ks}
+    for k, k_used in used.items():
+        if k_used < k:
+            log.warning("knn: k=%d is more than the %d train images; it uses all %d", k, count, count)
+    ranked = knn.knn_predict(train_x, train_y, val_x, ks=tuple(sorted(set(used.values()))),
+                             num_classes=len(train_split.wnids), temperature=config.knn_temperature,
+                             chunk_rows=config.knn_chunk_rows, progress=config.progress)
+    results = {k: knn.accuracy(ranked[used[k]], val_y) for k in config.ks}
+    seconds = time.perf_counter() - start
+    table = folder / "knn.csv"
+    table.unlink(missing_ok=True)
+    for k in config.ks:
+        _append_csv(table, {"k": k, "k_used": used[k], "temperature": config.knn_temperature, **results[k]})
+    best_k = max(config.ks, key=lambda k: results[k]["val_top1"])
+    report.write_class_report(folder, labels=val_split.labels, predictions=ranked[used[best_k]][:, 0].cpu().numpy(),
+                              metrics=results[best_k], wnids=train_split.wnids, names=train_split.names, epoch=0,
+                              weights_spec=train_split.attrs["weights_spec"])
+    lines = ["## Every k", "", "| k | val top-1 | val top-5 |", "|---|---|---|"]
+    lines += [f"| {k}{'' if used[k] == k else f' (all {count})'} | {results[k]['val_top1']:.2f}% | "
+              f"{results[k]['val_top5']:.2f}% |" for k in config.ks]
+    _rewrite_summary(folder / "report.md", 0, f"Weighted kNN (DINO), k={best_k} (best of "
+                     f"{','.join(map(str, config.ks))}), T={config.knn_temperature:g}:",
+                     ["", *lines, "", f"Neighbours from {count} train images ({_drawn(shots, config.seed)}); val untouched."])
+    return [Experiment(layer=train_split.layer, head="knn",
+                       params=f"k={k}{'' if used[k] == k else f' (all {count})'} T={config.knn_temperature:g}",
+                       shots=shots_name(shots), val_top1=results[k]["val_top1"], val_top5=results[k]["val_top5"],
+                       train_images=count, seconds=seconds, folder=folder, checkpoint=None) for k in config.ks]

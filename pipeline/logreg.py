@@ -1,0 +1,157 @@
+"""Multinomial logistic regression trained to its optimum: full-batch L-BFGS with an L2 penalty.
+
+The objective is the mean cross-entropy of ``x @ W.T + b`` plus ``weight_decay / 2 * ||W||^2`` (the bias is
+not penalised; ``weight_decay`` means what SGD's does: it adds ``weight_decay * W`` to the gradient). It is
+convex, so L-BFGS with a strong-Wolfe line search reaches its optimum in tens of iterations, each a couple
+of full-batch passes: on 100,000 x 4096 rows one pass is two (N, D) x (D, C) matmuls. Several penalties
+are solved strongest first, each warm-started from the previous optimum (a weaker penalty's optimum lies
+near a stronger one's), and the caller keeps the best by val top-1. This is how CLIP's linear probes were
+trained (scikit-learn's L-BFGS), here in torch on the CPU or the GPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HISTORY_SIZE = 10  # L-BFGS curvature pairs: 2 x 10 x (C x D) floats, 66 MB for 200 x 4096 (scipy's default m)
+SCORE_ROWS = 16384  # rows per block when scoring, so the (rows, C) logits stay small
+
+
+@dataclass
+class PenaltyFit:
+    """The optimum for one L2 penalty and how good it is (losses are mean cross-entropy, accuracies in %)."""
+
+    weight_decay: float
+    iterations: int  # L-BFGS iterations
+    evaluations: int  # full-batch loss + gradient evaluations (line-search steps included)
+    objective: float  # train cross-entropy + penalty: what was minimised
+    grad_max: float  # largest |gradient| entry at the end: 0 at the exact optimum
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_top1: float
+    val_top5: float
+    seconds: float
+
+
+@dataclass
+class LogregResult:
+    fits: list[PenaltyFit]  # one per penalty, in the order solved (strongest first)
+    best: int  # index into fits: the best val top-1 (the first of equals: the stronger penalty)
+    weight: torch.Tensor  # (C, D) of the best fit, on standardized features
+    bias: torch.Tensor  # (C,)
+
+
+def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              weight_decay: float) -> torch.Tensor:
+    """Mean cross-entropy of the linear model plus the L2 penalty on its weight."""
+    logits = torch.addmm(bias, x, weight.T)  # (N, C)
+    return F.cross_entropy(logits, y) + 0.5 * weight_decay * weight.square().sum()
+
+
+@torch.no_grad()
+def score(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """Mean cross-entropy, top-1 and top-5 (in %) of the linear model on (x, y), in row blocks."""
+    loss = top1 = top5 = 0.0
+    for start in range(0, len(y), SCORE_ROWS):
+        logits = torch.addmm(bias, x[start:start + SCORE_ROWS], weight.T)  # (B, C)
+        labels = y[start:start + SCORE_ROWS]
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        top1 += (ranked[:, 0] == labels).sum().item()
+        top5 += (ranked == labels[:, None]).any(1).sum().item()
+    n = max(len(y), 1)
+    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+def minimize(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float, *,
+             max_iter: int, tolerance_grad: float = 1e-7, progress: bool = False) -> tuple[int, int]:
+    """Run L-BFGS from (weight, bias), updating them in place. Returns (iterations, evaluations).
+
+    It stops after ``max_iter`` iterations (or 1.25 x as many evaluations, torch's default), or earlier
+    when the largest gradient entry is below ``tolerance_grad`` or the objective stops changing.
+    """
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=HISTORY_SIZE,
+                                  tolerance_grad=tolerance_grad, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    bar = tqdm(desc=f"L-BFGS wd={weight_decay:g}", unit="eval", leave=False, disable=not progress)
+    evaluations = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        optimizer.zero_grad(set_to_none=False)
+        loss = objective(x, y, weight, bias, weight_decay)
+        loss.backward()
+        evaluations += 1
+        bar.update()
+        return loss
+
+    try:
+        optimizer.step(closure)
+    finally:
+        bar.close()
+        weight.requires_grad_(False)
+        bias.requires_grad_(False)
+    return optimizer.state[weight].get("n_iter", 0), evaluations
+
+
+def train_state(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                weight_decay: float) -> dict:
+    """At (weight, bias): the objective, the train cross-entropy and top-1 (%), and the largest |gradient|
+    entry (0 at the exact optimum), from one full-batch pass."""
+    with torch.enable_grad():
+        w, b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+        logits = torch.addmm(b, x, w.T)  # (N, C)
+        loss = F.cross_entropy(logits, y)
+        total = loss + 0.5 * weight_decay * w.square().sum()
+        total.backward()
+    return {"objective": total.item(), "loss": loss.item(),
+            "acc": 100.0 * (logits.detach().argmax(1) == y).sum().item() / max(len(y), 1),
+            "grad_max": max(w.grad.abs().max().item(), b.grad.abs().max().item())}
+
+
+def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
+               num_classes: int, weight_decays: tuple[float, ...], max_iter: int, progress: bool = False,
+               on_fit=None) -> LogregResult:
+    """Solve for each penalty, strongest first, warm-starting each from the previous optimum.
+
+    ``train_x``/``val_x``: (N, D) / (M, D) float32 standardized features on one device; ``on_fit`` is
+    called with each PenaltyFit as it finishes. The start is zero, so results depend on nothing random.
+    """
+    device, dim = train_x.device, train_x.shape[1]
+    weight = torch.zeros(num_classes, dim, device=device)  # (C, D)
+    bias = torch.zeros(num_classes, device=device)
+    fits, best, best_state = [], 0, None
+    for weight_decay in sorted(set(weight_decays), reverse=True):
+        start = time.perf_counter()
+        iterations, evaluations = minimize(train_x, train_y, weight, bias, weight_decay, max_iter=max_iter,
+                                           progress=progress)
+        train = train_state(train_x, train_y, weight, bias, weight_decay)
+        if not all(math.isfinite(train[key]) for key in ("objective", "grad_max")):
+            raise UserError(f"logistic regression diverged at weight decay {weight_decay:g} (the objective is "
+                            f"{train['objective']}); check the features for inf or NaN values")
+        val = score(val_x, val_y, weight, bias)
+        fit = PenaltyFit(weight_decay=weight_decay, iterations=iterations, evaluations=evaluations,
+                         objective=train["objective"], grad_max=train["grad_max"], train_loss=train["loss"],
+                         train_acc=train["acc"], val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
+                         seconds=round(time.perf_counter() - start, 3))
+        fits.append(fit)
+        if best_state is None or fit.val_top1 > fits[best].val_top1:
+            best, best_state = len(fits) - 1, (weight.clone(), bias.clone())
+        log.info("logreg wd=%-8g %3d iterations %3d evaluations  objective %.5f (max |grad| %.1e)  train acc %5.2f%%  "
+                 "val top1 %5.2f%% top5 %5.2f%%  %.1fs", weight_decay, iterations, evaluations, fit.objective, fit.grad_max,
+                 fit.train_acc, fit.val_top1, fit.val_top5, fit.seconds)
+        if on_fit:
+            on_fit(fit)
+    return LogregResult(fits=fits, best=best, weight=best_state[0], bias=best_state[1])
