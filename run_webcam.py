@@ -65,9 +65,9 @@ def live(args: argparse.Namespace) -> int:
                         predictions=args.predictions, max_frames=args.max_frames,
                         batch_frames=args.batch_frames)
     summary = run_live(config)
-    if summary["frames"] == 0:
+    if summary.frames == 0:
         log.warning("no frames were processed")
-    return 128 + 15 if summary["stopped_by"] == "SIGTERM" else 0  # stopped by SIGTERM: outputs finished, exit as killed
+    return 128 + 15 if summary.stopped_by == "SIGTERM" else 0  # stopped by SIGTERM: outputs finished, exit as killed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,8 +165,8 @@ def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int
                              output=tmp / f"{name}.mp4" if kind == "video" else None)
     source = (SyntheticCamera if batch == 1 else SyntheticVideo)(warmup + frames)
     summary = live.run_live(config, source=source, display=NullWindow() if drawn else None)
-    result = {"batch_frames": batch, **stats(summary["frame_ms"][warmup:])}
-    result["model_latency"] = stats(summary["latencies_ms"][warmup:])
+    result = {"batch_frames": batch, **stats(summary.frame_ms[warmup:])}
+    result["model_latency"] = stats(summary.latencies_ms[warmup:])
     result["model_ms_per_batch"] = round(result["model_latency"]["mean_ms"] * batch, 3)
     return result
 

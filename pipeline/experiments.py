@@ -37,7 +37,7 @@ from pipeline.experiment_table import Experiment, write_table
 from pipeline.run_folder import exclusive_run
 from pipeline.shots import few_shot_rows, shots_name
 from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, available_memory, layer_attrs, open_cache,
-                                 run_name, train_heads)
+                                 prepare_out, run_name, train_heads)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
                   for shots in config.shots}
     out = Path(config.out)
     grid = is_grid(config)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)  # a --out that cannot be written is one line, before anything runs
     # a grid (or a logreg/knn run) holds --out's lock throughout, as a linear run does (train_heads locks its
     # own folder): two runs into one --out never mix their tables
     with exclusive_run(out, "run_train_head.py") if grid or config.heads[0] != "linear" else nullcontext():

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,19 @@ QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
 DEFAULT_BATCH_FRAMES = 8  # frames per forward pass for video files, images and folders (cameras: always 1)
 NETWORK_BYTES_PER_FRAME = 8 * 2**20  # activations of one frame through AlexNet at 224 px, with headroom
 RANDOM_WARNING = "RANDOM BACKBONE (test only)"  # drawn on every frame when the backbone has random weights
+
+
+@dataclass
+class LiveSummary:
+    """What a live run did. Per-frame lists: in a batch each frame gets the batch's time over its frames."""
+
+    frames: int = 0
+    seconds: float = 0.0
+    fps: float | None = None  # frames per second of wall time
+    latency_ms: float | None = None  # mean model time per frame
+    stopped_by: str = "end"  # end, quit, max-frames, camera stopped, SIGTERM
+    frame_ms: list[float] = field(default_factory=list)  # wall time per frame, reading and outputs included
+    latencies_ms: list[float] = field(default_factory=list)  # model time per frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +207,7 @@ def _stop_on_sigterm(stop: dict):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: Display | None = None) -> dict:
+def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: Display | None = None) -> LiveSummary:
     """Classify frames until the source ends, --max-frames, q/Esc or a closed window. Returns a summary.
 
     Frames are read and classified ``batch_frames(config, source)`` at a time, then handled one by one in
@@ -208,8 +222,7 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
     check_output_paths({"--output": config.output, "--predictions": config.predictions}, inputs, source_folder)
     wnids, names = list(checkpoint["class_wnids"]), list(checkpoint["class_names"])
     warning = RANDOM_WARNING if (config.weights or checkpoint["weights_spec"]).startswith("random") else None
-    summary = {"frames": 0, "seconds": 0.0, "fps": None, "latency_ms": None, "stopped_by": "end",
-               "frame_ms": [], "latencies_ms": []}
+    summary = LiveSummary()
     stop: dict = {}  # {"signal": "SIGTERM"} once asked to stop
     with _stop_on_sigterm(stop), ExitStack() as stack:
         if source is None:
@@ -268,10 +281,10 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
                     if predictions is not None:
                         predictions.write({"frame": index, "source": frame.label, "topk": best,
                                            "latency_ms": round(latency, 3)})
-                    summary["latencies_ms"].append(latency)
+                    summary.latencies_ms.append(latency)
                     index += 1
                     done += 1
-                    summary["frames"] = index
+                    summary.frames = index
                     if status and time.perf_counter() - last_status >= STATUS_SECONDS:
                         last_status = time.perf_counter()
                         log.info("frame %d: %s %.1f%% (%s fps)", index - 1, best[0]["name"], 100 * best[0]["prob"],
@@ -283,22 +296,22 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
                             log.warning("cannot show a window (%s); continuing headless", first_line(err))
                             show = False
                         if show and (display.key(0 if source.still else 1) in QUIT_KEYS or display.closed()):
-                            summary["stopped_by"] = "quit"  # the rest of the batch is dropped unseen
+                            summary.stopped_by = "quit"  # the rest of the batch is dropped unseen
                             break
                     if stop:
                         break  # SIGTERM: the rest of the batch is dropped, the outputs are finished below
                 now = time.perf_counter()
                 per_frame = (now - (last if last is not None else t0)) / done  # batch to batch, reading included
                 last = now
-                summary["frame_ms"].extend([per_frame * 1000] * done)
+                summary.frame_ms.extend([per_frame * 1000] * done)
                 weight = 0.9 ** done
                 seconds_per_frame = (per_frame if seconds_per_frame is None
                                      else weight * seconds_per_frame + (1 - weight) * per_frame)
                 fps = 1 / max(seconds_per_frame, 1e-9)
-                if summary["stopped_by"] == "quit":
+                if summary.stopped_by == "quit":
                     break
                 if config.max_frames and index >= config.max_frames:
-                    summary["stopped_by"] = "max-frames"
+                    summary.stopped_by = "max-frames"
                     break
         except KeyboardInterrupt:  # Ctrl-C: the frames so far make complete outputs
             _finish(outputs)
@@ -307,19 +320,19 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
             for o in outputs:
                 o.discard()
             raise
-        summary["seconds"] = time.perf_counter() - start
+        summary.seconds = time.perf_counter() - start
         written = _finish(outputs)
         if stop:
-            summary["stopped_by"] = stop["signal"]
-            log.warning("stopped by %s after %d frames", stop["signal"], summary["frames"])
+            summary.stopped_by = stop["signal"]
+            log.warning("stopped by %s after %d frames", stop["signal"], summary.frames)
         elif getattr(source, "stopped", False):
-            summary["stopped_by"] = "camera stopped"
-    frames = summary["frames"]
+            summary.stopped_by = "camera stopped"
+    frames = summary.frames
     if frames:
-        summary["fps"] = frames / summary["seconds"] if summary["seconds"] > 0 else None
-        summary["latency_ms"] = float(np.mean(summary["latencies_ms"]))
-        log.info("%d frames in %.1f s (%.1f fps), model latency %.1f ms per frame (%s)", frames, summary["seconds"],
-                 summary["fps"] or 0, summary["latency_ms"], summary["stopped_by"])
+        summary.fps = frames / summary.seconds if summary.seconds > 0 else None
+        summary.latency_ms = float(np.mean(summary.latencies_ms))
+        log.info("%d frames in %.1f s (%.1f fps), model latency %.1f ms per frame (%s)", frames, summary.seconds,
+                 summary.fps or 0, summary.latency_ms, summary.stopped_by)
     for path in written:
         log.info("wrote %s", path)
     return summary

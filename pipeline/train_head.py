@@ -206,7 +206,7 @@ def run_name(lr: float, weight_decay: float) -> str:
     return f"lr{lr:g}_wd{weight_decay:g}"
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -238,7 +238,7 @@ def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarra
     device = resolve_device(config.device)
     train_split, val_split = open_cache(Path(config.features), layer)
     out = Path(config.out)
-    _prepare_out(out)
+    prepare_out(out)
     with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
         train = (load_source(train_split, device, config.stream, config.progress) if train_rows is None
                  else InMemoryFeatures.load(train_split, device, config.progress, rows=train_rows))  # few-shot
