@@ -101,7 +101,9 @@ def make_config(args: argparse.Namespace):
 
 
 def warn_random(spec: str) -> None:
-    if spec.startswith("random"):
+    from pipeline.weights_spec import is_random
+
+    if is_random(spec):
         log.warning("NOTE: the backbone has random weights (%s); these features are for testing only", spec)
 
 

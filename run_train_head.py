@@ -114,7 +114,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _warn_random(weights_spec: str) -> None:
-    if weights_spec.startswith("random"):
+    from pipeline.weights_spec import is_random
+
+    if is_random(weights_spec):
         log.warning("NOTE: the features came from a RANDOM backbone (%s): accuracy is not meaningful", weights_spec)
 
 

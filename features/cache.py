@@ -83,9 +83,6 @@ def split_file(out: Path, split: str) -> Path:
     return Path(out) / f"{split}.h5"
 
 
-
-
-
 # ---------------------------------------------------------------------------------------------
 # The finished file
 
@@ -237,8 +234,8 @@ def quick_up_to_date(path: Path, expected: dict, layers: tuple[str, ...] | list[
     """The attributes of ``path`` when it is complete, records exactly ``expected`` and holds ``layers``;
     else None.
 
-    A torch-free first look for reruns: ``expected`` holds the settings and the weights spec and stamp
-    (the weights spec and stamp). None only means "look properly", never "out of date".
+    A torch-free first look for reruns: ``expected`` holds the settings, and the weights spec and stamp
+    in place of the fingerprint. None only means "look properly", never "out of date".
     """
     try:
         attrs = read_attrs(path)
@@ -307,7 +304,7 @@ def open_split(path: Path, layer: str = "fc7") -> CachedSplit:
         elif layer == attrs.get("layer", "fc7") and "features" in f:
             dataset = "features"
         else:
-            held = sorted(name for name in f if name in ("pool5", "fc6", "fc7")) or [attrs.get("layer", "fc7")]
+            held = [name for name in LAYER_DATASETS if name in f] or [attrs.get("layer", "fc7")]
             raise CacheError(f"{path} holds no {layer} features (it has {', '.join(held)}); "
                              f"add them with run_extract.py --layers {layer}")
         labels = f["labels"][:]

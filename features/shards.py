@@ -14,10 +14,14 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from features.errors import CacheError, describe_error
+
+if TYPE_CHECKING:  # cache.py imports this module: the settings type is only named here
+    from features.cache import CacheSettings
 
 log = logging.getLogger(__name__)
 

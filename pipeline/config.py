@@ -20,6 +20,12 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 MAX_BATCH_FRAMES = 256  # live --batch-frames: a pass over 8 frames already reads fc6/fc7 once for all of them
 
 
+def check_seed(seed: int) -> None:
+    """One rule for every --seed: what torch.manual_seed takes, without overflow."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to 2**63-1, got {seed}")
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise UserError(f"{name} must be positive, got {value}")
@@ -56,8 +62,7 @@ class ExtractConfig:
         if unknown or not self.layers:
             raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYER_DATASETS)}")
         self.layers = tuple(layer for layer in LAYER_DATASETS if layer in self.layers)  # network order, once each
-        if not 0 <= self.seed < 2**64:  # what torch.manual_seed takes
-            raise UserError(f"--seed must be between 0 and 2**64-1, got {self.seed}")
+        check_seed(self.seed)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS)}")
         if self.dtype not in DTYPES:
@@ -108,6 +113,9 @@ class HeadConfig:
                              ("--weight-decay", self.logreg_weight_decays)):
             if not values:
                 raise UserError(f"{name} needs at least one value")
+        unknown_layers = [layer for layer in self.layers if layer not in LAYER_DATASETS]
+        if unknown_layers:
+            raise UserError(f"--layer {','.join(unknown_layers)}: use {', '.join(LAYER_DATASETS)} (a comma list compares them)")
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown:
             raise UserError(f"--head {','.join(unknown)}: use {', '.join(HEADS)} (a comma list compares them)")
@@ -128,8 +136,7 @@ class HeadConfig:
                 raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, weight_decays))}")
         if not (0 <= self.momentum <= 1):
             raise UserError(f"--momentum must be from 0 to 1, got {self.momentum}")
-        if not (0 <= self.seed <= MAX_SEED):
-            raise UserError(f"--seed must be from 0 to 2**63-1, got {self.seed}")
+        check_seed(self.seed)
         for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                             ("--val-batch-size", self.val_batch_size)):
             _positive(name, value)
@@ -156,6 +163,7 @@ class LiveConfig:
     window: str = "fc7 live"
 
     def check(self) -> None:
+        check_seed(self.seed)
         for name, value in (("--top-k", self.top_k), ("--smooth", self.smooth), ("--max-frames", self.max_frames),
                             ("--batch-frames", self.batch_frames)):
             if value is not None and value < 1:

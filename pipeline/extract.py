@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from pipeline.freshness import log_up_to_date, split_settings
 from pipeline.hardware import default_workers, log_precision_hint
 from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.prepare import resolve_data
+from pipeline.preprocess import Preprocess
 from pipeline.weights_spec import weights_stamp
 
 log = logging.getLogger(__name__)

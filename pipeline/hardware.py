@@ -137,3 +137,18 @@ def log_precision_hint(device_type: str, precision: str) -> None:
     hint = precision_hint(device_type, precision)
     if hint is not None:
         log.log(*hint)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping: MemAvailable (free pages plus reclaimable cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
 from pipeline.errors import UserError, first_line
+from pipeline.hardware import available_memory  # noqa: F401 (also imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,22 @@ def batch_order(num_rows: int, batch_size: int, generator: torch.Generator | Non
     return list(order.split(batch_size))
 
 
-def check_finite(block: torch.Tensor, path: Path, start: int) -> None:
-    """Raise CacheError naming the file and first row when ``block`` (rows from ``start``) holds NaN or Inf."""
+def check_finite(block: torch.Tensor, path: Path, start: int, rows: np.ndarray | None = None) -> None:
+    """Raise CacheError naming the file and first row when ``block`` holds NaN or Inf.
+
+    ``block`` holds the file's rows from ``start`` on, or the file's rows ``rows`` (a selection, in its order).
+    """
     if not len(block):
         return
     low, high = torch.aminmax(block)  # NaN propagates, +-Inf shows at an end: ~20x faster than isfinite(block).all()
     if not bool(torch.isfinite(low) & torch.isfinite(high)):
         bad = (~torch.isfinite(block)).any(1).nonzero()[:, 0]
-        row = start + int(bad[0])
-        raise CacheError(f"{path} holds NaN or Inf features in row {row} ({len(bad)} bad rows among rows "
-                         f"{start}..{start + len(block) - 1}); the file is damaged: re-extract it with "
+        if rows is not None:
+            bad_rows = sorted(int(rows[i]) for i in bad)
+            where = f"row {bad_rows[0]} ({len(bad)} bad rows among the {len(block)} rows selected)"
+        else:
+            where = f"row {start + int(bad[0])} ({len(bad)} bad rows among rows {start}..{start + len(block) - 1})"
+        raise CacheError(f"{path} holds NaN or Inf features in {where}; the file is damaged: re-extract it with "
                          "run_extract.py --overwrite")
 
 
@@ -74,7 +80,7 @@ class InMemoryFeatures:
                 order = np.argsort(rows, kind="stable")
                 block = np.empty((len(rows), f[split.dataset].shape[1]), dtype=f[split.dataset].dtype)
                 block[order] = f[split.dataset][np.asarray(rows)[order]]
-            check_finite(torch.from_numpy(block), split.path, 0)
+            check_finite(torch.from_numpy(block), split.path, 0, rows=np.asarray(rows))
             return cls(torch.from_numpy(block).to(device), torch.from_numpy(split.labels[rows]))
         first = split.read_features(0, 1)
         features = torch.empty((split.num_rows, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
@@ -196,21 +202,6 @@ def _fits_in_memory(num_bytes: int, device: torch.device) -> bool:
         return num_bytes < 0.8 * free
     available = available_memory()
     return available is None or num_bytes < 0.7 * available
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel can give without swapping: MemAvailable (free pages plus reclaimable cache)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
 
 
 def load_source(split: CachedSplit, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:

@@ -38,13 +38,13 @@ from pipeline.backbone import load_backbone, place_backbone, resolve_device
 from pipeline.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.config import LiveConfig
 from pipeline.errors import UserError, first_line
-from pipeline.head_data import available_memory
+from pipeline.hardware import available_memory
 from pipeline.images import stack_or_list
 from pipeline.overlay import (Display, PredictionsOutput, VideoOutput, annotate, check_output_paths, display_available,
                               view)
 from pipeline.preprocess import Preprocess
 from pipeline.sources import CaptureSource, FrameSource, ImageSource, open_source
-from pipeline.weights_spec import IMAGENET_FILE, describe_weights, hub_dir
+from pipeline.weights_spec import describe_weights, is_random, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def batch_frames(config: LiveConfig, source: FrameSource) -> int:
 
 def _input_files(config: LiveConfig, checkpoint: dict) -> tuple[dict[str, Path | None], Path | None]:
     """The files a run reads ({option: path}) and the --source folder, for check_output_paths."""
-    recorded = describe_weights(config.weights or checkpoint["weights_spec"], config.seed)
-    weights = (Path(recorded[5:]) if recorded.startswith("file:")
-               else hub_dir() / "checkpoints" / IMAGENET_FILE if recorded == "imagenet" else None)
+    weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed))
     text = str(config.source).strip()
     source = None if text.isdigit() else Path(text).expanduser()
     folder = source if source is not None and source.is_dir() else None
@@ -221,7 +219,7 @@ def run_live(config: LiveConfig, *, source: FrameSource | None = None, display: 
     inputs, source_folder = _input_files(config, checkpoint)
     check_output_paths({"--output": config.output, "--predictions": config.predictions}, inputs, source_folder)
     wnids, names = list(checkpoint["class_wnids"]), list(checkpoint["class_names"])
-    warning = RANDOM_WARNING if (config.weights or checkpoint["weights_spec"]).startswith("random") else None
+    warning = RANDOM_WARNING if is_random(config.weights or checkpoint["weights_spec"], config.seed) else None
     summary = LiveSummary()
     stop: dict = {}  # {"signal": "SIGTERM"} once asked to stop
     with _stop_on_sigterm(stop), ExitStack() as stack:

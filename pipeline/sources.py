@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 CAMERA_RETRIES = 3  # consecutive failed reads before a camera counts as stopped
 
 
-
 @dataclass
 class Frame:
     label: str  # the "source" of the predictions line: image path, camera index or video path

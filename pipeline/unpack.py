@@ -229,8 +229,19 @@ def unpack_zip(zip_path: Path, *, fallback: Path, progress: bool | None = None) 
     """The folder holding the zip's content: unpacked once, next to the zip (or in ``fallback`` when that
     folder is read-only). A folder this tool did not make is used when it is a dataset, else left alone."""
     zip_path = Path(zip_path)
-    parent = zip_path.parent if _writable(zip_path.parent) else Path(fallback)
     stem = zip_stem(zip_path)
+    if not _writable(zip_path.parent):  # read-only: a copy already beside the zip is used as it is
+        for folder in (zip_path.parent / stem, zip_path.parent / f"{stem}.unpacked"):
+            if os.path.abspath(folder) == os.path.abspath(zip_path) or not folder.is_dir():
+                continue
+            recorded = _read_marker(folder)
+            if recorded is None and _is_dataset(folder):
+                log.info("using the dataset already in %s (not made by this tool) instead of unpacking %s", folder,
+                         zip_path)
+                return folder
+            if recorded and all(recorded.get(k) == v for k, v in _stat_identity(zip_path).items()):
+                return folder
+    parent = zip_path.parent if _writable(zip_path.parent) else Path(fallback)
     candidates = [c for c in (parent / stem, parent / f"{stem}.unpacked")  # a zip named without suffix is not one
                   if os.path.abspath(c) != os.path.abspath(zip_path)]
     if parent.is_dir():

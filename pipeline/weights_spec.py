@@ -26,17 +26,29 @@ def describe_weights(spec: str, seed: int = 0) -> str:
     return f"file:{Path(spec).resolve()}"
 
 
+def is_random(spec: str | None, seed: int = 0) -> bool:
+    """Whether a weights spec (as given or as recorded) names random weights: for tests only."""
+    return spec is not None and describe_weights(spec, seed).startswith("random:")
+
+
 def hub_dir() -> Path:
     """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub."""
     torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
     return Path(os.path.expanduser(torch_home)) / "hub"
 
 
+def weights_file(recorded: str) -> Path | None:
+    """The file a recorded spec's weights are read from (the hub cache for imagenet); None for random weights."""
+    if recorded.startswith("random:"):
+        return None
+    return hub_dir() / "checkpoints" / IMAGENET_FILE if recorded == "imagenet" else Path(recorded[5:])
+
+
 def weights_stamp(recorded: str) -> str:
     """JSON naming what the weights of a recorded spec are read from, as it is now on disk."""
-    if recorded.startswith("random:"):
+    path = weights_file(recorded)
+    if path is None:
         return json.dumps({"torch": metadata.version("torch")})  # the seeded init may change between releases
-    path = hub_dir() / "checkpoints" / IMAGENET_FILE if recorded == "imagenet" else Path(recorded[5:])
     try:
         stat = path.stat()
     except OSError:

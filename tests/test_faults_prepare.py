@@ -695,3 +695,20 @@ def test_download_never_deletes_a_file_it_did_not_write(tmp_path, capsys, http_s
     rc, summary, err = prepare(capsys, *args, summary=tmp_path / "prep.json")
     assert rc == 0 and summary["num_classes"] == 3, err
     assert file_md5(dl / "tiny.zip") == md5
+
+
+def test_a_dataset_beside_a_zip_in_a_read_only_folder_is_used(tmp_path, monkeypatch):
+    """Read-only zip folder: its unpacked dataset beside it is used as it is, not unpacked again under data/."""
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    zip_path = make_zip(tmp_path, shelf / "tiny-imagenet-200.zip")
+    beside = make(shelf)  # the user's own unpacked copy, no marker of this tool
+    before = tree_state(shelf)
+    monkeypatch.chdir(tmp_path)
+    shelf.chmod(0o555)
+    try:
+        assert resolve_data(zip_path) == beside.resolve()
+    finally:
+        shelf.chmod(0o755)
+    assert not (tmp_path / "data").exists()  # nothing unpacked elsewhere
+    assert tree_state(shelf) == before

@@ -38,10 +38,26 @@ def project_modules() -> dict[str, Path]:
     return modules
 
 
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks: names for annotations, never run."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            skip |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+    return skip
+
+
 def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """The project modules ``path`` imports, anywhere in the file (``from pkg import mod`` names the module)."""
+    """The project modules ``path`` imports, anywhere in the file (``from pkg import mod`` names the module).
+
+    Imports inside functions count; those under ``if TYPE_CHECKING:`` (annotations only) do not.
+    """
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skip = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
