@@ -34,8 +34,12 @@ class Experiment:
                 "folder": os.path.relpath(self.folder, out)}
 
 
-def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weights_spec: str) -> None:
-    """experiments.csv, experiments.md and experiments.png in ``out``; each written whole, then renamed."""
+def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weights_spec: str, *,
+                title: Path | None = None) -> None:
+    """experiments.csv, experiments.md and experiments.png in ``out``; each written whole, then renamed.
+
+    ``title``: the folder experiments.md names (default ``out``; a staged grid names its final folder).
+    """
     records = [row.record(out) for row in rows]
     tmp = out / "experiments.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -44,7 +48,7 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
         writer.writerows(records)
     os.replace(tmp, out / "experiments.csv")
 
-    lines = [f"# Head experiments: {out}", ""]
+    lines = [f"# Head experiments: {title or out}", ""]
     if best is not None:
         lines += [f"Best head with a checkpoint: `{os.path.relpath(best.folder, out)}` (val top-1 {best.val_top1:.2f}%), "
                   "copied to `best.pt`.", ""]

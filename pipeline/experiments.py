@@ -4,6 +4,8 @@ One combination is today's run: its outputs go straight into ``--out`` (a plain 
 lr x weight-decay sweep, is exactly pipeline.train_head's). Several make a grid: one folder per
 combination, ``<out>/<layer>_<head>_<shots>[_lr.._wd..]/``, one table (experiments.csv and .md), one plot
 (experiments.png), and the best head that has a checkpoint (linear or logreg) copied to ``<out>/best.pt``.
+Every kind of run is one staged run (pipeline.run_folder) under ``--out``'s lock, published whole with
+run.json: a grid's combination folders are written inside its staging folder.
 
 - linear: the SGD seed recipe of pipeline.train_head, one run per (lr, weight decay);
 - logreg: L-BFGS logistic regression (pipeline.logreg), one run per --weight-decay path, best kept;
@@ -18,7 +20,6 @@ import logging
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,10 +35,11 @@ from pipeline.checkpoint import make_checkpoint, save_checkpoint
 from pipeline.config import HeadConfig
 from pipeline.errors import UserError
 from pipeline.experiment_table import Experiment, write_table
-from pipeline.run_folder import exclusive_run
+from pipeline.run_folder import StagedRun, exclusive_run
 from pipeline.shots import few_shot_rows, shots_name
-from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, available_memory, layer_attrs, open_cache,
-                                 prepare_out, run_name, train_heads)
+from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, available_memory, commit, final_path,
+                                 layer_attrs, open_cache, prepare_out, published, run_name, run_record,
+                                 train_heads_staged, writing)
 
 log = logging.getLogger(__name__)
 
@@ -74,42 +76,60 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
     out = Path(config.out)
     grid = is_grid(config)
     prepare_out(out)  # a --out that cannot be written is one line, before anything runs
-    # a grid (or a logreg/knn run) holds --out's lock throughout, as a linear run does (train_heads locks its
-    # own folder): two runs into one --out never mix their tables
-    with exclusive_run(out, "run_train_head.py") if grid or config.heads[0] != "linear" else nullcontext():
-        return _run_all(config, splits, train_split, train_rows, out, grid, device)
+    # every kind of run (linear, logreg, knn, a sweep, a grid) is one staged run under --out's lock, published
+    # whole with run.json (pipeline.run_folder): a rerun replaces exactly the previous run's files, and a kill
+    # or a full disk before the publish leaves the previous run as it was
+    with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
+        result, run = _run_all(config, splits, train_split, train_rows, stage, grid, device)
+        commit(stage, run)
+    for row in result.rows:
+        row.folder = final_path(stage, row.folder)
+        row.checkpoint = row.checkpoint and final_path(stage, row.checkpoint)
+    result.out = out
+    result.best = result.best and final_path(stage, result.best)
+    result.head_result = result.head_result and published(stage, result.head_result)
+    return result
 
 
-def _run_all(config: HeadConfig, splits: dict, train_split: CachedSplit, train_rows: dict, out: Path, grid: bool,
-             device: torch.device) -> ExperimentsResult:
+def _run_all(config: HeadConfig, splits: dict, train_split: CachedSplit, train_rows: dict, stage: StagedRun,
+             grid: bool, device: torch.device) -> tuple[ExperimentsResult, dict]:
+    """Write every combination into ``stage``'s folder; returns the result (staged paths) and run.json's record."""
+    root = stage.path
     if grid:
-        for name in ("experiments.csv", "experiments.md", "experiments.png", "best.pt"):  # describe the last grid
-            (out / name).unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(_plain(asdict(config)), indent=2) + "\n")
+        with writing(stage, root / "config.json"):
+            (root / "config.json").write_text(json.dumps(_plain(asdict(config)), indent=2) + "\n")
     rows, head_result = [], None
     combos = list(itertools.product(config.layers, config.heads, config.shots))
     for number, (layer, head, shots) in enumerate(combos, 1):
         log.info("[%d/%d] %s %s %s", number, len(combos), layer, head, shots_name(shots))
-        folder = out / f"{layer}_{head}_{shots_name(shots)}" if grid else out
+        folder = root / f"{layer}_{head}_{shots_name(shots)}" if grid else root
         rows_of = train_rows[shots]
         if head == "linear":
-            result, new_rows = _run_linear(config, splits[layer], shots, rows_of, folder, grid)
+            result, new_rows = _run_linear(config, splits[layer], shots, rows_of, folder, grid, stage)
             head_result = head_result or result
         elif head == "logreg":
-            new_rows = [_run_logreg(config, splits[layer], shots, rows_of, folder, device)]
+            new_rows = [_run_logreg(config, splits[layer], shots, rows_of, folder, device, stage)]
         else:
-            new_rows = _run_knn(config, splits[layer], shots, rows_of, folder, device)
+            new_rows = _run_knn(config, splits[layer], shots, rows_of, folder, device, stage)
         rows += new_rows
     with_checkpoint = [r for r in rows if r.checkpoint is not None]
     best = max(with_checkpoint, key=lambda r: r.val_top1) if with_checkpoint else None  # max: the first of equals
     weights_spec = train_split.attrs["weights_spec"]
     if grid:
         if best is not None:
-            shutil.copyfile(best.checkpoint, out / "best.pt.tmp")
-            os.replace(out / "best.pt.tmp", out / "best.pt")
-        write_table(out, rows, best, weights_spec)
-    best_path = (out / "best.pt") if grid and best else (best.checkpoint if best else None)
-    return ExperimentsResult(out=out, rows=rows, best=best_path, weights_spec=weights_spec, head_result=head_result)
+            with writing(stage, root / "best.pt"):
+                shutil.copyfile(best.checkpoint, root / "best.pt")
+        with writing(stage, root / "experiments.csv"):
+            write_table(root, rows, best, weights_spec, title=stage.out)
+    best_path = (root / "best.pt") if grid and best else (best.checkpoint if best else None)
+    result = ExperimentsResult(out=root, rows=rows, best=best_path, weights_spec=weights_spec, head_result=head_result)
+    if not grid and config.heads[0] == "linear":
+        return result, run_record(config, head_result)  # what train_heads records
+    kind = "grid" if grid else config.heads[0]
+    run = {"tool": "run_train_head.py", "kind": kind, "features": str(config.features), "weights_spec": weights_spec,
+           "heads": sorted({os.path.relpath(r.folder, root) for r in rows}) if grid else [config.heads[0]],
+           "best": None if best is None else {"head": os.path.relpath(best.folder, root), "val_top1": best.val_top1}}
+    return result, run
 
 
 def _plain(value):
@@ -130,33 +150,30 @@ def _drawn(shots: int | None, seed: int) -> str:
     return "all of them" if shots is None else f"{shots} per class, drawn with seed {seed}"
 
 
-def _note_train_images(report_md: Path, count: int, shots: int | None, seed: int) -> None:
-    with open(report_md, "a") as f:
-        f.write(f"\nTrained on {count} train images ({_drawn(shots, seed)}); val untouched.\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # linear: pipeline.train_head as it is
 
 
 def _run_linear(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,
-                rows: np.ndarray | None, folder: Path, grid: bool) -> tuple[HeadResult, list[Experiment]]:
+                rows: np.ndarray | None, folder: Path, grid: bool,
+                stage: StagedRun) -> tuple[HeadResult, list[Experiment]]:
     """A plain run or sweep into ``folder`` (not a grid), or one folder per (lr, weight decay) (a grid)."""
     layer = splits[0].layer
     single = replace(config, layers=(layer,), heads=("linear",), shots=(shots,))
-    runs = [single] if not grid else [
-        replace(single, out=folder.with_name(f"{folder.name}_{run_name(lr, wd)}"), lrs=(lr,), weight_decays=(wd,))
+    runs = [(single, folder)] if not grid else [
+        (replace(single, out=final_path(stage, folder.with_name(f"{folder.name}_{run_name(lr, wd)}")), lrs=(lr,),
+                 weight_decays=(wd,)), folder.with_name(f"{folder.name}_{run_name(lr, wd)}"))
         for lr, wd in itertools.product(config.lrs, config.weight_decays)]
     count = _train_images(splits[0], rows)
+    notes = [] if shots is None else [f"Trained on {count} train images ({_drawn(shots, config.seed)}); val untouched."]
     experiments, first = [], None
-    for run_config in runs:
+    for run_config, run_folder in runs:
         start = time.perf_counter()
-        result = train_heads(run_config, layer=layer, train_rows=rows)
+        run_folder.mkdir(exist_ok=True)
+        result = train_heads_staged(run_config, stage, run_folder, splits, train_rows=rows, notes=notes)
         seconds = (time.perf_counter() - start) / len(result.runs)  # a sweep shares its loading
         first = first or result
         for run in result.runs:
-            if shots is not None:
-                _note_train_images(run.folder / "report.md", count, shots, config.seed)
             experiments.append(Experiment(
                 layer=layer, head="linear", params=f"lr={run.lr:g} wd={run.weight_decay:g}, epoch "
                 f"{run.best_epoch}/{config.epochs}", shots=shots_name(shots), val_top1=run.best_val_top1,
@@ -193,23 +210,18 @@ def _run_config(config: HeadConfig, layer: str, head: str, shots: int | None, de
             "features_weights": split.attrs["weights_spec"]}
 
 
-def _rewrite_summary(report_md: Path, epoch: int, summary: str, extra: list[str]) -> None:
-    """report.md from report.write_class_report, with the head's own summary instead of its epoch line."""
-    text = report_md.read_text().replace(f"Best epoch {epoch}:", summary, 1)
-    report_md.write_text(text + "\n" + "\n".join(extra) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # logreg
 
 
 def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,
-                rows: np.ndarray | None, folder: Path, device: torch.device) -> Experiment:
+                rows: np.ndarray | None, folder: Path, device: torch.device, stage: StagedRun) -> Experiment:
     start = time.perf_counter()
     train_split, val_split = splits
-    folder.mkdir(parents=True, exist_ok=True)
     run_config = _run_config(config, train_split.layer, "logreg", shots, device, train_split)
-    (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    with writing(stage, folder / "config.json"):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     num_classes = len(train_split.wnids)
     train_x, train_y = load_float32(train_split, rows, device, config.progress,
                                     extra_bytes=4 * _train_images(train_split, rows) * num_classes * 4)
@@ -220,10 +232,14 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
     val_x, val_y = load_float32(val_split, None, device, config.progress)
     val_x.sub_(standardizer.mean).mul_(standardizer.inv_std)
     path_csv = folder / "path.csv"
-    path_csv.unlink(missing_ok=True)
+
+    def on_fit(fit) -> None:
+        with writing(stage, path_csv):
+            _append_csv(path_csv, asdict(fit))
+
     fitted = logreg.fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes,
                                weight_decays=config.logreg_weight_decays, max_iter=config.logreg_max_iter,
-                               progress=config.progress, on_fit=lambda fit: _append_csv(path_csv, asdict(fit)))
+                               progress=config.progress, on_fit=on_fit)
     best = fitted.fits[fitted.best]
     head = nn.Linear(dim, num_classes).to(device)
     with torch.no_grad():
@@ -231,21 +247,24 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
         head.bias.copy_(fitted.bias)
     state = standardizer.fold_into(head)
     metrics = {"epoch": best.iterations, **asdict(best)}  # a logreg checkpoint's "epoch": its L-BFGS iterations
-    save_checkpoint(make_checkpoint(state, metrics=metrics, epoch=best.iterations, cache_attrs=layer_attrs(train_split),
-                                    wnids=train_split.wnids, names=train_split.names, config=run_config),
-                    folder / "best.pt")
+    with writing(stage, folder / "best.pt"):
+        save_checkpoint(make_checkpoint(state, metrics=metrics, epoch=best.iterations,
+                                        cache_attrs=layer_attrs(train_split), wnids=train_split.wnids,
+                                        names=train_split.names, config=run_config), folder / "best.pt")
     with torch.no_grad():
         predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
-    report.write_class_report(folder, labels=val_split.labels, predictions=predictions,
-                              metrics={"val_top1": best.val_top1, "val_top5": best.val_top5}, wnids=train_split.wnids,
-                              names=train_split.names, epoch=best.iterations, weights_spec=train_split.attrs["weights_spec"])
     penalties = ",".join(f"{f.weight_decay:g}" for f in fitted.fits)
     count = len(train_y)
-    _rewrite_summary(folder / "report.md", best.iterations,
-                     f"Logistic regression (L-BFGS), weight decay {best.weight_decay:g} (best of {penalties}), "
-                     f"{best.iterations} iterations:",
-                     [f"Trained on {count} train images ({_drawn(shots, config.seed)}); val untouched. "
-                      "The penalty path is in path.csv."])
+    with writing(stage, folder / "report.md"):
+        report.write_class_report(
+            folder, labels=val_split.labels, predictions=predictions,
+            metrics={"val_top1": best.val_top1, "val_top5": best.val_top5}, wnids=train_split.wnids,
+            names=train_split.names, epoch=best.iterations, weights_spec=train_split.attrs["weights_spec"],
+            title=final_path(stage, folder),
+            summary=f"Logistic regression (L-BFGS), weight decay {best.weight_decay:g} (best of {penalties}), "
+                    f"{best.iterations} iterations:",
+            extra=[f"Trained on {count} train images ({_drawn(shots, config.seed)}); val untouched. "
+                   "The penalty path is in path.csv."])
     seconds = time.perf_counter() - start
     return Experiment(layer=train_split.layer, head="logreg",
                       params=f"wd={best.weight_decay:g} (best of {penalties}), {best.iterations} it.",
@@ -267,12 +286,13 @@ def _append_csv(path: Path, record: dict) -> None:
 
 
 def _run_knn(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,
-             rows: np.ndarray | None, folder: Path, device: torch.device) -> list[Experiment]:
+             rows: np.ndarray | None, folder: Path, device: torch.device, stage: StagedRun) -> list[Experiment]:
     start = time.perf_counter()
     train_split, val_split = splits
-    folder.mkdir(parents=True, exist_ok=True)
     run_config = _run_config(config, train_split.layer, "knn", shots, device, train_split)
-    (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    with writing(stage, folder / "config.json"):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     count = _train_images(train_split, rows)
     train_x, train_y = load_float32(train_split, rows, device, config.progress,
                                     extra_bytes=config.knn_chunk_rows * count * 4 * 2)
@@ -289,19 +309,21 @@ def _run_knn(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots:
     results = {k: knn.accuracy(ranked[used[k]], val_y) for k in config.ks}
     seconds = time.perf_counter() - start
     table = folder / "knn.csv"
-    table.unlink(missing_ok=True)
-    for k in config.ks:
-        _append_csv(table, {"k": k, "k_used": used[k], "temperature": config.knn_temperature, **results[k]})
+    with writing(stage, table):
+        for k in config.ks:
+            _append_csv(table, {"k": k, "k_used": used[k], "temperature": config.knn_temperature, **results[k]})
     best_k = max(config.ks, key=lambda k: results[k]["val_top1"])
-    report.write_class_report(folder, labels=val_split.labels, predictions=ranked[used[best_k]][:, 0].cpu().numpy(),
-                              metrics=results[best_k], wnids=train_split.wnids, names=train_split.names, epoch=0,
-                              weights_spec=train_split.attrs["weights_spec"])
     lines = ["## Every k", "", "| k | val top-1 | val top-5 |", "|---|---|---|"]
     lines += [f"| {k}{'' if used[k] == k else f' (all {count})'} | {results[k]['val_top1']:.2f}% | "
               f"{results[k]['val_top5']:.2f}% |" for k in config.ks]
-    _rewrite_summary(folder / "report.md", 0, f"Weighted kNN (DINO), k={best_k} (best of "
-                     f"{','.join(map(str, config.ks))}), T={config.knn_temperature:g}:",
-                     ["", *lines, "", f"Neighbours from {count} train images ({_drawn(shots, config.seed)}); val untouched."])
+    with writing(stage, folder / "report.md"):
+        report.write_class_report(
+            folder, labels=val_split.labels, predictions=ranked[used[best_k]][:, 0].cpu().numpy(),
+            metrics=results[best_k], wnids=train_split.wnids, names=train_split.names, epoch=0,
+            weights_spec=train_split.attrs["weights_spec"], title=final_path(stage, folder),
+            summary=f"Weighted kNN (DINO), k={best_k} (best of {','.join(map(str, config.ks))}), "
+                    f"T={config.knn_temperature:g}:",
+            extra=["", *lines, "", f"Neighbours from {count} train images ({_drawn(shots, config.seed)}); val untouched."])
     return [Experiment(layer=train_split.layer, head="knn",
                        params=f"k={k}{'' if used[k] == k else f' (all {count})'} T={config.knn_temperature:g}",
                        shots=shots_name(shots), val_top1=results[k]["val_top1"], val_top5=results[k]["val_top5"],

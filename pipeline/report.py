@@ -50,11 +50,14 @@ def plot_sweep(runs: list[tuple[str, list[dict], float]], folder: Path) -> None:
 
 
 def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndarray, metrics: dict,
-                       wnids: list[str], names: list[str], epoch: int, weights_spec: str) -> dict:
+                       wnids: list[str], names: list[str], epoch: int, weights_spec: str, title: Path | str | None = None,
+                       summary: str | None = None, extra: list[str] = ()) -> dict:
     """per_class.csv (accuracy per class, with names), confusions.csv (most-confused pairs), report.md.
 
     ``labels`` and ``predictions`` are the val classes and the head's top-1 for each val row; ``metrics``
-    holds its val_top1 and val_top5 (in %).
+    holds its val_top1 and val_top5 (in %). ``title``: the folder the report names (default ``folder``; a
+    staged run names its final folder); ``summary`` replaces "Best epoch N:" (a head without epochs);
+    ``extra`` lines end the report.
     """
     num_classes = len(wnids)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -76,8 +79,8 @@ def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndar
         for count, t, p in pairs[:TOP_CONFUSIONS]:
             writer.writerow([wnids[t], names[t], wnids[p], names[p], count, f"{100.0 * count / totals[t]:.1f}"])
     order = np.argsort(-np.nan_to_num(accuracy, nan=-1.0), kind="stable")
-    lines = [f"# Head report: {folder}", "",
-             f"Best epoch {epoch}: val top-1 {metrics['val_top1']:.2f}%, top-5 {metrics['val_top5']:.2f}%, "
+    lines = [f"# Head report: {title or folder}", "",
+             f"{summary or f'Best epoch {epoch}:'} val top-1 {metrics['val_top1']:.2f}%, top-5 {metrics['val_top5']:.2f}%, "
              f"{len(labels)} val images, {num_classes} classes.", "",
              f"Backbone weights: `{weights_spec}`"
              + (" (RANDOM: for testing only)" if str(weights_spec).startswith("random") else ""), "",
@@ -87,5 +90,7 @@ def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndar
     lines += [f"| {names[i]} ({wnids[i]}) | {accuracy[i]:.1f}% |" for i in order[::-1][:5]]
     lines += ["", "## Most confused pairs", "", "| true | predicted as | images |", "|---|---|---|"]
     lines += [f"| {names[t]} | {names[p]} | {count} |" for count, t, p in pairs[:10]]
+    if extra:
+        lines += ["", *extra]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     return {"val_top1": metrics["val_top1"], "per_class_accuracy": accuracy}

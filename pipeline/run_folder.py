@@ -28,10 +28,13 @@ MARKER = "run.json"  # written last: names the run's files
 READY = ".ready"  # in a staging folder: its manifest, written once everything else is
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
-# what a head run writes at the top of its folder (older runs without run.json are cleaned by these names)
+# what a head run (linear, logreg, knn, a sweep, a grid) writes at the top of its folder: a folder whose
+# run.json is missing (an older run, or one killed during its publish) is cleaned by these names
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "accuracy.png", "loss.png", "per_class.csv",
-             "confusions.csv", "report.md", "sweep.csv", "sweep.png", MARKER)
-SWEEP_FOLDER = re.compile(r"lr[^/]*_wd[^/]*")  # pipeline.train_head.run_name's folders
+             "confusions.csv", "report.md", "sweep.csv", "sweep.png", "path.csv", "knn.csv", "experiments.csv",
+             "experiments.md", "experiments.png", MARKER)
+# a sweep's head folders (pipeline.train_head.run_name) and a grid's combination folders (pipeline.experiments)
+RUN_FOLDER = re.compile(r"lr[^/]*_wd[^/]*|[a-z0-9]+_(linear|logreg|knn)_(\d+shot|all)(_lr[^/]*_wd[^/]*)?")
 
 
 @contextmanager
@@ -95,9 +98,9 @@ def previous_entries(out: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError):
         entries = set()
     entries.update(name for name in RUN_FILES if (out / name).exists())
-    for folder in out.iterdir():  # a sweep's head folders holding nothing but the tool's files
-        if folder.is_dir() and SWEEP_FOLDER.fullmatch(folder.name) and all(
-                p.is_file() and p.name in RUN_FILES for p in folder.iterdir()):
+    for folder in out.iterdir():  # a sweep's or a grid's folders holding nothing but the tool's files
+        if folder.is_dir() and RUN_FOLDER.fullmatch(folder.name) and all(
+                p.is_file() and p.name in (*RUN_FILES, ".lock") for p in folder.iterdir()):
             entries.add(folder.name)
     entries.add(MARKER)
     return entries
@@ -107,11 +110,13 @@ def publish(out: Path, staging: Path) -> list[str]:
     """Move a finished staging folder's files into ``out``, replacing the previous run's; idempotent after a kill.
 
     An entry of the manifest that is no longer in ``staging`` was moved already (by this or a killed call).
+    The previous run's entries were recorded in the manifest (``replaces``) before anything was removed.
     """
     manifest = json.loads((staging / READY).read_text())
     files = list(manifest["files"])
+    previous = set(manifest.get("replaces", ())) | previous_entries(out)
     (out / MARKER).unlink(missing_ok=True)  # from here until the end, the folder does not claim a complete run
-    for name in sorted(previous_entries(out) - {MARKER}):
+    for name in sorted(previous - {MARKER}):
         if name in files and not (staging / name).exists():
             continue  # this run's own, already in place
         _remove(out / name)
@@ -159,7 +164,7 @@ class StagedRun:
     def commit(self, run: dict) -> list[str]:
         """Publish the staged files; ``run`` (plain values) is recorded in run.json."""
         files = sorted(p.name for p in self.path.iterdir() if p.name != READY)
-        _write_json(self.path / READY, {"files": files, "run": run})
+        _write_json(self.path / READY, {"files": files, "run": run, "replaces": sorted(previous_entries(self.out))})
         return publish(self.out, self.path)
 
     def publishing(self) -> bool:

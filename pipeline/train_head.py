@@ -217,14 +217,29 @@ def prepare_out(out: Path) -> None:
 
 
 @contextmanager
-def _writing(stage: StagedRun, path: Path):
+def writing(stage: StagedRun, path: Path):
     """A failed write (a full disk) is one line naming the file; the folder still holds the previous run."""
     try:
         yield
     except OSError as err:
-        final = stage.out / path.relative_to(stage.path) if path.is_relative_to(stage.path) else path
-        raise UserError(f"cannot write {final} ({err.strerror or first_line(err)}); {stage.out} still holds its "
-                        "previous run, unchanged: free some space (or fix the folder), then rerun") from None
+        raise UserError(f"cannot write {final_path(stage, path)} ({err.strerror or first_line(err)}); {stage.out} still "
+                        "holds its previous run, unchanged: free some space (or fix the folder), then rerun") from None
+
+
+def final_path(stage: StagedRun, path: Path) -> Path:
+    """Where ``path`` (in the staging folder) will be once the run is published."""
+    path = Path(path)
+    return stage.out / path.relative_to(stage.path) if path.is_relative_to(stage.path) else path
+
+
+def commit(stage: StagedRun, run: dict) -> None:
+    """Publish the staged run (pipeline.run_folder); a failure is one line saying what ``out`` holds now."""
+    try:
+        stage.commit(run)
+    except OSError as err:
+        state = ("the next run completes it" if stage.publishing() else f"{stage.out} still holds its previous run, unchanged")
+        raise UserError(f"cannot finish writing the run into {stage.out} ({err.strerror or first_line(err)}); "
+                        f"free some space, then rerun ({state})") from None
 
 
 def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarray | None = None) -> HeadResult:
@@ -235,48 +250,66 @@ def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarra
     ``out`` holding a mix of two runs.
     """
     config.check()
-    device = resolve_device(config.device)
-    train_split, val_split = open_cache(Path(config.features), layer)
+    resolve_device(config.device)  # a bad --device is one line before anything is written
+    splits = open_cache(Path(config.features), layer)
     out = Path(config.out)
     prepare_out(out)
     with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
-        train = (load_source(train_split, device, config.stream, config.progress) if train_rows is None
-                 else InMemoryFeatures.load(train_split, device, config.progress, rows=train_rows))  # few-shot
-        val = load_source(val_split, device, config.stream, config.progress)
-        feature_dim = train_split.feature_dim
-        standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
-        combos = list(itertools.product(config.lrs, config.weight_decays))
-        sweep = len(combos) > 1
-        runs = []
-        for lr, weight_decay in combos:
-            name = run_name(lr, weight_decay) if sweep else out.name
-            folder = stage.path / name if sweep else stage.path
-            runs.append(_train_one(config, Recipe.from_config(config, lr, weight_decay), folder, train, val,
-                                   train_split, val_split, standardizer, device, stage=stage, name=name,
-                                   title=name if sweep else None))
-        runs.sort(key=lambda r: -r.best_val_top1)
-        if sweep:
-            with _writing(stage, stage.path / "best.pt"):
-                shutil.copyfile(runs[0].folder / "best.pt", stage.path / "best.pt")
-            with _writing(stage, stage.path / "sweep.csv"):
-                _write_table(stage.path / "sweep.csv", runs)
-                report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], stage.path)
-        try:
-            stage.commit({"tool": "run_train_head.py", "features": str(config.features),
-                          "weights_spec": train_split.attrs["weights_spec"], "heads": [r.name for r in runs],
-                          "best": {"head": runs[0].name, "val_top1": runs[0].best_val_top1}})
-        except OSError as err:
-            state = ("the next run completes it" if stage.publishing() else f"{out} still holds its previous run, unchanged")
-            raise UserError(f"cannot finish writing the run into {out} ({err.strerror or first_line(err)}); "
-                            f"free some space, then rerun ({state})") from None
-    for run in runs:
-        run.folder = out / run.folder.relative_to(stage.path)
-    return HeadResult(out=out, best=out / "best.pt", runs=runs, weights_spec=train_split.attrs["weights_spec"])
+        result = train_heads_staged(config, stage, stage.path, splits, train_rows=train_rows)
+        commit(stage, run_record(config, result))
+    return published(stage, result)
+
+
+def run_record(config: HeadConfig, result: HeadResult) -> dict:
+    """What run.json records of a linear run (or sweep)."""
+    return {"tool": "run_train_head.py", "kind": "linear", "features": str(config.features),
+            "weights_spec": result.weights_spec, "heads": [r.name for r in result.runs],
+            "best": {"head": result.runs[0].name, "val_top1": result.runs[0].best_val_top1}}
+
+
+def published(stage: StagedRun, result: HeadResult) -> HeadResult:
+    """``result`` with its paths where the published run has them."""
+    for run in result.runs:
+        run.folder = final_path(stage, run.folder)
+    return HeadResult(out=final_path(stage, result.out), best=final_path(stage, result.best), runs=result.runs,
+                      weights_spec=result.weights_spec)
+
+
+def train_heads_staged(config: HeadConfig, stage: StagedRun, folder: Path, splits: tuple[CachedSplit, CachedSplit], *,
+                       train_rows: np.ndarray | None = None, notes: list[str] = ()) -> HeadResult:
+    """train_heads' work, written into ``folder`` inside ``stage`` (a run being staged, under its lock); no publish.
+
+    ``notes``: lines added at the end of every head's report.md.
+    """
+    device = resolve_device(config.device)
+    train_split, val_split = splits
+    train = (load_source(train_split, device, config.stream, config.progress) if train_rows is None
+             else InMemoryFeatures.load(train_split, device, config.progress, rows=train_rows))  # few-shot
+    val = load_source(val_split, device, config.stream, config.progress)
+    feature_dim = train_split.feature_dim
+    standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
+    combos = list(itertools.product(config.lrs, config.weight_decays))
+    sweep = len(combos) > 1
+    runs = []
+    for lr, weight_decay in combos:
+        name = run_name(lr, weight_decay) if sweep else final_path(stage, folder).name
+        head_folder = folder / name if sweep else folder
+        runs.append(_train_one(config, Recipe.from_config(config, lr, weight_decay), head_folder, train, val,
+                               train_split, val_split, standardizer, device, stage=stage, name=name,
+                               title=name if sweep else None, notes=list(notes)))
+    runs.sort(key=lambda r: -r.best_val_top1)
+    if sweep:
+        with writing(stage, folder / "best.pt"):
+            shutil.copyfile(runs[0].folder / "best.pt", folder / "best.pt")
+        with writing(stage, folder / "sweep.csv"):
+            _write_table(folder / "sweep.csv", runs)
+            report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], folder)
+    return HeadResult(out=folder, best=folder / "best.pt", runs=runs, weights_spec=train_split.attrs["weights_spec"])
 
 
 def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureSource, val: FeatureSource,
                train_split: CachedSplit, val_split: CachedSplit, standardizer: Standardizer, device: torch.device,
-               *, stage: StagedRun, name: str, title: str | None) -> HeadRun:
+               *, stage: StagedRun, name: str, title: str | None, notes: list[str]) -> HeadRun:
     """Train one head and write its (staged) folder: config.json, history.csv, best.pt, last.pt, plots, report."""
     folder.mkdir(parents=True, exist_ok=True)
     # plain JSON values (paths as str, tuples as lists): the checkpoint's config equals config.json's
@@ -285,7 +318,7 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
                   "lr": recipe.lr, "weight_decay": recipe.weight_decay, "lrs": list(config.lrs),
                   "weight_decays": list(config.weight_decays), "device": str(device),
                   "features_weights": train_split.attrs["weights_spec"]}
-    with _writing(stage, folder / "config.json"):
+    with writing(stage, folder / "config.json"):
         (folder / "config.json").write_text(json.dumps(run_config, indent=2, allow_nan=False) + "\n")
     history_path = folder / "history.csv"
 
@@ -294,33 +327,31 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
                                wnids=train_split.wnids, names=train_split.names, config=run_config)
 
     def on_epoch(record, state, best):
-        with _writing(stage, history_path):
+        with writing(stage, history_path):
             _append_csv(history_path, record)
         log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
                  name, record["epoch"], recipe.epochs, record["train_loss"], record["train_acc"],
                  record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
         if best["metrics"] is record:
-            with _writing(stage, folder / "best.pt"):
+            with writing(stage, folder / "best.pt"):
                 save_checkpoint(checkpoint(state, record), folder / "best.pt")
 
     result = fit_head(train, val, recipe, standardizer, num_classes=len(train_split.wnids), device=device,
                       on_epoch=on_epoch, progress=config.progress)
-    with _writing(stage, folder / "last.pt"):
+    with writing(stage, folder / "last.pt"):
         save_checkpoint(checkpoint(result.last["state"], result.last["metrics"]), folder / "last.pt")
-    with _writing(stage, folder / "accuracy.png"):
+    with writing(stage, folder / "accuracy.png"):
         report.plot_history(result.history, folder, title=title)
     best = result.best["metrics"]
     head = load_head({"feature_dim": len(standardizer.mean), "num_classes": len(train_split.wnids),
                       "head": result.best["state"]}).to(device)
     metrics = evaluate(head, val, Standardizer.identity(len(standardizer.mean), device), 1024, device,
                        keep_predictions=True)  # the saved (folded) head, as a user will load it
-    with _writing(stage, folder / "report.md"):
+    with writing(stage, folder / "report.md"):  # its title names the final folder, not the staging one
         report.write_class_report(folder, labels=val_split.labels, predictions=metrics.pop("predictions"),
                                   metrics=metrics, wnids=train_split.wnids, names=train_split.names,
-                                  epoch=best["epoch"], weights_spec=train_split.attrs["weights_spec"])
-        report_path = folder / "report.md"  # its title names the folder it is written in: the final one, not staging
-        final = stage.out / folder.relative_to(stage.path)
-        report_path.write_text(report_path.read_text().replace(f"# Head report: {folder}", f"# Head report: {final}", 1))
+                                  epoch=best["epoch"], weights_spec=train_split.attrs["weights_spec"],
+                                  title=final_path(stage, folder), extra=notes)
     return HeadRun(name=name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
                    best_epoch=best["epoch"], best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
                    best_val_loss=best["val_loss"], last_val_top1=result.last["metrics"]["val_top1"],

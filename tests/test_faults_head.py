@@ -368,3 +368,111 @@ def test_a_head_with_nan_weights_is_never_saved(old_run, tmp_path):
     with pytest.raises(UserError, match="NaN or Inf"):
         checkpoint_module.save_checkpoint(checkpoint, tmp_path / "never.pt")
     assert not (tmp_path / "never.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every kind of run (linear, logreg, knn, a grid) is published whole into one --out, replacing exactly the previous
+
+
+def holds_one_run(out: Path, kind: str) -> dict:
+    """``out`` holds exactly the run named by its run.json (of ``kind``), the user's notes.txt and the lock."""
+    marker = json.loads((out / "run.json").read_text())
+    assert marker["kind"] == kind
+    assert {p.name for p in out.iterdir()} == {*marker["files"], "notes.txt", ".lock"}
+    assert (out / "notes.txt").read_text() == "the user's own notes"
+    return marker
+
+
+def test_linear_then_logreg_then_grid_then_linear_into_one_out(cache, old_run):
+    out, _ = old_run
+    holds_one_run(out, "linear")
+    assert train(cache, out, "--head", "logreg", "--weight-decay", "0.1,0.01", "--max-iter", "10") == 0
+    marker = holds_one_run(out, "logreg")
+    assert set(marker["files"]) == {"best.pt", "config.json", "path.csv", "per_class.csv", "confusions.csv",
+                                    "report.md", "run.json"}  # nothing of the linear run (last.pt, history.csv...)
+    assert json.loads((out / "config.json").read_text())["heads"] == ["logreg"]
+    assert torch.load(out / "best.pt", weights_only=True)["config"]["heads"] == ["logreg"]
+    assert (out / "report.md").read_text().startswith(f"# Head report: {out}\n")  # not the staging folder
+    assert train(cache, out, "--head", "linear,knn", "--k", "1,3", "--epochs", "2") == 0
+    marker = holds_one_run(out, "grid")
+    assert set(marker["files"]) == {"best.pt", "config.json", "experiments.csv", "experiments.md", "experiments.png",
+                                    "fc7_linear_all_lr0.001_wd0", "fc7_knn_all", "run.json"}
+    assert marker["best"]["head"] == "fc7_linear_all_lr0.001_wd0"
+    assert (out / "best.pt").read_bytes() == (out / "fc7_linear_all_lr0.001_wd0" / "best.pt").read_bytes()
+    assert (out / "fc7_knn_all" / "report.md").read_text().startswith(f"# Head report: {out / 'fc7_knn_all'}\n")
+    assert not (out / "path.csv").exists() and not (out / "per_class.csv").exists()  # the logreg run is gone
+    assert train(cache, out, "--head", "knn", "--k", "2") == 0
+    assert set(holds_one_run(out, "knn")["files"]) == {"config.json", "knn.csv", "per_class.csv", "confusions.csv",
+                                                      "report.md", "run.json"}
+    assert train(cache, out, "--lr", "0.01", "--epochs", "2") == 0  # and a plain linear run replaces it all
+    holds_one_run(out, "linear")
+    assert run_is_whole(out)["lr"] == 0.01
+
+
+def test_a_grid_before_run_json_is_cleaned_by_its_names(cache, tmp_path):
+    """A folder with a grid's files and no run.json (an older version, or a killed publish): a plain run removes
+    the tool's names and combination folders, and nothing else."""
+    out = tmp_path / "head"
+    assert train(cache, out, "--head", "linear,knn", "--epochs", "1") == 0
+    (out / "run.json").unlink()
+    (out / "notes.txt").write_text("the user's own notes")
+    (out / "fc7_knn_all" / "mine.txt").write_text("the user's file in a tool's folder")
+    assert train(cache, out, "--epochs", "1") == 0
+    assert {p.name for p in out.iterdir()} == {*json.loads((out / "run.json").read_text())["files"], "notes.txt",
+                                               ".lock", "fc7_knn_all"}
+    assert (out / "fc7_knn_all" / "mine.txt").read_text() == "the user's file in a tool's folder"
+    assert not (out / "experiments.csv").exists() and not list(out.glob("fc7_linear_*"))
+
+
+@pytest.mark.parametrize("where", ["fit", "checkpoint", "report"])
+def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_run, monkeypatch, where):
+    out, before = old_run
+    from pipeline import experiments
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = {"fit": (experiments.logreg, "fit_logreg"), "checkpoint": (experiments, "save_checkpoint"),
+              "report": (report, "write_class_report")}[where]
+    monkeypatch.setattr(*target, killed)
+    assert train(cache, out, "--head", "logreg", "--max-iter", "10") == 130
+    assert snapshot(out) == before  # the old linear run, byte for byte; no staging left
+    monkeypatch.undo()
+    assert train(cache, out, "--head", "logreg", "--max-iter", "10") == 0
+    holds_one_run(out, "logreg")
+
+
+@pytest.mark.parametrize("previous", ["linear", "grid"])
+@pytest.mark.parametrize("where", ["second combination", "table", "disk full at the table"])
+def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, monkeypatch, capsys, previous, where):
+    from pipeline import experiments
+
+    out = tmp_path / "head"
+    grid = ("--head", "linear,logreg", "--max-iter", "10", "--epochs", "2")
+    assert train(cache, out, *(grid if previous == "grid" else ("--epochs", "2"))) == 0
+    (out / "notes.txt").write_text("the user's own notes")
+    before = snapshot(out)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "second combination":  # the linear combination is written (in staging) by now
+        monkeypatch.setattr(experiments, "_run_logreg", killed)
+    elif where == "table":
+        monkeypatch.setattr(experiments, "write_table", killed)
+    else:
+        monkeypatch.setattr(experiments, "write_table", _no_space)
+    capsys.readouterr()
+    code = train(cache, out, *grid, "--lr", "0.1")
+    if where == "disk full at the table":
+        assert code == 2
+        line = one_error_line(capsys)
+        assert "No space left on device" in line and "previous run" in line and str(out) in line
+    else:
+        assert code == 130
+    assert snapshot(out) == before  # the previous run, byte for byte (its table and best.pt too); no staging left
+    monkeypatch.undo()
+    assert train(cache, out, *grid, "--lr", "0.1") == 0
+    marker = holds_one_run(out, "grid")
+    assert set(marker["heads"]) == {"fc7_linear_all_lr0.1_wd0", "fc7_logreg_all"}
+    assert json.loads((out / "fc7_linear_all_lr0.1_wd0" / "config.json").read_text())["lr"] == 0.1
