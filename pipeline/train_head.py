@@ -42,17 +42,21 @@ STATS_ROWS = 4096  # rows per step when computing the standardization statistics
 STD_FLOOR = 1e-6  # dead ReLU units have std 0: leave them unscaled
 
 
+_DEFAULTS = HeadConfig()
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """How one head is trained: SGD with momentum on cross-entropy (the seed recipe by default)."""
+    """How one head is trained: SGD with momentum on cross-entropy. The defaults are HeadConfig's (the seed
+    recipe), not written again here."""
 
-    lr: float = 0.001
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    epochs: int = 20
-    batch_size: int = 100
-    val_batch_size: int = 10
-    seed: int = 0  # the head's init and every epoch's batch order
+    lr: float = _DEFAULTS.lrs[0]
+    weight_decay: float = _DEFAULTS.weight_decays[0]
+    momentum: float = _DEFAULTS.momentum
+    epochs: int = _DEFAULTS.epochs
+    batch_size: int = _DEFAULTS.batch_size
+    val_batch_size: int = _DEFAULTS.val_batch_size
+    seed: int = _DEFAULTS.seed  # the head's init and every epoch's batch order
 
     @classmethod
     def from_config(cls, config: HeadConfig, lr: float, weight_decay: float) -> "Recipe":
