@@ -131,6 +131,10 @@ def _list_images(root: Path, rel: str, ignored: list[str], excluded: list[dict])
             else:
                 excluded.append({"path": shown(path), "reason": f"file name {os.fsencode(name)!r} is not valid "
                                  "UTF-8 and cannot be stored in the cache; rename the file to use it"})
+        elif entry.is_symlink() and _is_image(name) and not entry.is_dir():
+            # a link whose target is gone (a vanished drive): a read failure, never a silent omission
+            raise UserError(f"cannot read {root / path} (a link to {os.readlink(root / path)}, which does not "
+                            "exist); reconnect the drive or fix the link, then rerun")
         elif not (name == "images" and entry.is_dir()):
             ignored.append(path)
     return images

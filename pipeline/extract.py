@@ -34,7 +34,7 @@ from pipeline.config import ExtractConfig
 from pipeline.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.errors import UserError
 from pipeline.freshness import log_up_to_date, split_settings
-from pipeline.hardware import default_workers, log_precision_hint
+from pipeline.hardware import available_memory, default_workers, log_precision_hint
 from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.prepare import resolve_data
 from pipeline.preprocess import Preprocess
@@ -133,6 +133,7 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
         log_precision_hint(device.type, config.precision)
     batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
     workers = config.workers if config.workers is not None else default_workers(device.type)
+    _check_batch_memory(config, batch_size)
 
     if dataset is None or config.download or config.arrange_val or world > 1:
         # rank 0 alone downloads or unpacks; the others learn the folder from it
@@ -174,6 +175,17 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return result
+
+
+def _check_batch_memory(config: ExtractConfig, batch_size: int) -> None:
+    """A batch of resized float images must fit in memory: a huge --image-size or --batch-size is one line."""
+    side = config.preprocess.resize_size
+    need = batch_size * 3 * side * side * 4 * 3  # the resized uint8 + float copies and the first conv's input
+    available = available_memory()
+    if available is not None and need > available:
+        raise UserError(f"a batch of {batch_size} images at {side} px needs about {need / 2**30:.1f} GiB, more than "
+                        f"the {available / 2**30:.1f} GiB available; lower --image-size/--resize-size (AlexNet uses "
+                        "224/256) or --batch-size")
 
 
 def _plan(path: Path, settings: cache.CacheSettings, layers: tuple[str, ...],

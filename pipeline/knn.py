@@ -20,8 +20,14 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def class_scores(similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
-                 temperature: float) -> torch.Tensor:
-    """(B, C) summed votes: neighbour j of row i adds exp(similarities[i, j] / T) to its class."""
+                 temperature: float, *, shift: bool = False) -> torch.Tensor:
+    """(B, C) summed votes: neighbour j of row i adds exp(similarities[i, j] / T) to its class.
+
+    ``shift``: divide each row's votes by exp(max_j s[i, j] / T), one factor per row, so the class ranking is
+    the same but a tiny T cannot overflow (exp(1 / 1e-9) is inf, and inf - inf is NaN).
+    """
+    if shift:
+        similarities = similarities - similarities.amax(1, keepdim=True)
     votes = (similarities / temperature).exp()  # (B, k)
     scores = torch.zeros(len(similarities), num_classes, device=similarities.device, dtype=votes.dtype)
     return scores.scatter_add_(1, neighbour_labels, votes)
@@ -46,7 +52,7 @@ def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.
         del similarity
         labels = train_labels[index]  # (B, k_max)
         for k in ks:
-            scores = class_scores(nearest[:, :k], labels[:, :k], num_classes, temperature)
+            scores = class_scores(nearest[:, :k], labels[:, :k], num_classes, temperature, shift=True)
             ranked[k].append(scores.topk(top, dim=1).indices)
     return {k: torch.cat(parts) if parts else torch.zeros(0, top, dtype=torch.long) for k, parts in ranked.items()}
 

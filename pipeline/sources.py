@@ -6,6 +6,7 @@ Camera and video frames come from OpenCV as BGR and are converted to RGB; image 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,7 +175,12 @@ def open_source(source: str, *, width: int | None = None, height: int | None = N
         log.warning("--width/--height apply to cameras only; ignored for %s", text)
     path = Path(text).expanduser()
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        dangling = [p for p in images if p.is_symlink() and not p.exists()]
+        if dangling:  # a link whose target is gone (a vanished drive): a read failure, as in extraction
+            raise UserError(f"cannot read {dangling[0]} (a link to {os.readlink(dangling[0])}, which does not exist); "
+                            "reconnect the drive or fix the link, then rerun")
+        paths = sorted(p for p in images if p.is_file())
         if not paths:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
         log.info("%s: %d images", path, len(paths))

@@ -197,6 +197,11 @@ def test_knn_votes_by_hand():
     far = torch.tensor([[0.0, 1.0]])
     ranked = knn.knn_predict(train, labels, far, ks=(3,), num_classes=3, temperature=100.0, chunk_rows=8)
     assert ranked[3][0, 0] == 1  # rows 2 (sim 1) and 4 (0.8) of class 1 beat row 1 (0.6) of class 0
+    # a tiny temperature cannot overflow into NaN votes: the nearest neighbour's class wins, as it should
+    ranked = knn.knn_predict(train, labels, query, ks=(5,), num_classes=3, temperature=1e-9, chunk_rows=1)
+    assert ranked[5][0, 0] == 0
+    scores = knn.class_scores(nearest, labels[index], 3, 1e-9, shift=True)
+    assert torch.isfinite(scores).all() and scores[0].argmax() == 0
 
 
 def test_knn_in_chunks_equals_the_dense_computation():

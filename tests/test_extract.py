@@ -466,3 +466,12 @@ def test_low_precision_extraction_is_close_to_fp32(dataset, extracted, tmp_path,
         cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(low.read_features()),
                                                        torch.from_numpy(ref.read_features()), dim=1)
         assert cosine.min() >= 0.999, cosine
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_a_one_line_error(dataset, tmp_path, capsys):
+    """--image-size 100000 asked for a 540 GB allocation and ended in a traceback."""
+    capsys.readouterr()
+    assert run_extract.main(extract_args(dataset, tmp_path / "features", "--image-size", "100000")) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "100000 px" in line and "--image-size" in line
+    assert not (tmp_path / "features" / "train.h5").exists()

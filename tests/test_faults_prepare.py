@@ -712,3 +712,21 @@ def test_a_dataset_beside_a_zip_in_a_read_only_folder_is_used(tmp_path, monkeypa
         shelf.chmod(0o755)
     assert not (tmp_path / "data").exists()  # nothing unpacked elsewhere
     assert tree_state(shelf) == before
+
+
+def test_an_image_link_whose_target_vanished_stops_with_one_line(tmp_path, capsys):
+    """A dangling link (its drive gone) is a read failure naming the file, not a silently ignored entry."""
+    root = make(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    image = next((root / "train").rglob("*.JPEG"))
+    shutil.move(image, store / image.name)
+    image.symlink_to(store / image.name)
+    assert index_dataset(root).splits["train"].paths  # the link works while its target is there
+    shutil.rmtree(store)  # the drive disappears
+    rc, _, err = prepare(capsys, "--data", root)
+    line = one_error_line(err)
+    assert rc == 2 and image.name in line and "does not exist" in line
+    rc = run_extract.main(extract_args(root, tmp_path / "features"))
+    assert rc == 2 and image.name in capsys.readouterr().err
+    assert not (tmp_path / "features" / "train.h5").exists()
