@@ -35,7 +35,7 @@ from pipeline.checkpoint import make_checkpoint, save_checkpoint
 from pipeline.config import HeadConfig
 from pipeline.errors import UserError
 from pipeline.experiment_table import Experiment, write_table
-from pipeline.run_folder import StagedRun, exclusive_run
+from pipeline.run_folder import StagedRun, check_clashes, exclusive_run
 from pipeline.shots import few_shot_rows, shots_name
 from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, available_memory, commit, final_path,
                                  layer_attrs, open_cache, prepare_out, published, run_name, run_record,
@@ -80,6 +80,8 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
     # whole with run.json (pipeline.run_folder): a rerun replaces exactly the previous run's files, and a kill
     # or a full disk before the publish leaves the previous run as it was
     with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
+        if grid:  # a folder of the user's named like a combination: one line now, not after the training
+            check_clashes(out, _grid_folders(config))
         result, run = _run_all(config, splits, train_split, train_rows, stage, grid, device)
         commit(stage, run)
     for row in result.rows:
@@ -152,6 +154,16 @@ def _drawn(shots: int | None, seed: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # linear: pipeline.train_head as it is
+
+
+def _grid_folders(config: HeadConfig) -> list[str]:
+    """The combination folders a grid writes (linear: one per lr and weight decay)."""
+    names = []
+    for layer, head, shots in itertools.product(config.layers, config.heads, config.shots):
+        base = f"{layer}_{head}_{shots_name(shots)}"
+        names += ([f"{base}_{run_name(lr, wd)}" for lr, wd in itertools.product(config.lrs, config.weight_decays)]
+                  if head == "linear" else [base])
+    return names
 
 
 def _run_linear(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots: int | None,

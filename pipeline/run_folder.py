@@ -106,6 +106,16 @@ def previous_entries(out: Path) -> set[str]:
     return entries
 
 
+def check_clashes(out: Path, names, previous: set[str] | None = None) -> None:
+    """A UserError when a name this run will publish is taken in ``out`` by something not of the run there
+    (a folder of the user's named like a grid's combination): checked before anything is moved or removed."""
+    previous = previous_entries(out) if previous is None else previous
+    taken = [name for name in names if name not in previous and ((out / name).exists() or (out / name).is_symlink())]
+    if taken:
+        raise UserError(f"{out / taken[0]} is in the way: this run writes an entry of that name, and it is not part of "
+                        f"the run in {out} (this tool did not write it); move it away or pass another --out")
+
+
 def publish(out: Path, staging: Path) -> list[str]:
     """Move a finished staging folder's files into ``out``, replacing the previous run's; idempotent after a kill.
 
@@ -115,6 +125,7 @@ def publish(out: Path, staging: Path) -> list[str]:
     manifest = json.loads((staging / READY).read_text())
     files = list(manifest["files"])
     previous = set(manifest.get("replaces", ())) | previous_entries(out)
+    check_clashes(out, [name for name in files if (staging / name).exists()], previous)
     (out / MARKER).unlink(missing_ok=True)  # from here until the end, the folder does not claim a complete run
     for name in sorted(previous - {MARKER}):
         if name in files and not (staging / name).exists():

@@ -476,3 +476,21 @@ def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, m
     marker = holds_one_run(out, "grid")
     assert set(marker["heads"]) == {"fc7_linear_all_lr0.1_wd0", "fc7_logreg_all"}
     assert json.loads((out / "fc7_linear_all_lr0.1_wd0" / "config.json").read_text())["lr"] == 0.1
+
+
+def test_a_users_folder_named_like_a_grid_combination_is_one_line_before_training(cache, tmp_path, capsys):
+    """A grid into an --out that holds a user's folder of a combination's name: refused at once, nothing written;
+    and a publish that meets such a folder moves nothing."""
+    out = tmp_path / "grid"
+    mine = out / "fc7_knn_all"
+    mine.mkdir(parents=True)
+    (mine / "mine.txt").write_text("mine")
+    capsys.readouterr()
+    assert train(cache, out, "--head", "knn,linear", "--epochs", "1") == 2
+    line = one_error_line(capsys)
+    assert str(mine) in line and "in the way" in line
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["fc7_knn_all"]
+    assert (mine / "mine.txt").read_text() == "mine"
+    shutil.rmtree(mine)
+    assert train(cache, out, "--head", "knn,linear", "--epochs", "1") == 0  # moved away: the grid runs
+    assert (out / "experiments.csv").is_file() and (out / "run.json").is_file()
