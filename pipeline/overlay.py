@@ -179,12 +179,14 @@ class VideoOutput:
             log.info("writing %s (%dx%d, %g fps)", self.path, *self.size, self.fps)
         if (bgr.shape[1], bgr.shape[0]) != self.size:
             bgr = cv2.resize(bgr, self.size, interpolation=cv2.INTER_AREA)
-        self.writer.write(bgr)
+        with quiet_opencv():  # a full disk makes OpenCV warn on every frame; the read-back check reports it once
+            self.writer.write(bgr)
         self.frames += 1
 
     def release(self) -> None:
         if self.writer is not None:
-            self.writer.release()
+            with quiet_opencv():
+                self.writer.release()
             self.writer = None
 
     def readable_frames(self) -> int:
