@@ -106,8 +106,9 @@ def child_project(args) -> dict:
 
     timed(extract_module, "load_backbone", "backbone_load_s")
     timed(cache, "assemble", "assembly_s")
-    forward = AlexNetFC7.forward
-    AlexNetFC7.forward = lambda self, x: (out := forward(self, x), stamps.append((time.perf_counter(), len(x))))[0]
+    forward = AlexNetFC7.forward_layers  # extraction fills every requested layer in one call of this
+    AlexNetFC7.forward_layers = lambda self, x, layers: (out := forward(self, x, layers),
+                                                         stamps.append((time.perf_counter(), len(x))))[0]
     config = ExtractConfig(data=args.data, out=Path(args.out), weights="random", seed=0, device=args.device,
                            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
                            splits=("train",), progress=False)
