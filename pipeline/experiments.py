@@ -13,7 +13,6 @@ run.json: a grid's combination folders are written inside its staging folder.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging
@@ -37,8 +36,8 @@ from pipeline.errors import UserError
 from pipeline.experiment_table import Experiment, write_table
 from pipeline.run_folder import StagedRun, check_clashes, exclusive_run
 from pipeline.shots import few_shot_rows, shots_name
-from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, available_memory, commit, final_path,
-                                 layer_attrs, open_cache, prepare_out, published, run_name, run_record,
+from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, append_csv, available_memory, commit,
+                                 final_path, layer_attrs, open_cache, prepare_out, published, run_name, run_record,
                                  train_heads_staged, writing)
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,7 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
 
     def on_fit(fit) -> None:
         with writing(stage, path_csv):
-            _append_csv(path_csv, asdict(fit))
+            append_csv(path_csv, asdict(fit))
 
     fitted = logreg.fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes,
                                weight_decays=config.logreg_weight_decays, max_iter=config.logreg_max_iter,
@@ -284,15 +283,6 @@ def _run_logreg(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], sho
                       seconds=seconds, folder=folder, checkpoint=folder / "best.pt")
 
 
-def _append_csv(path: Path, record: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(record))
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
-
-
 # ---------------------------------------------------------------------------------------------
 # knn
 
@@ -323,7 +313,7 @@ def _run_knn(config: HeadConfig, splits: tuple[CachedSplit, CachedSplit], shots:
     table = folder / "knn.csv"
     with writing(stage, table):
         for k in config.ks:
-            _append_csv(table, {"k": k, "k_used": used[k], "temperature": config.knn_temperature, **results[k]})
+            append_csv(table, {"k": k, "k_used": used[k], "temperature": config.knn_temperature, **results[k]})
     best_k = max(config.ks, key=lambda k: results[k]["val_top1"])
     lines = ["## Every k", "", "| k | val top-1 | val top-5 |", "|---|---|---|"]
     lines += [f"| {k}{'' if used[k] == k else f' (all {count})'} | {results[k]['val_top1']:.2f}% | "

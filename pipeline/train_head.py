@@ -332,7 +332,7 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
 
     def on_epoch(record, state, best):
         with writing(stage, history_path):
-            _append_csv(history_path, record)
+            append_csv(history_path, record)
         log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
                  name, record["epoch"], recipe.epochs, record["train_loss"], record["train_acc"],
                  record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
@@ -363,7 +363,8 @@ def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureS
                    history=result.history)
 
 
-def _append_csv(path: Path, record: dict) -> None:
+def append_csv(path: Path, record: dict) -> None:
+    """Add ``record`` as a row of the CSV at ``path`` (with a header when the file is new)."""
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(record))
