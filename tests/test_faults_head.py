@@ -189,7 +189,7 @@ def test_disk_full_while_writing_the_run(cache, old_run, monkeypatch, capsys, st
 
         monkeypatch.setattr(train_head, "save_checkpoint", save)
     elif step == "history":
-        monkeypatch.setattr(train_head, "_append_csv", _no_space)
+        monkeypatch.setattr(train_head, "append_csv", _no_space)
     elif step == "plots":
         monkeypatch.setattr(report, "plot_history", _no_space)
     elif step == "manifest":  # the staged run's manifest, the last write before the publish
