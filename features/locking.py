@@ -47,24 +47,22 @@ def lock_shared_with_child():
 
 
 @contextmanager
-def exclusive_writer(out: Path):
-    """Hold ``<out>/.lock`` for the whole extraction; a second writer gets a clear error.
+def hold_lock(out: Path, holder: str, busy):
+    """Hold ``<out>/.lock`` (flock) as ``holder``; when another process holds it, raise ``busy(its holder text)``.
 
     flock is released by the kernel when the process dies, even by kill -9, so no stale lock is left
     (forked children, such as DataLoader workers, drop their inherited copy: see above).
     """
     out.mkdir(parents=True, exist_ok=True)
-    lock_path = out / ".lock"
-    with open(lock_path, "a+") as lock:
+    with open(out / ".lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise CacheError(f"another extraction ({holder}) is writing to {out}; wait for it, or pass another --out") from None
+            raise busy(lock.read().strip() or "another process") from None
         lock.seek(0)
         lock.truncate()
-        lock.write(f"pid {os.getpid()}")
+        lock.write(holder)
         lock.flush()
         _held_locks.add(lock.fileno())
         try:
@@ -72,6 +70,12 @@ def exclusive_writer(out: Path):
         finally:
             _held_locks.discard(lock.fileno())
             lock.truncate(0)
+
+
+def exclusive_writer(out: Path):
+    """Hold ``<out>/.lock`` for the whole extraction; a second writer gets a clear error."""
+    return hold_lock(out, f"pid {os.getpid()}", lambda holder: CacheError(
+        f"another extraction ({holder}) is writing to {out}; wait for it, or pass another --out"))
 
 
 def writer_holding(out: Path) -> str | None:

@@ -9,17 +9,15 @@ touched. ``<out>/.lock`` (flock, released by the kernel even after kill -9) admi
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
+from features.locking import hold_lock
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,25 +35,10 @@ RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "accuracy.png",
 RUN_FOLDER = re.compile(r"lr[^/]*_wd[^/]*|[a-z0-9]+_(linear|logreg|knn)_(\d+shot|all)(_lr[^/]*_wd[^/]*)?")
 
 
-@contextmanager
-def exclusive_run(out: Path, what: str) -> Iterator[None]:
+def exclusive_run(out: Path, what: str):
     """Hold ``<out>/.lock`` while ``what`` writes into ``out``; a second writer gets a one-line error."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise UserError(f"{out} is in use by another run ({holder}); wait for it, or pass another --out") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{what}, pid {os.getpid()}")
-        lock.flush()
-        try:
-            yield
-        finally:
-            lock.truncate(0)
+    return hold_lock(out, f"{what}, pid {os.getpid()}", lambda holder: UserError(
+        f"{out} is in use by another run ({holder}); wait for it, or pass another --out"))
 
 
 def _remove(path: Path) -> None:
