@@ -21,9 +21,9 @@ log = logging.getLogger("run_extract")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.config import ExtractConfig
-    from pipeline.names import DTYPES, PRECISIONS
-    from pipeline.preprocess import MODES
+    from pipeline.common.config import ExtractConfig
+    from pipeline.common.names import DTYPES, PRECISIONS
+    from pipeline.common.preprocess import MODES
 
     d = ExtractConfig()  # every default comes from here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     summary = prepare_dataset(args.data, download=args.download, url=args.url, md5=args.md5,
                               arrange=args.arrange_val, strict=args.strict, progress=not args.no_progress)
@@ -83,9 +83,9 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def make_config(args: argparse.Namespace):
-    from pipeline.config import ExtractConfig
-    from pipeline.errors import UserError
-    from pipeline.preprocess import Preprocess
+    from pipeline.common.config import ExtractConfig
+    from pipeline.common.errors import UserError
+    from pipeline.common.preprocess import Preprocess
 
     try:
         preprocess = Preprocess(image_size=args.image_size, resize_size=max(args.resize_size, args.image_size),
@@ -100,32 +100,10 @@ def make_config(args: argparse.Namespace):
         layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()))
 
 
-def warn_random(spec: str) -> None:
-    from pipeline.weights_spec import is_random
-
-    if is_random(spec):
-        log.warning("NOTE: the backbone has random weights (%s); these features are for testing only", spec)
-
-
 def extract(args: argparse.Namespace) -> int:
-    from pipeline.freshness import log_up_to_date, quick_up_to_date
-    from pipeline.weights_spec import describe_weights
+    from pipeline.commands import extract as extract_command
 
-    config = make_config(args)
-    config.check()
-    dataset, found = quick_up_to_date(config)  # torch-free: a rerun onto a finished cache answers at once
-    if found:
-        warn_random(describe_weights(config.weights, config.seed))
-        for path, attrs in found.items():
-            log_up_to_date(path, attrs)
-        return 0
-    from pipeline.extract import extract as extract_features  # imports torch: only when there is work or a full check
-
-    result = extract_features(config, dataset)
-    warn_random(result.weights_spec)
-    for split_result in result.splits.values():
-        split_result.log()
-    return 0
+    return extract_command(make_config(args))
 
 
 def main(argv: list[str] | None = None) -> int:

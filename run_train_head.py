@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from pipeline.cli import run_main
-from pipeline.config import HEADS, HeadConfig
+from pipeline.common.config import HEADS, HeadConfig
 
 log = logging.getLogger("run_train_head")
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> int:
-    from pipeline.experiments import run_experiments
+    from pipeline.heads.grid import run_experiments
 
     d = HeadConfig()
     given = args.weight_decay is not None  # one --weight-decay list serves linear (a sweep) and logreg (its path)
@@ -114,7 +114,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _warn_random(weights_spec: str) -> None:
-    from pipeline.weights_spec import is_random
+    from pipeline.common.weights import is_random
 
     if is_random(weights_spec):
         log.warning("NOTE: the features came from a RANDOM backbone (%s): accuracy is not meaningful", weights_spec)

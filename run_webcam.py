@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 
 from pipeline.cli import run_main
-from pipeline.config import LiveConfig
-from pipeline.names import IMAGE_SUFFIXES
+from pipeline.common.config import LiveConfig
+from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger("run_webcam")
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def live(args: argparse.Namespace) -> int:
-    from pipeline.live import run_live
+    from pipeline.live.runner import run_live
 
     config = LiveConfig(checkpoint=args.checkpoint, weights=args.weights, seed=args.seed, device=args.device,
                         source=args.source, width=args.width, height=args.height, top_k=args.top_k,

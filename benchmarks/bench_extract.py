@@ -6,7 +6,7 @@
 Whole processes (each its own Python process, start-up included, on the same first N train images):
 (a) the plain pipeline: PIL decode + Resize/CenterCrop/ToTensor/Normalize per sample, a DataLoader,
     fp32 AlexNet (NCHW), fc7 = classifier[:6];
-(b) the project's extraction (pipeline.extract) in fp32 and in bf16, with its phases timed: imports,
+(b) the project's extraction (pipeline.extract.extractor) in fp32 and in bf16, with its phases timed: imports,
     indexing, start-up to the first batch (backbone, fingerprint, workers), steady state, assembly.
 The limits, in this process on ready-made input tensors at the same batch size:
 (c) the bare fc7 forward: fp32 channels_last; bf16 with the weights cast once; bf16 autocast (fp32 weights);
@@ -52,8 +52,8 @@ def child_plain(args) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from pipeline.dataset import index_dataset
-    from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.common.dataset import index_dataset
+    from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     class PlainImages(Dataset):
         def __init__(self, root, paths):
@@ -84,9 +84,9 @@ def child_project(args) -> dict:
     """run_extract's work with its phases timed; the cache goes to args.out."""
     from features import cache
     from models import AlexNetFC7
-    from pipeline import extract as extract_module
-    from pipeline.config import ExtractConfig
-    from pipeline.dataset import index_dataset
+    from pipeline.extract import extractor as extract_module
+    from pipeline.common.config import ExtractConfig
+    from pipeline.common.dataset import index_dataset
 
     t_imports = time.perf_counter()
     dataset = index_dataset(Path(args.data))
@@ -164,7 +164,7 @@ def time_head_epochs(rows: int, num_classes: int, device, epochs: int = 2) -> di
     """Seconds per epoch: the project's trainer vs a bare SGD loop over an in-memory tensor."""
     import torch
 
-    from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head
+    from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
 
     g = torch.Generator().manual_seed(0)
     features = torch.rand(rows, 4096, generator=g).to(device)
@@ -196,7 +196,7 @@ def plain_training_epoch_s(root: Path, paths: list[str], labels: list[int], num_
     from PIL import Image
     from torchvision import transforms
 
-    from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -261,10 +261,10 @@ def main(argv=None) -> int:
 
     from features.cache import open_split
     from models import AlexNetFC7
-    from pipeline.dataset import index_dataset
-    from pipeline.hardware import cpu_kind, cpu_tag, describe_cpu
-    from pipeline.prepare import resolve_data
-    from pipeline.synthetic import make_tiny_imagenet
+    from pipeline.common.dataset import index_dataset
+    from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
+    from pipeline.data.prepare import resolve_data
+    from pipeline.data.synthetic import make_tiny_imagenet
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = args.batch_size or (256 if device.type == "cuda" else 64)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
             print(f"(d) head epoch on {head['rows']} rows: project {head['project_epoch_s']:.2f} s, bare loop "
                   f"{head['bare_epoch_s']:.2f} s", flush=True)
             plain_epoch = plain_training_epoch_s(full.root, paths, labels, full.num_classes, device)
-            from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head
+            from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
             features = InMemoryFeatures(torch.from_numpy(f32), torch.tensor(labels))
             start = time.perf_counter()
             fit_head(features, features, Recipe(epochs=EPOCHS), Standardizer.fit(features, device),

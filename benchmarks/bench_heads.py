@@ -5,7 +5,7 @@
 
 The features are generated, with class structure so that accuracy means something: each class has a
 Gaussian prototype, a row is ReLU(signal x prototype + unit noise), as post-ReLU fc7 is non-negative.
-Every head runs with the project's defaults (pipeline.config.HeadConfig) on the same tensors:
+Every head runs with the project's defaults (pipeline.common.config.HeadConfig) on the same tensors:
 
 - sgd: run_train_head.py's default head: standardization + fit_head (20 epochs, val every epoch);
 - logreg: standardization + fit_logreg over the default weight-decay path; the target is at least SGD's
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline import knn  # noqa: E402
-from pipeline.config import HeadConfig  # noqa: E402
-from pipeline.logreg import fit_logreg  # noqa: E402
-from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, fit_head  # noqa: E402
+from pipeline.heads import knn
+from pipeline.common.config import HeadConfig  # noqa: E402
+from pipeline.heads.logreg import fit_logreg  # noqa: E402
+from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 KNN_TARGET_S = 120.0

@@ -3,7 +3,7 @@
     python benchmarks/bench_webcam.py                       # 200 timed frames per variant, fp32 and bf16
     python benchmarks/bench_webcam.py --frames 500 --device cuda
 
-The frames go through pipeline.live.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
+The frames go through pipeline.live.runner.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
 Preprocess, channels_last AlexNet fc7 + a 4096 -> 200 head, softmax, top-k, predictions line), with a
 random-weight backbone. Variants:
 (a) headless: --no-display --predictions (no drawing);
@@ -43,12 +43,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import FC7_DIM, AlexNetClassifier  # noqa: E402
-from pipeline import live, overlay, sources  # noqa: E402
-from pipeline.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.config import LiveConfig  # noqa: E402
-from pipeline.backbone import load_backbone, place_backbone, resolve_device  # noqa: E402
-from pipeline.hardware import cpu_kind, cpu_tag, describe_cpu  # noqa: E402
-from pipeline.preprocess import Preprocess  # noqa: E402
+from pipeline.live import runner as live
+from pipeline.live import overlay
+from pipeline.common import sources
+from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint  # noqa: E402
+from pipeline.common.config import LiveConfig  # noqa: E402
+from pipeline.common.backbone import load_backbone, place_backbone, resolve_device  # noqa: E402
+from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu  # noqa: E402
+from pipeline.common.preprocess import Preprocess  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 NUM_CLASSES = 200
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if cpu_start and cpu_end:
         others = round(((cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / wall, 2)
     result = {
-        "what": "640x480 synthetic frames through pipeline.live.run_live (random AlexNet fc7 + 4096->200 head), "
+        "what": "640x480 synthetic frames through pipeline.live.runner.run_live (random AlexNet fc7 + 4096->200 head), "
                 "one frame per forward (as a camera) and --batch-frames 4/8 (as a video file), against the bare "
                 "batch-1 forward on a ready channels_last tensor; batched rows: per-frame times = batch's / frames; "
                 "per precision, the backbone's weights cast once as the checkpoint records",

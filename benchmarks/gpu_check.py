@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.hardware import cpu_kind, usable_cpus  # noqa: E402
+from pipeline.common.hardware import cpu_kind, usable_cpus  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MINI_CANDIDATES = [os.environ.get("TINY_IMAGENET_MINI", ""), ROOT.parent / "shared/data/tiny-imagenet-mini.zip",
@@ -73,7 +73,7 @@ def tail(output: str, lines: int = 8) -> str:
 def _write_images(job: tuple[Path, list[tuple[str, int, int]]]) -> int:
     from PIL import Image
 
-    from pipeline.synthetic import class_image
+    from pipeline.data.synthetic import class_image
 
     root, items = job
     for rel, label, index in items:
@@ -109,8 +109,8 @@ def make_dataset(root: Path, images: int, classes: int) -> dict:
 
 def small_real_set(args, work: Path, generated: Path) -> Path:
     """A dataset whose train split is the first --small train images of the real subset (or the generated set)."""
-    from pipeline.dataset import index_dataset
-    from pipeline.prepare import resolve_data
+    from pipeline.common.dataset import index_dataset
+    from pipeline.data.prepare import resolve_data
 
     source = generated
     if args.real != "generated":
@@ -292,7 +292,7 @@ class Checker:
         import torch
         from torchvision.io import decode_jpeg
 
-        from pipeline.images import read_bytes
+        from pipeline.common.images import read_bytes
 
         files = sorted((self.state["data"] / "val" / "images").iterdir())[:2048]
         data = [read_bytes(f) for f in files]
@@ -330,7 +330,7 @@ class Checker:
     def live(self):
         import cv2
 
-        from pipeline.synthetic import class_image
+        from pipeline.data.synthetic import class_image
 
         video, frames = self.work / "clip.mp4", self.args.live_frames
         writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 480))

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from features.cache import CacheError
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 
 def run_main(body: Callable[[], int | None]) -> int:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.data.synthetic import make_tiny_imagenet
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]

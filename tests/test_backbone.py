@@ -13,12 +13,12 @@ import pytest
 import torch
 import torchvision
 
-import pipeline.backbone as backbone_module
+import pipeline.common.backbone as backbone_module
 import run_extract
 from models import FC7_DIM, AlexNetClassifier, AlexNetFC7, LinearHead, weights_fingerprint
-from pipeline.backbone import imagenet_cache_file, load_backbone, resolve_device
-from pipeline.errors import UserError
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.common.backbone import imagenet_cache_file, load_backbone, resolve_device
+from pipeline.common.errors import UserError
+from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import error_line
 
 IMAGENET_FILE = "alexnet-owt-7be5be79.pth"

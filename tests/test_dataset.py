@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 import run_extract
-from pipeline.dataset import arrange_val, index_dataset, read_lines
+from pipeline.common.dataset import arrange_val, index_dataset, read_lines
 from tests.conftest import one_error_line
-from pipeline.images import read_rgb
-from pipeline.synthetic import WORDS, class_image, make_tiny_imagenet, zip_dataset
+from pipeline.common.images import read_rgb
+from pipeline.data.synthetic import WORDS, class_image, make_tiny_imagenet, zip_dataset
 
 WNIDS3 = sorted(WORDS)[:3]  # the classes make_tiny_imagenet(num_classes=3) writes
 
@@ -368,12 +368,12 @@ def test_zip_is_unpacked_next_to_it_once_and_never_modified(tmp_path, capsys, mo
     assert summary["splits"]["train"]["images"] == 12 and summary["splits"]["val"]["images"] == 6
     marker_mtime, unpacked_state = marker.stat().st_mtime_ns, tree_state(target)
 
-    import pipeline.unpack
+    import pipeline.data.unpack
 
     def no_second_extract(*args, **kwargs):
         raise AssertionError("the zip was extracted a second time")
 
-    monkeypatch.setattr(pipeline.unpack, "_extract", no_second_extract)
+    monkeypatch.setattr(pipeline.data.unpack, "_extract", no_second_extract)
     rc, summary2, err = prepare(capsys, "--data", zip_path, summary=tmp_path / "prep2.json")
     assert rc == 0, err
     assert summary2 == summary

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.data.synthetic import make_tiny_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 # small input and tiny shards: many resumable units, each quick on the CPU

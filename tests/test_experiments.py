@@ -1,4 +1,4 @@
-"""Head experiments (pipeline.experiments, logreg, knn, shots): the optimum, the votes, the draw, the table, fc6 live.
+"""Head experiments (pipeline.heads.grid, logreg, knn, shots): the optimum, the votes, the draw, the table, fc6 live.
 
 Multi-layer caches are written here with h5py: the fc7 cache as extraction writes it (``features``), plus
 ``pool5``/``fc6`` datasets named after their layer, which is what ``open_split(path, layer)`` reads.
@@ -20,16 +20,16 @@ import run_extract
 import run_train_head
 import run_webcam
 from features.cache import open_split
-from pipeline import knn
-from pipeline.backbone import load_backbone, place_backbone
-from pipeline.checkpoint import read_checkpoint
-from pipeline.experiment_table import COLUMNS
-from pipeline.images import read_rgb
-from pipeline.logreg import fit_logreg, objective
-from pipeline.preprocess import Preprocess
-from pipeline.shots import few_shot_rows
-from pipeline.synthetic import make_tiny_imagenet
-from pipeline.train_head import InMemoryFeatures, Standardizer
+from pipeline.heads import knn
+from pipeline.common.backbone import load_backbone, place_backbone
+from pipeline.common.checkpoint import read_checkpoint
+from pipeline.heads.table import COLUMNS
+from pipeline.common.images import read_rgb
+from pipeline.heads.logreg import fit_logreg, objective
+from pipeline.common.preprocess import Preprocess
+from pipeline.heads.shots import few_shot_rows
+from pipeline.data.synthetic import make_tiny_imagenet
+from pipeline.heads.linear import InMemoryFeatures, Standardizer
 from tests.conftest import CPU, FAST, one_error_line
 from tests.test_train_head import PNG_MAGIC, RUN_FILES, write_synthetic_cache
 

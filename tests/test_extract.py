@@ -26,11 +26,11 @@ from torchvision import transforms
 import run_extract
 from features import cache
 from features.cache import CacheError, exclusive_writer, open_split
-from pipeline.backbone import load_backbone
-from pipeline.dataset import index_dataset
-from pipeline.errors import UserError
-from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.common.backbone import load_backbone
+from pipeline.common.dataset import index_dataset
+from pipeline.common.errors import UserError
+from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import CPU, FAST, error_line, extract_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def test_touched_weights_file_gets_the_full_check(dataset, tmp_path, caplog):
 
 
 def test_imagenet_file_name_is_torchvision_s():
-    from pipeline.weights_spec import IMAGENET_FILE
+    from pipeline.common.weights import IMAGENET_FILE
     assert IMAGENET_FILE == os.path.basename(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)
 
 
@@ -391,7 +391,7 @@ def test_undecodable_image_is_skipped_and_recorded_or_refused_with_strict(tmp_pa
 def test_device_side_resize_path_gives_the_same_cache(dataset, extracted, tmp_path, monkeypatch):
     """The GPU data path (workers only decode; resize, crop and normalise on the device), run on the CPU:
     it must fill the cache with the same features as the CPU path."""
-    from pipeline import extract as extract_module
+    from pipeline.extract import extractor as extract_module
 
     monkeypatch.setattr(extract_module, "resize_in_workers", lambda device: False)
     assert run_extract.main(extract_args(dataset, tmp_path / "device-path", "--shard-size", "8")) == 0
@@ -411,8 +411,8 @@ def test_preprocessing_defaults_are_torchvision_s_alexnet_transform():
     from torchvision.models import AlexNet_Weights
     from torchvision.transforms import InterpolationMode
 
-    from pipeline.config import ExtractConfig
-    from pipeline.preprocess import Preprocess
+    from pipeline.common.config import ExtractConfig
+    from pipeline.common.preprocess import Preprocess
 
     reference = AlexNet_Weights.IMAGENET1K_V1.transforms()
     ours = ExtractConfig().preprocess

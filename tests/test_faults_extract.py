@@ -23,8 +23,8 @@ import pytest
 import run_extract
 from features import cache, shards
 from features.cache import CacheError, exclusive_writer, open_split
-from pipeline import extract as extract_module
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.extract import extractor as extract_module
+from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import error_line, extract_args, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]

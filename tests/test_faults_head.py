@@ -22,9 +22,11 @@ import torch
 
 import run_train_head
 from features.cache import exclusive_writer
-from pipeline import checkpoint as checkpoint_module
-from pipeline import report, run_folder, train_head
-from pipeline.errors import UserError
+from pipeline.common import checkpoint as checkpoint_module
+from pipeline.heads import report
+from pipeline.common import run_folder
+from pipeline.heads import linear as train_head
+from pipeline.common.errors import UserError
 from tests.conftest import one_error_line
 from tests.test_train_head import write_synthetic_cache
 
@@ -427,7 +429,7 @@ def test_a_grid_before_run_json_is_cleaned_by_its_names(cache, tmp_path):
 @pytest.mark.parametrize("where", ["fit", "checkpoint", "report"])
 def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_run, monkeypatch, where):
     out, before = old_run
-    from pipeline import experiments
+    from pipeline.heads import grid as experiments
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -445,7 +447,7 @@ def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_r
 @pytest.mark.parametrize("previous", ["linear", "grid"])
 @pytest.mark.parametrize("where", ["second combination", "table", "disk full at the table"])
 def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, monkeypatch, capsys, previous, where):
-    from pipeline import experiments
+    from pipeline.heads import grid as experiments
 
     out = tmp_path / "head"
     grid = ("--head", "linear,logreg", "--max-iter", "10", "--epochs", "2")

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import run_webcam
-from pipeline import live, overlay
-from pipeline.errors import UserError
+from pipeline.live import runner as live
+from pipeline.live import overlay
+from pipeline.common.errors import UserError
 from tests.conftest import CPU, one_error_line
 from tests.test_live import count_frames, read_jsonl, reuse_backbones, trained, val_video, write_video  # noqa: F401
 
@@ -333,8 +334,9 @@ def test_unreadable_image_in_a_folder_stops_the_run(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from pipeline import images, sources
-    from pipeline.errors import UserError
+    from pipeline.common import images
+    from pipeline.common import sources
+    from pipeline.common.errors import UserError
 
     folder = tmp_path / "frames"
     folder.mkdir()

@@ -25,14 +25,14 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.images
-import pipeline.unpack
+import pipeline.common.images
+import pipeline.data.unpack
 import run_extract
-from pipeline.dataset import index_dataset
-from pipeline.images import ImageDecodeError, ImageReadError, decode_rgb, read_rgb
-from pipeline.prepare import resolve_data
-from pipeline.synthetic import WORDS, make_tiny_imagenet, zip_dataset
-from pipeline.unpack import zip_stem
+from pipeline.common.dataset import index_dataset
+from pipeline.common.images import ImageDecodeError, ImageReadError, decode_rgb, read_rgb
+from pipeline.data.prepare import resolve_data
+from pipeline.data.synthetic import WORDS, make_tiny_imagenet, zip_dataset
+from pipeline.data.unpack import zip_stem
 from tests.conftest import extract_args, one_error_line
 from tests.test_dataset import file_md5, http_server, make, prepare, tree_state  # noqa: F401 (a fixture)
 
@@ -58,12 +58,12 @@ def make_zip(tmp_path: Path, zip_path: Path, *, num_classes: int = 3, compressio
 def files_of(folder: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every file, this tool's marker left out."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != pipeline.unpack.MARKER}
+            if p.is_file() and p.name != pipeline.data.unpack.MARKER}
 
 
 def assert_unpacked(folder: Path, src: Path) -> None:
     """``folder`` is a finished unpack of the dataset at ``src``: the marker, and every file byte for byte."""
-    assert (folder / pipeline.unpack.MARKER).is_file()
+    assert (folder / pipeline.data.unpack.MARKER).is_file()
     assert files_of(folder / NAME) == files_of(src)
 
 
@@ -91,7 +91,7 @@ def no_extract(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the zip was unpacked again")
 
-    monkeypatch.setattr(pipeline.unpack, "_extract", fail)
+    monkeypatch.setattr(pipeline.data.unpack, "_extract", fail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_a_user_folder_beside_the_zip_survives_and_the_zip_goes_elsewhere(tmp_pa
     assert tree_state(mine) == before and file_md5(zip_path) == zip_md5
     assert Path(summary["root"]) == tmp_path / "data" / f"{NAME}.unpacked" / NAME
     assert "in the way" in caplog.text
-    assert (tmp_path / "data" / f"{NAME}.unpacked" / pipeline.unpack.MARKER).is_file()
+    assert (tmp_path / "data" / f"{NAME}.unpacked" / pipeline.data.unpack.MARKER).is_file()
 
     assert_unpacked(tmp_path / "data" / f"{NAME}.unpacked", tmp_path / "src3" / NAME)
     no_extract(monkeypatch)  # the rerun reuses that copy
@@ -226,7 +226,7 @@ def test_another_zip_at_the_same_path_is_not_served_from_the_old_copy(tmp_path, 
     assert summary["num_classes"] == 4 and Path(summary["root"]) == tmp_path / "data" / NAME / NAME
     assert "afresh" in caplog.text
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [NAME, f"{NAME}.zip"]  # the old copy is gone
-    marker = json.loads((tmp_path / "data" / NAME / pipeline.unpack.MARKER).read_text())
+    marker = json.loads((tmp_path / "data" / NAME / pipeline.data.unpack.MARKER).read_text())
     assert marker["size"] == zip_path.stat().st_size
 
     # the same zip copied again (a new mtime, same content) is not unpacked again
@@ -234,7 +234,7 @@ def test_another_zip_at_the_same_path_is_not_served_from_the_old_copy(tmp_path, 
     os.utime(zip_path, ns=(1_000_000_000, 1_000_000_000))
     rc, summary2, err = prepare(capsys, "--data", zip_path, summary=tmp_path / "prep2.json")
     assert rc == 0 and summary2 == summary, err
-    marker = json.loads((tmp_path / "data" / NAME / pipeline.unpack.MARKER).read_text())
+    marker = json.loads((tmp_path / "data" / NAME / pipeline.data.unpack.MARKER).read_text())
     assert marker["mtime_ns"] == 1_000_000_000  # noted for the quick look
 
 
@@ -243,11 +243,11 @@ def test_a_copy_from_an_older_version_is_unpacked_afresh(tmp_path, capsys):
     rc, _, err = prepare(capsys, "--data", zip_path)
     assert rc == 0, err
     target = tmp_path / "data" / NAME
-    (target / pipeline.unpack.MARKER).write_text(f"{zip_path.resolve()}\n")  # the old marker: which zip is unknown
+    (target / pipeline.data.unpack.MARKER).write_text(f"{zip_path.resolve()}\n")  # the old marker: which zip is unknown
     (target / NAME / "wnids.txt").write_text("n00000001\n")  # and a copy that no longer matches
     rc, summary, err = prepare(capsys, "--data", zip_path, summary=tmp_path / "prep.json")
     assert rc == 0 and summary["num_classes"] == 3, err
-    assert json.loads((target / pipeline.unpack.MARKER).read_text())["members"]
+    assert json.loads((target / pipeline.data.unpack.MARKER).read_text())["members"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +276,9 @@ def test_work_folders_of_dead_processes_are_removed_and_only_those(tmp_path, cap
             (data / name / "big.bin").write_bytes(b"\x00" * 1000)
     other_host = data / f".{NAME}.unpacking-{dead_pid()}"
     other_host.mkdir()
-    (other_host / pipeline.unpack.OWNER).write_text("some-other-host\n")  # maybe alive there: kept
+    (other_host / pipeline.data.unpack.OWNER).write_text("some-other-host\n")  # maybe alive there: kept
 
-    pipeline.unpack.remove_stale(data, f"{NAME}.zip")  # what --download does first (its stem is the file name)
+    pipeline.data.unpack.remove_stale(data, f"{NAME}.zip")  # what --download does first (its stem is the file name)
     try:
         rc, _, err = prepare(capsys, "--data", zip_path)
     finally:
@@ -305,8 +305,8 @@ def test_a_work_folder_left_under_this_process_id_is_not_mixed_into_the_copy(tmp
 
 _KILL_SCRIPT = r"""
 import os, signal, sys
-import pipeline.unpack as unpack
-from pipeline.prepare import resolve_data
+import pipeline.data.unpack as unpack
+from pipeline.data.prepare import resolve_data
 
 step = sys.argv[2]
 def kill():
@@ -438,7 +438,7 @@ def test_a_read_error_stops_prepare_with_one_line_naming_the_file(tmp_path, caps
             raise OSError(code, os.strerror(code), str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.images, "open", failing_open, raising=False)
+    monkeypatch.setattr(pipeline.common.images, "open", failing_open, raising=False)
     with pytest.raises(ImageReadError) as info:
         read_rgb(victim)
     assert isinstance(info.value, OSError) and info.value.errno == code and info.value.filename == str(victim)
@@ -496,7 +496,7 @@ def test_16_bit_png_and_animated_gif_decode_to_8_bit_rgb(tmp_path, writer):
     assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
     assert torch.equal(image, expected)
 
-    from pipeline.sources import open_source  # the live runner decodes the same way
+    from pipeline.common.sources import open_source  # the live runner decodes the same way
 
     frames = list(open_source(str(path)))
     assert len(frames) == 1 and torch.equal(frames[0].rgb, expected)

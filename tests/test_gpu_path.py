@@ -15,16 +15,16 @@ import torch
 import torch.distributed as dist
 from torchvision.transforms.v2 import functional as F
 
-import pipeline.backbone as backbone_module
-import pipeline.hardware as hardware
-import pipeline.preprocess as preprocess_module
+import pipeline.common.backbone as backbone_module
+import pipeline.common.hardware as hardware
+import pipeline.common.preprocess as preprocess_module
 import run_extract
 from models import AlexNetFC7
-from pipeline.backbone import DIST_TIMEOUT, HostCopy, resolve_precision, set_precision, start_distributed
-from pipeline.errors import UserError
-from pipeline.extract import BatchReader
-from pipeline.preprocess import Preprocess
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, resolve_precision, set_precision, start_distributed
+from pipeline.common.errors import UserError
+from pipeline.extract.extractor import BatchReader
+from pipeline.common.preprocess import Preprocess
+from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import error_line, extract_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,8 +173,8 @@ def test_fp32_on_cuda_turns_tf32_off_and_low_precision_leaves_the_flags(tf32_fla
 
 def test_extraction_and_live_set_the_precision_the_same_way(dataset, tmp_path, monkeypatch, tf32_flags):
     """Both place the backbone with place_backbone, which calls set_precision: the same flags afterwards."""
-    from pipeline import live
-    from pipeline.checkpoint import make_checkpoint
+    from pipeline.live import runner as live
+    from pipeline.common.checkpoint import make_checkpoint
 
     seen = []
     real = backbone_module.set_precision
@@ -274,8 +274,8 @@ def pinnable(value) -> bool:
 
 
 def test_batches_survive_pin_memory(dataset, monkeypatch):
-    from pipeline.dataset import index_dataset
-    from pipeline.images import read_rgb
+    from pipeline.common.dataset import index_dataset
+    from pipeline.common.images import read_rgb
 
     index = index_dataset(dataset)
     paths = list(index.splits["train"].paths)
@@ -374,10 +374,10 @@ def test_cpu_kind_reads_native_bf16(monkeypatch):
 def test_precision_hint_names_the_cpu_kind(native, precision, level, words, dataset, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(hardware, "cpu_kind", lambda: {"model": "test", "native_bf16": native, "capability": "X",
                                                        "flags": []})
-    caplog.set_level(logging.INFO, logger="pipeline.hardware")
+    caplog.set_level(logging.INFO, logger="pipeline.common.hardware")
     args = extract_args(dataset, tmp_path / "out") + (["--precision", precision] if precision else [])
     assert run_extract.main(args) == 0
-    hints = [r for r in caplog.records if r.name == "pipeline.hardware"]
+    hints = [r for r in caplog.records if r.name == "pipeline.common.hardware"]
     assert len(hints) == 1 and hints[0].levelno == level and words in hints[0].getMessage()
 
 

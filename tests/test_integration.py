@@ -20,9 +20,9 @@ from torchvision import transforms
 import run_extract
 import run_webcam
 from features.cache import open_split
-from pipeline.prepare import resolve_data
-from pipeline.images import read_rgb
-from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.prepare import resolve_data
+from pipeline.common.images import read_rgb
+from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import CPU
 
 MINI = os.environ.get("TINY_IMAGENET_MINI")

@@ -1,4 +1,7 @@
-"""The architecture, checked from the code's own imports: run_*.py -> pipeline/ -> features/, models/.
+"""The architecture, checked from the code's own imports.
+
+run_*.py -> pipeline/ (its top-level modules compose the stages) -> one stage (data/, extract/, heads/, live/)
+-> pipeline/common/ -> features/, models/. No stage imports another stage.
 
 Imports are read with ``ast``, including those inside functions, so a lazy import counts as an arrow too.
 """
@@ -11,13 +14,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "features", "models")
+STAGES = ("pipeline.data", "pipeline.extract", "pipeline.heads", "pipeline.live")
+BELOW_STAGES = {"pipeline.common", "features", "models"}
 # who may import whom (besides itself): the one-way rule
 ALLOWED = {
-    "run": {"pipeline"},
-    "pipeline": {"features", "models"},
+    "run": {"pipeline", *STAGES, "pipeline.common"},
+    "pipeline": {*STAGES, *BELOW_STAGES},  # the top-level modules: the commands that compose the stages
+    **{stage: BELOW_STAGES for stage in STAGES},  # never another stage
+    "pipeline.common": {"features", "models"},
     "features": set(),
     "models": set(),
-    "benchmarks": {"pipeline", "features", "models"},
+    "benchmarks": {"pipeline", *STAGES, *BELOW_STAGES},
 }
 # facts that must be defined in exactly one module
 SHARED_CONSTANTS = ("PRECISIONS", "DTYPES", "IMAGE_SUFFIXES", "CHECKPOINT_FORMAT", "DEFAULT_DATA", "DEFAULT_FEATURES",
@@ -29,8 +36,9 @@ def project_modules() -> dict[str, Path]:
     """Module name -> file, for the packages, the entry scripts and the benchmarks."""
     modules = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            modules[f"{package}.{path.stem}" if path.stem != "__init__" else package] = path
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     for path in sorted(ROOT.glob("run_*.py")):
         modules[path.stem] = path
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
@@ -73,8 +81,13 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def layer(module: str) -> str:
-    top = module.split(".")[0]
-    return "run" if top.startswith("run_") else top
+    """run, pipeline (its top-level modules), pipeline.<stage or common>, features, models or benchmarks."""
+    parts = module.split(".")
+    if parts[0].startswith("run_"):
+        return "run"
+    if parts[0] == "pipeline" and len(parts) > 1 and f"pipeline.{parts[1]}" in ALLOWED:
+        return f"pipeline.{parts[1]}"
+    return parts[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +99,18 @@ def graph() -> dict[str, set[str]]:
 def test_no_arrow_runs_back_up(graph):
     wrong = [f"{a} -> {b}" for a, targets in graph.items() for b in sorted(targets)
              if layer(b) != layer(a) and layer(b) not in ALLOWED[layer(a)]]
-    assert not wrong, "imports against the one-way rule run_*.py -> pipeline/ -> features/, models/: " + ", ".join(wrong)
+    assert not wrong, "imports against the one-way rule run_*.py -> pipeline/ -> a stage -> common/ -> features/, models/: " + ", ".join(wrong)
+
+
+def test_no_stage_imports_another_stage(graph):
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() if layer(a) in STAGES for b in targets
+             if layer(b) in STAGES and layer(b) != layer(a)]
+    assert not wrong, "a stage imports another stage: " + ", ".join(wrong)
 
 
 def test_entry_scripts_reach_only_pipeline(graph):
-    wrong = [f"{a} -> {b}" for a, targets in graph.items() if layer(a) == "run" for b in targets if layer(b) != "pipeline"]
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() if layer(a) == "run" for b in targets
+             if not b.startswith("pipeline")]
     assert not wrong, ", ".join(wrong)
 
 
@@ -134,6 +154,6 @@ def test_shared_constants_are_defined_once():
 
 def test_the_checker_sees_a_back_arrow(tmp_path):
     """The import reader itself: a lazy import inside a function counts."""
-    modules = {"features.cache": tmp_path / "cache.py", "pipeline.errors": tmp_path / "errors.py"}
-    modules["features.cache"].write_text("def f():\n    from pipeline.errors import UserError\n")
-    assert imports_of(modules["features.cache"], modules) == {"pipeline.errors"}
+    modules = {"features.cache": tmp_path / "cache.py", "pipeline.common.errors": tmp_path / "errors.py"}
+    modules["features.cache"].write_text("def f():\n    from pipeline.common.errors import UserError\n")
+    assert imports_of(modules["features.cache"], modules) == {"pipeline.common.errors"}

@@ -22,8 +22,8 @@ import run_extract
 from features import cache
 from features.cache import open_split
 from models import LAYER_DIMS, LAYERS, AlexNetFC7
-from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import extract_args, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]

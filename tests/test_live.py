@@ -13,9 +13,11 @@ import run_extract
 import run_train_head
 import run_webcam
 from features.cache import open_split
-from pipeline import live, overlay, sources
-from pipeline.images import read_rgb
-from pipeline.synthetic import make_tiny_imagenet
+from pipeline.live import runner as live
+from pipeline.live import overlay
+from pipeline.common import sources
+from pipeline.common.images import read_rgb
+from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import CPU, one_error_line
 
 RTOL, ATOL = 1e-4, 1e-5

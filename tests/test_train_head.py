@@ -1,4 +1,4 @@
-"""Stage two (run_train_head.py / pipeline.train_head): the linear head trained on the fc7 cache.
+"""Stage two (run_train_head.py / pipeline.heads.linear): the linear head trained on the fc7 cache.
 
 A tiny generated dataset is extracted once with a seeded random backbone at 64 px (fast on a CPU).
 Tests that need training curves with ups and downs use small synthetic caches written with the
@@ -23,13 +23,13 @@ import run_extract
 import run_train_head
 from features import cache
 from features.cache import open_split
-from pipeline import train_head
-from pipeline.backbone import load_backbone
-from pipeline.dataset import index_dataset
-from pipeline.images import read_rgb
-from pipeline.preprocess import Preprocess
-from pipeline.synthetic import WORDS, make_tiny_imagenet
-from pipeline.train_head import InMemoryFeatures, Recipe, Standardizer, StreamedFeatures, batch_order, fit_head
+from pipeline.heads import linear as train_head
+from pipeline.common.backbone import load_backbone
+from pipeline.common.dataset import index_dataset
+from pipeline.common.images import read_rgb
+from pipeline.common.preprocess import Preprocess
+from pipeline.data.synthetic import WORDS, make_tiny_imagenet
+from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, StreamedFeatures, batch_order, fit_head
 from tests.conftest import one_error_line
 
 CPU = torch.device("cpu")
@@ -448,13 +448,13 @@ def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
 
 
 def test_training_never_reads_an_image(data, feats, tmp_path, monkeypatch):
-    import pipeline.images
+    import pipeline.common.images
 
     def no_images(*args, **kwargs):
         raise AssertionError("an image was read during head training")
 
-    monkeypatch.setattr(pipeline.images, "read_bytes", no_images)
-    monkeypatch.setattr(pipeline.images, "decode_rgb", no_images)
+    monkeypatch.setattr(pipeline.common.images, "read_bytes", no_images)
+    monkeypatch.setattr(pipeline.common.images, "decode_rgb", no_images)
     monkeypatch.setattr(Image, "open", no_images)
     moved = data.with_name(data.name + "-moved")
     data.rename(moved)

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from features.locking import hold_lock
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ TRASH_PREFIX = ".trash-"
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "config.json", "accuracy.png", "loss.png", "per_class.csv",
              "confusions.csv", "report.md", "sweep.csv", "sweep.png", "path.csv", "knn.csv", "experiments.csv",
              "experiments.md", "experiments.png", MARKER)
-# a sweep's head folders (pipeline.train_head.run_name) and a grid's combination folders (pipeline.experiments)
+# a sweep's head folders (pipeline.heads.linear.run_name) and a grid's combination folders (pipeline.heads.grid)
 RUN_FOLDER = re.compile(r"lr[^/]*_wd[^/]*|[a-z0-9]+_(linear|logreg|knn)_(\d+shot|all)(_lr[^/]*_wd[^/]*)?")
 
 

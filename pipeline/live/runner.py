@@ -7,8 +7,8 @@ head is never run on features of another backbone. Every frame goes through the 
 as extraction, and the fc7 -> head split is kept (fc7 under the extraction precision, the head in
 fp32), so an image gives the probabilities that ``softmax(head(cached fc7))`` gives for it.
 
-Sources (pipeline.sources) are a camera index, a video file, an image file or a folder of images; the
-overlay, window and output video are in pipeline.overlay.
+Sources (pipeline.common.sources) are a camera index, a video file, an image file or a folder of images; the
+overlay, window and output video are in pipeline.live.overlay.
 
 Frames of a video file, image or folder are classified in batches of ``batch_frames`` (default 8): at
 batch 1 fc6/fc7 are memory-bound (218 MB of weights read per frame), a batch reads them once for all its
@@ -34,17 +34,17 @@ import numpy as np
 import torch
 
 from models import AlexNetClassifier
-from pipeline.backbone import load_backbone, place_backbone, resolve_device
-from pipeline.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
-from pipeline.config import LiveConfig
-from pipeline.errors import UserError, first_line
-from pipeline.hardware import available_memory
-from pipeline.images import stack_or_list
-from pipeline.overlay import (Display, PredictionsOutput, VideoOutput, annotate, check_output_paths, display_available,
+from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
+from pipeline.common.config import LiveConfig
+from pipeline.common.errors import UserError, first_line
+from pipeline.common.hardware import available_memory
+from pipeline.common.images import stack_or_list
+from pipeline.live.overlay import (Display, PredictionsOutput, VideoOutput, annotate, check_output_paths, display_available,
                               view)
-from pipeline.preprocess import Preprocess
-from pipeline.sources import CaptureSource, FrameSource, ImageSource, open_source
-from pipeline.weights_spec import describe_weights, is_random, weights_file
+from pipeline.common.preprocess import Preprocess
+from pipeline.common.sources import CaptureSource, FrameSource, ImageSource, open_source
+from pipeline.common.weights import describe_weights, is_random, weights_file
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Preparation: find the dataset (a folder, the official zip, or a download), index it, decode every image once.
 
-The source is only read: a zip is unpacked next to itself (or under data/; see pipeline.unpack), a download
+The source is only read: a zip is unpacked next to itself (or under data/; see pipeline.data.unpack), a download
 goes to data/.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ import os
 import zipfile
 from pathlib import Path
 
-from pipeline import unpack
-from pipeline.dataset import TinyImageNet, arrange_val, find_root, index_dataset
-from pipeline.errors import UserError
-from pipeline.names import DEFAULT_DATA, TINY_IMAGENET_MD5, TINY_IMAGENET_URL
+from pipeline.data import unpack
+from pipeline.common.dataset import TinyImageNet, arrange_val, find_root, index_dataset
+from pipeline.common.errors import UserError
+from pipeline.common.names import DEFAULT_DATA, TINY_IMAGENET_MD5, TINY_IMAGENET_URL
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, u
                     progress: bool = True) -> dict:
     """--prepare-only: find, index and (optionally) arrange the dataset, decode every image once,
     apply the skip policy, and return the summary."""
-    from pipeline.images import Skipped, enforce_skip_policy, verify_images  # imports torch
+    from pipeline.common.images import Skipped, enforce_skip_policy, verify_images  # imports torch
 
     dataset = index_dataset(resolve_data(data, download=download, url=url, md5=md5, progress=progress))
     if arrange:

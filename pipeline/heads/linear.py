@@ -1,10 +1,10 @@
 """Stage two: train the 4096 -> C linear head on cached fc7 features. Images are never read here.
 
 The features are loaded once as one tensor (on the GPU when asked and it fits) and batches are
-indexed from it; a cache larger than memory is streamed block by block instead (pipeline.head_data,
+indexed from it; a cache larger than memory is streamed block by block instead (pipeline.heads.readers,
 which also checks the cache). By default the features are z-scored with train-set statistics, which
 are folded into the saved layer, so the checkpoint's head is one ``nn.Linear(4096, C)`` that takes raw
-fc7 activations. A run is written whole or not at all, by one process at a time (pipeline.run_folder).
+fc7 activations. A run is written whole or not at all, by one process at a time (pipeline.common.run_folder).
 """
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from features.cache import CachedSplit
 from models import LinearHead
-from pipeline import report
-from pipeline.backbone import resolve_device
-from pipeline.checkpoint import load_head, make_checkpoint, save_checkpoint
-from pipeline.config import HeadConfig
-from pipeline.errors import UserError, first_line
-from pipeline.head_data import (LOAD_ROWS, FeatureSource, InMemoryFeatures, StreamedFeatures,  # noqa: F401 (public here)
+from pipeline.heads import report
+from pipeline.common.backbone import resolve_device
+from pipeline.common.checkpoint import load_head, make_checkpoint, save_checkpoint
+from pipeline.common.config import HeadConfig
+from pipeline.common.errors import UserError, first_line
+from pipeline.heads.readers import (LOAD_ROWS, FeatureSource, InMemoryFeatures, StreamedFeatures,  # noqa: F401 (public here)
                                 available_memory, batch_order, load_source, open_cache)
-from pipeline.run_folder import StagedRun, exclusive_run
+from pipeline.common.run_folder import StagedRun, exclusive_run
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def final_path(stage: StagedRun, path: Path) -> Path:
 
 
 def commit(stage: StagedRun, run: dict) -> None:
-    """Publish the staged run (pipeline.run_folder); a failure is one line saying what ``out`` holds now."""
+    """Publish the staged run (pipeline.common.run_folder); a failure is one line saying what ``out`` holds now."""
     try:
         stage.commit(run)
     except OSError as err:
@@ -250,7 +250,7 @@ def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarra
     """Train one head per (lr, weight decay) over the same in-memory features; write the run folder.
 
     Everything is written into a staging folder inside ``out`` and published when complete (see
-    pipeline.run_folder), under ``out``'s lock: a kill, a full disk or a concurrent run never leaves
+    pipeline.common.run_folder), under ``out``'s lock: a kill, a full disk or a concurrent run never leaves
     ``out`` holding a mix of two runs.
     """
     config.check()

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from models import LAYER_DIMS
-from pipeline.errors import UserError, first_line
-from pipeline.names import CHECKPOINT_FORMAT, PRECISIONS
-from pipeline.preprocess import Preprocess
+from pipeline.common.errors import UserError, first_line
+from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
+from pipeline.common.preprocess import Preprocess
 
 REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_names", "weights_spec",
                  "weights_fingerprint", "preprocess")

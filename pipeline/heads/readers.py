@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
-from pipeline.errors import UserError, first_line
-from pipeline.hardware import available_memory  # noqa: F401 (also imported from here)
+from pipeline.common.errors import UserError, first_line
+from pipeline.common.hardware import available_memory  # noqa: F401 (also imported from here)
 
 log = logging.getLogger(__name__)
 

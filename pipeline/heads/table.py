@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure  # the object API, as pipeline.report
+from matplotlib.figure import Figure  # the object API, as pipeline.heads.report
 
 COLUMNS = ["layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
 HEAD_COLOURS = {"linear": "tab:blue", "logreg": "tab:orange", "knn": "tab:green"}

@@ -62,7 +62,7 @@ class Preprocess:
         from torchvision.transforms.v2 import functional as F
 
         if isinstance(images, (list, tuple)):
-            from pipeline.images import stack_or_list
+            from pipeline.common.images import stack_or_list
 
             batch = stack_or_list(list(images))
             if isinstance(batch, list):  # mixed sizes: rare

@@ -16,9 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.names import IMAGE_SUFFIXES
-from pipeline.sources import quiet_opencv
+from pipeline.common.errors import UserError
+from pipeline.common.names import IMAGE_SUFFIXES
+from pipeline.common.sources import quiet_opencv
 
 log = logging.getLogger(__name__)
 

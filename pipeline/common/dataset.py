@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.names import IMAGE_SUFFIXES
+from pipeline.common.errors import UserError
+from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

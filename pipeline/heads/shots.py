@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 
 def few_shot_rows(labels: np.ndarray, shots: int, *, seed: int, wnids: list[str]) -> np.ndarray:

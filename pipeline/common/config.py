@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.cache import LAYER_DATASETS
-from pipeline.errors import UserError
-from pipeline.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
+from pipeline.common.errors import UserError
+from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
-from pipeline.preprocess import Preprocess
+from pipeline.common.preprocess import Preprocess
 
 
 MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
@@ -81,7 +81,7 @@ class HeadConfig:
     """Stage two: the cache to read, the run folder, the heads to compare and their recipes.
 
     One head is today's run. Several layers, heads, shots, learning rates or weight decays make a grid:
-    one folder per combination and one table (pipeline.experiments).
+    one folder per combination and one table (pipeline.heads.grid).
     """
 
     features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5

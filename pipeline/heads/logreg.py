@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

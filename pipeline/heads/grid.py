@@ -1,15 +1,15 @@
 """Quick head experiments on the cache: layers x heads x shots (x hyper-parameters) in one command.
 
 One combination is today's run: its outputs go straight into ``--out`` (a plain linear run, or a linear
-lr x weight-decay sweep, is exactly pipeline.train_head's). Several make a grid: one folder per
+lr x weight-decay sweep, is exactly pipeline.heads.linear's). Several make a grid: one folder per
 combination, ``<out>/<layer>_<head>_<shots>[_lr.._wd..]/``, one table (experiments.csv and .md), one plot
 (experiments.png), and the best head that has a checkpoint (linear or logreg) copied to ``<out>/best.pt``.
-Every kind of run is one staged run (pipeline.run_folder) under ``--out``'s lock, published whole with
+Every kind of run is one staged run (pipeline.common.run_folder) under ``--out``'s lock, published whole with
 run.json: a grid's combination folders are written inside its staging folder.
 
-- linear: the SGD seed recipe of pipeline.train_head, one run per (lr, weight decay);
-- logreg: L-BFGS logistic regression (pipeline.logreg), one run per --weight-decay path, best kept;
-- knn: DINO's weighted kNN (pipeline.knn), one run answering every --k, one table row per k.
+- linear: the SGD seed recipe of pipeline.heads.linear, one run per (lr, weight decay);
+- logreg: L-BFGS logistic regression (pipeline.heads.logreg), one run per --weight-decay path, best kept;
+- knn: DINO's weighted kNN (pipeline.heads.knn), one run answering every --k, one table row per k.
 """
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ from torch import nn
 
 from features.cache import CachedSplit
 from models import LAYERS
-from pipeline import knn, logreg, report
-from pipeline.backbone import resolve_device
-from pipeline.checkpoint import make_checkpoint, save_checkpoint
-from pipeline.config import HeadConfig
-from pipeline.errors import UserError
-from pipeline.experiment_table import Experiment, write_table
-from pipeline.run_folder import StagedRun, check_clashes, exclusive_run
-from pipeline.shots import few_shot_rows, shots_name
-from pipeline.train_head import (HeadResult, InMemoryFeatures, Standardizer, append_csv, available_memory, commit,
+from pipeline.heads import knn
+from pipeline.heads import logreg
+from pipeline.heads import report
+from pipeline.common.backbone import resolve_device
+from pipeline.common.checkpoint import make_checkpoint, save_checkpoint
+from pipeline.common.config import HeadConfig
+from pipeline.common.errors import UserError
+from pipeline.heads.table import Experiment, write_table
+from pipeline.common.run_folder import StagedRun, check_clashes, exclusive_run
+from pipeline.heads.shots import few_shot_rows, shots_name
+from pipeline.heads.linear import (HeadResult, InMemoryFeatures, Standardizer, append_csv, available_memory, commit,
                                  final_path, layer_attrs, open_cache, prepare_out, published, run_name, run_record,
                                  train_heads_staged, writing)
 
@@ -76,7 +78,7 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
     grid = is_grid(config)
     prepare_out(out)  # a --out that cannot be written is one line, before anything runs
     # every kind of run (linear, logreg, knn, a sweep, a grid) is one staged run under --out's lock, published
-    # whole with run.json (pipeline.run_folder): a rerun replaces exactly the previous run's files, and a kill
+    # whole with run.json (pipeline.common.run_folder): a rerun replaces exactly the previous run's files, and a kill
     # or a full disk before the publish leaves the previous run as it was
     with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
         if grid:  # a folder of the user's named like a combination: one line now, not after the training
@@ -152,7 +154,7 @@ def _drawn(shots: int | None, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# linear: pipeline.train_head as it is
+# linear: pipeline.heads.linear as it is
 
 
 def _grid_folders(config: HeadConfig) -> list[str]:

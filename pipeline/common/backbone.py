@@ -12,9 +12,9 @@ import torchvision
 from torchvision.models import AlexNet_Weights
 
 from models import AlexNetFC7, weights_fingerprint
-from pipeline.errors import UserError, first_line
-from pipeline.hardware import CPU_PRECISION, CUDA_PRECISION
-from pipeline.weights_spec import describe_weights
+from pipeline.common.errors import UserError, first_line
+from pipeline.common.hardware import CPU_PRECISION, CUDA_PRECISION
+from pipeline.common.weights import describe_weights
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def resolve_precision(requested: str | None, device: torch.device) -> str:
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The backbone's compute dtype for a precision name (see pipeline.names.PRECISIONS)."""
+    """The backbone's compute dtype for a precision name (see pipeline.common.names.PRECISIONS)."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -1,6 +1,6 @@
 """What the machine offers: the CPU kind (native bf16 or not), worker counts, and the default precision.
 
-Torch-free at import: the quick rerun check (pipeline.freshness) needs the default precision without
+Torch-free at import: the quick rerun check (pipeline.extract.freshness) needs the default precision without
 importing torch, which alone takes seconds. torch is imported inside ``cpu_kind`` only.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def guess_precision(device_name: str) -> str:
 
     cuda and cuda:N: bf16; cpu: fp32; auto: bf16 only where an NVIDIA device file exists and
     CUDA_VISIBLE_DEVICES does not hide every GPU. A wrong guess only costs the quick answer: the full
-    check (pipeline.backbone.resolve_precision, with torch) decides.
+    check (pipeline.common.backbone.resolve_precision, with torch) decides.
     """
     if device_name.startswith("cuda"):
         return CUDA_PRECISION

@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UserError, first_line
+from pipeline.common.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Frame sources for the live runner: a camera, a video file, an image file or a folder of images.
 
 Camera and video frames come from OpenCV as BGR and are converted to RGB; image files are decoded with
-``pipeline.images.read_rgb`` exactly as extraction decodes them.
+``pipeline.common.images.read_rgb`` exactly as extraction decodes them.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.images import ImageDecodeError, read_rgb, unreadable
-from pipeline.names import IMAGE_SUFFIXES
+from pipeline.common.errors import UserError
+from pipeline.common.images import ImageDecodeError, read_rgb, unreadable
+from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class CaptureSource(FrameSource):
 
 
 class ImageSource(FrameSource):
-    """Image files, decoded to RGB with pipeline.images.read_rgb as extraction decodes them."""
+    """Image files, decoded to RGB with pipeline.common.images.read_rgb as extraction decodes them."""
 
     still = True
 

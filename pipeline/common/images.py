@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.errors import UserError, first_line
+from pipeline.common.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,17 +29,16 @@ from tqdm import tqdm
 from features import cache
 from features.errors import describe_error
 from models import LAYER_DIMS, MIN_IMAGE_SIZE
-from pipeline.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
+from pipeline.common.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
                                warm_up)
-from pipeline.config import ExtractConfig
-from pipeline.dataset import TinyImageNet, arrange_val, index_dataset
-from pipeline.errors import UserError
-from pipeline.freshness import log_up_to_date, split_settings
-from pipeline.hardware import available_memory, default_workers, log_precision_hint
-from pipeline.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
-from pipeline.prepare import resolve_data
-from pipeline.preprocess import Preprocess
-from pipeline.weights_spec import weights_stamp
+from pipeline.common.config import ExtractConfig
+from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
+from pipeline.common.errors import UserError
+from pipeline.extract.freshness import log_up_to_date, split_settings
+from pipeline.common.hardware import available_memory, default_workers, log_precision_hint
+from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.common.preprocess import Preprocess
+from pipeline.common.weights import weights_stamp
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,12 @@ def _shards(num_rows: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
 
 
-def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> ExtractResult:
-    """Fill ``config.out`` with train.h5 and val.h5. ``dataset``: already indexed (saves indexing twice)."""
+def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
+    """Fill ``config.out`` with train.h5 and val.h5.
+
+    ``locate``: finds (unpacks, downloads) the dataset folder; called on rank 0 only. ``dataset``: already
+    indexed (saves indexing twice).
+    """
     config.check()
     if config.preprocess.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size {config.preprocess.image_size} is too small: AlexNet needs at least "
@@ -137,8 +141,7 @@ def extract(config: ExtractConfig, dataset: TinyImageNet | None = None) -> Extra
 
     if dataset is None or config.download or config.arrange_val or world > 1:
         # rank 0 alone downloads or unpacks; the others learn the folder from it
-        root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5,
-                            progress=config.progress) if rank == 0 else None
+        root = locate() if rank == 0 else None
         if rank == 0 and config.arrange_val:
             log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
         if world > 1:

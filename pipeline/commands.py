@@ -1,0 +1,47 @@
+"""The three commands, each composed of stages: the only place where one stage's output meets another's.
+
+``run_extract.py`` = data (find, unpack or download) + extract; ``run_train_head.py`` = heads;
+``run_webcam.py`` = live. The stages never import each other; this module hands one's result to the next.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from pipeline.common.config import ExtractConfig
+from pipeline.common.weights import describe_weights, is_random
+
+log = logging.getLogger(__name__)
+
+
+def warn_random(spec: str, what: str = "these features are for testing only") -> None:
+    """The one warning a random backbone gets, from whichever command meets it."""
+    if is_random(spec):
+        log.warning("NOTE: the backbone has random weights (%s); %s", spec, what)
+
+
+def extract(config: ExtractConfig) -> int:
+    """Stage one: a rerun onto a finished cache answers torch-free; otherwise the backbone runs."""
+    from pipeline.common.dataset import index_dataset
+    from pipeline.data.prepare import resolve_data
+    from pipeline.extract.freshness import log_up_to_date, quick_look_applies, quick_up_to_date
+
+    config.check()
+    locate = partial(resolve_data, config.data, download=config.download, url=config.url, md5=config.md5,
+                     progress=config.progress)
+    dataset = None
+    if quick_look_applies(config):
+        dataset = index_dataset(locate())
+        found = quick_up_to_date(config, dataset)  # torch-free: a rerun onto a finished cache answers at once
+        if found:
+            warn_random(describe_weights(config.weights, config.seed))
+            for path, attrs in found.items():
+                log_up_to_date(path, attrs)
+            return 0
+    from pipeline.extract.extractor import extract as extract_features  # imports torch: only when there is work
+
+    result = extract_features(config, locate, dataset)
+    warn_random(result.weights_spec)
+    for split_result in result.splits.values():
+        split_result.log()
+    return 0

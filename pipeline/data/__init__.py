@@ -1,0 +1,1 @@
+"""Preparation: find, unpack or download the dataset, check every image once."""

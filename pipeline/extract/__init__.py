@@ -1,0 +1,1 @@
+"""Stage one: run the frozen backbone once per image into the HDF5 cache."""

@@ -1,0 +1,1 @@
+"""Stage two: heads trained on the cached features (linear, logreg, knn), few-shot subsets and the experiment grid."""
