@@ -1,7 +1,7 @@
 """Extraction and head-training speed, measured side by side in one run on the same images.
 
-    python benchmarks/bench_extract.py                       # the 10-class subset if found, else generated JPEGs
-    python benchmarks/bench_extract.py --images 320 --skip-head
+    python -m benchmarks.bench_extract                       # the 10-class subset if found, else generated JPEGs
+    python -m benchmarks.bench_extract --images 320 --skip-head
 
 Whole processes (each its own Python process, start-up included, on the same first N train images):
 (a) the plain pipeline: PIL decode + Resize/CenterCrop/ToTensor/Normalize per sample, a DataLoader,
@@ -32,8 +32,6 @@ from pathlib import Path
 
 STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 RESULTS = ROOT / "benchmarks" / "results"
 MINI = Path(os.environ.get("TINY_IMAGENET_MINI", ROOT.parent / "shared" / "data" / "tiny-imagenet-mini.zip"))  # 10 classes
 EPOCHS = 20
@@ -112,7 +110,7 @@ def child_project(args) -> dict:
     config = ExtractConfig(data=args.data, out=Path(args.out), weights="random", seed=0, device=args.device,
                            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
                            splits=("train",), progress=False)
-    result = extract_module.extract(config, dataset).splits["train"]
+    result = extract_module.extract(config, lambda: Path(args.data), dataset).splits["train"]
     t_end = time.perf_counter()
     first, last = stamps[0][0], stamps[-1][0]
     steady_images = sum(n for _, n in stamps[1:])
@@ -124,7 +122,7 @@ def child_project(args) -> dict:
 
 def whole_process(mode: str, data: Path, out: Path, device: str, batch: int, workers: int,
                   precision: str | None = None) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--data", str(data), "--out", str(out),
+    command = [sys.executable, "-m", "benchmarks.bench_extract", "--child", mode, "--data", str(data), "--out", str(out),
                "--device", device, "--batch-size", str(batch), "--workers", str(workers),
                *(["--precision", precision] if precision else [])]
     start = time.perf_counter()
