@@ -34,11 +34,11 @@ demo: setup
 	$(BIN)/python -m pipeline.demo
 
 bench: setup
-	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python -m benchmarks.bench_extract
 
 # on a GPU machine: the test suite, then the CUDA checks and timings -> benchmarks/results/gpu.json (~5 min)
 gpu-check: setup
-	$(BIN)/python benchmarks/gpu_check.py
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs

@@ -1,7 +1,7 @@
 """Extraction and head-training speed, measured side by side in one run on the same images.
 
-    python benchmarks/bench_extract.py                       # the 10-class subset if found, else generated JPEGs
-    python benchmarks/bench_extract.py --images 320 --skip-head
+    python -m benchmarks.bench_extract                       # the 10-class subset if found, else generated JPEGs
+    python -m benchmarks.bench_extract --images 320 --skip-head
 
 Whole processes (each its own Python process, start-up included, on the same first N train images):
 (a) the plain pipeline: PIL decode + Resize/CenterCrop/ToTensor/Normalize per sample, a DataLoader,
@@ -30,10 +30,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from benchmarks.extract_report import plot, print_summary, ratios
+
 STARTED = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 RESULTS = ROOT / "benchmarks" / "results"
 MINI = Path(os.environ.get("TINY_IMAGENET_MINI", ROOT.parent / "shared" / "data" / "tiny-imagenet-mini.zip"))  # 10 classes
 EPOCHS = 20
@@ -112,7 +112,7 @@ def child_project(args) -> dict:
     config = ExtractConfig(data=args.data, out=Path(args.out), weights="random", seed=0, device=args.device,
                            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
                            splits=("train",), progress=False)
-    result = extract_module.extract(config, dataset).splits["train"]
+    result = extract_module.extract(config, lambda: Path(args.data), dataset).splits["train"]
     t_end = time.perf_counter()
     first, last = stamps[0][0], stamps[-1][0]
     steady_images = sum(n for _, n in stamps[1:])
@@ -124,7 +124,7 @@ def child_project(args) -> dict:
 
 def whole_process(mode: str, data: Path, out: Path, device: str, batch: int, workers: int,
                   precision: str | None = None) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--data", str(data), "--out", str(out),
+    command = [sys.executable, "-m", "benchmarks.bench_extract", "--child", mode, "--data", str(data), "--out", str(out),
                "--device", device, "--batch-size", str(batch), "--workers", str(workers),
                *(["--precision", precision] if precision else [])]
     start = time.perf_counter()
@@ -237,7 +237,7 @@ def cosine_min(a, b) -> float:
     return torch.nn.functional.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double(), dim=1).min().item()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=320, help="train images (a prefix of the train split)")
     p.add_argument("--head-rows", type=int, default=100_000, help="rows for the head-epoch benchmark (d)")
@@ -250,21 +250,90 @@ def main(argv=None) -> int:
     p.add_argument("--child", choices=("plain", "project"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps((child_plain if args.child == "plain" else child_project)(args)))
-        return 0
+    return p
 
+
+def pick_images(count: int, tmp: Path):
+    """(full dataset, the first ``count`` train paths, their labels, a dataset folder of just those)."""
+    from pipeline.common.dataset import index_dataset
+    from pipeline.data.prepare import resolve_data
+    from pipeline.data.synthetic import make_tiny_imagenet
+
+    if MINI.is_file():  # unpacked from a copy: nothing is written beside the shared zip
+        shutil.copy(MINI, tmp / MINI.name)
+        root = resolve_data(tmp / MINI.name)
+    else:
+        root = make_tiny_imagenet(tmp / "generated", num_classes=10, train_per_class=max(1, count // 10), val_per_class=1)
+    full = index_dataset(root)
+    paths, labels = full.splits["train"].paths[:count], full.splits["train"].labels[:count]
+    return full, paths, labels, make_subset(full, paths, tmp / "subset")
+
+
+def measure(args, results: dict, tmp: Path, device, batch: int, workers: int) -> None:
+    """(a)-(e) and the fidelity, into ``results``."""
     import numpy as np
     import torch
     import torchvision
 
     from features.cache import open_split
     from models import AlexNetFC7
-    from pipeline.common.dataset import index_dataset
+
+    full, paths, labels, subset = pick_images(args.images, tmp)
+    results["images"] = len(paths)
+    print(f"{len(paths)} images from {full.root}, device {device}, batch {batch}, workers {workers}", flush=True)
+    # (a), (b): whole processes, one after the other on the same files (warm page cache for all: one read first)
+    for path in paths:
+        (full.root / path).read_bytes()
+    runs = results["whole_process"] = {"plain": whole_process("plain", subset, tmp / "plain.npy", str(device), batch, workers)}
+    for precision in ("fp32", "bf16"):
+        runs[f"project_{precision}"] = whole_process("project", subset, tmp / f"cache-{precision}", str(device),
+                                                     batch, workers, precision)
+    for name, r in runs.items():
+        print(f"(a/b) {name:14s} whole process {r['whole_s']:6.1f} s = {r['whole_img_s']:6.1f} img/s"
+              + (f"; steady {r['steady_img_s']:.1f} img/s" if r.get("steady_img_s") else ""), flush=True)
+    # (c) the bare forwards
+    torch.manual_seed(0)
+    backbone = AlexNetFC7(torchvision.models.alexnet(weights=None)).to(device, memory_format=torch.channels_last)
+    bare = results["bare_img_s"] = {}
+    for mode in ("fp32", "bf16_cast", "bf16_autocast"):
+        bare[mode] = time_bare_forward(backbone, batch, device, mode, args.bare_batches * (2 if mode == "fp32" else 1))
+        print(f"(c) bare forward {mode:14s} {bare[mode]:7.1f} img/s", flush=True)
+    f32 = open_split(tmp / "cache-fp32" / "train.h5").read_features()
+    results["bf16_cosine_min"] = cosine_min(open_split(tmp / "cache-bf16" / "train.h5").read_features(), f32)
+    results["fp32_cosine_vs_plain_min"] = cosine_min(f32, np.load(tmp / "plain.npy"))
+    if not args.skip_head:
+        measure_head(args.head_rows, results, full, paths, labels, f32, device)
+
+
+def measure_head(head_rows: int, results: dict, full, paths, labels, f32, device) -> None:
+    """(d) head epochs, and (e) the 20-epoch job against the backbone in every epoch."""
+    import torch
+
+    from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+
+    head = results["head"] = time_head_epochs(head_rows, 200, device)
+    print(f"(d) head epoch on {head['rows']} rows: project {head['project_epoch_s']:.2f} s, bare loop "
+          f"{head['bare_epoch_s']:.2f} s", flush=True)
+    plain_epoch = plain_training_epoch_s(full.root, paths, labels, full.num_classes, device)
+    features = InMemoryFeatures(torch.from_numpy(f32), torch.tensor(labels))
+    start = time.perf_counter()
+    fit_head(features, features, Recipe(epochs=EPOCHS), Standardizer.fit(features, device),
+             num_classes=full.num_classes, device=device, progress=False)
+    head_job = time.perf_counter() - start
+    extract_s = results["whole_process"]["project_fp32"]["whole_s"]
+    results["job"] = {"plain_20_epochs_s": EPOCHS * plain_epoch, "project_extract_s": extract_s,
+                      "project_20_head_epochs_s": head_job, "speedup": EPOCHS * plain_epoch / (extract_s + head_job)}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps((child_plain if args.child == "plain" else child_project)(args)))
+        return 0
+
+    import torch
+
     from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
-    from pipeline.data.prepare import resolve_data
-    from pipeline.data.synthetic import make_tiny_imagenet
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = args.batch_size or (256 if device.type == "cuda" else 64)
@@ -275,120 +344,16 @@ def main(argv=None) -> int:
     results = {"cpu": kind, "cpu_kind": describe_cpu(kind), "device": str(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "batch_size": batch, "workers": workers,
                "load_average_before": os.getloadavg()[0]}
-
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if MINI.is_file():  # unpacked from a copy: nothing is written beside the shared zip
-            shutil.copy(MINI, tmp / MINI.name)
-            root = resolve_data(tmp / MINI.name)
-        else:
-            root = make_tiny_imagenet(tmp / "generated", num_classes=10, train_per_class=max(1, args.images // 10),
-                                      val_per_class=1)
-        full = index_dataset(root)
-        paths, labels = full.splits["train"].paths[:args.images], full.splits["train"].labels[:args.images]
-        subset = make_subset(full, paths, tmp / "subset")
-        n = results["images"] = len(paths)
-        print(f"{n} images from {full.root}, device {device}, batch {batch}, workers {workers}", flush=True)
-
-        # (a), (b): whole processes, one after the other on the same files (warm page cache for all: one read first)
-        for path in paths:
-            (full.root / path).read_bytes()
-        runs = {"plain": whole_process("plain", subset, tmp / "plain.npy", str(device), batch, workers)}
-        for precision in ("fp32", "bf16"):
-            runs[f"project_{precision}"] = whole_process("project", subset, tmp / f"cache-{precision}", str(device),
-                                                         batch, workers, precision)
-        results["whole_process"] = runs
-        for name, r in runs.items():
-            print(f"(a/b) {name:14s} whole process {r['whole_s']:6.1f} s = {r['whole_img_s']:6.1f} img/s"
-                  + (f"; steady {r['steady_img_s']:.1f} img/s" if r.get("steady_img_s") else ""), flush=True)
-
-        # (c) the bare forwards
-        torch.manual_seed(0)
-        backbone = AlexNetFC7(torchvision.models.alexnet(weights=None)).to(device, memory_format=torch.channels_last)
-        bare = {}
-        for mode in ("fp32", "bf16_cast", "bf16_autocast"):
-            bare[mode] = time_bare_forward(backbone, batch, device, mode, args.bare_batches * (2 if mode == "fp32" else 1))
-            print(f"(c) bare forward {mode:14s} {bare[mode]:7.1f} img/s", flush=True)
-        results["bare_img_s"] = bare
-
-        f32 = open_split(tmp / "cache-fp32" / "train.h5").read_features()
-        bf16 = open_split(tmp / "cache-bf16" / "train.h5").read_features()
-        results["bf16_cosine_min"] = cosine_min(bf16, f32)
-        results["fp32_cosine_vs_plain_min"] = cosine_min(f32, np.load(tmp / "plain.npy"))
-
-        if not args.skip_head:
-            head = results["head"] = time_head_epochs(args.head_rows, 200, device)
-            print(f"(d) head epoch on {head['rows']} rows: project {head['project_epoch_s']:.2f} s, bare loop "
-                  f"{head['bare_epoch_s']:.2f} s", flush=True)
-            plain_epoch = plain_training_epoch_s(full.root, paths, labels, full.num_classes, device)
-            from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
-            features = InMemoryFeatures(torch.from_numpy(f32), torch.tensor(labels))
-            start = time.perf_counter()
-            fit_head(features, features, Recipe(epochs=EPOCHS), Standardizer.fit(features, device),
-                     num_classes=full.num_classes, device=device, progress=False)
-            head_job = time.perf_counter() - start
-            extract_s = runs["project_fp32"]["whole_s"]
-            results["job"] = {"plain_20_epochs_s": EPOCHS * plain_epoch, "project_extract_s": extract_s,
-                              "project_20_head_epochs_s": head_job,
-                              "speedup": EPOCHS * plain_epoch / (extract_s + head_job)}
-
+        measure(args, results, Path(tmp), device, batch, workers)
     results["load_average_after"] = os.getloadavg()[0]
-    r = results["whole_process"]
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    results["ratios"] = {
-        "project_fp32_over_plain_whole": ratio(r["plain"]["whole_s"], r["project_fp32"]["whole_s"]),
-        "project_bf16_over_plain_whole": ratio(r["plain"]["whole_s"], r["project_bf16"]["whole_s"]),
-        "project_fp32_whole_over_bare_fp32": ratio(r["project_fp32"]["whole_img_s"], bare["fp32"]),
-        "project_fp32_steady_over_bare_fp32": ratio(r["project_fp32"]["steady_img_s"], bare["fp32"]),
-        "project_bf16_whole_over_bare_bf16_cast": ratio(r["project_bf16"]["whole_img_s"], bare["bf16_cast"]),
-        "project_bf16_steady_over_bare_bf16_cast": ratio(r["project_bf16"]["steady_img_s"], bare["bf16_cast"]),
-        "bf16_cast_over_autocast": ratio(bare["bf16_cast"], bare["bf16_autocast"]),
-        "bf16_cast_over_fp32": ratio(bare["bf16_cast"], bare["fp32"]),
-        **({"head_epoch_over_bare": results["head"]["ratio_project_over_bare"],
-            "job_speedup_20_epochs": results["job"]["speedup"]} if "head" in results else {}),
-    }
-    print("\nphases of the project's whole runs (s): imports, indexing, to the first batch (of which backbone "
-          "load), steady, assembly")
-    for precision in ("fp32", "bf16"):
-        ph = r[f"project_{precision}"]
-        print(f"  {precision}: {ph['imports_s']:.2f}, {ph['indexing_s']:.2f}, {ph['to_first_batch_s']:.2f} "
-              f"({ph['backbone_load_s']:.2f}), {ph['steady_s']:.2f}, {ph['assembly_s']:.2f}; whole {ph['whole_s']:.2f}")
-    print("ratios")
-    for key, value in results["ratios"].items():
-        print(f"  {key:42s} {value:6.2f}" if value is not None else f"  {key:42s}   n/a")
-    print(f"  bf16 cosine to fp32 (min row)    {results['bf16_cosine_min']:.6f}")
-    print(f"  fp32 cosine to plain (min row)   {results['fp32_cosine_vs_plain_min']:.7f}")
-    print(f"  load average before/after        {results['load_average_before']:.2f} / {results['load_average_after']:.2f}")
+    results["ratios"] = ratios(results)
+    print_summary(results)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out_json.with_suffix(".png"))
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
     return 0
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r, bare = results["whole_process"], results["bare_img_s"]
-    bars = {"plain fp32 (whole)": r["plain"]["whole_img_s"], "project fp32 (whole)": r["project_fp32"]["whole_img_s"],
-            "project bf16 (whole)": r["project_bf16"]["whole_img_s"], "bare fp32": bare["fp32"],
-            "bare bf16 cast": bare["bf16_cast"], "bare bf16 autocast": bare["bf16_autocast"]}
-    fig, ax = plt.subplots(figsize=(8, 4))
-    drawn = ax.bar(list(bars), list(bars.values()),
-                   color=["#999", "#2a7", "#2a7", "#36c", "#36c", "#36c"])
-    ax.bar_label(drawn, fmt="%.0f")
-    ax.set_ylabel("images / s")
-    ax.set_title(f"fc7 extraction, {results['cpu_kind']}\n{results['images']} images, batch {results['batch_size']}",
-                 fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Peak memory of head training on a large cache: 100,000 x 4096 float32 rows (1.5 GiB of features).
 
-    python benchmarks/bench_head_memory.py [--rows 100000] [--epochs 1]
+    python -m benchmarks.bench_head_memory [--rows 100000] [--epochs 1]
 
 Writes a synthetic cache with the cache module itself, runs run_train_head.py on it in a child process,
 and compares the child's peak RSS with the target: 1.5 x the feature bytes + 1 GiB.
@@ -17,13 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from features import cache
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from features import cache  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 SHARD_ROWS = 10_000
 

@@ -1,7 +1,7 @@
 """Heads side by side on the full-size shape: SGD (20 epochs) vs L-BFGS logreg, and kNN's time and memory.
 
-    python benchmarks/bench_heads.py                   # 100,000 x 4096 train, 10,000 val, 200 classes
-    python benchmarks/bench_heads.py --train-rows 20000 --val-rows 2000 --heads logreg   # a quick look
+    python -m benchmarks.bench_heads                   # 100,000 x 4096 train, 10,000 val, 200 classes
+    python -m benchmarks.bench_heads --train-rows 20000 --val-rows 2000 --heads logreg   # a quick look
 
 The features are generated, with class structure so that accuracy means something: each class has a
 Gaussian prototype, a row is ReLU(signal x prototype + unit noise), as post-ReLU fc7 is non-negative.
@@ -22,20 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
+from pipeline.common.config import HeadConfig
 from pipeline.heads import knn
-from pipeline.common.config import HeadConfig  # noqa: E402
-from pipeline.heads.logreg import fit_logreg  # noqa: E402
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head  # noqa: E402
+from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+from pipeline.heads.logreg import fit_logreg
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 KNN_TARGET_S = 120.0
 

@@ -1,7 +1,7 @@
 """Live-runner speed: synthetic 640x480 frames through the whole per-frame path, no camera, no window.
 
-    python benchmarks/bench_webcam.py                       # 200 timed frames per variant, fp32 and bf16
-    python benchmarks/bench_webcam.py --frames 500 --device cuda
+    python -m benchmarks.bench_webcam                       # 200 timed frames per variant, fp32 and bf16
+    python -m benchmarks.bench_webcam --frames 500 --device cuda
 
 The frames go through pipeline.live.runner.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
 Preprocess, channels_last AlexNet fc7 + a 4096 -> 200 head, softmax, top-k, predictions line), with a
@@ -29,29 +29,26 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import cv2
+import numpy as np
+import torch
+from torch import nn
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from models import FC7_DIM, AlexNetClassifier  # noqa: E402
-from pipeline.live import runner as live
-from pipeline.live import overlay
+from models import FC7_DIM, AlexNetClassifier
 from pipeline.common import sources
-from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.common.config import LiveConfig  # noqa: E402
-from pipeline.common.backbone import load_backbone, place_backbone, resolve_device  # noqa: E402
-from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu  # noqa: E402
-from pipeline.common.preprocess import Preprocess  # noqa: E402
+from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint
+from pipeline.common.config import LiveConfig
+from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
+from pipeline.common.preprocess import Preprocess
+from pipeline.live import overlay
+from pipeline.live import runner as live
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NUM_CLASSES = 200
 

@@ -1,7 +1,7 @@
 """The GPU check: one command that tests and measures the CUDA path, written for a GPU lent for minutes.
 
-    python benchmarks/gpu_check.py                          # on a GPU machine (= make gpu-check), ~4-6 min
-    python benchmarks/gpu_check.py --device cpu --images 40 --classes 4 --skip-tests --out /tmp/check   # dry run
+    python -m benchmarks.gpu_check                          # on a GPU machine (= make gpu-check), ~4-6 min
+    python -m benchmarks.gpu_check --device cpu --images 40 --classes 4 --skip-tests --out /tmp/check   # dry run
 
 Steps (each records pass/fail and its numbers; a failing step does not stop the others):
   tests        the test suite (pytest tests), unless --skip-tests
@@ -33,14 +33,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import h5py
+import numpy as np
+
+from pipeline.common.hardware import cpu_kind, usable_cpus
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pipeline.common.hardware import cpu_kind, usable_cpus  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 MINI_CANDIDATES = [os.environ.get("TINY_IMAGENET_MINI", ""), ROOT.parent / "shared/data/tiny-imagenet-mini.zip",
                    ROOT / "shared/data/tiny-imagenet-mini.zip"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -396,8 +395,7 @@ def test_no_hint_where_the_choice_fits_the_cpu(monkeypatch):
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     out = tmp_path / "results"
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_check
+    from benchmarks import gpu_check
 
     code = gpu_check.main(["--device", "cpu", "--images", "40", "--classes", "4", "--small", "12", "--real", "generated",
                            "--skip-tests", "--image-size", "64", "--resize-size", "72", "--live-frames", "8",
