@@ -261,8 +261,10 @@ def _probe_shapes(extractor: torch.nn.Module, model: torch.nn.Module, name: str,
             with torch.inference_mode():
                 outputs = extractor(image)
         except Exception as err:
-            raise UserError(f"--image-size {image_size} does not fit {name} ({first_line(err)}); "
-                            f"use its own size, --image-size {preprocess_for(name).image_size}") from None
+            weights = default_weights(name)
+            smallest = weights.meta.get("min_size", (1, 1))[0]
+            raise UserError(f"--image-size {image_size} does not fit {name} ({first_line(err)}); use at least "
+                            f"{smallest} (its weights were trained at {preprocess_for(name, weights).image_size})") from None
     return {node: tuple(output.shape) for node, output in outputs.items()}
 
 
