@@ -174,6 +174,17 @@ def test_missing_imagenet_weights_offline_is_one_line_naming_the_file(tmp_path, 
     assert not expected.exists()
 
 
+def test_a_damaged_file_in_the_hub_cache_is_one_line_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    damaged = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"<html>proxy login</html>")
+    with pytest.raises(UserError) as err:
+        load_classifier("resnet18", "imagenet", progress=False)
+    assert f"{damaged} is not usable as ResNet18_Weights.IMAGENET1K_V1" in one_line(err) and "delete it" in one_line(err)
+    assert damaged.read_bytes() == b"<html>proxy login</html>"  # the user's file is not touched
+
+
 def test_weights_of_another_model_are_one_line():
     with pytest.raises(UserError) as err:
         load_classifier("resnet18", "ResNet50_Weights.IMAGENET1K_V2")

@@ -110,10 +110,14 @@ class LoadedBackbone:
 def _pretrained_model(name: str, weights: tv_models.WeightsEnum, progress: bool) -> torch.nn.Module:
     """torchvision's own builder with these weights: it sets what the weights need (ViT's image size,
     Inception's transform_input) and checks the sha256 prefix of a download (check_hash=True)."""
+    cached = hub_file(weights)
+    was_there = cached.is_file()
     try:
         return tv_models.get_model(name, weights=weights, progress=progress)
     except Exception as err:
-        cached = hub_file(weights)
+        if was_there:  # a damaged or foreign file under the expected name: torch.hub trusts its cache
+            raise UserError(f"{cached} is not usable as {weights_enum_name(weights)} ({first_line(err)}); delete it "
+                            "to download it again, or copy a good copy there") from None
         raise UserError(f"{weights_enum_name(weights)} weights are not in {cached} and could not be downloaded "
                         f"({first_line(err)}); copy {cached.name} there, or pass --weights PATH to a local copy") from None
 
