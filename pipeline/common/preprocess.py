@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("crop", "resize")
+INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's ImageClassification presets use
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,22 @@ class Preprocess:
     mode: str = "crop"  # "crop" (AlexNet eval transform) or "resize" (the whole image squashed to image_size)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"  # the resize filter, as the weights' transforms() say (Swin, EfficientNet: bicubic)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, not {self.interpolation!r}")
         if self.image_size <= 0 or self.resize_size < self.image_size:
             raise ValueError(f"need 0 < image_size <= resize_size, got {self.image_size} and {self.resize_size}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "color": "RGB"}
+        """The recorded settings; bilinear is left out, so AlexNet's record (and old caches') stays as it was."""
+        recorded = {**asdict(self), "mean": list(self.mean), "std": list(self.std), "color": "RGB"}
+        if self.interpolation == "bilinear":
+            del recorded["interpolation"]
+        return recorded
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -51,7 +59,7 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(image_size=int(d["image_size"]), resize_size=int(d["resize_size"]), mode=d["mode"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+                   mean=tuple(d["mean"]), std=tuple(d["std"]), interpolation=d.get("interpolation", "bilinear"))
 
     # torch is imported in the methods, not at the top: the settings alone (to_json) are needed without
     # it when run_extract.py checks whether a cache is up to date, and importing torch takes seconds
@@ -71,9 +79,10 @@ class Preprocess:
         # channels_last: torchvision's uint8 resize works on interleaved pixels, and the float conversion in
         # normalize() then keeps that layout; the whole preprocessing is ~1.5x faster, with equal output
         images = images.contiguous(memory_format=torch.channels_last)
+        mode = F.InterpolationMode(self.interpolation)
         if self.mode == "resize":
-            return F.resize(images, [self.image_size, self.image_size], antialias=True)
-        images = F.resize(images, [self.resize_size], antialias=True)
+            return F.resize(images, [self.image_size, self.image_size], interpolation=mode, antialias=True)
+        images = F.resize(images, [self.resize_size], interpolation=mode, antialias=True)
         return F.center_crop(images, [self.image_size, self.image_size])
 
     def normalize(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -111,8 +120,13 @@ class Preprocess:
         size = [self.image_size, self.image_size] if self.mode == "resize" else [self.resize_size]
         target = size * 2 if len(size) == 1 else size
         shrinks = height > target[0] or width > target[1] if self.mode == "resize" else min(height, width) > size[0]
-        # antialias only matters when shrinking: for an upscale it is the plain bilinear filter
-        images = F.resize(images.to(torch.float32), size, antialias=shrinks).round_()
+        # antialias only matters when shrinking for bilinear: for an upscale it is the plain filter. Bicubic always
+        # takes the antialiased kernel: it is PIL's (a = -0.5), the plain one is not (a = -0.75)
+        antialias = shrinks or self.interpolation == "bicubic"
+        images = F.resize(images.to(torch.float32), size, interpolation=F.InterpolationMode(self.interpolation),
+                          antialias=antialias).round_()
+        if self.interpolation == "bicubic":  # bicubic overshoots; the uint8 path saturates, so clamp as it does
+            images = images.clamp_(0, 255)
         return images if self.mode == "resize" else F.center_crop(images, [self.image_size, self.image_size])
 
     def __call__(self, images: torch.Tensor | list[torch.Tensor], dtype: torch.dtype | None = None, *,
