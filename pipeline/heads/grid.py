@@ -89,8 +89,8 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
         settings = [HeadSettings(config=_narrow(config, layer, head, shots), stage=stage, device=device,
                                  grid=is_grid(config)) for layer, head, shots in
                     itertools.product(config.layers, config.head, config.shots)]
-        if is_grid(config):  # a folder of the user's named like a combination: one line now, not after the training
-            check_clashes(out, [name for s in settings for name in HEADS[s.name].folders(s)])
+        # a folder of the user's named like a combination or a sweep's head: one line now, not after the training
+        check_clashes(out, [name for s in settings for name in HEADS[s.name].folders(s)])
         result, run = _run_all(config, splits, train_rows, settings)
         commit(stage, run, own_names())
     for row in result.rows:
