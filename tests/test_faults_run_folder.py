@@ -186,3 +186,17 @@ def test_run_json_that_is_not_json_is_one_line(cache, finished_sweep, tmp_path, 
     assert train(cache, out) == 2
     assert "run.json is not JSON" in one_error_line(capsys)
     assert hashes(out) == before
+
+
+def test_a_damaged_manifest_of_an_interrupted_publish_is_one_line(cache, finished_sweep, tmp_path, capsys):
+    out = tmp_path / "head"
+    shutil.copytree(finished_sweep, out)
+    staging = out / ".staging-999999"
+    staging.mkdir()
+    (staging / ".ready").write_text(json.dumps({"files": "best.pt", "run": {}}))
+    before = hashes(out)
+    capsys.readouterr()
+    assert train(cache, out) == 2
+    line = one_error_line(capsys)
+    assert str(staging / ".ready") in line and "'files'" in line
+    assert hashes(out) == before

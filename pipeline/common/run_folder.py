@@ -208,13 +208,32 @@ def _move_in(out: Path, staging: Path, name: str) -> None:
         os.replace(source, target)
 
 
+def _read_manifest(path: Path) -> dict:
+    """A staging folder's manifest, checked: a damaged one is one line, and nothing is moved."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); remove {path.parent}, "
+                        "then rerun") from None
+    replaces = manifest.get("replaces", []) if isinstance(manifest, dict) else None
+    ok = (isinstance(manifest, dict) and _names(manifest.get("files")) and isinstance(manifest.get("run"), dict)
+          and isinstance(manifest.get("contents", {}), dict)
+          and all(k in manifest["files"] and _names(v) for k, v in manifest.get("contents", {}).items())
+          and (_names(replaces) or isinstance(replaces, dict) and all(
+              _is_name(k) and (v is None or _names(v)) for k, v in replaces.items())))
+    if not ok:
+        raise UserError(f"{path}: its fields 'files', 'contents', 'run' or 'replaces' are damaged; remove "
+                        f"{path.parent}, then rerun")
+    return manifest
+
+
 def publish(out: Path, staging: Path) -> list[str]:
     """Move a finished staging folder's files into ``out``, replacing the previous run's; idempotent after a kill.
 
     An entry of the manifest that is no longer in ``staging`` was moved already (by this or a killed call).
     What the previous run owns was recorded in the manifest (``replaces``) before anything was removed.
     """
-    manifest = json.loads((staging / READY).read_text())
+    manifest = _read_manifest(staging / READY)
     files, contents = list(manifest["files"]), dict(manifest.get("contents", {}))
     replaces = {name: None for name in previous_entries(out)}
     old = manifest.get("replaces", {})  # a list of names: a manifest of an older version (whole entries)
