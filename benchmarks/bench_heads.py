@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common.config import HeadConfig
+from pipeline.common.config import LOGREG_WEIGHT_DECAY, HeadConfig
 from pipeline.heads import knn
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
 from pipeline.heads.logreg import fit_logreg
@@ -80,7 +80,7 @@ def generate(rows: int, classes: int, dim: int, signal: float, seed: int) -> tup
 def bench_sgd(train: InMemoryFeatures, val: InMemoryFeatures, classes: int, config: HeadConfig) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     standardizer = Standardizer.fit(train, torch.device("cpu"))
-    recipe = Recipe.from_config(config, config.lrs[0], config.weight_decays[0])
+    recipe = Recipe.from_config(config, config.lr[0], config.weight_decays((0.0,))[0])
     fitted = fit_head(train, val, recipe, standardizer, num_classes=classes, device=torch.device("cpu"), progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     best = fitted.best["metrics"]
@@ -96,11 +96,11 @@ def bench_logreg(train: InMemoryFeatures, val: InMemoryFeatures, classes: int, c
     standardizer = Standardizer.fit(train, torch.device("cpu"))
     train_x, val_x = standardizer(train.features), standardizer(val.features)  # standardized copies
     result = fit_logreg(train_x, train.labels, val_x, val.labels, num_classes=classes,
-                        weight_decays=config.logreg_weight_decays, max_iter=config.logreg_max_iter)
+                        weight_decays=config.weight_decays(LOGREG_WEIGHT_DECAY), max_iter=config.max_iter)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     best = result.fits[result.best]
     print(f"logreg: {seconds:.1f}s ({cpu_seconds:.1f} CPU-s)  best val top-1 {best.val_top1:.2f}% (wd {best.weight_decay:g})", flush=True)
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "weight_decays": list(config.logreg_weight_decays), "max_iter": config.logreg_max_iter,
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "weight_decays": list(config.weight_decays(LOGREG_WEIGHT_DECAY)), "max_iter": config.max_iter,
             "val_top1": best.val_top1, "val_top5": best.val_top5, "best_weight_decay": best.weight_decay,
             "path": [vars(f) for f in result.fits]}
 
@@ -109,12 +109,12 @@ def bench_knn(train: InMemoryFeatures, val: InMemoryFeatures, classes: int, conf
     train_x = knn.normalize_rows(train.features.clone())  # (N, D) unit rows; the raw ones stay for the others
     val_x = knn.normalize_rows(val.features.clone())
     runs = {}
-    for name, ks in (("k20", (20,)), ("default_ks", config.ks)):
+    for name, ks in (("k20", (20,)), ("default_ks", config.k)):
         reset_peak()
         before = memory()["VmRSS"]
         start = time.perf_counter()
         ranked = knn.knn_predict(train_x, train.labels, val_x, ks=ks, num_classes=classes,
-                                 temperature=config.knn_temperature, chunk_rows=config.knn_chunk_rows)
+                                 temperature=config.temperature, chunk_rows=config.knn_chunk_rows)
         seconds = time.perf_counter() - start
         extra = memory()["VmHWM"] - before
         runs[name] = {"ks": list(ks), "seconds": seconds, "peak_extra_bytes": extra,

@@ -347,7 +347,7 @@ def test_a_plain_run_writes_todays_outputs_only(layered, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (("--head", "svm"), "--head svm"),
-    (("--layer", "fc8"), "--layer fc8"),
+    (("--layer", "fc8"), "--layers fc8"),
     (("--shots", "0"), "--shots"),
     (("--k", "0"), "--k"),
     (("--head", "logreg", "--weight-decay", "nan"), "--weight-decay"),

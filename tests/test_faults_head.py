@@ -392,8 +392,8 @@ def test_linear_then_logreg_then_grid_then_linear_into_one_out(cache, old_run):
     marker = holds_one_run(out, "logreg")
     assert set(marker["files"]) == {"best.pt", "config.json", "path.csv", "per_class.csv", "confusions.csv",
                                     "report.md", "run.json"}  # nothing of the linear run (last.pt, history.csv...)
-    assert json.loads((out / "config.json").read_text())["heads"] == ["logreg"]
-    assert torch.load(out / "best.pt", weights_only=True)["config"]["heads"] == ["logreg"]
+    assert json.loads((out / "config.json").read_text())["head"] == ["logreg"]
+    assert torch.load(out / "best.pt", weights_only=True)["config"]["head"] == ["logreg"]
     assert (out / "report.md").read_text().startswith(f"# Head report: {out}\n")  # not the staging folder
     assert train(cache, out, "--head", "linear,knn", "--k", "1,3", "--epochs", "2") == 0
     marker = holds_one_run(out, "grid")
@@ -411,30 +411,29 @@ def test_linear_then_logreg_then_grid_then_linear_into_one_out(cache, old_run):
     assert run_is_whole(out)["lr"] == 0.01
 
 
-def test_a_grid_before_run_json_is_cleaned_by_its_names(cache, tmp_path):
-    """A folder with a grid's files and no run.json (an older version, or a killed publish): a plain run removes
-    the tool's names and combination folders, and nothing else."""
+def test_a_grid_before_run_json_is_refused_not_cleaned(cache, tmp_path, capsys):
+    """A folder with a grid's files and no run.json (an older version, or the user's): not the tool's to clean."""
     out = tmp_path / "head"
     assert train(cache, out, "--head", "linear,knn", "--epochs", "1") == 0
     (out / "run.json").unlink()
     (out / "notes.txt").write_text("the user's own notes")
-    (out / "fc7_knn_all" / "mine.txt").write_text("the user's file in a tool's folder")
-    assert train(cache, out, "--epochs", "1") == 0
-    assert {p.name for p in out.iterdir()} == {*json.loads((out / "run.json").read_text())["files"], "notes.txt",
-                                               ".lock", "fc7_knn_all"}
-    assert (out / "fc7_knn_all" / "mine.txt").read_text() == "the user's file in a tool's folder"
-    assert not (out / "experiments.csv").exists() and not list(out.glob("fc7_linear_*"))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert train(cache, out, "--epochs", "1") == 2
+    line = one_error_line(capsys)
+    assert "experiments.csv" in line and "no run.json" in line and "another --out" in line
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("where", ["fit", "checkpoint", "report"])
 def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_run, monkeypatch, where):
     out, before = old_run
-    from pipeline.heads import grid as experiments
+    from pipeline.heads import logreg
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = {"fit": (experiments.logreg, "fit_logreg"), "checkpoint": (experiments, "save_checkpoint"),
+    target = {"fit": (logreg, "fit_logreg"), "checkpoint": (logreg, "save_checkpoint"),
               "report": (report, "write_class_report")}[where]
     monkeypatch.setattr(*target, killed)
     assert train(cache, out, "--head", "logreg", "--max-iter", "10") == 130
@@ -448,6 +447,7 @@ def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_r
 @pytest.mark.parametrize("where", ["second combination", "table", "disk full at the table"])
 def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, monkeypatch, capsys, previous, where):
     from pipeline.heads import grid as experiments
+    from pipeline.heads import logreg
 
     out = tmp_path / "head"
     grid = ("--head", "linear,logreg", "--max-iter", "10", "--epochs", "2")
@@ -459,7 +459,7 @@ def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, m
         raise KeyboardInterrupt
 
     if where == "second combination":  # the linear combination is written (in staging) by now
-        monkeypatch.setattr(experiments, "_run_logreg", killed)
+        monkeypatch.setattr(logreg, "fit", killed)
     elif where == "table":
         monkeypatch.setattr(experiments, "write_table", killed)
     else:

@@ -19,6 +19,7 @@ from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
 from pipeline.common.preprocess import Preprocess
 
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "fc7-linear-head/1")  # the stamp before heads on every layer: same file format
 REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_names", "weights_spec",
                  "weights_fingerprint", "preprocess")
 
@@ -89,12 +90,13 @@ def read_checkpoint(path: str | Path) -> dict:
                         "pass a best.pt or last.pt written by run_train_head.py") from None
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise UserError(f"{path} is not a head checkpoint from run_train_head.py (it has no 'format' entry)")
-    if checkpoint["format"] != CHECKPOINT_FORMAT:
+    if checkpoint["format"] not in READABLE_FORMATS:
         raise UserError(f"{path} has checkpoint format {checkpoint['format']!r}, expected {CHECKPOINT_FORMAT!r}; "
                         "retrain the head with this version of run_train_head.py")
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise UserError(f"{path} is incomplete: it lacks {', '.join(missing)}; retrain the head with run_train_head.py")
+    check_fields(path, checkpoint)
     layer = checkpoint.get("layer", "fc7")
     if layer not in LAYER_DIMS:
         raise UserError(f"{path} holds a head for an unknown layer {layer!r} (known: {', '.join(LAYER_DIMS)}); "
@@ -120,6 +122,50 @@ def read_checkpoint(path: str | Path) -> dict:
     if checkpoint["preprocess"].get("color", "RGB") != "RGB":
         raise UserError(f"{path} expects {checkpoint['preprocess']['color']} input; the live runner feeds RGB")
     return checkpoint
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# each field a checkpoint may hold: its check, and what it must be (said in the one line naming it)
+FIELD_CHECKS = {
+    "num_classes": (lambda v: _is_int(v) and v >= 1, "a whole number of classes, at least 1"),
+    "feature_dim": (lambda v: _is_int(v) and v > 0, "a positive whole number"),
+    "class_wnids": (_strings, "a list of strings"),
+    "class_names": (_strings, "a list of strings"),
+    "weights_spec": (lambda v: isinstance(v, str), "a string"),
+    "weights_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "preprocess": (lambda v: isinstance(v, dict), "a dict of preprocessing settings"),
+    "layer": (lambda v: isinstance(v, str), "a layer name"),
+    "backbone": (lambda v: isinstance(v, str), "a string"),
+    "precision": (lambda v: isinstance(v, str), "a string"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number, 0 or more"),
+    "metrics": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
+                "a dict of numbers"),
+    "config": (lambda v: isinstance(v, dict), "a dict"),
+    "head": (lambda v: isinstance(v, dict) and set(v) == {"weight", "bias"}
+             and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v.values()),
+             "a Linear layer's state (a float 'weight' and 'bias')"),
+}
+
+
+def check_fields(path: Path, checkpoint: dict) -> None:
+    """Each field present has its exact type and range; else one line naming the file and the field."""
+    for name, (ok, what) in FIELD_CHECKS.items():
+        if name in checkpoint and not ok(checkpoint[name]):
+            shown = type(checkpoint[name]).__name__ if not isinstance(checkpoint[name], (int, float, str)) \
+                else repr(checkpoint[name])[:60]
+            raise UserError(f"{path}: field {name!r} must be {what}, got {shown}; the checkpoint is damaged or not "
+                            "from run_train_head.py: retrain the head")
 
 
 def load_head(checkpoint: dict) -> nn.Linear:

@@ -73,29 +73,31 @@ class ExtractConfig:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
 
 
-HEADS = ("linear", "logreg", "knn")  # SGD seed recipe; L-BFGS logistic regression; DINO's weighted kNN
+LINEAR_WEIGHT_DECAY = (0.0,)  # linear: SGD weight decay when --weight-decay is not given
+# logreg: L2 penalties on standardized features, warm-started strongest first (strong ones converge fastest)
+LOGREG_WEIGHT_DECAY = (0.1, 0.01, 0.001)
 
 
 @dataclass
 class HeadConfig:
     """Stage two: the cache to read, the run folder, the heads to compare and their recipes.
 
-    One head is today's run. Several layers, heads, shots, learning rates or weight decays make a grid:
-    one folder per combination and one table (pipeline.heads.grid).
+    Each field is named as its run_train_head.py flag (``lr`` is ``--lr``). One head is today's run. Several
+    layers, heads, shots, learning rates or weight decays make a grid: one folder per combination and one
+    table (pipeline.heads.grid).
     """
 
     features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5
     out: Path = DEFAULT_HEAD  # run folder
-    heads: tuple[str, ...] = ("linear",)  # any of HEADS
+    head: tuple[str, ...] = ("linear",)  # any of pipeline.heads.registry.HEADS
     layers: tuple[str, ...] = ("fc7",)  # cached layers to train on: pool5, fc6, fc7
     shots: tuple[int | None, ...] = (None,)  # train images per class, drawn with `seed`; None: all of them
-    lrs: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
-    weight_decays: tuple[float, ...] = (0.0,)  # linear: SGD weight decay
-    # logreg: L2 penalties on standardized features, warm-started strongest first (strong ones converge fastest)
-    logreg_weight_decays: tuple[float, ...] = (0.1, 0.01, 0.001)
-    logreg_max_iter: int = 20  # logreg: L-BFGS iterations per penalty (each about 1.3 full-batch passes)
-    ks: tuple[int, ...] = (10, 20, 100, 200)  # knn: neighbours, all answered from one top-k search
-    knn_temperature: float = 0.07  # knn: a neighbour's vote is exp(similarity / T) (DINO's eval_knn.py)
+    lr: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
+    # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY
+    weight_decay: tuple[float, ...] | None = None
+    max_iter: int = 20  # logreg: L-BFGS iterations per penalty (each about 1.3 full-batch passes)
+    k: tuple[int, ...] = (10, 20, 100, 200)  # knn: neighbours, all answered from one top-k search
+    temperature: float = 0.07  # knn: a neighbour's vote is exp(similarity / T) (DINO's eval_knn.py)
     knn_chunk_rows: int = 256  # knn: val rows per similarity block; memory ~ chunk x train rows x 4 bytes
     momentum: float = 0.9
     epochs: int = 20
@@ -104,36 +106,36 @@ class HeadConfig:
     seed: int = 0  # head init and batch order
     device: str = "auto"
     standardize: bool = True  # z-score with train statistics, folded into the saved layer
-    stream: bool | None = None  # None: stream only when the features do not fit in memory
+    stream: bool | None = None  # None (or False): stream only when the features do not fit in memory
     progress: bool = True
 
+    def weight_decays(self, default: tuple[float, ...]) -> tuple[float, ...]:
+        """--weight-decay as given, else a head's own ``default``: one list serves linear and logreg."""
+        return default if self.weight_decay is None else self.weight_decay
+
     def check(self) -> None:
-        for name, values in (("--lr", self.lrs), ("--weight-decay", self.weight_decays), ("--head", self.heads),
-                             ("--layer", self.layers), ("--shots", self.shots), ("--k", self.ks),
-                             ("--weight-decay", self.logreg_weight_decays)):
-            if not values:
+        for name, values in (("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--head", self.head),
+                             ("--layers", self.layers), ("--shots", self.shots), ("--k", self.k)):
+            if values is not None and not values:
                 raise UserError(f"{name} needs at least one value")
         unknown_layers = [layer for layer in self.layers if layer not in LAYER_DATASETS]
         if unknown_layers:
-            raise UserError(f"--layer {','.join(unknown_layers)}: use {', '.join(LAYER_DATASETS)} (a comma list compares them)")
-        unknown = [h for h in self.heads if h not in HEADS]
-        if unknown:
-            raise UserError(f"--head {','.join(unknown)}: use {', '.join(HEADS)} (a comma list compares them)")
+            raise UserError(f"--layers {','.join(unknown_layers)}: use {', '.join(LAYER_DATASETS)} (a comma list compares them)")
         if any(shots is not None and shots < 1 for shots in self.shots):
             raise UserError(f"--shots must be a positive number of images per class or 'all', got "
                             f"{','.join('all' if s is None else str(s) for s in self.shots)}")
-        if any(k < 1 for k in self.ks):
-            raise UserError(f"--k must be positive, got {','.join(map(str, self.ks))}")
-        if not (self.knn_temperature > 0 and math.isfinite(self.knn_temperature)):
-            raise UserError(f"the kNN temperature must be positive, got {self.knn_temperature}")
-        _positive("--max-iter", self.logreg_max_iter)
+        if any(k < 1 for k in self.k):
+            raise UserError(f"--k must be positive, got {','.join(map(str, self.k))}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UserError(f"--temperature must be a positive finite number (votes are exp(similarity / T)), "
+                            f"got {self.temperature}")
+        _positive("--max-iter", self.max_iter)
         _positive("the kNN chunk size", self.knn_chunk_rows)
         # NaN fails every comparison; beyond MAX_RATE the products with gradients overflow float32 (a traceback)
-        if any(not (0 < lr <= MAX_RATE) for lr in self.lrs):
-            raise UserError(f"--lr must be above 0 and at most {MAX_RATE:g}, got {','.join(map(str, self.lrs))}")
-        for weight_decays in (self.weight_decays, self.logreg_weight_decays):
-            if any(not (0 <= wd <= MAX_RATE) for wd in weight_decays):
-                raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, weight_decays))}")
+        if any(not (0 < lr <= MAX_RATE) for lr in self.lr):
+            raise UserError(f"--lr must be above 0 and at most {MAX_RATE:g}, got {','.join(map(str, self.lr))}")
+        if any(not (0 <= wd <= MAX_RATE) for wd in self.weight_decay or ()):
+            raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, self.weight_decay))}")
         if not (0 <= self.momentum <= 1):
             raise UserError(f"--momentum must be from 0 to 1, got {self.momentum}")
         check_seed(self.seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 PRECISIONS = ("fp32", "bf16", "fp16")  # compute precision of the backbone (the head always runs in fp32)
 DTYPES = ("float32", "float16")  # storage dtype of cached features
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")  # what is indexed as an image, in datasets and live folders (what the decoder reads)
-CHECKPOINT_FORMAT = "fc7-linear-head/1"
+CHECKPOINT_FORMAT = "linear-head/1"  # a head checkpoint: an nn.Linear on one cached layer (any head that saves one)
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"

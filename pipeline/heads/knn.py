@@ -7,11 +7,26 @@ its k most similar train rows; each of them votes for its own class with weight 
 Similarities are computed for ``chunk_rows`` val rows at a time, so beyond the features themselves the
 memory is one (chunk_rows, N) block, never (M, N). The top-k search runs once per chunk with the largest
 k; a smaller k reuses the first k of those neighbours (they come sorted by similarity).
+
+``fit`` is this head's entry point (pipeline.heads.interface): one search answering every --k, one table row per k.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from tqdm import tqdm
+
+from pipeline.heads import report
+from pipeline.heads.interface import HeadOutcome, HeadSettings
+from pipeline.heads.naming import shots_name
+from pipeline.heads.readers import FeatureReader
+from pipeline.heads.staging import append_csv, config_record, write_config, writing
+from pipeline.heads.table import Experiment
+
+log = logging.getLogger(__name__)
+
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm, in place for float32 (an all-zero row stays zero)."""
@@ -64,3 +79,53 @@ def accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"val_top1": 100.0 * (ranked[:, 0] == labels).sum().item() / n,
             "val_top5": 100.0 * (ranked == labels[:, None]).any(1).sum().item() / n}
 
+
+# ---------------------------------------------------------------------------------------------
+# The head's entry point
+
+FILES = ("config.json", "knn.csv", "per_class.csv", "confusions.csv", "report.md")
+
+
+def folders(settings: HeadSettings) -> list[str]:
+    return [settings.folder().name] if settings.grid else []
+
+
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
+    """Every --k from one search: knn.csv (one row per k) and the report of the best k; no checkpoint."""
+    start = time.perf_counter()
+    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
+    write_config(stage, folder, config_record(config, device=str(device), features_weights=train.split.attrs["weights_spec"]))
+    count = train.num_rows
+    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=config.knn_chunk_rows * count * 4 * 2)
+    val_x, val_y = val.load_float32(device, config.progress)
+    normalize_rows(train_x)
+    normalize_rows(val_x)
+    used = {k: min(k, count) for k in config.k}
+    for k, k_used in used.items():
+        if k_used < k:
+            log.warning("knn: k=%d is more than the %d train images; it uses all %d", k, count, count)
+    ranked = knn_predict(train_x, train_y, val_x, ks=tuple(sorted(set(used.values()))),
+                         num_classes=len(train.split.wnids), temperature=config.temperature,
+                         chunk_rows=config.knn_chunk_rows, progress=config.progress)
+    results = {k: accuracy(ranked[used[k]], val_y) for k in config.k}
+    seconds = time.perf_counter() - start
+    with writing(stage, folder / "knn.csv"):
+        for k in config.k:
+            append_csv(folder / "knn.csv", {"k": k, "k_used": used[k], "temperature": config.temperature, **results[k]})
+    best_k = max(config.k, key=lambda k: results[k]["val_top1"])
+    shown = {k: f"{k}{'' if used[k] == k else f' (all {count})'}" for k in config.k}
+    lines = ["## Every k", "", "| k | val top-1 | val top-5 |", "|---|---|---|"]
+    lines += [f"| {shown[k]} | {results[k]['val_top1']:.2f}% | {results[k]['val_top5']:.2f}% |" for k in config.k]
+    with writing(stage, folder / "report.md"):
+        report.write_class_report(
+            folder, labels=val.split.labels, predictions=ranked[used[best_k]][:, 0].cpu().numpy(),
+            metrics=results[best_k], wnids=train.split.wnids, names=train.split.names, epoch=0,
+            weights_spec=train.split.attrs["weights_spec"], title=settings.title(folder),
+            summary=f"Weighted kNN (DINO), k={best_k} (best of {','.join(map(str, config.k))}), "
+                    f"T={config.temperature:g}:",
+            extra=["", *lines, "", f"Neighbours from {settings.drawn(count)}; val untouched."])
+    rows = [Experiment(layer=settings.layer, head=settings.name, params=f"k={shown[k]} T={config.temperature:g}",
+                       shots=shots_name(settings.shots), val_top1=results[k]["val_top1"],
+                       val_top5=results[k]["val_top5"], train_images=count, seconds=seconds, folder=folder,
+                       checkpoint=None) for k in config.k]
+    return HeadOutcome(rows=rows, names=[settings.name], best=None)

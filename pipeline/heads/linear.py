@@ -1,22 +1,21 @@
-"""Stage two: train the 4096 -> C linear head on cached fc7 features. Images are never read here.
+"""The linear head: the SGD seed recipe, a 4096 -> C linear layer trained on cached features. Images are never read.
 
 The features are loaded once as one tensor (on the GPU when asked and it fits) and batches are
 indexed from it; a cache larger than memory is streamed block by block instead (pipeline.heads.readers,
 which also checks the cache). By default the features are z-scored with train-set statistics, which
 are folded into the saved layer, so the checkpoint's head is one ``nn.Linear(4096, C)`` that takes raw
-fc7 activations. A run is written whole or not at all, by one process at a time (pipeline.common.run_folder).
+fc7 activations. ``fit`` is this head's entry point (pipeline.heads.interface): one head per (lr, weight
+decay), each in its own folder when there are several (a sweep), with a sweep table and the best copied up.
 """
 from __future__ import annotations
 
 import csv
 import itertools
-import json
 import logging
 import math
 import shutil
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,15 @@ from tqdm import tqdm
 from features.cache import CachedSplit
 from models import LinearHead
 from pipeline.heads import report
-from pipeline.common.backbone import resolve_device
 from pipeline.common.checkpoint import load_head, make_checkpoint, save_checkpoint
-from pipeline.common.config import HeadConfig
-from pipeline.common.errors import UserError, first_line
-from pipeline.heads.readers import (LOAD_ROWS, FeatureSource, InMemoryFeatures, StreamedFeatures,  # noqa: F401 (public here)
-                                available_memory, batch_order, load_source, open_cache)
-from pipeline.common.run_folder import StagedRun, exclusive_run
+from pipeline.common.config import LINEAR_WEIGHT_DECAY, HeadConfig
+from pipeline.common.errors import UserError
+from pipeline.heads.interface import HeadOutcome, HeadSettings
+from pipeline.heads.naming import folder_name, number, shots_name
+from pipeline.heads.readers import (LOAD_ROWS, FeatureReader, FeatureSource, InMemoryFeatures,  # noqa: F401 (public here)
+                                    StreamedFeatures, available_memory, batch_order)
+from pipeline.heads.staging import append_csv, config_record, layer_attrs, writing, write_config
+from pipeline.heads.table import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ class Recipe:
     """How one head is trained: SGD with momentum on cross-entropy. The defaults are HeadConfig's (the seed
     recipe), not written again here."""
 
-    lr: float = _DEFAULTS.lrs[0]
-    weight_decay: float = _DEFAULTS.weight_decays[0]
+    lr: float = _DEFAULTS.lr[0]
+    weight_decay: float = LINEAR_WEIGHT_DECAY[0]
     momentum: float = _DEFAULTS.momentum
     epochs: int = _DEFAULTS.epochs
     batch_size: int = _DEFAULTS.batch_size
@@ -86,14 +87,7 @@ class HeadRun:
     last_val_top1: float
     epoch_seconds: float
     history: list[dict]
-
-
-@dataclass
-class HeadResult:
-    out: Path
-    best: Path  # the best head's checkpoint
-    runs: list[HeadRun]  # best first
-    weights_spec: str
+    seconds: float = 0.0  # wall time of its training and files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,174 +197,146 @@ def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardi
 
 
 # ---------------------------------------------------------------------------------------------
-# The command: load the cache, train one head per (lr, weight decay), write the run folder
+# The head's entry point: one head per (lr, weight decay), its files, a sweep's table
+
+FILES = ("config.json", "history.csv", "best.pt", "last.pt", "accuracy.png", "loss.png", "per_class.csv",
+         "confusions.csv", "report.md", "sweep.csv", "sweep.png")
 
 
-def run_name(lr: float, weight_decay: float) -> str:
-    return f"lr{lr:g}_wd{weight_decay:g}"
+@dataclass
+class LoadedFeatures:
+    """What every head of a sweep shares: the feature sources and the standardization, computed once."""
+
+    train: FeatureSource
+    val: FeatureSource
+    train_split: CachedSplit
+    val_split: CachedSplit
+    standardizer: Standardizer
+    seconds: float  # loading and standardization
 
 
-def prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to --out {out} ({err.strerror}); choose a writable folder") from None
+@dataclass
+class LinearRun:
+    """One head of a sweep: its recipe, where it writes and how it is named."""
+
+    recipe: Recipe
+    config: HeadConfig  # what its config.json records
+    folder: Path
+    name: str
+    title: str | None  # the plots' title (a sweep's head name)
 
 
-@contextmanager
-def writing(stage: StagedRun, path: Path):
-    """A failed write (a full disk) is one line naming the file; the folder still holds the previous run."""
-    try:
-        yield
-    except OSError as err:
-        raise UserError(f"cannot write {final_path(stage, path)} ({err.strerror or first_line(err)}); {stage.out} still "
-                        "holds its previous run, unchanged: free some space (or fix the folder), then rerun") from None
+def _combos(config: HeadConfig) -> list[tuple[float, float]]:
+    return list(itertools.product(config.lr, config.weight_decays(LINEAR_WEIGHT_DECAY)))
 
 
-def final_path(stage: StagedRun, path: Path) -> Path:
-    """Where ``path`` (in the staging folder) will be once the run is published."""
-    path = Path(path)
-    return stage.out / path.relative_to(stage.path) if path.is_relative_to(stage.path) else path
+def folders(settings: HeadSettings) -> list[str]:
+    """A grid: one combination folder per (lr, weight decay); alone: a sweep's head folders (none for one head)."""
+    combos = _combos(settings.config)
+    if settings.grid:
+        return [settings.folder(lr=lr, weight_decay=wd).name for lr, wd in combos]
+    return [folder_name(lr=lr, weight_decay=wd) for lr, wd in combos] if len(combos) > 1 else []
 
 
-def commit(stage: StagedRun, run: dict) -> None:
-    """Publish the staged run (pipeline.common.run_folder); a failure is one line saying what ``out`` holds now."""
-    try:
-        stage.commit(run)
-    except OSError as err:
-        state = ("the next run completes it" if stage.publishing() else f"{stage.out} still holds its previous run, unchanged")
-        raise UserError(f"cannot finish writing the run into {stage.out} ({err.strerror or first_line(err)}); "
-                        f"free some space, then rerun ({state})") from None
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
+    """Train one head per (lr, weight decay): alone, into the run folder (a sweep: one folder each, plus
+    sweep.csv/.png and the best head's best.pt); in a grid, each into its own combination folder."""
+    config, device = settings.config, settings.device
+    if settings.shots is not None and not settings.notes:
+        settings = replace(settings, notes=[f"Trained on {settings.drawn(train.num_rows)}; val untouched."])
+    start = time.perf_counter()
+    sources = (train.source(device, config.stream, config.progress), val.source(device, config.stream, config.progress))
+    standardizer = (Standardizer.fit(sources[0], device) if config.standardize
+                    else Standardizer.identity(train.split.feature_dim, device))
+    combos = _combos(config)
+    data = LoadedFeatures(*sources, train.split, val.split, standardizer, time.perf_counter() - start)
+    if settings.grid:
+        groups = [(replace(config, out=settings.title(settings.folder(lr=lr, weight_decay=wd)), lr=(lr,),
+                           weight_decay=(wd,)), settings.folder(lr=lr, weight_decay=wd)) for lr, wd in combos]
+    else:
+        groups = [(config, settings.root)]
+    rows, runs = [], []
+    for group_config, folder in groups:
+        group_runs = _sweep(settings, data, group_config, folder)
+        runs += group_runs
+        rows += [Experiment(layer=settings.layer, head=settings.name, params=f"lr={number(run.lr)} wd="
+                            f"{number(run.weight_decay)}, epoch {run.best_epoch}/{config.epochs}",
+                            shots=shots_name(settings.shots), val_top1=run.best_val_top1,
+                            val_top5=run.best_val_top5, train_images=train.num_rows,
+                            seconds=run.seconds + data.seconds / len(combos), folder=run.folder,
+                            checkpoint=run.folder / "best.pt") for run in group_runs]
+    runs.sort(key=lambda r: -r.best_val_top1)
+    best = max(rows, key=lambda r: r.val_top1)  # max: the first of equals
+    return HeadOutcome(rows=rows, names=[r.name for r in runs], best=best, best_name=runs[0].name, runs=runs)
 
 
-def train_heads(config: HeadConfig, *, layer: str = "fc7", train_rows: np.ndarray | None = None) -> HeadResult:
-    """Train one head per (lr, weight decay) over the same in-memory features; write the run folder.
-
-    Everything is written into a staging folder inside ``out`` and published when complete (see
-    pipeline.common.run_folder), under ``out``'s lock: a kill, a full disk or a concurrent run never leaves
-    ``out`` holding a mix of two runs.
-    """
-    config.check()
-    resolve_device(config.device)  # a bad --device is one line before anything is written
-    splits = open_cache(Path(config.features), layer)
-    out = Path(config.out)
-    prepare_out(out)
-    with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
-        result = train_heads_staged(config, stage, stage.path, splits, train_rows=train_rows)
-        commit(stage, run_record(config, result))
-    return published(stage, result)
-
-
-def run_record(config: HeadConfig, result: HeadResult) -> dict:
-    """What run.json records of a linear run (or sweep)."""
-    return {"tool": "run_train_head.py", "kind": "linear", "features": str(config.features),
-            "weights_spec": result.weights_spec, "heads": [r.name for r in result.runs],
-            "best": {"head": result.runs[0].name, "val_top1": result.runs[0].best_val_top1}}
-
-
-def published(stage: StagedRun, result: HeadResult) -> HeadResult:
-    """``result`` with its paths where the published run has them."""
-    for run in result.runs:
-        run.folder = final_path(stage, run.folder)
-    return HeadResult(out=final_path(stage, result.out), best=final_path(stage, result.best), runs=result.runs,
-                      weights_spec=result.weights_spec)
-
-
-def train_heads_staged(config: HeadConfig, stage: StagedRun, folder: Path, splits: tuple[CachedSplit, CachedSplit], *,
-                       train_rows: np.ndarray | None = None, notes: list[str] = ()) -> HeadResult:
-    """train_heads' work, written into ``folder`` inside ``stage`` (a run being staged, under its lock); no publish.
-
-    ``notes``: lines added at the end of every head's report.md.
-    """
-    device = resolve_device(config.device)
-    train_split, val_split = splits
-    train = (load_source(train_split, device, config.stream, config.progress) if train_rows is None
-             else InMemoryFeatures.load(train_split, device, config.progress, rows=train_rows))  # few-shot
-    val = load_source(val_split, device, config.stream, config.progress)
-    feature_dim = train_split.feature_dim
-    standardizer = Standardizer.fit(train, device) if config.standardize else Standardizer.identity(feature_dim, device)
-    combos = list(itertools.product(config.lrs, config.weight_decays))
+def _sweep(settings: HeadSettings, data: LoadedFeatures, config: HeadConfig, folder: Path) -> list[HeadRun]:
+    """Every (lr, weight decay) of ``config`` into ``folder`` (one: the folder itself); best first."""
+    combos = _combos(config)
     sweep = len(combos) > 1
     runs = []
     for lr, weight_decay in combos:
-        name = run_name(lr, weight_decay) if sweep else final_path(stage, folder).name
-        head_folder = folder / name if sweep else folder
-        runs.append(_train_one(config, Recipe.from_config(config, lr, weight_decay), head_folder, train, val,
-                               train_split, val_split, standardizer, device, stage=stage, name=name,
-                               title=name if sweep else None, notes=list(notes)))
+        name = folder_name(lr=lr, weight_decay=weight_decay) if sweep else settings.title(folder).name
+        run = LinearRun(recipe=Recipe.from_config(config, lr, weight_decay), config=config,
+                        folder=folder / name if sweep else folder, name=name, title=name if sweep else None)
+        runs.append(_train_one(settings, data, run))
     runs.sort(key=lambda r: -r.best_val_top1)
     if sweep:
-        with writing(stage, folder / "best.pt"):
+        with writing(settings.stage, folder / "best.pt"):
             shutil.copyfile(runs[0].folder / "best.pt", folder / "best.pt")
-        with writing(stage, folder / "sweep.csv"):
+        with writing(settings.stage, folder / "sweep.csv"):
             _write_table(folder / "sweep.csv", runs)
             report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], folder)
-    return HeadResult(out=folder, best=folder / "best.pt", runs=runs, weights_spec=train_split.attrs["weights_spec"])
+    return runs
 
 
-def _train_one(config: HeadConfig, recipe: Recipe, folder: Path, train: FeatureSource, val: FeatureSource,
-               train_split: CachedSplit, val_split: CachedSplit, standardizer: Standardizer, device: torch.device,
-               *, stage: StagedRun, name: str, title: str | None, notes: list[str]) -> HeadRun:
+def _train_one(settings: HeadSettings, data: LoadedFeatures, run: LinearRun) -> HeadRun:
     """Train one head and write its (staged) folder: config.json, history.csv, best.pt, last.pt, plots, report."""
-    folder.mkdir(parents=True, exist_ok=True)
-    # plain JSON values (paths as str, tuples as lists): the checkpoint's config equals config.json's
-    run_config = {**{k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                     for k, v in asdict(config).items()},
-                  "lr": recipe.lr, "weight_decay": recipe.weight_decay, "lrs": list(config.lrs),
-                  "weight_decays": list(config.weight_decays), "device": str(device),
-                  "features_weights": train_split.attrs["weights_spec"]}
-    with writing(stage, folder / "config.json"):
-        (folder / "config.json").write_text(json.dumps(run_config, indent=2, allow_nan=False) + "\n")
+    start = time.perf_counter()
+    stage, recipe, folder, device = settings.stage, run.recipe, run.folder, settings.device
+    # the checkpoint's config equals config.json's
+    record = config_record(run.config, lr=recipe.lr, weight_decay=recipe.weight_decay, lrs=run.config.lr,
+                           weight_decays=run.config.weight_decays(LINEAR_WEIGHT_DECAY), device=str(device),
+                           features_weights=data.train_split.attrs["weights_spec"])
+    write_config(stage, folder, record)
     history_path = folder / "history.csv"
+    train_split, val_split = data.train_split, data.val_split
 
-    def checkpoint(state: dict, record: dict) -> dict:
-        return make_checkpoint(state, metrics=record, epoch=record["epoch"], cache_attrs=layer_attrs(train_split),
-                               wnids=train_split.wnids, names=train_split.names, config=run_config)
+    def checkpoint(state: dict, metrics: dict) -> dict:
+        return make_checkpoint(state, metrics=metrics, epoch=metrics["epoch"], cache_attrs=layer_attrs(train_split),
+                               wnids=train_split.wnids, names=train_split.names, config=record)
 
-    def on_epoch(record, state, best):
+    def on_epoch(metrics, state, best):
         with writing(stage, history_path):
-            append_csv(history_path, record)
+            append_csv(history_path, metrics)
         log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
-                 name, record["epoch"], recipe.epochs, record["train_loss"], record["train_acc"],
-                 record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"])
-        if best["metrics"] is record:
+                 run.name, metrics["epoch"], recipe.epochs, metrics["train_loss"], metrics["train_acc"],
+                 metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], metrics["seconds"])
+        if best["metrics"] is metrics:
             with writing(stage, folder / "best.pt"):
-                save_checkpoint(checkpoint(state, record), folder / "best.pt")
+                save_checkpoint(checkpoint(state, metrics), folder / "best.pt")
 
-    result = fit_head(train, val, recipe, standardizer, num_classes=len(train_split.wnids), device=device,
-                      on_epoch=on_epoch, progress=config.progress)
+    result = fit_head(data.train, data.val, recipe, data.standardizer, num_classes=len(train_split.wnids),
+                      device=device, on_epoch=on_epoch, progress=run.config.progress)
     with writing(stage, folder / "last.pt"):
         save_checkpoint(checkpoint(result.last["state"], result.last["metrics"]), folder / "last.pt")
     with writing(stage, folder / "accuracy.png"):
-        report.plot_history(result.history, folder, title=title)
+        report.plot_history(result.history, folder, title=run.title)
     best = result.best["metrics"]
-    head = load_head({"feature_dim": len(standardizer.mean), "num_classes": len(train_split.wnids),
-                      "head": result.best["state"]}).to(device)
-    metrics = evaluate(head, val, Standardizer.identity(len(standardizer.mean), device), 1024, device,
+    dim = len(data.standardizer.mean)
+    head = load_head({"feature_dim": dim, "num_classes": len(train_split.wnids), "head": result.best["state"]}).to(device)
+    metrics = evaluate(head, data.val, Standardizer.identity(dim, device), 1024, device,
                        keep_predictions=True)  # the saved (folded) head, as a user will load it
     with writing(stage, folder / "report.md"):  # its title names the final folder, not the staging one
         report.write_class_report(folder, labels=val_split.labels, predictions=metrics.pop("predictions"),
                                   metrics=metrics, wnids=train_split.wnids, names=train_split.names,
                                   epoch=best["epoch"], weights_spec=train_split.attrs["weights_spec"],
-                                  title=final_path(stage, folder), extra=notes)
-    return HeadRun(name=name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
+                                  title=settings.title(folder), extra=settings.notes)
+    return HeadRun(name=run.name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
                    best_epoch=best["epoch"], best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
                    best_val_loss=best["val_loss"], last_val_top1=result.last["metrics"]["val_top1"],
                    epoch_seconds=float(np.mean([h["train_seconds"] for h in result.history])),
-                   history=result.history)
-
-
-def append_csv(path: Path, record: dict) -> None:
-    """Add ``record`` as a row of the CSV at ``path`` (with a header when the file is new)."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(record))
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
+                   history=result.history, seconds=time.perf_counter() - start)
 
 
 def _write_table(path: Path, runs: list[HeadRun]) -> None:
@@ -379,8 +345,3 @@ def _write_table(path: Path, runs: list[HeadRun]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(asdict(run) for run in runs)
-
-
-def layer_attrs(split: CachedSplit) -> dict:
-    """The split's attributes as a checkpoint records them: the layer read and its width."""
-    return {**split.attrs, "layer": split.layer, "feature_dim": split.feature_dim}

@@ -7,19 +7,31 @@ of full-batch passes: on 100,000 x 4096 rows one pass is two (N, D) x (D, C) mat
 are solved strongest first, each warm-started from the previous optimum (a weaker penalty's optimum lies
 near a stronger one's), and the caller keeps the best by val top-1. This is how CLIP's linear probes were
 trained (scikit-learn's L-BFGS), here in torch on the CPU or the GPU.
+
+``fit`` is this head's entry point (pipeline.heads.interface): one run per --weight-decay path, the best kept.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from pipeline.common.checkpoint import make_checkpoint, save_checkpoint
+from pipeline.common.config import LOGREG_WEIGHT_DECAY
 from pipeline.common.errors import UserError
+from pipeline.heads import report
+from pipeline.heads.interface import HeadOutcome, HeadSettings
+from pipeline.heads.linear import Standardizer
+from pipeline.heads.naming import number, shots_name
+from pipeline.heads.readers import FeatureReader, InMemoryFeatures
+from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
+from pipeline.heads.table import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +167,67 @@ def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
         if on_fit:
             on_fit(fit)
     return LogregResult(fits=fits, best=best, weight=best_state[0], bias=best_state[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The head's entry point
+
+FILES = ("config.json", "path.csv", "best.pt", "per_class.csv", "confusions.csv", "report.md")
+
+
+def folders(settings: HeadSettings) -> list[str]:
+    return [settings.folder().name] if settings.grid else []
+
+
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
+    """Standardize, solve the penalty path, keep the best by val top-1: best.pt, path.csv and the report."""
+    start = time.perf_counter()
+    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
+    weight_decays = config.weight_decays(LOGREG_WEIGHT_DECAY)
+    record = config_record(replace(config, weight_decay=weight_decays), device=str(device),
+                           features_weights=train.split.attrs["weights_spec"])
+    write_config(stage, folder, record)
+    num_classes = len(train.split.wnids)
+    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=4 * train.num_rows * num_classes * 4)
+    dim = train_x.shape[1]
+    standardizer = (Standardizer.fit(InMemoryFeatures(train_x, train_y), device) if config.standardize
+                    else Standardizer.identity(dim, device))
+    train_x.sub_(standardizer.mean).mul_(standardizer.inv_std)  # in place: one copy of the features
+    val_x, val_y = val.load_float32(device, config.progress)
+    val_x.sub_(standardizer.mean).mul_(standardizer.inv_std)
+
+    def on_fit(penalty_fit) -> None:
+        with writing(stage, folder / "path.csv"):
+            append_csv(folder / "path.csv", asdict(penalty_fit))
+
+    fitted = fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes, weight_decays=weight_decays,
+                        max_iter=config.max_iter, progress=config.progress, on_fit=on_fit)
+    best = fitted.fits[fitted.best]
+    head = nn.Linear(dim, num_classes).to(device)
+    with torch.no_grad():
+        head.weight.copy_(fitted.weight)
+        head.bias.copy_(fitted.bias)
+    metrics = {"epoch": best.iterations, **asdict(best)}  # a logreg checkpoint's "epoch": its L-BFGS iterations
+    with writing(stage, folder / "best.pt"):
+        save_checkpoint(make_checkpoint(standardizer.fold_into(head), metrics=metrics, epoch=best.iterations,
+                                        cache_attrs=layer_attrs(train.split), wnids=train.split.wnids,
+                                        names=train.split.names, config=record), folder / "best.pt")
+    with torch.no_grad():
+        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
+    penalties = ",".join(number(f.weight_decay) for f in fitted.fits)
+    with writing(stage, folder / "report.md"):
+        report.write_class_report(
+            folder, labels=val.split.labels, predictions=predictions,
+            metrics={"val_top1": best.val_top1, "val_top5": best.val_top5}, wnids=train.split.wnids,
+            names=train.split.names, epoch=best.iterations, weights_spec=train.split.attrs["weights_spec"],
+            title=settings.title(folder),
+            summary=f"Logistic regression (L-BFGS), weight decay {number(best.weight_decay)} (best of {penalties}), "
+                    f"{best.iterations} iterations:",
+            extra=[f"Trained on {settings.drawn(len(train_y))}; val untouched. The penalty path is in path.csv."])
+    row = Experiment(layer=settings.layer, head=settings.name,
+                     params=f"wd={number(best.weight_decay)} (best of {penalties}), {best.iterations} it.",
+                     shots=shots_name(settings.shots), val_top1=best.val_top1, val_top5=best.val_top5,
+                     train_images=len(train_y), seconds=time.perf_counter() - start, folder=folder,
+                     checkpoint=folder / "best.pt")
+    return HeadOutcome(rows=[row], names=[settings.name], best=row, best_name=settings.title(folder).name
+                       if settings.grid else ".")

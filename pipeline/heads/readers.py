@@ -7,6 +7,7 @@ read, so a damaged row is named by file and row instead of training or scoring o
 from __future__ import annotations
 
 import fcntl
+from dataclasses import dataclass
 import logging
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -215,3 +216,40 @@ def load_source(split: CachedSplit, device: torch.device, stream: bool | None, p
         return StreamedFeatures(split)
     target = device if device.type == "cpu" or _fits_in_memory(num_bytes, device) else torch.device("cpu")
     return InMemoryFeatures.load(split, target, progress)
+
+
+MEMORY_SHARE = 0.7  # a head that holds the features in memory refuses what would not fit in this share
+
+
+@dataclass
+class FeatureReader:
+    """One split of the checked cache and the rows a head uses (None: all): what every head's ``fit`` gets.
+
+    A head opens it the way it needs: ``source`` streams from disk when the rows do not fit in memory;
+    ``load_float32`` holds them as one tensor, refused with one line when that would not fit.
+    """
+
+    split: CachedSplit
+    rows: np.ndarray | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.split.num_rows if self.rows is None else len(self.rows)
+
+    def source(self, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
+        if self.rows is not None:  # few-shot: a small selection, always in memory
+            return InMemoryFeatures.load(self.split, device, progress, rows=self.rows)
+        return load_source(self.split, device, True if stream else None, progress)
+
+    def load_float32(self, device: torch.device, progress: bool, extra_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D) float32, labels (N,)) on ``device``; refused if they would not fit."""
+        count, split = self.num_rows, self.split
+        need = count * split.feature_dim * 4 + extra_bytes
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+        if free is not None and need > MEMORY_SHARE * free:
+            raise UserError(f"{split.path} ({split.layer}, {count} rows) needs {need / 2**30:.1f} GiB in memory for "
+                            f"logreg or knn, but {free / 2**30:.1f} GiB is free on {device}; use --shots, or the "
+                            "linear head (it streams)")
+        source = InMemoryFeatures.load(split, device, progress, rows=self.rows)
+        features = source.features if source.features.dtype == torch.float32 else source.features.float()
+        return features, source.labels

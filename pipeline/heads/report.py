@@ -13,6 +13,11 @@ log = logging.getLogger(__name__)
 TOP_CONFUSIONS = 20
 
 
+def shown(path: Path | str) -> str:
+    """A path as text a UTF-8 file can hold: bytes of a name that is not UTF-8 show as U+FFFD."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def plot_history(history: list[dict], folder: Path, title: str | None = None) -> None:
     """accuracy.png and loss.png: train vs val over the epochs."""
     epochs = [h["epoch"] for h in history]
@@ -79,7 +84,7 @@ def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndar
         for count, t, p in pairs[:TOP_CONFUSIONS]:
             writer.writerow([wnids[t], names[t], wnids[p], names[p], count, f"{100.0 * count / totals[t]:.1f}"])
     order = np.argsort(-np.nan_to_num(accuracy, nan=-1.0), kind="stable")
-    lines = [f"# Head report: {title or folder}", "",
+    lines = [f"# Head report: {shown(title or folder)}", "",
              f"{summary or f'Best epoch {epoch}:'} val top-1 {metrics['val_top1']:.2f}%, top-5 {metrics['val_top5']:.2f}%, "
              f"{len(labels)} val images, {num_classes} classes.", "",
              f"Backbone weights: `{weights_spec}`"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.common.errors import UserError
+from pipeline.heads.naming import shots_name  # noqa: F401 (also imported from here)
 
 
 def few_shot_rows(labels: np.ndarray, shots: int, *, seed: int, wnids: list[str]) -> np.ndarray:
@@ -25,7 +26,3 @@ def few_shot_rows(labels: np.ndarray, shots: int, *, seed: int, wnids: list[str]
         chosen.append(rows[permutation[:shots]])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
-
-def shots_name(shots: int | None) -> str:
-    """How a run folder and the table name a shot count: '5shot', or 'all'."""
-    return "all" if shots is None else f"{shots}shot"

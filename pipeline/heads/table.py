@@ -8,6 +8,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API, as pipeline.heads.report
 
+from pipeline.heads.report import shown
+
 COLUMNS = ["layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
 HEAD_COLOURS = {"linear": "tab:blue", "logreg": "tab:orange", "knn": "tab:green"}
 
@@ -48,7 +50,7 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
         writer.writerows(records)
     os.replace(tmp, out / "experiments.csv")
 
-    lines = [f"# Head experiments: {title or out}", ""]
+    lines = [f"# Head experiments: {shown(title or out)}", ""]
     if best is not None:
         lines += [f"Best head with a checkpoint: `{os.path.relpath(best.folder, out)}` (val top-1 {best.val_top1:.2f}%), "
                   "copied to `best.pt`.", ""]
