@@ -8,6 +8,7 @@ Torch-free: the memory estimate is shared with the torch-free runtimes.
 from __future__ import annotations
 
 import math
+import re
 
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory
@@ -68,8 +69,11 @@ def check_preprocess(d, path) -> Preprocess:
     return Preprocess.from_dict(d)
 
 
-def check_checkpoint_fields(checkpoint: dict, path) -> Preprocess:
-    """The fields the live runner uses, checked (after read_checkpoint); returns the checked Preprocess."""
+def check_checkpoint_fields(checkpoint: dict, path, *, weights_given: bool = False) -> Preprocess:
+    """The fields the live runner uses, checked (after read_checkpoint); returns the checked Preprocess.
+
+    ``weights_given``: --weights names the backbone, so the recorded spec is not used (only its fingerprint).
+    """
     classes = checkpoint["num_classes"]
     if not _is_int(classes) or classes < 1:
         raise UserError(f"{path}: num_classes is {classes!r}, expected at least 1; there is nothing to classify "
@@ -82,6 +86,10 @@ def check_checkpoint_fields(checkpoint: dict, path) -> Preprocess:
         if key in checkpoint and not isinstance(checkpoint[key], str):
             raise UserError(f"{path}: {key} is {type(checkpoint[key]).__name__} {checkpoint[key]!r}, expected a "
                             f"string; {RETRAIN}")
+    spec = checkpoint["weights_spec"]
+    if not weights_given and not (spec == "imagenet" or re.fullmatch(r"random:seed=\d+", spec) or spec.startswith("file:")):
+        raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, random:seed=N or "
+                        f"file:PATH); {RETRAIN}, or pass --weights with the backbone used for extraction")
     metrics = checkpoint.get("metrics", {})
     if not isinstance(metrics, dict):
         raise UserError(f"{path}: metrics is {type(metrics).__name__}, expected a dict of numbers; {RETRAIN}")
