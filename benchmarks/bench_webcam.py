@@ -1,7 +1,13 @@
 """Live-runner speed: synthetic 640x480 frames through the whole per-frame path, no camera, no window.
 
-    python benchmarks/bench_webcam.py                       # 200 timed frames per variant, fp32 and bf16
-    python benchmarks/bench_webcam.py --frames 500 --device cuda
+    python -m benchmarks.bench_webcam                       # 200 timed frames per variant, fp32 and bf16
+    python -m benchmarks.bench_webcam --frames 500 --device cuda
+    python -m benchmarks.bench_webcam --runtimes torch,onnxruntime,opencv --load   # the runtimes side by side
+
+--runtimes compares the classifier's runtimes (pipeline.live.classifier) on the same exported classifier, in
+fp32, headless at batch 1 (a camera) and at --batch-frames 8 (a video file), quiet and then (--load) under a
+competing CPU load the benchmark starts: one busy process per core. It reports FPS side by side with the CPU
+kind (benchmarks/bench_runtimes.py) and writes results/runtimes-<cpu tag>.json.
 
 The frames go through pipeline.live.runner.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
 Preprocess, channels_last AlexNet fc7 + a 4096 -> 200 head, softmax, top-k, predictions line), with a
@@ -29,28 +35,27 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import cv2
+import numpy as np
+import torch
+from torch import nn
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from models import FC7_DIM, AlexNetClassifier  # noqa: E402
-from pipeline.live import runner as live
-from pipeline.live import overlay
+from models import FC7_DIM, AlexNetClassifier
 from pipeline.common import sources
-from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.common.config import LiveConfig  # noqa: E402
-from pipeline.common.backbone import load_backbone, place_backbone, resolve_device  # noqa: E402
-from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu  # noqa: E402
-from pipeline.common.preprocess import Preprocess  # noqa: E402
+from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint
+from pipeline.common.config import LiveConfig
+from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
+from pipeline.common.preprocess import Preprocess
+from pipeline.live import overlay
+from pipeline.live import runner as live
+from pipeline.live.start import open_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 NUM_CLASSES = 200
@@ -70,6 +75,9 @@ class SyntheticCamera(sources.FrameSource):
     def __iter__(self):
         for i in range(self.frames):
             yield sources.bgr_to_frame(self.label, self.pool[i % len(self.pool)].copy())
+
+    def release(self):
+        pass
 
 
 class SyntheticVideo(SyntheticCamera):
@@ -166,7 +174,7 @@ def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int
                              batch_frames=batch, predictions=tmp / f"{name}.jsonl",
                              output=tmp / f"{name}.mp4" if kind == "video" else None)
     source = (SyntheticCamera if batch == 1 else SyntheticVideo)(warmup + frames)
-    summary = live.run_live(config, source=source, display=NullWindow() if drawn else None)
+    summary = live.run_live(config, open_classifier(config), source=source, display=NullWindow() if drawn else None)
     result = {"batch_frames": batch, **stats(summary.frame_ms[warmup:])}
     result["model_latency"] = stats(summary.latencies_ms[warmup:])
     result["model_ms_per_batch"] = round(result["model_latency"]["mean_ms"] * batch, 3)
@@ -224,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-warmup", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default results/webcam-<cpu tag>.json)")
+    p.add_argument("--runtimes", default=None, help="compare these runtimes instead: torch,onnxruntime,opencv")
+    p.add_argument("--load", action="store_true", help="with --runtimes: also measure under a competing CPU load")
     args = p.parse_args(argv)
+    if args.runtimes:
+        from benchmarks.bench_runtimes import compare_runtimes
+
+        return compare_runtimes(args, SyntheticCamera, SyntheticVideo, make_checkpoint)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = resolve_device(args.device)
     kind = cpu_kind()
