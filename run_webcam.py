@@ -7,6 +7,12 @@
     python run_webcam.py --source data/tiny-imagenet-200/val/images --max-frames 100 --predictions preds.jsonl
     python run_webcam.py --checkpoint runs/sweep/best.pt --weights alexnet-owt-7be5be79.pth --device cuda
 
+Deploy without torch (pip install -r requirements-deploy.txt for the export and ONNX Runtime):
+
+    python run_webcam.py --checkpoint runs/head/best.pt --export classifier.onnx   # + classifier.json
+    python run_webcam.py --onnx classifier.onnx --runtime onnxruntime --source clip.mp4
+    python run_webcam.py --onnx classifier.onnx --runtime opencv       # only opencv-python and numpy needed
+
 In the window, q or Esc quits; on still images any other key shows the next one.
 
 Video files, images and folders are classified --batch-frames frames per forward pass (default 8; a
@@ -17,18 +23,16 @@ the frame's batch divided by the frames in it.
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from pipeline.cli import run_main
-from pipeline.common.config import LiveConfig
+from pipeline.common.config import RUNTIMES, LiveConfig
 from pipeline.common.names import IMAGE_SUFFIXES
-
-log = logging.getLogger("run_webcam")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = LiveConfig()  # every default comes from here
+    """Every flag is the LiveConfig field of the same name, with its default from there."""
+    d = LiveConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", type=Path, default=d.checkpoint, help="head checkpoint from run_train_head.py")
@@ -36,7 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
                             "or a state_dict path (must match the checkpoint's fingerprint)")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
-    model.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (the torch runtime)")
+    deploy = p.add_argument_group("deploy")
+    deploy.add_argument("--export", type=Path, default=d.export, metavar="FILE.onnx",
+                        help="write --checkpoint's backbone + head + softmax as one ONNX graph, and FILE.json "
+                             "beside it (classes, preprocessing, weights); then stop")
+    deploy.add_argument("--onnx", type=Path, default=d.onnx, metavar="FILE.onnx",
+                        help="run an exported graph (its FILE.json beside it) instead of --checkpoint")
+    deploy.add_argument("--runtime", choices=RUNTIMES, default=d.runtime,
+                        help="what runs the classifier: torch (--checkpoint), onnxruntime or opencv (--onnx; "
+                             "default: onnxruntime when installed, else opencv)")
     source = p.add_argument_group("source")
     source.add_argument("--source", default=d.source,
                         help=f"camera index, video file, image file, or folder of images ({' '.join(IMAGE_SUFFIXES)})")
@@ -49,30 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--top-k", type=int, default=d.top_k, help="classes shown and recorded per frame")
     out.add_argument("--smooth", type=int, default=d.smooth, help="average the probabilities over the last N frames")
-    out.add_argument("--no-display", action="store_true", help="no window (headless)")
+    out.add_argument("--no-display", dest="display", action="store_false", default=d.display,
+                     help="no window (headless; default: a window when a display is present)")
     out.add_argument("--output", type=Path, default=d.output, help="write the annotated video here (mp4v)")
     out.add_argument("--predictions", type=Path, default=d.predictions,
                      help="write one JSON line per frame here (latency_ms: its batch's model time / frames in it)")
+    out.add_argument("--window", default=d.window, help="the window's title")
     return p
 
 
-def live(args: argparse.Namespace) -> int:
-    from pipeline.live.runner import run_live
-
-    config = LiveConfig(checkpoint=args.checkpoint, weights=args.weights, seed=args.seed, device=args.device,
-                        source=args.source, width=args.width, height=args.height, top_k=args.top_k,
-                        smooth=args.smooth, display=False if args.no_display else None, output=args.output,
-                        predictions=args.predictions, max_frames=args.max_frames,
-                        batch_frames=args.batch_frames)
-    summary = run_live(config)
-    if summary.frames == 0:
-        log.warning("no frames were processed")
-    return 128 + 15 if summary.stopped_by == "SIGTERM" else 0  # stopped by SIGTERM: outputs finished, exit as killed
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_main(lambda: live(args))
+    from pipeline.commands import live
+
+    config = LiveConfig(**vars(build_parser().parse_args(argv)))
+    return run_main(lambda: live(config))
 
 
 if __name__ == "__main__":

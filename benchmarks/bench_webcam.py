@@ -2,6 +2,12 @@
 
     python -m benchmarks.bench_webcam                       # 200 timed frames per variant, fp32 and bf16
     python -m benchmarks.bench_webcam --frames 500 --device cuda
+    python -m benchmarks.bench_webcam --runtimes torch,onnxruntime,opencv --load   # the runtimes side by side
+
+--runtimes compares the classifier's runtimes (pipeline.live.classifier) on the same exported classifier, in
+fp32, headless at batch 1 (a camera) and at --batch-frames 8 (a video file), quiet and then (--load) under a
+competing CPU load the benchmark starts: one busy process per core. It reports FPS side by side with the CPU
+kind (benchmarks/bench_runtimes.py) and writes results/runtimes-<cpu tag>.json.
 
 The frames go through pipeline.live.runner.run_live exactly as camera frames do (BGR -> RGB, the checkpoint's
 Preprocess, channels_last AlexNet fc7 + a 4096 -> 200 head, softmax, top-k, predictions line), with a
@@ -47,6 +53,7 @@ from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
 from pipeline.common.preprocess import Preprocess
 from pipeline.live import overlay
 from pipeline.live import runner as live
+from pipeline.live.start import open_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,6 +74,9 @@ class SyntheticCamera(sources.FrameSource):
     def __iter__(self):
         for i in range(self.frames):
             yield sources.bgr_to_frame(self.label, self.pool[i % len(self.pool)].copy())
+
+    def release(self):
+        pass
 
 
 class SyntheticVideo(SyntheticCamera):
@@ -163,7 +173,7 @@ def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int
                              batch_frames=batch, predictions=tmp / f"{name}.jsonl",
                              output=tmp / f"{name}.mp4" if kind == "video" else None)
     source = (SyntheticCamera if batch == 1 else SyntheticVideo)(warmup + frames)
-    summary = live.run_live(config, source=source, display=NullWindow() if drawn else None)
+    summary = live.run_live(config, open_classifier(config), source=source, display=NullWindow() if drawn else None)
     result = {"batch_frames": batch, **stats(summary.frame_ms[warmup:])}
     result["model_latency"] = stats(summary.latencies_ms[warmup:])
     result["model_ms_per_batch"] = round(result["model_latency"]["mean_ms"] * batch, 3)
@@ -221,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-warmup", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default results/webcam-<cpu tag>.json)")
+    p.add_argument("--runtimes", default=None, help="compare these runtimes instead: torch,onnxruntime,opencv")
+    p.add_argument("--load", action="store_true", help="with --runtimes: also measure under a competing CPU load")
     args = p.parse_args(argv)
+    if args.runtimes:
+        from benchmarks.bench_runtimes import compare_runtimes
+
+        return compare_runtimes(args, SyntheticCamera, SyntheticVideo, make_checkpoint)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = resolve_device(args.device)
     kind = cpu_kind()

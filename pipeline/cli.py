@@ -5,7 +5,7 @@ import logging
 import sys
 from typing import Callable
 
-from features.cache import CacheError
+from features.errors import CacheError  # not features.cache: h5py-free, for the torch-free live runtimes
 from pipeline.common.errors import UserError
 
 

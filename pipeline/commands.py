@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from pipeline.common.config import ExtractConfig, HeadConfig
+from pipeline.common.config import ExtractConfig, HeadConfig, LiveConfig
 from pipeline.common.weights import describe_weights, is_random
 
 log = logging.getLogger(__name__)
@@ -70,3 +70,22 @@ def train_head(config: HeadConfig) -> int:
         log.info("best head: %s  val top-1 %.2f%% (epoch %d)", experiments.best, best.best_val_top1, best.best_epoch)
     warn_random(experiments.weights_spec, "accuracy is not meaningful")
     return 0
+
+
+def live(config: LiveConfig) -> int:
+    """Stage three: export the classifier (--export), or run it live on the source; torch only when it runs on torch."""
+    from pipeline.live.runner import run_live
+    from pipeline.live.start import open_classifier
+
+    config.check()
+    if config.export is not None:
+        from pipeline.live.export import export_classifier
+
+        export_classifier(config)
+        return 0
+    classifier = open_classifier(config)
+    warn_random(classifier.classes.weights_spec, "its predictions are for testing only")
+    summary = run_live(config, classifier)
+    if summary.frames == 0:
+        log.warning("no frames were processed")
+    return 128 + 15 if summary.stopped_by == "SIGTERM" else 0  # stopped by SIGTERM: outputs finished, exit as killed

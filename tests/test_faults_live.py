@@ -17,7 +17,8 @@ import torch
 
 import run_webcam
 from pipeline.live import runner as live
-from pipeline.live import overlay
+from pipeline.live import torch_classifier
+from pipeline.live import checks, overlay
 from pipeline.common.errors import UserError
 from tests.conftest import CPU, one_error_line
 from tests.test_live import count_frames, read_jsonl, reuse_backbones, trained, val_video, write_video  # noqa: F401
@@ -183,7 +184,7 @@ def test_disk_full_while_writing_predictions(trained, video, tmp_path, monkeypat
 def test_sigterm_in_process_finishes_the_outputs(trained, video, tmp_path, monkeypatch):
     clip, _ = video
     out, preds = tmp_path / "out.mp4", tmp_path / "preds.jsonl"
-    real, calls = live.predict_frames, []
+    real, calls = torch_classifier.predict_frames, []
 
     def predict(*args, **kwargs):
         calls.append(1)
@@ -191,7 +192,7 @@ def test_sigterm_in_process_finishes_the_outputs(trained, video, tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(live, "predict_frames", predict)
+    monkeypatch.setattr(torch_classifier, "predict_frames", predict)
     before = signal.getsignal(signal.SIGTERM)
     assert webcam(trained, "--source", str(clip), "--output", str(out), "--predictions", str(preds),
                   "--batch-frames", "1") == 143
@@ -249,9 +250,9 @@ def test_huge_batch_frames_is_an_error(trained, video, capsys):
 def test_batch_frames_is_lowered_to_fit_memory(trained, video, tmp_path, monkeypatch, caplog):
     clip, frames = video
     sizes = []
-    real = live.predict_frames
-    monkeypatch.setattr(live, "predict_frames", lambda m, p, images: sizes.append(len(images)) or real(m, p, images))
-    monkeypatch.setattr(live, "available_memory", lambda: 2 * 3 * live.NETWORK_BYTES_PER_FRAME)  # room for 3 frames
+    real = torch_classifier.predict_frames
+    monkeypatch.setattr(torch_classifier, "predict_frames", lambda m, p, images: sizes.append(len(images)) or real(m, p, images))
+    monkeypatch.setattr(live, "available_memory", lambda: 2 * 3 * checks.NETWORK_BYTES_PER_FRAME)  # room for 3 frames
     assert webcam(trained, "--source", str(clip), "--predictions", str(tmp_path / "p.jsonl"), "--batch-frames", "8") == 0
     assert sizes[0] == 2 and max(sizes) == 2 and "do not fit in the memory" in caplog.text
     assert len(read_jsonl(tmp_path / "p.jsonl")) == frames

@@ -499,7 +499,7 @@ def test_16_bit_png_and_animated_gif_decode_to_8_bit_rgb(tmp_path, writer):
     from pipeline.common.sources import open_source  # the live runner decodes the same way
 
     frames = list(open_source(str(path)))
-    assert len(frames) == 1 and torch.equal(frames[0].rgb, expected)
+    assert len(frames) == 1 and torch.equal(torch.from_numpy(frames[0].rgb).permute(2, 0, 1), expected)
 
 
 def test_formats_the_decoder_rejects_are_skips_that_say_why(tmp_path):

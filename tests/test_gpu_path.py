@@ -172,7 +172,7 @@ def test_fp32_on_cuda_turns_tf32_off_and_low_precision_leaves_the_flags(tf32_fla
 
 def test_extraction_and_live_set_the_precision_the_same_way(dataset, tmp_path, monkeypatch, tf32_flags):
     """Both place the backbone with place_backbone, which calls set_precision: the same flags afterwards."""
-    from pipeline.live import runner as live
+    from pipeline.live import torch_classifier
     from pipeline.common.checkpoint import make_checkpoint
 
     seen = []
@@ -188,7 +188,7 @@ def test_extraction_and_live_set_the_precision_the_same_way(dataset, tmp_path, m
     assert attrs["precision"] == "fp32"  # the default, resolved for the CPU, is what the cache records
     checkpoint = make_checkpoint({"weight": torch.zeros(2, 4096), "bias": torch.zeros(2)}, metrics={}, epoch=0,
                                  cache_attrs=attrs, wnids=["a", "b"], names=["a", "b"], config={})
-    live.build_classifier(checkpoint, device="cpu")
+    torch_classifier.build_classifier(checkpoint, device="cpu")
     assert seen == [("cpu", "fp32"), ("cpu", "fp32")]
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags_after_extraction
 

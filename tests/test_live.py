@@ -14,6 +14,7 @@ import run_train_head
 import run_webcam
 from features.cache import open_split
 from pipeline.live import runner as live
+from pipeline.live import torch_classifier
 from pipeline.live import overlay
 from pipeline.common import sources
 from pipeline.common.images import read_rgb
@@ -48,7 +49,7 @@ _BACKBONES: dict = {}
 @pytest.fixture(autouse=True)
 def reuse_backbones(monkeypatch):
     """Build each (spec, seed) backbone once for the whole file: it is a pure function and takes seconds."""
-    real = live.load_backbone
+    real = torch_classifier.load_backbone
 
     def cached(spec, *, seed=0):
         key = (spec, seed)
@@ -56,7 +57,7 @@ def reuse_backbones(monkeypatch):
             _BACKBONES[key] = real(spec, seed=seed)
         return _BACKBONES[key]
 
-    monkeypatch.setattr(live, "load_backbone", cached)
+    monkeypatch.setattr(torch_classifier, "load_backbone", cached)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -111,14 +112,14 @@ def val_video(trained):
 
 
 def test_live_path_gives_the_cached_probabilities(trained):
-    model, checkpoint, preprocess = live.load_classifier(trained["best"], device="cpu")
+    model, checkpoint, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
     assert not model.training and checkpoint["class_wnids"] == trained["checkpoint"]["class_wnids"]
     for path, expected in trained["cached"].items():
-        probs = live.predict_frame(model, preprocess, read_rgb(path))
+        probs = torch_classifier.predict_frame(model, preprocess, read_rgb(path))
         torch.testing.assert_close(probs, expected, rtol=RTOL, atol=ATOL)
         frame = next(iter(sources.open_source(path)))  # the image-file source decodes it the same way
-        assert frame.label == path and frame.bgr.shape == (64, 64, 3)
-        torch.testing.assert_close(live.predict_frame(model, preprocess, frame.rgb), expected, rtol=RTOL, atol=ATOL)
+        assert frame.source == path and frame.bgr.shape == (64, 64, 3)
+        torch.testing.assert_close(torch_classifier.predict_frame(model, preprocess, frame.rgb), expected, rtol=RTOL, atol=ATOL)
 
 
 def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp_path):
@@ -133,11 +134,11 @@ def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp
     assert count_frames(out) == len(order)
     names = dict(zip(trained["checkpoint"]["class_wnids"], trained["checkpoint"]["class_names"]))
     if not lossless:  # only a lossy codec: compare with the live path on the decoded frames, then say so
-        model, _, preprocess = live.load_classifier(trained["best"])
+        model, _, preprocess = torch_classifier.load_classifier(trained["best"])
         capture = cv2.VideoCapture(str(video))
         for line in lines:
             frame = sources.bgr_to_frame("", capture.read()[1])
-            probs = live.predict_frame(model, preprocess, frame.rgb)
+            probs = torch_classifier.predict_frame(model, preprocess, frame.rgb)
             assert line["topk"][0]["wnid"] == trained["checkpoint"]["class_wnids"][int(probs.argmax())]
         capture.release()
         pytest.skip(f"live equals the cache not checked: {NO_LOSSLESS}")
@@ -195,25 +196,25 @@ def probs_by_class(line: dict, wnids: list[str]) -> list[float]:
 def batch_sizes(monkeypatch):
     """The sizes of the batches run_live hands to predict_frames (the warm-up pass first)."""
     sizes = []
-    real = live.predict_frames
+    real = torch_classifier.predict_frames
 
     def recording(model, preprocess, images, **kwargs):
         sizes.append(len(images))
         return real(model, preprocess, images, **kwargs)
 
-    monkeypatch.setattr(live, "predict_frames", recording)
+    monkeypatch.setattr(torch_classifier, "predict_frames", recording)
     return sizes
 
 
 def test_predict_frames_equals_predict_frame_one_by_one(trained):
-    model, _, preprocess = live.load_classifier(trained["best"], device="cpu")
+    model, _, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
     paths = sorted(trained["cached"])
     images = [read_rgb(p) for p in paths]
     images.append(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 90, 50), dtype=np.uint8)))
-    batched = live.predict_frames(model, preprocess, images)  # mixed sizes: resized one by one, one forward
+    batched = torch_classifier.predict_frames(model, preprocess, images)  # mixed sizes: resized one by one, one forward
     assert batched.shape == (len(images), len(trained["checkpoint"]["class_wnids"])) and batched.dtype == torch.float32
     for image, probs in zip(images, batched):
-        torch.testing.assert_close(probs, live.predict_frame(model, preprocess, image), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(probs, torch_classifier.predict_frame(model, preprocess, image), rtol=RTOL, atol=ATOL)
     for path, probs in zip(paths, batched):
         torch.testing.assert_close(probs, trained["cached"][path], rtol=RTOL, atol=ATOL)
 
@@ -288,10 +289,10 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path, batch_sizes):
     lines = read_jsonl(jsonl)
     paths = sorted(str(p) for p in folder.iterdir())
     assert [line["source"] for line in lines] == paths
-    model, _, preprocess = live.load_classifier(trained["best"], device="cpu")
+    model, _, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
     wnids = trained["checkpoint"]["class_wnids"]
     for line, path in zip(lines, paths):
-        expected = live.predict_frame(model, preprocess, read_rgb(path))  # the batch-1 path
+        expected = torch_classifier.predict_frame(model, preprocess, read_rgb(path))  # the batch-1 path
         assert line["topk"][0]["wnid"] == wnids[int(expected.argmax())]
         assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
 

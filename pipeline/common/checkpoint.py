@@ -107,6 +107,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
             and tuple(weight.shape) == (classes, checkpoint["feature_dim"]) and tuple(bias.shape) == (classes,)
             and checkpoint["feature_dim"] == dim
+            and all(isinstance(checkpoint[key], list) for key in ("class_wnids", "class_names"))
             and len(checkpoint["class_wnids"]) == classes and len(checkpoint["class_names"]) == classes):
         raise UserError(f"{path} is inconsistent: its head, class lists and sizes do not agree "
                         f"(expected a {dim} -> {classes} linear head on {layer}); retrain the head with run_train_head.py")

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from features.cache import LAYER_DATASETS
 from pipeline.common.errors import UserError
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
@@ -58,6 +57,8 @@ class ExtractConfig:
     layers: tuple[str, ...] = ("fc7",)  # cached layers: pool5, fc6, fc7 (one backbone pass fills them all)
 
     def check(self) -> None:
+        from features.cache import LAYER_DATASETS  # h5py: not at import, the torch-free live runtimes import this module
+
         unknown = [layer for layer in self.layers if layer not in LAYER_DATASETS]
         if unknown or not self.layers:
             raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYER_DATASETS)}")
@@ -114,6 +115,8 @@ class HeadConfig:
         return default if self.weight_decay is None else self.weight_decay
 
     def check(self) -> None:
+        from features.cache import LAYER_DATASETS  # h5py: not at import, the torch-free live runtimes import this module
+
         for name, values in (("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--head", self.head),
                              ("--layers", self.layers), ("--shots", self.shots), ("--k", self.k)):
             if values is not None and not values:
@@ -144,20 +147,27 @@ class HeadConfig:
             _positive(name, value)
 
 
+RUNTIMES = ("torch", "onnxruntime", "opencv")  # live: what runs the classifier (pipeline.live.classifier)
+
+
 @dataclass
 class LiveConfig:
-    """Live: the checkpoint, the frame source, and what is drawn and written."""
+    """Live: the classifier (a checkpoint, or an exported graph and its runtime), the frame source, and what is
+    drawn and written. Each field is the run_webcam.py flag of the same name."""
 
     checkpoint: Path = DEFAULT_CHECKPOINT
     weights: str | None = None  # None: the checkpoint's weights_spec
     seed: int = 0  # for weights="random"
     device: str = "auto"
+    onnx: Path | None = None  # an exported classifier (its .json sidecar beside it) instead of --checkpoint
+    runtime: str | None = None  # torch, onnxruntime or opencv; None: torch for a checkpoint, else the fastest installed
+    export: Path | None = None  # write --checkpoint's classifier as this .onnx (and its sidecar), then stop
     source: str = "0"  # camera index, video file, image file or folder of images
     width: int | None = None  # requested camera resolution
     height: int | None = None
     top_k: int = 3
     smooth: int = 1  # average the probabilities over the last N frames
-    display: bool | None = None  # None: show a window when a display is present
+    display: bool | None = None  # None: show a window when a display is present; --no-display: False
     output: Path | None = None  # annotated video (mp4v)
     predictions: Path | None = None  # one JSON line per frame
     max_frames: int | None = None
@@ -177,3 +187,11 @@ class LiveConfig:
         if self.batch_frames is not None and self.batch_frames > MAX_BATCH_FRAMES:
             raise UserError(f"--batch-frames {self.batch_frames} is too large (at most {MAX_BATCH_FRAMES}: a batch "
                             "is held in memory, and 8 already reads the backbone's weights once for all its frames)")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise UserError(f"--runtime {self.runtime}: use {', '.join(RUNTIMES)}")
+        if self.onnx is not None and self.runtime == "torch":
+            raise UserError("--runtime torch runs a --checkpoint; an --onnx graph runs on onnxruntime or opencv")
+        if self.onnx is not None and self.export is not None:
+            raise UserError("--export writes an .onnx from --checkpoint; drop --onnx")
+        if self.export is not None and Path(self.export).suffix.lower() != ".onnx":
+            raise UserError(f"--export {self.export}: name the file *.onnx (its sidecar .json goes beside it)")

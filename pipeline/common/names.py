@@ -19,3 +19,6 @@ DEFAULT_DATA = Path("data/tiny-imagenet-200")  # the dataset folder (or the zip 
 DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
 DEFAULT_HEAD = Path("runs/head")  # a head's run folder
 DEFAULT_CHECKPOINT = DEFAULT_HEAD / "best.pt"
+
+VERSION = "0.6.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
+ONNX_FORMAT = "fc7-onnx-classifier/1"  # the sidecar JSON of an exported graph (pipeline.live.export)

@@ -1,7 +1,8 @@
-"""Frame sources for the live runner: a camera, a video file, an image file or a folder of images.
+"""Frame sources for the live runner: a camera, a video file, an image file or a folder of images. Torch-free.
 
-Camera and video frames come from OpenCV as BGR and are converted to RGB; image files are decoded with
-``pipeline.common.images.read_rgb`` exactly as extraction decodes them.
+Camera and video frames come from OpenCV as BGR and are converted to RGB. Image files are decoded by the
+``decode`` function a source is given: the torch runtime passes ``torch_decoder()`` (torchvision, exactly
+as extraction decodes them), the torch-free runtimes ``decode_with_opencv``.
 """
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
-import torch
 
-from pipeline.common.errors import UserError
-from pipeline.common.images import ImageDecodeError, read_rgb, unreadable
+from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -28,9 +27,49 @@ CAMERA_RETRIES = 3  # consecutive failed reads before a camera counts as stopped
 
 @dataclass
 class Frame:
-    label: str  # the "source" of the predictions line: image path, camera index or video path
-    rgb: torch.Tensor  # (3, H, W) uint8 RGB: what the network sees
+    source: str  # the "source" of the predictions line: image path, camera index or video path
+    rgb: np.ndarray  # (H, W, 3) uint8 RGB: what the network sees
     bgr: np.ndarray  # (H, W, 3) uint8 BGR: what is drawn on
+
+
+class DecodeError(Exception):
+    """An image file whose bytes are not a usable image (a folder skips it); the message is the reason."""
+
+
+Decoder = Callable[[Path], np.ndarray]  # an image file -> (H, W, 3) uint8 RGB; DecodeError or OSError
+
+
+def cannot_read(path: str | Path, err: OSError) -> UserError:
+    """The one-line error for a file that cannot be read at all (not a skip: the run stops)."""
+    return UserError(f"cannot read {path} ({err.strerror or first_line(err)}); check the drive and the file's "
+                     "permissions, then rerun")
+
+
+def decode_with_opencv(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with OpenCV alone (the torch-free runtimes). 16-bit images are scaled to 8 bits."""
+    with open(path, "rb") as f:  # an OSError here is a read failure, not a bad image
+        data = f.read()
+    if not data:
+        raise DecodeError("empty file")
+    with quiet_opencv():
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DecodeError("cannot decode (not an image OpenCV can read, or damaged)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def torch_decoder() -> Decoder:
+    """torchvision's decoder, exactly as extraction decodes (imports torch: for the torch runtime only)."""
+    from pipeline.common.images import ImageDecodeError, read_rgb
+
+    def decode(path: Path) -> np.ndarray:
+        try:
+            rgb = read_rgb(path)  # (3, H, W) uint8
+        except ImageDecodeError as err:
+            raise DecodeError(str(err)) from None
+        return np.ascontiguousarray(rgb.permute(1, 2, 0).numpy())
+
+    return decode
 
 
 def open_capture(target: int | str) -> cv2.VideoCapture:
@@ -49,14 +88,12 @@ def quiet_opencv():
         cv2.utils.logging.setLogLevel(level)
 
 
-def bgr_to_frame(label: str, bgr: np.ndarray) -> Frame:
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # (H, W, 3) contiguous
-    return Frame(label, torch.from_numpy(rgb).permute(2, 0, 1), bgr)  # a (3, H, W) view, no copy
+def bgr_to_frame(source: str, bgr: np.ndarray) -> Frame:
+    return Frame(source, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), bgr)  # (H, W, 3) contiguous
 
 
-def rgb_to_frame(label: str, rgb: torch.Tensor) -> Frame:
-    bgr = cv2.cvtColor(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2BGR)
-    return Frame(label, rgb, bgr)
+def rgb_to_frame(source: str, rgb: np.ndarray) -> Frame:
+    return Frame(source, rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 class FrameSource:
@@ -127,33 +164,37 @@ class CaptureSource(FrameSource):
 
 
 class ImageSource(FrameSource):
-    """Image files, decoded to RGB with pipeline.common.images.read_rgb as extraction decodes them."""
+    """Image files, decoded to RGB by ``decode`` (the torch runtime: as extraction decodes them)."""
 
     still = True
 
-    def __init__(self, paths: list[Path], label: str, *, folder: bool):
-        self.paths, self.label, self.folder = paths, label, folder
+    def __init__(self, paths: list[Path], label: str, *, folder: bool, decode: Decoder = decode_with_opencv):
+        self.paths, self.label, self.folder, self.decode = paths, label, folder, decode
 
     def __iter__(self) -> Iterator[Frame]:
         good = 0
         for path in self.paths:
             try:
-                rgb = read_rgb(path)
-            except ImageDecodeError as err:  # bad content: a folder skips it (and says so), one image is an error
+                rgb = self.decode(path)
+            except DecodeError as err:  # bad content: a folder skips it (and says so), one image is an error
                 if not self.folder:
                     raise UserError(f"cannot read image {path}: {err}") from None
                 log.warning("skipping %s: %s", path, err)
                 continue
             except OSError as err:  # the file cannot be read at all: stop, as extraction does
-                raise unreadable(path, err) from None
+                raise cannot_read(path, err) from None
             good += 1
             yield rgb_to_frame(str(path), rgb)
         if self.folder and not good:
             raise UserError(f"none of the {len(self.paths)} images in {self.label} could be read")
 
 
-def open_source(source: str, *, width: int | None = None, height: int | None = None) -> FrameSource:
-    """A camera index ("0"), a video file, an image file or a folder of images."""
+def open_source(source: str, *, width: int | None = None, height: int | None = None,
+                decode: Decoder | None = None) -> FrameSource:
+    """A camera index ("0"), a video file, an image file or a folder of images.
+
+    ``decode``: how image files are decoded; None: torchvision's decoder (as extraction decodes them).
+    """
     text = str(source).strip()
     if text.isdigit():
         index = int(text)
@@ -184,11 +225,11 @@ def open_source(source: str, *, width: int | None = None, height: int | None = N
         if not paths:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
         log.info("%s: %d images", path, len(paths))
-        return ImageSource(paths, str(path), folder=True)
+        return ImageSource(paths, str(path), folder=True, decode=decode or torch_decoder())
     if not path.is_file():
         raise UserError(f"no such file or folder: {path}; --source takes a camera index, a video, an image or a folder")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return ImageSource([path], str(path), folder=False)
+        return ImageSource([path], str(path), folder=False, decode=decode or torch_decoder())
     capture = open_capture(str(path))
     if not capture.isOpened():
         capture.release()

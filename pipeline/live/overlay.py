@@ -63,17 +63,41 @@ def annotate(bgr: np.ndarray, topk: list[dict], fps: float | None, warning: str 
     return bgr
 
 
+FONT_SUFFIXES = (".ttf", ".ttc", ".otf", ".pfa", ".pfb")  # what Qt's font database reads from QT_QPA_FONTDIR
+
+
+def _has_fonts(folder: str) -> bool:
+    try:
+        return any(name.lower().endswith(FONT_SUFFIXES) for name in os.listdir(folder))
+    except OSError:
+        return False
+
+
+def _font_folders():
+    """FONT_DIRS, each followed by its subfolders (Qt reads font files from the one folder, not below it)."""
+    for folder in FONT_DIRS:
+        for root, _, _ in os.walk(folder):
+            yield root
+
+
+def _opencv_font_dir() -> str:
+    """The folder ``import cv2`` points QT_QPA_FONTDIR at: inside the opencv-python package, which ships no fonts."""
+    return os.path.join(os.path.dirname(os.path.abspath(cv2.__file__)), "qt", "fonts")
+
+
 def quiet_qt() -> None:
     """Before the first window: point OpenCV's Qt at the system fonts and mute its font-database warnings.
 
-    opencv-python's bundled Qt looks for fonts in a folder it does not ship and prints "QFontDatabase:
-    Cannot find font directory" on every window otherwise. Settings the user made are kept.
+    ``import cv2`` (opencv-python's bundled Qt) sets QT_QPA_FONTDIR to a folder of its own that holds no fonts,
+    and Qt then prints "QFontDatabase: Cannot find font directory" five times per window. So that value, or
+    none, is replaced by the first system font folder; a folder the user chose is kept.
     """
-    if "QT_QPA_FONTDIR" not in os.environ:
-        for folder in FONT_DIRS:
-            if os.path.isdir(folder):
-                os.environ["QT_QPA_FONTDIR"] = folder
-                break
+    current = os.environ.get("QT_QPA_FONTDIR")
+    ours = current is not None and os.path.normpath(current) == os.path.normpath(_opencv_font_dir())
+    if current is None or (ours and not _has_fonts(current)):
+        found = next((folder for folder in _font_folders() if _has_fonts(folder)), None)
+        if found:
+            os.environ["QT_QPA_FONTDIR"] = found
     if "QT_LOGGING_RULES" not in os.environ:
         os.environ["QT_LOGGING_RULES"] = "qt.qpa.fonts=false"
 

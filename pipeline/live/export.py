@@ -1,0 +1,127 @@
+"""Export a checkpoint's classifier (backbone + head + softmax) as one ONNX graph, and its sidecar JSON.
+
+The graph takes the network input (B, 3, S, S) float32, RGB, normalised with the recorded mean and std, and
+returns (B, C) probabilities; the batch is dynamic, the opset pinned, every weight inside the one .onnx file
+(AlexNet: ~230 MB). The sidecar ``<name>.json`` says what a consumer needs: the classes, the preprocessing
+(resize, crop, interpolation, mean, std, channel order), the backbone's weights spec and fingerprint, the
+layer, the graph's sha256 and the project's version. Both files are written under temporary names and renamed
+once whole. Needs the optional extra (requirements-deploy.txt): torch's exporter uses onnx and onnxscript.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.common.checkpoint import read_checkpoint
+from pipeline.common.config import LiveConfig
+from pipeline.common.errors import UserError, first_line
+from pipeline.common.names import ONNX_FORMAT, VERSION
+from pipeline.common.preprocess import Preprocess
+from pipeline.live.checks import check_checkpoint_fields
+from pipeline.live.torch_classifier import build_classifier
+
+log = logging.getLogger(__name__)
+
+OPSET = 18  # pinned: what torch's exporter writes natively; ONNX Runtime and OpenCV's DNN both read it
+INPUT, OUTPUT = "input", "probabilities"  # the graph's tensor names
+INSTALL = "pip install -r requirements-deploy.txt"
+
+
+class Probabilities(nn.Module):
+    """The classifier with its softmax: what a consumer wants out of the graph."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(x), dim=1)  # (B, C)
+
+
+def sidecar_path(onnx_path: Path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_preprocess(preprocess: Preprocess) -> dict:
+    """The recorded preprocessing, spelled out for a consumer that has never seen this project."""
+    return {**preprocess.to_dict(), "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
+            "interpolation": "bilinear, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
+            "resize": ("the shorter side to resize_size, the longer int(resize_size * long / short)"
+                       if preprocess.mode == "crop" else "the whole image to image_size x image_size"),
+            "crop": "centre, image_size x image_size (top = round((height - image_size) / 2))",
+            "normalize": "(pixel - 255 * mean) / (255 * std), per channel"}
+
+
+def _require_exporter() -> None:
+    missing = [name for name in ("onnx", "onnxscript") if not _importable(name)]
+    if missing:
+        raise UserError(f"--export needs {' and '.join(missing)} (torch's ONNX exporter); install the deploy extra: "
+                        f"{INSTALL}")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _write_graph(model: nn.Module, size: int, path: Path) -> None:
+    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised by torch.export
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    chatter = io.StringIO()  # the exporter prints its steps to stdout: kept out of the user's output
+    try:
+        with contextlib.redirect_stdout(chatter):
+            torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
+                              opset_version=OPSET, dynamo=True, external_data=False, dynamic_shapes=({0: batch},))
+    except Exception as err:  # the exporter's own failures are many types; say which step failed
+        raise UserError(f"torch's ONNX exporter failed ({first_line(err)[:200]}); try another torch, or report it") from None
+
+
+def export_classifier(config: LiveConfig) -> Path:
+    """Write ``config.export`` (.onnx) and its sidecar from ``config.checkpoint``; return the .onnx path."""
+    _require_exporter()
+    checkpoint = read_checkpoint(config.checkpoint)
+    preprocess = check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
+    fp32 = {**checkpoint, "precision": "fp32"}  # every runtime computes in fp32
+    classifier = build_classifier(fp32, weights=config.weights, seed=config.seed, device="cpu")
+    model = Probabilities(classifier.to(memory_format=torch.contiguous_format)).eval()
+    target = Path(config.export)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    sidecar = sidecar_path(target)
+    try:
+        _write_graph(model, preprocess.image_size, partial)
+        meta = {
+            "format": ONNX_FORMAT, "version": VERSION, "onnx": target.name, "onnx_sha256": file_sha256(partial),
+            "opset": OPSET, "input": INPUT, "output": OUTPUT, "num_classes": len(checkpoint["class_wnids"]),
+            "class_wnids": list(checkpoint["class_wnids"]), "class_names": list(checkpoint["class_names"]),
+            "preprocess": describe_preprocess(preprocess), "layer": checkpoint.get("layer", "fc7"),
+            "weights_spec": config.weights or checkpoint["weights_spec"],
+            "weights_fingerprint": checkpoint["weights_fingerprint"], "checkpoint": str(Path(config.checkpoint).resolve()),
+            "checkpoint_epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics", {}),
+        }
+        sidecar_partial = sidecar.with_name(f".{sidecar.name}.partial")
+        sidecar_partial.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(partial, target)  # the graph first: a sidecar never names a graph that is not there
+        os.replace(sidecar_partial, sidecar)
+    finally:
+        for leftover in (partial, sidecar.with_name(f".{sidecar.name}.partial")):
+            leftover.unlink(missing_ok=True)
+    log.info("wrote %s (%.0f MB, opset %d, dynamic batch) and %s", target, target.stat().st_size / 2**20, OPSET, sidecar)
+    return target

@@ -1,0 +1,119 @@
+"""The torch runtime of the live classifier: the frozen backbone rebuilt from the checkpoint, plus its head.
+
+The checkpoint written by run_train_head.py holds everything needed: the head (an ``nn.Linear`` on raw
+features), the class wnids and names, the preprocessing and the backbone's weights spec and fingerprint.
+The backbone is rebuilt from that spec (or ``--weights``) and must have the recorded fingerprint, so a
+head is never run on features of another backbone. Every frame goes through the same ``Preprocess`` as
+extraction, and the layer -> head split is kept (the layer under the extraction precision, the head in
+fp32), so an image gives the probabilities that ``softmax(head(cached features))`` gives for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from models import AlexNetClassifier
+from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
+from pipeline.common.errors import UserError
+from pipeline.common.images import stack_or_list
+from pipeline.common.preprocess import Preprocess
+from pipeline.common.sources import torch_decoder
+from pipeline.live.checks import frame_bytes
+from pipeline.live.classifier import ClassInfo
+
+
+def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int = 0,
+                     device: torch.device | str = "cpu") -> AlexNetClassifier:
+    """Backbone (from the checkpoint's weights spec, or ``weights``) + head, in eval mode on ``device``.
+
+    The backbone's fingerprint must be the one recorded in the checkpoint, else a UserError. It is placed
+    as extraction places it (channels_last, weights cast once to the recorded precision, the same math
+    flags), so a frame gives the features the cache holds for it.
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    spec = weights if weights is not None else checkpoint["weights_spec"]
+    backbone, recorded, fingerprint = load_backbone(spec, seed=seed)
+    if fingerprint != checkpoint["weights_fingerprint"]:
+        trained_on = f"{checkpoint['weights_spec']!r} (fingerprint {checkpoint['weights_fingerprint'][:12]})"
+        if weights is not None:
+            raise UserError(f"--weights {recorded} gives a backbone with fingerprint {fingerprint[:12]}, but the head was "
+                            f"trained on features of {trained_on}; pass the weights used for extraction, or drop --weights")
+        raise UserError(f"the backbone weights {recorded} now have fingerprint {fingerprint[:12]}, but the head was "
+                        f"trained on features of {trained_on}; pass --weights with the backbone used for extraction")
+    backbone.output = checkpoint.get("layer", "fc7")  # the layer the head was trained on
+    backbone = place_backbone(backbone, device, checkpoint.get("precision", "fp32"))
+    return AlexNetClassifier(backbone, load_head(checkpoint).to(device)).eval()
+
+
+def load_classifier(checkpoint_path: str | Path, weights: str | None = None, device: torch.device | str = "cpu", *,
+                    seed: int = 0) -> tuple[AlexNetClassifier, dict, Preprocess]:
+    """(model in eval mode on ``device``, the checked checkpoint dict, its Preprocess)."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    model = build_classifier(checkpoint, weights=weights, seed=seed, device=device)
+    return model, checkpoint, checkpoint_preprocess(checkpoint)
+
+
+def as_tensor(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A (3, H, W) uint8 tensor; an (H, W, 3) array becomes a channels_last view of it, no copy."""
+    return torch.from_numpy(image).permute(2, 0, 1) if isinstance(image, np.ndarray) else image
+
+
+def _batch(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """(3, H, W) uint8 images -> a (B, 3, H, W) channels_last batch when they have one size, else a list."""
+    if len(images) == 1:
+        return images[0][None].to(device, non_blocking=True)  # a view: a frame's (3, H, W) is already HWC in memory
+    batch = stack_or_list(list(images), channels_last=True)  # interleaved pixels: the layout Preprocess resizes in
+    if isinstance(batch, list):  # mixed sizes (a folder): resized one by one
+        return [image.to(device, non_blocking=True) for image in batch]
+    return batch.to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def predict_frames(model: AlexNetClassifier, preprocess: Preprocess,
+                   images: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
+    """RGB uint8 images, (3, H, W) tensors or (H, W, 3) arrays of any sizes -> (B, C) float32 probabilities
+    on the CPU, in order.
+
+    One pass of ``model`` over the batch: the layer as extraction computed it (same preprocessing, same
+    compute dtype), then the head in fp32, as it ran on the cached features.
+    """
+    if not len(images):
+        raise ValueError("predict_frames needs at least one image")
+    device = model.head.weight.device
+    x = preprocess(_batch([as_tensor(image) for image in images], device))  # (B, 3, S, S) float32, channels_last
+    return torch.softmax(model(x), dim=1).cpu()
+
+
+def predict_frame(model: AlexNetClassifier, preprocess: Preprocess, rgb: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """One RGB uint8 image -> (C,) float32 class probabilities on the CPU: ``predict_frames`` on one image."""
+    return predict_frames(model, preprocess, [rgb])[0]
+
+
+def describe(checkpoint: dict, weights: str, where: str) -> str:
+    """The log line's account of a head and its backbone."""
+    top1 = checkpoint.get("metrics", {}).get("val_top1")
+    return (f"head: {len(checkpoint['class_wnids'])} classes, epoch {checkpoint.get('epoch', '?')}, val top-1 "
+            f"{'?' if top1 is None else f'{top1:.2f}%'}; backbone {weights} on {where}")
+
+
+class TorchClassifier:
+    """The backbone + head of a checkpoint on torch: the reference every other runtime is measured against."""
+
+    def __init__(self, checkpoint: dict, *, weights: str | None = None, seed: int = 0, device: str = "cpu"):
+        device = resolve_device(device)
+        self.model = build_classifier(checkpoint, weights=weights, seed=seed, device=device)
+        self.preprocess = checkpoint_preprocess(checkpoint)
+        spec = weights or checkpoint["weights_spec"]
+        self.classes = ClassInfo(list(checkpoint["class_wnids"]), list(checkpoint["class_names"]),
+                                 describe(checkpoint, spec, str(device)), spec)
+        self.decode = torch_decoder()
+
+    def predict(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        return predict_frames(self.model, self.preprocess, frames).numpy()
+
+    def per_frame_bytes(self, width: int, height: int) -> int:
+        return frame_bytes(self.preprocess, width, height)
