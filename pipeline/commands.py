@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
+from pathlib import Path
 
 from pipeline.common.config import ExtractConfig
 from pipeline.common.weights import describe_weights, is_random
@@ -18,6 +20,30 @@ def warn_random(spec: str, what: str = "these features are for testing only") ->
     """The one warning a random backbone gets, from whichever command meets it."""
     if is_random(spec):
         log.warning("NOTE: the backbone has random weights (%s); %s", spec, what)
+
+
+def run_extract(config: ExtractConfig) -> int:
+    """``run_extract.py``: prepare only (``--prepare-only``), or prepare and extract."""
+    return prepare(config) if config.prepare_only else extract(config)
+
+
+def prepare(config: ExtractConfig) -> int:
+    """Find, index and check the dataset; log the summary (and write it to ``config.summary_json``)."""
+    from pipeline.data.prepare import prepare_dataset
+
+    summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
+                              arrange=config.arrange_val, strict=config.strict, progress=config.progress)
+    log.info("%s: %d classes", summary["root"], summary["num_classes"])
+    for name, split in summary["splits"].items():
+        log.info("  %-5s %6d images, %d-%d per class, %d skipped", name, split["images"],
+                 split["per_class_min"], split["per_class_max"], split["skipped"])
+    for item in summary["skipped"]:
+        log.info("  skipped %s: %s", item["path"], item["reason"])
+    if config.summary_json:
+        summary_json = Path(config.summary_json)
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
 
 
 def extract(config: ExtractConfig) -> int:
