@@ -50,7 +50,7 @@ def extract(config: ExtractConfig) -> int:
     """Stage one: a rerun onto a finished cache answers torch-free; otherwise the backbone runs."""
     from pipeline.common.dataset import index_dataset
     from pipeline.data.prepare import resolve_data
-    from pipeline.extract.freshness import log_up_to_date, quick_look_applies, quick_up_to_date
+    from pipeline.extract.freshness import log_up_to_date, quick_look_applies, quick_up_to_date, refresh_class_names
 
     config.check()
     locate = partial(resolve_data, config.data, download=config.download, url=config.url, md5=config.md5,
@@ -60,6 +60,7 @@ def extract(config: ExtractConfig) -> int:
         dataset = index_dataset(locate())
         found = quick_up_to_date(config, dataset)  # torch-free: a rerun onto a finished cache answers at once
         if found:
+            refresh_class_names(config.out, found, dataset)  # names are no setting: rewritten in place
             warn_random(describe_weights(config.weights, config.seed))
             for path, attrs in found.items():
                 log_up_to_date(path, attrs)

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.cache import LAYER_DATASETS
+from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
@@ -71,10 +71,10 @@ class ExtractConfig:
             raise UserError(f"bad preprocessing options: {err}") from None
 
     def check(self) -> None:
-        unknown = [layer for layer in self.layers if layer not in LAYER_DATASETS]
+        unknown = [layer for layer in self.layers if layer not in LAYERS]  # the backbone knows its layers
         if unknown or not self.layers:
-            raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYER_DATASETS)}")
-        self.layers = tuple(layer for layer in LAYER_DATASETS if layer in self.layers)  # network order, once each
+            raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
+        self.layers = tuple(network_order(set(self.layers)))  # network order, once each
         self.preprocess  # noqa: B018 - raises UserError for options no preprocessing can follow
         check_seed(self.seed)
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -127,9 +127,9 @@ class HeadConfig:
                              ("--weight-decay", self.logreg_weight_decays)):
             if not values:
                 raise UserError(f"{name} needs at least one value")
-        unknown_layers = [layer for layer in self.layers if layer not in LAYER_DATASETS]
+        unknown_layers = [layer for layer in self.layers if layer not in LAYERS]
         if unknown_layers:
-            raise UserError(f"--layer {','.join(unknown_layers)}: use {', '.join(LAYER_DATASETS)} (a comma list compares them)")
+            raise UserError(f"--layer {','.join(unknown_layers)}: use {', '.join(LAYERS)} (a comma list compares them)")
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown:
             raise UserError(f"--head {','.join(unknown)}: use {', '.join(HEADS)} (a comma list compares them)")
