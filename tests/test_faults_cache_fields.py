@@ -17,7 +17,7 @@ import pytest
 
 import run_extract
 from features import cache
-from features.errors import CacheDamaged
+from features.cache import CacheError
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import error_line, extract_args
 
@@ -64,7 +64,7 @@ def test_each_attribute_read_back_has_its_exact_type_and_range(cache_copy, name,
     path = cache_copy / "train.h5"
     with h5py.File(path, "a") as f:
         f.attrs[name] = value
-    with pytest.raises(CacheDamaged, match=f"{path}: attribute {name} is "):
+    with pytest.raises(CacheError, match=f"{path}: attribute {name} is "):
         cache.read_attrs(path)
 
 
@@ -89,7 +89,7 @@ def test_an_attribute_missing_from_a_complete_file_is_named(cache_copy):
     path = cache_copy / "val.h5"
     with h5py.File(path, "a") as f:
         del f.attrs["num_rows"]
-    with pytest.raises(CacheDamaged, match="attribute num_rows is missing"):
+    with pytest.raises(CacheError, match="attribute num_rows is missing"):
         cache.read_attrs(path)
 
 
@@ -123,7 +123,7 @@ def test_a_layer_dataset_the_attribute_does_not_list_is_refused(cache_copy):
     path = cache_copy / "val.h5"
     with h5py.File(path, "a") as f:
         f.create_dataset("fc6", data=np.zeros((int(f.attrs["num_rows"]), 4096), np.float32))
-    with pytest.raises(CacheDamaged, match="attribute layers is .*fc6"):
+    with pytest.raises(CacheError, match="attribute layers is .*fc6"):
         cache.read_attrs(path)
 
 
