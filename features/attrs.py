@@ -100,8 +100,7 @@ def check_attrs(path: Path, attrs: dict) -> dict:
     if attrs.get("complete") is True:
         missing = [name for name in REQUIRED if name not in attrs]
         if missing:
-            raise CacheDamaged(f"{path}: attribute {missing[0]} is missing from a complete cache"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise CacheDamaged(f"{path} lacks the attribute(s) {', '.join(missing)}")
     return attrs
 
 

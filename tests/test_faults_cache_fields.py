@@ -89,7 +89,7 @@ def test_an_attribute_missing_from_a_complete_file_is_named(cache_copy):
     path = cache_copy / "val.h5"
     with h5py.File(path, "a") as f:
         del f.attrs["num_rows"]
-    with pytest.raises(CacheError, match="attribute num_rows is missing"):
+    with pytest.raises(CacheError, match="lacks the attribute.s. num_rows"):
         cache.read_attrs(path)
 
 
