@@ -43,7 +43,7 @@ def _imagenet_state_dict() -> dict:
                         f"copy {cached.name} there, or pass --weights PATH to a local copy") from None
 
 
-def refused_global(err: BaseException) -> str:
+def load_refusal(err: BaseException) -> str:
     """What torch's weights-only loader refused, in its own words, without its advice to load unsafely."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     found = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
@@ -57,8 +57,12 @@ def _file_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never passed on
-        raise UserError(f"{path} holds pickled objects besides tensors ({refused_global(err)}), and is refused for "
-                        "safety; pass a plain state_dict of torchvision's AlexNet, such as alexnet-owt-7be5be79.pth") from None
+        if "GLOBAL" in str(err):
+            raise UserError(f"{path} holds pickled objects besides tensors ({load_refusal(err)}), and is refused "
+                            "for safety; pass a plain state_dict of torchvision's AlexNet, such as "
+                            "alexnet-owt-7be5be79.pth") from None
+        raise UserError(f"{path} is not a readable PyTorch weights file ({load_refusal(err)}); "
+                        "pass a state_dict of torchvision's AlexNet, such as alexnet-owt-7be5be79.pth") from None
     except Exception as err:  # an empty file raises EOFError with no message
         reason = first_line(err)
         raise UserError(f"{path} is not a readable PyTorch weights file ({reason}); "
