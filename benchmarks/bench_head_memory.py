@@ -36,13 +36,15 @@ def write_cache(folder: Path, split: str, rows: int, classes: int, rng: np.rando
     for i, start in enumerate(shards):
         n = min(SHARD_ROWS, rows - start)
         features = np.maximum(rng.standard_normal((n, 4096), dtype=np.float32), 0)  # post-ReLU-like
-        cache.write_shard(parts, i, features, np.arange(start, start + n), [])
+        cache.write_shard(parts, i, {"fc7": features}, np.arange(start, start + n), [])
     wnids = [f"n{i:08d}" for i in range(classes)]
-    cache.assemble(folder, split, settings=settings, num_shards=len(shards), paths=[f"{i}.JPEG" for i in range(rows)],
-                   labels=labels.tolist(), wnids=wnids, names=wnids, compression=None,
-                   attrs={"weights_spec": "random:seed=0", "feature_dim": 4096, "batch_size": 64,
-                          "shard_size": SHARD_ROWS, "dataset_root": "/synthetic", "versions": "{}",
-                          "class_full_names": "\n".join(wnids), "world_size": 1})
+    cache.assemble(cache.Assembly(folder, split, settings, num_shards=len(shards), layers={"fc7": 4096},
+                                  layer_order=("fc7",), main="fc7"),
+                   cache.SplitRows(paths=[f"{i}.JPEG" for i in range(rows)], labels=labels.tolist(), wnids=wnids,
+                                   names=wnids, attrs={"weights_spec": "random:seed=0", "batch_size": 64,
+                                                       "shard_size": SHARD_ROWS, "dataset_root": "/synthetic",
+                                                       "versions": "{}", "class_full_names": "\n".join(wnids),
+                                                       "world_size": 1}))
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,8 @@
-"""The cache's one exception type, and how an I/O failure reads in a few words."""
+"""The cache's exception types, and how an I/O failure reads in a few words.
+
+``features/`` says what is wrong; what to do about it depends on the command, so the kind of a CacheError
+(its class) is what ``pipeline/`` turns into advice (``pipeline.cli``).
+"""
 from __future__ import annotations
 
 import os
@@ -7,6 +11,38 @@ import re
 
 class CacheError(Exception):
     """A cache that is missing, partial, foreign or locked: the entry scripts print it as one line."""
+
+
+class CacheMissing(CacheError):
+    """No cache file where one was expected."""
+
+
+class CacheIncomplete(CacheError):
+    """An extraction into it was interrupted (missing shards, no complete flag): finishing it repairs it."""
+
+
+class CacheDamaged(CacheError):
+    """A file that is not a well-formed cache (a field of the wrong type or range, shapes that disagree)."""
+
+
+class CacheBusy(CacheError):
+    """Another process is writing the cache right now."""
+
+
+class CacheUnwritable(CacheError):
+    """A write failed (a full disk, permissions); the finished shards are kept."""
+
+
+class NoRows(CacheError):
+    """Every image of the split was skipped: there is nothing to store."""
+
+
+class LayerMissing(CacheError):
+    """The file is a sound cache but does not hold the requested layer."""
+
+    def __init__(self, message: str, layer: str):
+        super().__init__(message)
+        self.layer = layer
 
 
 def describe_error(err: BaseException) -> str:

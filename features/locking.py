@@ -6,7 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from features.errors import CacheError
+from features.errors import CacheBusy
 
 
 _held_locks: set[int] = set()  # file descriptors of the writer locks this process holds
@@ -74,14 +74,15 @@ def hold_lock(out: Path, holder: str, busy):
 
 def exclusive_writer(out: Path):
     """Hold ``<out>/.lock`` for the whole extraction; a second writer gets a clear error."""
-    return hold_lock(out, f"pid {os.getpid()}", lambda holder: CacheError(
-        f"another extraction ({holder}) is writing to {out}; wait for it, or pass another --out"))
+    return hold_lock(out, f"pid {os.getpid()}", lambda holder: CacheBusy(
+        f"another extraction ({holder}) is writing to {out}"))
 
 
 def writer_holding(out: Path) -> str | None:
-    """Who holds ``<out>/.lock`` right now ("pid 123"), or None when no extraction is writing to ``out``.
+    """Who holds ``<out>/.lock`` right now ("pid 123"), or None when no writer is at work in ``out``.
 
-    Only looks: a shared lock taken without blocking fails exactly while a writer holds its exclusive one.
+    The one "is a writer holding this?" check, for every reader. Only looks: a shared lock taken without
+    blocking fails exactly while a writer holds its exclusive one, so a finished or killed writer never counts.
     """
     try:
         lock = open(Path(out) / ".lock", "r")

@@ -14,14 +14,11 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from features.errors import CacheError, describe_error
-
-if TYPE_CHECKING:  # cache.py imports this module: the settings type is only named here
-    from features.cache import CacheSettings
+from features.atomic import write_atomic
+from features.errors import CacheIncomplete, CacheUnwritable, describe_error
+from features.settings import CacheSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +44,7 @@ def start_parts(parts: Path, settings: CacheSettings, **layout) -> str:
         discard(parts)
     discard_trash(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = parts / "settings.json.tmp"
-    tmp.write_text(json.dumps({"digest": digest, **meta}, sort_keys=True))
-    os.replace(tmp, parts / "settings.json")
+    write_atomic(parts / "settings.json", json.dumps({"digest": digest, **meta}, sort_keys=True))
     return digest
 
 
@@ -89,32 +84,31 @@ def done_shards(parts: Path) -> set[int]:
     return {int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"shard-{digest}-*.npz")}
 
 
-def write_shard(parts: Path, shard: int, features: np.ndarray | dict[str, np.ndarray], positions: np.ndarray,
+def write_shard(parts: Path, shard: int, layers: dict[str, np.ndarray], positions: np.ndarray,
                 skipped: list[dict]) -> None:
-    """Atomically write one shard: rows ``features`` ({layer: (n, dim)}; an array is fc7) for dataset
-    ``positions``, plus its skipped images. Plain numpy I/O: a full disk is a clean OSError here."""
-    layers = features if isinstance(features, dict) else {"fc7": features}
+    """Atomically write one shard: rows ``layers`` ({layer: (n, dim)}) for dataset ``positions``, plus its
+    skipped images. Plain numpy I/O: a full disk is a clean OSError here."""
     digest = parts_digest(parts)
     if digest is None:
-        raise CacheError(f"{parts} has no settings file; rerun run_extract.py")
+        raise CacheIncomplete(f"{parts} has no settings file")
     final = shard_file(parts, shard, digest)
-    tmp = final.with_name(final.name + ".tmp")
     arrays = {f"layer_{name}": np.ascontiguousarray(rows) for name, rows in layers.items()}
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, positions=np.asarray(positions, dtype=np.int64), skipped=np.array(json.dumps(skipped)),
                      digest=np.array(digest), **arrays)
+
+    try:
+        write_atomic(final, write=write)  # the shard exists under its real name only once fully written
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CacheError(f"cannot write {final}: {describe_error(err)}; free some space (or fix the folder's "
-                         "permissions) and rerun: the finished shards are kept") from None
-    os.replace(tmp, final)  # the shard exists under its real name only once fully written
+        raise CacheUnwritable(f"cannot write {final}: {describe_error(err)}") from None
 
 
 def read_shard(path: Path, digest: str) -> dict:
     with np.load(path, allow_pickle=False) as shard:
         if str(shard["digest"]) != digest:
             path.unlink()
-            raise CacheError(f"{path} was made under other settings and is discarded; rerun run_extract.py")
+            raise CacheIncomplete(f"{path} was made under other settings and is discarded")
         return {"positions": shard["positions"], "skipped": json.loads(str(shard["skipped"])),
                 "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")}}

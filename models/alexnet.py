@@ -1,4 +1,4 @@
-"""AlexNet cut at fc7, the linear head trained on its features, and the two reassembled."""
+"""AlexNet cut after fc7 and returning any of its layers, the linear head trained on them, and the two reassembled."""
 from __future__ import annotations
 
 import hashlib
@@ -7,14 +7,11 @@ import torch
 from torch import nn
 from torchvision.models import AlexNet
 
-FC7_DIM = 4096
-LAYER_DIMS = {"pool5": 9216, "fc6": 4096, "fc7": 4096}  # DeCAF's layers: flattened avgpool, post-ReLU fc6, fc7
-LAYERS = tuple(LAYER_DIMS)  # in network order
-MIN_IMAGE_SIZE = 63  # smaller inputs shrink to nothing in AlexNet's third max-pool
+from models.layers import FC7_DIM, LAYER_DIMS, LAYERS
 
 
-class AlexNetFC7(nn.Module):
-    """Frozen AlexNet up to fc7: features -> avgpool -> flatten -> classifier[:6] (post-ReLU).
+class AlexNetLayers(nn.Module):
+    """Frozen AlexNet up to fc7, returning its layers: features -> avgpool (pool5) -> fc6 -> fc7 (post-ReLU).
 
     ``output`` picks the layer ``forward`` returns (pool5, fc6 or fc7; the module always holds the
     whole fc7 cut, so its weights and fingerprint do not depend on it). ``forward_layers`` fills several
@@ -32,7 +29,7 @@ class AlexNetFC7(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "AlexNetFC7":
+    def train(self, mode: bool = True) -> "AlexNetLayers":
         return super().train(False)  # always eval: dropout off, the features are deterministic
 
     @property
@@ -75,7 +72,7 @@ class AlexNetClassifier(nn.Module):
     did; the head always runs in fp32 on the fc7 it returns, as it did on the cached features.
     """
 
-    def __init__(self, backbone: AlexNetFC7, head: nn.Linear):
+    def __init__(self, backbone: AlexNetLayers, head: nn.Linear):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -85,7 +82,7 @@ class AlexNetClassifier(nn.Module):
         return self.head(self.backbone(x).float())  # (B, C) float32 logits
 
 
-def weights_fingerprint(backbone: AlexNetFC7) -> str:
+def weights_fingerprint(backbone: AlexNetLayers) -> str:
     """sha256 over the tensors the fc7 cut uses (names, shapes, dtypes and bytes)."""
     digest = hashlib.sha256()
     for name, tensor in backbone.state_dict().items():

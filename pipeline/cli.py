@@ -1,12 +1,35 @@
-"""What the three entry scripts share: logging setup and the one-line error contract."""
+"""What the three entry scripts share: logging setup and the one-line error contract.
+
+``features/`` says what is wrong with a cache; the kind of its CacheError decides what to do, added here.
+"""
 from __future__ import annotations
 
 import logging
 import sys
 from typing import Callable
 
-from features.errors import CacheError  # not features.cache: h5py-free, for the torch-free live runtimes
+from features.errors import (CacheBusy, CacheDamaged, CacheError, CacheIncomplete, CacheMissing, CacheUnwritable,
+                             LayerMissing)
 from pipeline.common.errors import UserError
+
+# what to do about each kind of cache problem (the most specific class first)
+CACHE_ADVICE: tuple[tuple[type, str], ...] = (
+    (CacheMissing, "run run_extract.py first, or pass --features DIR"),
+    (CacheIncomplete, "rerun run_extract.py to finish it (the finished shards are kept)"),
+    (CacheDamaged, "re-extract it with run_extract.py --overwrite"),
+    (CacheBusy, "wait for it to finish, then rerun (or pass another folder)"),
+    (CacheUnwritable, "free some space (or fix the folder's permissions) and rerun: the finished shards are kept"),
+)
+
+
+def cache_advice(err: CacheError) -> str:
+    """The line a CacheError is printed as: what is wrong (from features/), then what to do."""
+    if isinstance(err, LayerMissing):
+        return f"{err}; add it with run_extract.py --layers {err.layer}"
+    for kind, advice in CACHE_ADVICE:
+        if isinstance(err, kind):
+            return f"{err}; {advice}"
+    return str(err)
 
 
 def run_main(body: Callable[[], int | None]) -> int:
@@ -15,8 +38,11 @@ def run_main(body: Callable[[], int | None]) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return body() or 0
-    except (UserError, CacheError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except CacheError as err:
+        print(f"error: {cache_advice(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # an unwritable --out, a full disk, a vanished file: the file system, not a bug
         where = f"{err.filename}: " if err.filename else ""

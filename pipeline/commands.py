@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
+from pathlib import Path
 
 from pipeline.common.config import ExtractConfig, HeadConfig, LiveConfig
 from pipeline.common.weights import describe_weights, is_random
@@ -20,11 +22,35 @@ def warn_random(spec: str, what: str = "these features are for testing only") ->
         log.warning("NOTE: the backbone has random weights (%s); %s", spec, what)
 
 
+def run_extract(config: ExtractConfig) -> int:
+    """``run_extract.py``: prepare only (``--prepare-only``), or prepare and extract."""
+    return prepare(config) if config.prepare_only else extract(config)
+
+
+def prepare(config: ExtractConfig) -> int:
+    """Find, index and check the dataset; log the summary (and write it to ``config.summary_json``)."""
+    from pipeline.data.prepare import prepare_dataset
+
+    summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
+                              arrange=config.arrange_val, strict=config.strict, progress=config.progress)
+    log.info("%s: %d classes", summary["root"], summary["num_classes"])
+    for name, split in summary["splits"].items():
+        log.info("  %-5s %6d images, %d-%d per class, %d skipped", name, split["images"],
+                 split["per_class_min"], split["per_class_max"], split["skipped"])
+    for item in summary["skipped"]:
+        log.info("  skipped %s: %s", item["path"], item["reason"])
+    if config.summary_json:
+        summary_json = Path(config.summary_json)
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
 def extract(config: ExtractConfig) -> int:
     """Stage one: a rerun onto a finished cache answers torch-free; otherwise the backbone runs."""
     from pipeline.common.dataset import index_dataset
     from pipeline.data.prepare import resolve_data
-    from pipeline.extract.freshness import log_up_to_date, quick_look_applies, quick_up_to_date
+    from pipeline.extract.freshness import log_up_to_date, quick_look_applies, quick_up_to_date, refresh_class_names
 
     config.check()
     locate = partial(resolve_data, config.data, download=config.download, url=config.url, md5=config.md5,
@@ -34,6 +60,7 @@ def extract(config: ExtractConfig) -> int:
         dataset = index_dataset(locate())
         found = quick_up_to_date(config, dataset)  # torch-free: a rerun onto a finished cache answers at once
         if found:
+            refresh_class_names(config.out, found, dataset)  # names are no setting: rewritten in place
             warn_random(describe_weights(config.weights, config.seed))
             for path, attrs in found.items():
                 log_up_to_date(path, attrs)

@@ -15,7 +15,7 @@ import torchvision
 
 import pipeline.common.backbone as backbone_module
 import run_extract
-from models import FC7_DIM, AlexNetClassifier, AlexNetFC7, LinearHead, weights_fingerprint
+from models import FC7_DIM, AlexNetClassifier, AlexNetLayers, LinearHead, weights_fingerprint
 from pipeline.common.backbone import imagenet_cache_file, load_backbone, resolve_device
 from pipeline.common.errors import UserError
 from pipeline.data.synthetic import make_tiny_imagenet
@@ -32,7 +32,7 @@ def seeded_alexnet(seed: int) -> torchvision.models.AlexNet:
     return torchvision.models.alexnet(weights=None)
 
 
-def assert_same_weights(backbone: AlexNetFC7, alexnet: torchvision.models.AlexNet) -> None:
+def assert_same_weights(backbone: AlexNetLayers, alexnet: torchvision.models.AlexNet) -> None:
     """The backbone holds exactly alexnet's features and fc6/fc7 tensors."""
     mine, theirs = backbone.state_dict(), alexnet.state_dict()
     assert set(mine) == {k for k in theirs if not k.startswith("classifier.6.")}
@@ -72,7 +72,7 @@ def run_cli(dataset: Path, out: Path, capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def random0() -> tuple[AlexNetFC7, str, str]:
+def random0() -> tuple[AlexNetLayers, str, str]:
     return load_backbone("random", seed=0)
 
 
@@ -80,13 +80,13 @@ def test_random_weights_are_seeded_torchvision_alexnet(random0, saved_alexnet):
     backbone, spec, fingerprint = random0
     assert spec == "random:seed=0"
     assert_same_weights(backbone, seeded_alexnet(0))
-    assert fingerprint == weights_fingerprint(AlexNetFC7(seeded_alexnet(0)))
+    assert fingerprint == weights_fingerprint(AlexNetLayers(seeded_alexnet(0)))
     assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
 
     backbone3, spec3, fingerprint3 = load_backbone("random", seed=3)
     assert spec3 == "random:seed=3"
     assert_same_weights(backbone3, saved_alexnet[1])  # that is seeded_alexnet(3)
-    assert fingerprint3 == weights_fingerprint(AlexNetFC7(saved_alexnet[1]))
+    assert fingerprint3 == weights_fingerprint(AlexNetLayers(saved_alexnet[1]))
     assert fingerprint3 != fingerprint
 
 
@@ -107,7 +107,7 @@ def test_weights_file_loads_with_the_fingerprint_of_the_saved_model(saved_alexne
     backbone, spec, fingerprint = load_backbone(str(path))
     assert spec == f"file:{path.resolve()}"
     assert_same_weights(backbone, model)
-    assert fingerprint == weights_fingerprint(AlexNetFC7(model))
+    assert fingerprint == weights_fingerprint(AlexNetLayers(model))
 
     out = tmp_path / "features"
     rc, err = run_cli(dataset, out, capsys, "--weights", str(path))
@@ -262,7 +262,7 @@ def test_imagenet_weights_in_the_hub_cache_load_without_download(torch_home, mon
     assert requests == []  # no download
     assert spec == "imagenet"
     assert_same_weights(backbone, model)
-    assert fingerprint == weights_fingerprint(AlexNetFC7(model))
+    assert fingerprint == weights_fingerprint(AlexNetLayers(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_device_names():
 
 
 @pytest.fixture
-def random_backbone(random0) -> AlexNetFC7:
+def random_backbone(random0) -> AlexNetLayers:
     return random0[0]
 
 
@@ -344,7 +344,7 @@ def test_weights_file_is_loaded_without_a_random_initialisation(saved_alexnet, t
     assert inits and all(tensor.device.type == "meta" for tensor, *_ in inits)  # initialised: nothing, for free
     assert_same_weights(backbone, model)
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in backbone.parameters())
-    assert fingerprint == weights_fingerprint(AlexNetFC7(model))
+    assert fingerprint == weights_fingerprint(AlexNetLayers(model))
 
     half = tmp_path / "half.pth"  # a file saved in float16 still gives a float32 backbone
     torch.save({k: v.half() for k, v in model.state_dict().items()}, half)

@@ -48,6 +48,7 @@ def read_csv(path: Path) -> list[dict]:
 def add_layer(path: Path, layer: str, features: np.ndarray) -> None:
     with h5py.File(path, "a") as f:
         f.create_dataset(layer, data=features, chunks=(min(256, len(features)), features.shape[1]))
+        f.attrs["layers"] = json.dumps(json.loads(f.attrs["layers"]) + [layer])  # a cache lists the layers it holds
 
 
 def write_layered_cache(folder: Path, *, classes: int = 4, train_per_class: int = 10, val_per_class: int = 5) -> Path:

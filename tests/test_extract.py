@@ -309,7 +309,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path, monkeypatch):
 
 def test_partial_or_missing_files_are_rejected(tmp_path):
     missing = tmp_path / "none" / "train.h5"
-    with pytest.raises(CacheError, match="run_extract.py"):
+    with pytest.raises(CacheError, match="no feature cache"):
         open_split(missing)
 
     partial = tmp_path / "train.h5"
@@ -331,7 +331,7 @@ def test_partial_or_missing_files_are_rejected(tmp_path):
 
     garbage = tmp_path / "val.h5"
     garbage.write_bytes(b"not hdf5 at all")
-    with pytest.raises(CacheError, match="--overwrite"):
+    with pytest.raises(CacheError, match="not a readable HDF5 file"):
         open_split(garbage)
 
 

@@ -22,6 +22,7 @@ import pytest
 
 import run_extract
 from features import cache, shards
+import features.writer
 from features.cache import CacheError, exclusive_writer, open_split
 from pipeline.extract import extractor as extract_module
 from pipeline.data.synthetic import make_tiny_imagenet
@@ -265,7 +266,7 @@ def test_disk_full_while_writing_a_shard_is_one_line_and_keeps_the_finished_ones
 def test_too_little_free_space_is_refused_before_writing(data, reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "features"
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     capsys.readouterr()
     assert run(data, out) == 2
     line = one_error_line(capsys)
@@ -323,7 +324,7 @@ def test_kill_after_the_rename_before_the_parts_are_removed(data, reference, tmp
 
     def killed_discard(folder):
         raise Killed
-    monkeypatch.setattr(cache, "discard", killed_discard)
+    monkeypatch.setattr(features.writer, "discard", killed_discard)  # assembly drops the parts
     with pytest.raises(Killed):
         run(data, out)
     monkeypatch.undo()
@@ -393,7 +394,7 @@ def test_reading_a_cache_while_it_is_written_says_so(tmp_path):
     out = tmp_path / "features"
     cache.parts_folder(out, "train").mkdir(parents=True)
     with exclusive_writer(out):
-        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()} right now; wait for run_extract.py"):
+        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()} right now"):
             open_split(out / "train.h5")
     with pytest.raises(CacheError, match="interrupted"):  # the writer is gone: then it was interrupted
         open_split(out / "train.h5")

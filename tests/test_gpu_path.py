@@ -18,7 +18,7 @@ import pipeline.common.backbone as backbone_module
 import pipeline.common.hardware as hardware
 import pipeline.common.preprocess as preprocess_module
 import run_extract
-from models import AlexNetFC7
+from models import AlexNetLayers
 from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, resolve_precision, set_precision, start_distributed
 from pipeline.common.errors import UserError
 from pipeline.extract.extractor import BatchReader
@@ -255,7 +255,7 @@ def test_float_resize_path_is_the_uint8_path_within_rounding(size, random_backbo
 
 
 @pytest.fixture(scope="module")
-def random_backbone() -> AlexNetFC7:
+def random_backbone() -> AlexNetLayers:
     return backbone_module.load_backbone("random", seed=0)[0]
 
 

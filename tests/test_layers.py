@@ -3,7 +3,8 @@
 run_*.py -> pipeline/ (its top-level modules compose the stages) -> one stage (data/, extract/, heads/, live/)
 -> pipeline/common/ -> features/, models/. No stage imports another stage.
 
-Imports are read with ``ast``, including those inside functions, so a lazy import counts as an arrow too.
+Imports are read with ``ast``, including those inside functions and under ``if TYPE_CHECKING:``, so a lazy
+or type-only import counts as an arrow too.
 """
 from __future__ import annotations
 
@@ -46,26 +47,15 @@ def project_modules() -> dict[str, Path]:
     return modules
 
 
-def _type_checking_only(tree: ast.AST) -> set[int]:
-    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks: names for annotations, never run."""
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            skip |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
-    return skip
-
-
 def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
     """The project modules ``path`` imports, anywhere in the file (``from pkg import mod`` names the module).
 
-    Imports inside functions count; those under ``if TYPE_CHECKING:`` (annotations only) do not.
+    Imports inside functions count, and so do those under ``if TYPE_CHECKING:``: a type-only import is an
+    arrow too (a cycle through one still ties the two modules together).
     """
     found = set()
     tree = ast.parse(path.read_text(), filename=str(path))
-    skip = _type_checking_only(tree)
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -157,3 +147,11 @@ def test_the_checker_sees_a_back_arrow(tmp_path):
     modules = {"features.cache": tmp_path / "cache.py", "pipeline.common.errors": tmp_path / "errors.py"}
     modules["features.cache"].write_text("def f():\n    from pipeline.common.errors import UserError\n")
     assert imports_of(modules["features.cache"], modules) == {"pipeline.common.errors"}
+
+
+def test_the_checker_sees_a_type_only_import(tmp_path):
+    """An import under ``if TYPE_CHECKING:`` is an arrow too, so a type-only cycle is caught."""
+    modules = {"features.shards": tmp_path / "shards.py", "features.cache": tmp_path / "cache.py"}
+    modules["features.shards"].write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                          "    from features.cache import CacheSettings\n")
+    assert imports_of(modules["features.shards"], modules) == {"features.cache"}

@@ -111,13 +111,14 @@ def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: in
                                        dataset_signature=f"synthetic-{split}")
         parts = cache.parts_folder(folder, split)
         cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
-        cache.write_shard(parts, 0, features, np.arange(len(labels)), [])
-        cache.assemble(folder, split, settings=settings, num_shards=1,
-                       paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
-                       wnids=wnids, names=names, compression=None,
-                       attrs={"weights_spec": "file:/synthetic.pth", "feature_dim": dim, "batch_size": 64,
-                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
-                              "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1})
+        cache.write_shard(parts, 0, {"fc7": features}, np.arange(len(labels)), [])
+        cache.assemble(cache.Assembly(folder, split, settings, num_shards=1, layers={"fc7": dim}, layer_order=("fc7",),
+                                      main="fc7"),
+                       cache.SplitRows(paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
+                                       wnids=wnids, names=names,
+                                       attrs={"weights_spec": "file:/synthetic.pth", "batch_size": 64,
+                                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
+                                              "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1}))
     return folder
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torchvision
 from torchvision.models import AlexNet_Weights
 
-from models import AlexNetFC7, weights_fingerprint
+from models import AlexNetLayers, weights_fingerprint
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.hardware import CPU_PRECISION, CUDA_PRECISION
 from pipeline.common.weights import describe_weights
@@ -42,11 +43,26 @@ def _imagenet_state_dict() -> dict:
                         f"copy {cached.name} there, or pass --weights PATH to a local copy") from None
 
 
+def load_refusal(err: BaseException) -> str:
+    """What torch's weights-only loader refused, in its own words, without its advice to load unsafely."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+             and "documentation" not in line]
+    return found[0].rstrip(".") if found else "an object that is not a tensor"
+
+
 def _file_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}; pass --weights imagenet, random, or an existing .pth file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never passed on
+        if "GLOBAL" in str(err):
+            raise UserError(f"{path} holds pickled objects besides tensors ({load_refusal(err)}), and is refused "
+                            "for safety; pass a plain state_dict of torchvision's AlexNet, such as "
+                            "alexnet-owt-7be5be79.pth") from None
+        raise UserError(f"{path} is not a readable PyTorch weights file ({load_refusal(err)}); "
+                        "pass a state_dict of torchvision's AlexNet, such as alexnet-owt-7be5be79.pth") from None
     except Exception as err:  # an empty file raises EOFError with no message
         reason = first_line(err)
         raise UserError(f"{path} is not a readable PyTorch weights file ({reason}); "
@@ -58,7 +74,7 @@ def _file_state_dict(path: Path) -> dict:
     return state
 
 
-def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetFC7, str, str]:
+def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetLayers, str, str]:
     """(backbone in eval mode on the CPU, recorded weights spec, weights fingerprint).
 
     ``spec`` is 'imagenet', 'random' (exactly ``torch.manual_seed(seed); alexnet(weights=None)``),
@@ -82,7 +98,7 @@ def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetFC7, str, str]:
                             "pass a state_dict of torchvision.models.alexnet")
         # the file's tensors become the parameters, as float32 as load_state_dict's copy would make them
         alexnet.load_state_dict({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}, assign=True)
-    backbone = AlexNetFC7(alexnet)
+    backbone = AlexNetLayers(alexnet)
     return backbone, recorded, weights_fingerprint(backbone)
 
 
@@ -162,14 +178,14 @@ def set_precision(device: torch.device, precision: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def place_backbone(backbone: AlexNetFC7, device: torch.device, precision: str) -> AlexNetFC7:
+def place_backbone(backbone: AlexNetLayers, device: torch.device, precision: str) -> AlexNetLayers:
     """The backbone on ``device`` in channels_last, its weights cast once to the precision's dtype."""
     set_precision(device, precision)
     return backbone.to(device=device, dtype=compute_dtype(precision), memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
-def warm_up(backbone: AlexNetFC7, preprocess, device: torch.device, batch_size: int) -> None:
+def warm_up(backbone: AlexNetLayers, preprocess, device: torch.device, batch_size: int) -> None:
     """On CUDA, one untimed forward of a full batch: cuDNN's and cuBLAS's start-up (and the caching
     allocator's first blocks) then happen before the timed loop. Nothing to warm on the CPU."""
     if device.type != "cuda":

@@ -5,9 +5,10 @@ The entry scripts build their argparse defaults from these dataclasses, so a def
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
@@ -46,7 +47,9 @@ class ExtractConfig:
     dtype: str = "float32"  # storage dtype of the features
     batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # DataLoader workers; None: 1 on CPU; on CUDA the usable CPUs per local rank - 1, up to 16
-    preprocess: Preprocess = field(default_factory=Preprocess)
+    image_size: int = 224  # the side of the network input
+    resize_size: int = 256  # "crop": the shorter side before the centre crop (raised to image_size if smaller)
+    resize_mode: str = "crop"  # "crop" (AlexNet eval transform) or "resize" (squash to image_size)
     shard_size: int = 2048  # rows per resumable shard
     compression: str | None = None  # None, "gzip" or "lzf"
     overwrite: bool = False
@@ -55,14 +58,24 @@ class ExtractConfig:
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = True
     layers: tuple[str, ...] = ("fc7",)  # cached layers: pool5, fc6, fc7 (one backbone pass fills them all)
+    prepare_only: bool = False  # prepare and check the data, log a summary, stop
+    summary_json: Path | None = None  # also write the preparation summary here
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The one preprocessing definition these settings name (a resize below the input is raised to it)."""
+        try:
+            return Preprocess(image_size=self.image_size, resize_size=max(self.resize_size, self.image_size),
+                              mode=self.resize_mode)
+        except ValueError as err:
+            raise UserError(f"bad preprocessing options: {err}") from None
 
     def check(self) -> None:
-        from features.cache import LAYER_DATASETS  # h5py: not at import, the torch-free live runtimes import this module
-
-        unknown = [layer for layer in self.layers if layer not in LAYER_DATASETS]
+        unknown = [layer for layer in self.layers if layer not in LAYERS]  # the backbone knows its layers
         if unknown or not self.layers:
-            raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYER_DATASETS)}")
-        self.layers = tuple(layer for layer in LAYER_DATASETS if layer in self.layers)  # network order, once each
+            raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
+        self.layers = tuple(network_order(set(self.layers)))  # network order, once each
+        self.preprocess  # noqa: B018 - raises UserError for options no preprocessing can follow
         check_seed(self.seed)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS)}")
@@ -115,15 +128,13 @@ class HeadConfig:
         return default if self.weight_decay is None else self.weight_decay
 
     def check(self) -> None:
-        from features.cache import LAYER_DATASETS  # h5py: not at import, the torch-free live runtimes import this module
-
         for name, values in (("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--head", self.head),
                              ("--layers", self.layers), ("--shots", self.shots), ("--k", self.k)):
             if values is not None and not values:
                 raise UserError(f"{name} needs at least one value")
-        unknown_layers = [layer for layer in self.layers if layer not in LAYER_DATASETS]
+        unknown_layers = [layer for layer in self.layers if layer not in LAYERS]
         if unknown_layers:
-            raise UserError(f"--layers {','.join(unknown_layers)}: use {', '.join(LAYER_DATASETS)} (a comma list compares them)")
+            raise UserError(f"--layers {','.join(unknown_layers)}: use {', '.join(LAYERS)} (a comma list compares them)")
         if any(shots is not None and shots < 1 for shots in self.shots):
             raise UserError(f"--shots must be a positive number of images per class or 'all', got "
                             f"{','.join('all' if s is None else str(s) for s in self.shots)}")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # compute precision of the backbone (the head always runs in fp32)
-DTYPES = ("float32", "float16")  # storage dtype of cached features
+from features.settings import DTYPES, PRECISIONS  # noqa: F401 - defined where the cache records them
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")  # what is indexed as an image, in datasets and live folders (what the decoder reads)
 CHECKPOINT_FORMAT = "linear-head/1"  # a head checkpoint: an nn.Linear on one cached layer (any head that saves one)
 

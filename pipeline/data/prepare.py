@@ -21,8 +21,25 @@ log = logging.getLogger(__name__)
 def resolve_data(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
                  md5: str | None = TINY_IMAGENET_MD5, progress: bool | None = None) -> Path:
     """Turn ``--data`` (a folder or the official zip, whatever its name) into the folder that holds ``wnids.txt``."""
+    if data:
+        check_recordable(Path(data))  # before anything is unpacked or downloaded
     if download:
-        return download_dataset(Path(data) if data else DEFAULT_DATA.parent, url=url, md5=md5, progress=progress)
+        return check_recordable(download_dataset(Path(data) if data else DEFAULT_DATA.parent, url=url, md5=md5,
+                                                 progress=progress))
+    return check_recordable(_resolve_local(data, progress))
+
+
+def check_recordable(root: Path) -> Path:
+    """The dataset folder, when the cache can record it: its path must be UTF-8 text (HDF5 stores text so)."""
+    try:
+        str(root.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"the dataset folder {os.fsencode(root)!r} has a name that is not UTF-8, which the cache "
+                        "cannot record; rename it (or move the dataset to a UTF-8 path) and pass that with --data") from None
+    return root
+
+
+def _resolve_local(data: str | os.PathLike | None, progress: bool | None) -> Path:
     path = Path(data) if data else DEFAULT_DATA
     if not path.exists():
         if data is None and DEFAULT_DATA.with_suffix(".zip").is_file():
@@ -95,7 +112,17 @@ def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, u
     skipped = {name: [Skipped(**item) for item in split.excluded] + verify_images(dataset.root, split.paths, progress=progress)
                for name, split in dataset.splits.items()}
     enforce_skip_policy([s for found in skipped.values() for s in found], strict=strict)
-    return prepare_summary(dataset, skipped)
+    summary = prepare_summary(dataset, skipped)
+    for name, split in summary["splits"].items():  # extraction could store nothing for this split
+        if split["indexed"] and not split["images"]:
+            raise UserError(f"{name} has no decodable images: all {split['indexed']} in {dataset.root} were skipped "
+                            f"(first: {summary_first_skip(summary, name)}); replace them and rerun")
+    return summary
+
+
+def summary_first_skip(summary: dict, split: str) -> str:
+    first = next((s for s in summary["skipped"] if s["path"].startswith(f"{split}/")), None)
+    return f"{first['path']}: {first['reason']}" if first else "none listed"
 
 
 def prepare_summary(dataset: TinyImageNet, skipped: dict[str, list]) -> dict:

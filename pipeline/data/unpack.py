@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from features.atomic import write_atomic
 from pipeline.common.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -91,18 +92,37 @@ def inspect_zip(zip_path: Path) -> ZipContents:
     return ZipContents(members, unpacked, {**_stat_identity(zip_path), "members": digest.hexdigest()})
 
 
+# the marker's fields: (type, range check, what is expected in words)
+MARKER_FIELDS = {
+    "zip": (str, bool, "the zip's path"),
+    "size": (int, lambda v: v >= 0, "a byte count >= 0"),
+    "mtime_ns": (int, lambda v: True, "a time in nanoseconds"),
+    "members": (str, lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v), "a sha256 in hex"),
+}
+
+
 def _read_marker(folder: Path) -> dict | None:
+    """The checked marker of a folder this tool unpacked; None when there is none, or one from an older version
+    (plain text: the zip it came from is unknown). A JSON marker with a field of the wrong type or range is
+    one line naming the file and the field."""
+    path = folder / MARKER
     try:
-        recorded = json.loads((folder / MARKER).read_text())
+        recorded = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # no marker, or one from an older version: the zip it came from is unknown
-    return recorded if isinstance(recorded, dict) else None
+        return None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path} is {type(recorded).__name__}, not this tool's marker (a JSON object); move the "
+                        f"folder {folder} aside and rerun")
+    for name, (kind, in_range, expected) in MARKER_FIELDS.items():
+        value = recorded.get(name)
+        if type(value) is not kind or not in_range(value):
+            raise UserError(f"{path}: field {name} is {value!r}, expected {expected}; move the folder {folder} "
+                            "aside (or delete it if this tool unpacked it) and rerun")
+    return recorded
 
 
 def _write_marker(folder: Path, identity: dict) -> None:
-    tmp = folder / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(identity, indent=1) + "\n")
-    os.replace(tmp, folder / MARKER)
+    write_atomic(folder / MARKER, json.dumps(identity, indent=1) + "\n")
 
 
 def _is_dataset(folder: Path) -> bool:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,58 +27,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features import cache
-from features.errors import describe_error
-from models import LAYER_DIMS, MIN_IMAGE_SIZE
+from features.errors import NoRows, describe_error
+from models.layers import LAYER_DIMS, MIN_IMAGE_SIZE, network_order
 from pipeline.common.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
-                               warm_up)
+                                      warm_up)
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
-from pipeline.extract.freshness import log_up_to_date, split_settings
 from pipeline.common.hardware import available_memory, default_workers, log_precision_hint
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.weights import weights_stamp
+from pipeline.extract.freshness import refresh_class_names, split_settings
+from pipeline.extract.results import ExtractResult, SplitResult
+
+__all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "resize_in_workers"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SplitResult:
-    """What extraction did for one split."""
-
-    split: str
-    file: Path
-    rows: int  # rows in the finished file (on ranks other than 0: images this rank processed)
-    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
-    up_to_date: bool = False  # the file was already complete with these settings: nothing was done
-    assembled: bool = True  # this process wrote the file (under torchrun only rank 0 does)
-    seconds: float | None = None
-    images_per_s: float | None = None
-
-    def log(self) -> None:
-        if self.up_to_date:
-            log_up_to_date(self.file, {"split": self.split, "num_rows": self.rows})
-        elif self.assembled:
-            log.info("%s: %d images in %.1f s (%.1f img/s), %d skipped -> %s (%.1f MiB)", self.split, self.rows,
-                     self.seconds or 0, self.images_per_s or 0, len(self.skipped), self.file,
-                     self.file.stat().st_size / 2**20)
-            for item in self.skipped:
-                log.info("  skipped %s: %s", item["path"], item["reason"])
-
-
-@dataclass
-class ExtractResult:
-    """What one run of stage one did, split by split."""
-
-    out: Path
-    dataset: Path
-    weights_spec: str
-    weights_fingerprint: str
-    device: str
-    batch_size: int
-    world_size: int
-    splits: dict[str, SplitResult] = field(default_factory=dict)
 
 
 class BatchReader(Dataset):
@@ -121,6 +86,21 @@ def _shards(num_rows: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every split of one extraction shares: the settings, the backbone, and where this process stands."""
+
+    config: ExtractConfig
+    preprocess: Preprocess
+    backbone: object  # models.AlexNetLayers, placed on the device
+    device: torch.device
+    batch_size: int
+    workers: int
+    weights_spec: str
+    rank: int = 0
+    world: int = 1
+
+
 def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
     """Fill ``config.out`` with train.h5 and val.h5.
 
@@ -128,8 +108,9 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     indexed (saves indexing twice).
     """
     config.check()
-    if config.preprocess.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size {config.preprocess.image_size} is too small: AlexNet needs at least "
+    preprocess = config.preprocess
+    if preprocess.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size {preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     rank, world, device = start_distributed(config.device)  # under torchrun: one GPU per rank, NCCL or gloo
     config = replace(config, precision=resolve_precision(config.precision, device))  # None: bf16 on CUDA, else fp32
@@ -137,52 +118,62 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
         log_precision_hint(device.type, config.precision)
     batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
     workers = config.workers if config.workers is not None else default_workers(device.type)
-    _check_batch_memory(config, batch_size)
-
-    if dataset is None or config.download or config.arrange_val or world > 1:
-        # rank 0 alone downloads or unpacks; the others learn the folder from it
-        root = locate() if rank == 0 else None
-        if rank == 0 and config.arrange_val:
-            log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
-        if world > 1:
-            shared = [str(root) if root else None]
-            dist.broadcast_object_list(shared, src=0)
-            root = Path(shared[0])
-        dataset = index_dataset(root)
+    _check_batch_memory(preprocess, batch_size)
+    dataset = _dataset(config, locate, dataset, rank, world)
     backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
     out = Path(config.out)
-
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
     settings = {split: split_settings(dataset, split, config, fingerprint) for split in config.splits}
-    if world == 1 and not config.overwrite:  # the full check reads only: no lock when nothing is to be written
-        plans = {split: _plan(cache.split_file(out, split), settings[split], config.layers, False)
-                 for split in config.splits}
-        if all(attrs is not None and not todo for attrs, todo in plans.values()):
-            for split, (attrs, _) in plans.items():
-                result.splits[split] = SplitResult(split, cache.split_file(out, split), attrs["num_rows"],
-                                                   json.loads(attrs["skipped"]), up_to_date=True)
-            return result
+    if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
+        return result  # the full check reads only: no lock when nothing is to be written
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
     try:
         with lock:
             if world > 1:
                 dist.barrier()  # nobody writes before rank 0 holds the lock
             backbone = place_backbone(backbone, device, config.precision)
-            warm_up(backbone, config.preprocess, device, batch_size)  # CUDA start-up before the timed loop
+            warm_up(backbone, preprocess, device, batch_size)  # CUDA start-up before the timed loop
+            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world)
             for split in config.splits:
-                result.splits[split] = _extract_split(
-                    dataset, split, settings[split], config, backbone=backbone, device=device, batch_size=batch_size,
-                    workers=workers, weights_spec=weights_spec, rank=rank, world=world)
+                result.splits[split] = _extract_split(run, dataset, split, settings[split])
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return result
 
 
-def _check_batch_memory(config: ExtractConfig, batch_size: int) -> None:
+def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None, rank: int,
+             world: int) -> TinyImageNet:
+    """The indexed dataset: rank 0 alone downloads or unpacks it; the other ranks learn the folder from it."""
+    if dataset is not None and not (config.download or config.arrange_val or world > 1):
+        return dataset
+    root = locate() if rank == 0 else None
+    if rank == 0 and config.arrange_val:
+        log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(index_dataset(root)), root)
+    if world > 1:
+        shared = [str(root) if root else None]
+        dist.broadcast_object_list(shared, src=0)
+        root = Path(shared[0])
+    return index_dataset(root)
+
+
+def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict, result: ExtractResult) -> bool:
+    """Whether every split's file is complete with these settings and layers (then ``result`` says so)."""
+    plans = {split: _plan(cache.split_file(config.out, split), settings[split], config.layers, False)
+             for split in config.splits}
+    if not all(attrs is not None and not todo for attrs, todo in plans.values()):
+        return False
+    refresh_class_names(Path(config.out), {cache.split_file(config.out, s): a for s, (a, _) in plans.items()}, dataset)
+    for split, (attrs, _) in plans.items():
+        result.splits[split] = SplitResult(split, cache.split_file(config.out, split), attrs["num_rows"],
+                                           json.loads(attrs["skipped"]), up_to_date=True)
+    return True
+
+
+def _check_batch_memory(preprocess: Preprocess, batch_size: int) -> None:
     """A batch of resized float images must fit in memory: a huge --image-size or --batch-size is one line."""
-    side = config.preprocess.resize_size
+    side = preprocess.resize_size
     need = batch_size * 3 * side * side * 4 * 3  # the resized uint8 + float copies and the first conv's input
     available = available_memory()
     if available is not None and need > available:
@@ -196,24 +187,24 @@ def _plan(path: Path, settings: cache.CacheSettings, layers: tuple[str, ...],
     """(attributes of the complete file at ``path`` to build on, or None; the layers to compute).
 
     Nothing to compute: up to date. A file with equal settings that lacks layers gains them; any other
-    file is an error, unless ``overwrite`` (which always re-extracts every requested layer).
+    file is an error, unless ``overwrite`` (which always re-extracts every requested layer, whatever is there).
     """
-    attrs = cache.read_attrs(path)
+    if overwrite:
+        return None, layers
+    attrs = cache.read_attrs(path)  # checked: a damaged or edited file is one line here
     if attrs is None:
         return None, layers
-    existing = cache.CacheSettings.from_attrs(attrs) if attrs.get("complete") else None
-    if existing == settings and not overwrite:
+    existing = cache.CacheSettings.from_attrs(attrs) if attrs.get("complete") is True else None
+    if existing == settings:
         held = cache.held_layers(attrs)
         return attrs, tuple(layer for layer in layers if layer not in held)
-    if not overwrite:
-        changed = ", ".join(existing.differences(settings)) if existing else "it is incomplete"
-        why = ""
-        if existing and changed == "files_signature":
-            why = (" (made before image sizes and times were recorded)" if existing.files_signature is None
-                   else " (an image changed since: its size or modification time)")
-        raise UserError(f"{path} was extracted with other settings ({changed}){why}; "
-                        "pass --overwrite to replace it, or another --out")
-    return None, layers
+    changed = ", ".join(existing.differences(settings)) if existing else "it is incomplete"
+    why = ""
+    if existing and changed == "files_signature":
+        why = (" (made before image sizes and times were recorded)" if existing.files_signature is None
+               else " (an image changed since: its size or modification time)")
+    raise UserError(f"{path} was extracted with other settings ({changed}){why}; "
+                    "pass --overwrite to replace it, or another --out")
 
 
 def device_detail(device: torch.device) -> dict:
@@ -225,102 +216,148 @@ def device_detail(device: torch.device) -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def _extract_split(dataset: TinyImageNet, split: str, settings: cache.CacheSettings, config: ExtractConfig, *,
-                   backbone, device: torch.device, batch_size: int, workers: int, weights_spec: str,
-                   rank: int, world: int) -> SplitResult:
-    out = Path(config.out)
-    final = cache.split_file(out, split)
+def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings) -> SplitResult:
+    """One split: up to date, or its missing layers computed shard by shard and assembled into its file."""
+    config = run.config
+    final = cache.split_file(config.out, split)
     kept, layers = _plan(final, settings, config.layers, config.overwrite)
     if kept is not None and not layers:
+        if run.rank == 0:
+            refresh_class_names(Path(config.out), {final: kept}, dataset, locked=True)
         return SplitResult(split, final, kept["num_rows"], json.loads(kept["skipped"]), up_to_date=True)
-    if kept is not None and rank == 0:
+    if kept is not None and run.rank == 0:
         log.info("%s: adding %s to %s (its %s stay as they are)", split, ", ".join(layers), final,
                  ", ".join(cache.held_layers(kept)))
-
     if dataset.splits[split].excluded:  # names the cache cannot store: skipped and listed, or an error with --strict
         enforce_skip_policy([Skipped(**item) for item in dataset.splits[split].excluded], strict=config.strict)
-    paths, labels = dataset.splits[split].paths, dataset.splits[split].labels
+    shards = _shards(len(dataset.splits[split].paths), config.shard_size)
+    parts = _start_parts(run, split, settings, layers, num_rows=len(shards) and shards[-1].stop,
+                         replace_old=kept is None)
+    start = time.perf_counter()
+    computed = _compute_shards(run, dataset, split, parts, shards, layers)
+    seconds = time.perf_counter() - start
+    if run.world > 1:
+        dist.barrier()  # every rank's shards are on disk
+    if run.rank != 0:
+        return SplitResult(split, final, computed, assembled=False, seconds=round(seconds, 2), computed=computed)
+    record = _assemble(run, dataset, split, settings, len(shards), layers, kept)
+    return SplitResult(split, final, record["num_rows"], json.loads(record["skipped"]), seconds=round(seconds, 2),
+                       images_per_s=round(computed / seconds, 1) if computed and seconds > 0 else None,
+                       computed=computed)
+
+
+def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tuple[str, ...], *, num_rows: int,
+                 replace_old: bool) -> Path:
+    """The parts folder for this split's shards, made (or kept, to resume) on rank 0."""
+    out, final = Path(run.config.out), cache.split_file(run.config.out, split)
     parts = cache.parts_folder(out, split)
-    shards = _shards(len(paths), config.shard_size)
-    if world > 1:
+    if run.world > 1:
         dist.barrier()  # every rank has read the old file before rank 0 removes it
-    if rank == 0:
-        if kept is None and final.exists():  # --overwrite: the old file and any partial work are replaced
+    if run.rank == 0:
+        if replace_old and final.exists():  # --overwrite: the old file and any partial work are replaced
             final.unlink()
             cache.discard(parts)
         # shards from another batch size, device or set of layers would not match: they are discarded
-        cache.start_parts(parts, settings, batch_size=batch_size, shard_size=config.shard_size, num_rows=len(paths),
-                          device=device.type, device_detail=device_detail(device), layers=list(layers))
-    if world > 1:
+        cache.start_parts(parts, settings, batch_size=run.batch_size, shard_size=run.config.shard_size,
+                          num_rows=num_rows, device=run.device.type,
+                          device_detail=device_detail(run.device), layers=list(layers))
+    if run.world > 1:
         dist.barrier()
-    done = cache.done_shards(parts)
-    mine = [i for i in range(len(shards)) if i % world == rank and i not in done]
-    batches = [(i, np.arange(b, min(b + batch_size, shards[i].stop)))
-               for i in mine for b in range(shards[i].start, shards[i].stop, batch_size)]
-    in_workers = resize_in_workers(device)
-    reader = BatchReader(dataset.root, paths, batches, config.preprocess if in_workers else None)
-    loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    storage = getattr(torch, config.dtype)
+    return parts
 
-    already = sum(len(shards[i]) for i in done)
-    bar = tqdm(total=len(paths), initial=already, desc=f"extract {split}", unit="img", dynamic_ncols=True,
-               disable=not config.progress or rank != 0, smoothing=0.1)
+
+def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, shards: list[range],
+                    layers: tuple[str, ...]) -> int:
+    """Compute this rank's unfinished shards and write each as it fills. Returns the images this run read."""
+    config, paths = run.config, dataset.splits[split].paths
+    done = cache.done_shards(parts)
+    mine = [i for i in range(len(shards)) if i % run.world == run.rank and i not in done]
+    batches = [(i, np.arange(b, min(b + run.batch_size, shards[i].stop)))
+               for i in mine for b in range(shards[i].start, shards[i].stop, run.batch_size)]
+    in_workers = resize_in_workers(run.device)
+    reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None)
+    loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=run.workers,
+                        pin_memory=run.device.type == "cuda", persistent_workers=False)
+    forward = _Forward(run, layers, run.preprocess.normalize if in_workers else run.preprocess)
+    bar = tqdm(total=len(paths), initial=sum(len(shards[i]) for i in done), desc=f"extract {split}", unit="img",
+               dynamic_ncols=True, disable=not config.progress or run.rank != 0, smoothing=0.1)
     pending: dict[int, dict] = {}  # shard -> rows gathered so far
-    start = time.perf_counter()
     processed = 0
     with torch.inference_mode():
         for item in loader:
-            shard = item["shard"]
             if item["read_error"]:  # nothing of this shard is written: the rerun reads it again
                 error = item["read_error"]
                 raise UserError(f"cannot read {dataset.root / error['path']}: {error['reason']}; fix the drive or the "
                                 "file's permissions and rerun (finished shards are kept; this one is read again)")
+            shard = item["shard"]
             acc = pending.setdefault(shard, {"features": {layer: [] for layer in layers}, "positions": [],
                                              "skipped": [], "seen": 0})
-            if item["skipped"]:
-                enforce_skip_policy([Skipped(**s) for s in item["skipped"]], strict=config.strict)
-            if item["images"] is not None:
-                images = item["images"]
-                if isinstance(images, list):
-                    images = [im.to(device, non_blocking=True) for im in images]
-                else:
-                    images = images.to(device, non_blocking=True)
-                preprocess = config.preprocess.normalize if in_workers else config.preprocess
-                outputs = backbone.forward_layers(preprocess(images, backbone.dtype), layers)  # {layer: (B, dim)}
-                for layer, rows in outputs.items():
-                    acc["features"][layer].append(HostCopy(rows.to(storage)))  # on CUDA: pinned, without waiting
-            acc["positions"].append(item["positions"])
-            acc["skipped"] += item["skipped"]
-            acc["seen"] += item["count"]
+            forward.add(item, acc)
             processed += item["count"]
             if acc["seen"] == len(shards[shard]):
-                features = {layer: np.concatenate([copy.numpy() for copy in rows]) if rows
-                            else np.zeros((0, LAYER_DIMS[layer]), config.dtype) for layer, rows in acc["features"].items()}
-                cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
-                del pending[shard]
-                if world > 1:  # rank 0 shows everyone's progress: count the finished shards on disk
+                forward.write(parts, shard, pending.pop(shard))
+                if run.world > 1:  # rank 0 shows everyone's progress: count the finished shards on disk
                     bar.n = sum(len(shards[i]) for i in cache.done_shards(parts))
                     bar.refresh()
-            if world == 1:
+            if run.world == 1:
                 bar.update(item["count"])
     bar.close()
-    seconds = time.perf_counter() - start
+    return processed
 
-    if world > 1:
-        dist.barrier()  # every rank's shards are on disk
-    if rank != 0:
-        return SplitResult(split, final, processed, assembled=False, seconds=round(seconds, 2))
-    record = cache.assemble(
-        out, split, settings=settings, num_shards=len(shards), paths=paths, labels=labels,
-        wnids=dataset.wnids, names=dataset.names, compression=config.compression,
-        layers={layer: LAYER_DIMS[layer] for layer in layers}, keep=final if kept is not None else None,
-        skipped_before=dataset.splits[split].excluded,
-        attrs={"weights_spec": weights_spec, "weights_stamp": weights_stamp(weights_spec), "batch_size": batch_size,
-               "shard_size": config.shard_size, "dataset_root": str(dataset.root), "versions": _versions(),
-               "class_full_names": "\n".join(dataset.full_names), "world_size": world})
-    return SplitResult(split, final, record["num_rows"], json.loads(record["skipped"]), seconds=round(seconds, 2),
-                       images_per_s=round(processed / seconds, 1) if seconds > 0 else None)
+
+class _Forward:
+    """The backbone pass over one loaded batch, and a finished shard's rows written to its file."""
+
+    def __init__(self, run: Run, layers: tuple[str, ...], normalize: Callable):
+        self.run, self.layers, self.normalize = run, layers, normalize
+        self.storage = getattr(torch, run.config.dtype)
+
+    def add(self, item: dict, acc: dict) -> None:
+        """Run one batch (its skips listed, or an error with --strict) and keep its rows in ``acc``."""
+        if item["skipped"]:
+            enforce_skip_policy([Skipped(**s) for s in item["skipped"]], strict=self.run.config.strict)
+        if item["images"] is not None:
+            images = item["images"]
+            if isinstance(images, list):
+                images = [im.to(self.run.device, non_blocking=True) for im in images]
+            else:
+                images = images.to(self.run.device, non_blocking=True)
+            backbone = self.run.backbone
+            outputs = backbone.forward_layers(self.normalize(images, backbone.dtype), self.layers)  # {layer: (B, dim)}
+            for layer, rows in outputs.items():
+                acc["features"][layer].append(HostCopy(rows.to(self.storage)))  # on CUDA: pinned, without waiting
+        acc["positions"].append(item["positions"])
+        acc["skipped"] += item["skipped"]
+        acc["seen"] += item["count"]
+
+    def write(self, parts: Path, shard: int, acc: dict) -> None:
+        features = {layer: np.concatenate([copy.numpy() for copy in rows]) if rows
+                    else np.zeros((0, LAYER_DIMS[layer]), self.run.config.dtype)
+                    for layer, rows in acc["features"].items()}
+        cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
+
+
+def _assemble(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings, num_shards: int,
+              layers: tuple[str, ...], kept: dict | None) -> dict:
+    """Rank 0: the shards (and the layers kept from the file being extended) into ``<split>.h5``."""
+    config = run.config
+    every_layer = network_order(set(layers) | set(cache.held_layers(kept) if kept is not None else ()))
+    main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
+    job = cache.Assembly(out=Path(config.out), split=split, settings=settings, num_shards=num_shards,
+                         layers={layer: LAYER_DIMS[layer] for layer in layers}, layer_order=tuple(every_layer),
+                         main=main, compression=config.compression,
+                         keep=cache.split_file(config.out, split) if kept is not None else None)
+    rows = cache.SplitRows(
+        paths=dataset.splits[split].paths, labels=dataset.splits[split].labels, wnids=dataset.wnids,
+        names=dataset.names, skipped_before=list(dataset.splits[split].excluded),
+        attrs={"weights_spec": run.weights_spec, "weights_stamp": weights_stamp(run.weights_spec),
+               "batch_size": run.batch_size, "shard_size": config.shard_size, "dataset_root": str(dataset.root),
+               "versions": _versions(), "class_full_names": "\n".join(dataset.full_names), "world_size": run.world})
+    try:
+        return cache.assemble(job, rows)
+    except NoRows:
+        raise UserError(f"{split} has no decodable images: all {len(rows.paths)} were skipped as undecodable; "
+                        "replace them, or check them with --prepare-only") from None
 
 
 def _versions() -> str:

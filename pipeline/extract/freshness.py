@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -99,3 +100,24 @@ def log_up_to_date(path: Path, attrs: dict) -> None:
     """The one "up to date" line a split gets."""
     log.info("%s: up to date, %d rows in %s (%.1f MiB)", attrs["split"], attrs["num_rows"], path,
              path.stat().st_size / 2**20)
+
+
+def refresh_class_names(out: Path, found: dict[Path, dict], dataset: TinyImageNet, *, locked: bool = False) -> None:
+    """Bring the class names of up-to-date cache files in line with words.txt, in place.
+
+    Names are not settings: a renamed class changes no feature, so its file is not re-extracted; only its
+    names are rewritten (under the writer lock, unless the caller holds it), with a log line.
+    """
+    full_names = "\n".join(dataset.full_names)
+    stale = {path: attrs for path, attrs in found.items() if attrs.get("class_full_names") != full_names}
+    if not stale:
+        return
+    with nullcontext() if locked else cache.exclusive_writer(Path(out)):
+        for path, attrs in stale.items():
+            old = (attrs.get("class_full_names") or "").split("\n")
+            changed = sum(a != b for a, b in zip(old, dataset.full_names)) if len(old) == len(dataset.full_names) \
+                else len(dataset.full_names)
+            cache.rewrite_class_names(path, dataset.names, dataset.full_names)
+            attrs["class_full_names"] = full_names
+            log.info("%s: class names refreshed from words.txt (%d changed); the features stay as they are",
+                     path, changed)

@@ -6,7 +6,6 @@ read, so a damaged row is named by file and row instead of training or scoring o
 """
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
+from features.locking import writer_holding
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.hardware import available_memory  # noqa: F401 (also imported from here)
 
@@ -140,24 +140,8 @@ class StreamedFeatures:
 
 
 def extraction_in_progress(folder: Path) -> str | None:
-    """Who holds ``<folder>/.lock`` (run_extract.py's writer lock) right now, or None.
-
-    Only looked at when the lock file names a holder (the holder clears it on exit), and only with a shared,
-    non-blocking flock released at once, so a finished or killed extraction never counts.
-    """
-    try:
-        with open(Path(folder) / ".lock") as lock:
-            holder = lock.read().strip()
-            if not holder:
-                return None
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return holder
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    except OSError:
-        return None
-    return None
+    """Who holds ``<folder>/.lock`` (run_extract.py's writer lock) right now, or None."""
+    return writer_holding(folder)
 
 
 def _open_checked(path: Path, split: str, layer: str = "fc7") -> CachedSplit:

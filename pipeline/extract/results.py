@@ -1,0 +1,53 @@
+"""What extraction reports: per split, and for the whole run."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.extract.freshness import log_up_to_date
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitResult:
+    """What extraction did for one split."""
+
+    split: str
+    file: Path
+    rows: int  # rows in the finished file (on ranks other than 0: images this rank processed)
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    up_to_date: bool = False  # the file was already complete with these settings: nothing was done
+    assembled: bool = True  # this process wrote the file (under torchrun only rank 0 does)
+    seconds: float | None = None
+    images_per_s: float | None = None  # None: no image was computed by this run (all resumed)
+    computed: int | None = None  # images this run computed (the rest came from an interrupted run's shards)
+
+    def log(self) -> None:
+        if self.up_to_date:
+            log_up_to_date(self.file, {"split": self.split, "num_rows": self.rows})
+        elif self.assembled:
+            size = self.file.stat().st_size / 2**20
+            if self.computed == 0:  # every shard was left by an interrupted run: no speed to report
+                log.info("%s: %d images, all computed by an earlier, interrupted run; %d skipped -> %s (%.1f MiB)",
+                         self.split, self.rows, len(self.skipped), self.file, size)
+            else:
+                log.info("%s: %d images in %.1f s (%.1f img/s), %d skipped -> %s (%.1f MiB)", self.split, self.rows,
+                         self.seconds or 0, self.images_per_s or 0, len(self.skipped), self.file, size)
+            for item in self.skipped:
+                log.info("  skipped %s: %s", item["path"], item["reason"])
+
+
+@dataclass
+class ExtractResult:
+    """What one run of stage one did, split by split."""
+
+    out: Path
+    dataset: Path
+    weights_spec: str
+    weights_fingerprint: str
+    device: str
+    batch_size: int
+    world_size: int
+    splits: dict[str, SplitResult] = field(default_factory=dict)
