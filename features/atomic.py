@@ -10,10 +10,14 @@ from typing import Callable
 
 
 def write_atomic(path: Path, data: str | bytes | None = None, *, write: Callable[[Path], None] | None = None,
-                 suffix: str = ".tmp") -> Path:
+                 suffix: str = ".tmp", durable: bool = False) -> Path:
     """Write ``data`` (text as UTF-8, or bytes), or call ``write(tmp)`` to fill the temporary file, then
     rename it to ``path``. On an error the temporary file is removed and the error raised; ``path`` is left
-    as it was. (A kill leaves the temporary file: a rerun writes it afresh.)"""
+    as it was. (A kill leaves the temporary file: a rerun writes it afresh.)
+
+    ``durable``: flush the temporary file to the disk before the rename (for files a later step trusts,
+    such as a checkpoint or a run's manifest), so a power cut cannot leave a renamed but empty file.
+    """
     if (data is None) == (write is None):
         raise TypeError("pass data or write, not both")
     path = Path(path)
@@ -21,10 +25,15 @@ def write_atomic(path: Path, data: str | bytes | None = None, *, write: Callable
     try:
         if write is not None:
             write(tmp)
-        elif isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
         else:
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ import torch
 
 import run_train_head
 from features.cache import exclusive_writer
+from features import atomic
 from pipeline.common import checkpoint as checkpoint_module
 from pipeline.heads import report
 from pipeline.common import run_folder
@@ -186,7 +187,7 @@ def test_disk_full_while_writing_the_run(cache, old_run, monkeypatch, capsys, st
 
         def save(checkpoint, path):
             if Path(path).name == step:
-                monkeypatch.setattr(checkpoint_module, "open", FullFile, raising=False)  # the real write path fails
+                monkeypatch.setattr(atomic, "open", FullFile, raising=False)  # the real write path fails
             real(checkpoint, path)
 
         monkeypatch.setattr(train_head, "save_checkpoint", save)

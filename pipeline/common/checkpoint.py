@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from features.atomic import write_atomic
 from models import LAYER_DIMS
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
@@ -58,15 +58,7 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
         raise UserError(f"the head to be saved as {path} has NaN or Inf weights (training diverged); lower --lr")
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, buffer.getvalue(), durable=True)
 
 
 def _load_reason(err: BaseException) -> str:

@@ -183,6 +183,18 @@ def read_class_names(root: Path, wnids: list[str]) -> tuple[list[str], list[str]
     return [name.split(",")[0].strip() for name in full], full
 
 
+def _add_class_folders(split: Split, root: Path, split_name: str, wnids: list[str], label_of: dict[str, int],
+                       ignored: list[str]) -> None:
+    """Append the images of ``root/split_name/<wnid>`` for each wnid, in order; warn about empty folders."""
+    empty = []
+    for wnid in wnids:
+        images = _class_images(root, f"{split_name}/{wnid}", ignored, split.excluded)
+        empty += [] if images else [wnid]
+        split.paths += images
+        split.labels += [label_of[wnid]] * len(images)
+    _warn_empty(root / split_name, empty)
+
+
 def index_dataset(root: Path) -> TinyImageNet:
     """Read and check the layout under ``root`` (the folder with wnids.txt). Reads no image."""
     root = Path(root)
@@ -211,13 +223,7 @@ def index_dataset(root: Path) -> TinyImageNet:
             parts.append(f"wnids with no folder: {_examples(missing)}")
         raise UserError(f"{train_dir} disagrees with wnids.txt ({'; '.join(parts)}); fix the folders or wnids.txt")
     train = Split()
-    empty = []
-    for wnid in wnids:
-        images = _class_images(root, f"train/{wnid}", ignored, train.excluded)
-        empty += [] if images else [wnid]
-        train.paths += images
-        train.labels += [label_of[wnid]] * len(images)
-    _warn_empty(train_dir, empty)
+    _add_class_folders(train, root, "train", wnids, label_of, ignored)
 
     splits = {"train": train, "val": _index_val(root, wnids, label_of, ignored)}
     for split_name, split in splits.items():
@@ -278,14 +284,7 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
         if annotations.is_file():  # the annotations are there, the images folder is not
             raise UserError(f"{images_dir} not found and {val_dir} has no class folders; restore val/images/")
         raise UserError(f"{annotations} not found and {val_dir} has no class folders; restore val_annotations.txt")
-    empty = []
-    for wnid in wnids:
-        if wnid in folders:
-            images = _class_images(root, f"val/{wnid}", ignored, val.excluded)
-            empty += [] if images else [wnid]
-            val.paths += images
-            val.labels += [label_of[wnid]] * len(images)
-    _warn_empty(val_dir, empty)
+    _add_class_folders(val, root, "val", [wnid for wnid in wnids if wnid in folders], label_of, ignored)
     return val
 
 

@@ -19,6 +19,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from features.atomic import write_atomic
 from features.locking import hold_lock
 from pipeline.common.errors import UserError
 
@@ -61,12 +62,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(content, indent=2, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(content, indent=2, allow_nan=False) + "\n", durable=True)
 
 
 def _is_name(value) -> bool:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API, as pipeline.heads.report
 
+from features.atomic import write_atomic
 from pipeline.heads.report import shown
 
 COLUMNS = ["layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
@@ -43,12 +45,11 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
     ``title``: the folder experiments.md names (default ``out``; a staged grid names its final folder).
     """
     records = [row.record(out) for row in rows]
-    tmp = out / "experiments.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(records)
-    os.replace(tmp, out / "experiments.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomic(out / "experiments.csv", table.getvalue())
 
     lines = [f"# Head experiments: {shown(title or out)}", ""]
     if best is not None:
@@ -62,9 +63,7 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
               f"{r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |" for r in records]
     lines += ["", "Seconds include loading the features; the rows of one kNN run (one per k) share one search. "
               "Hyper-parameters (best epoch, weight decay, k) are picked on val, so val top-1 is slightly optimistic."]
-    tmp = out / "experiments.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "experiments.md")
+    write_atomic(out / "experiments.md", "\n".join(lines) + "\n")
     plot_experiments(rows, out / "experiments.png")
 
 
@@ -84,6 +83,4 @@ def plot_experiments(rows: list[Experiment], path: Path) -> None:
     ax.set_title("head experiments")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

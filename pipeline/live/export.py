@@ -10,7 +10,6 @@ once whole. Needs the optional extra (requirements-deploy.txt): torch's exporter
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import ONNX_FORMAT, VERSION
 from pipeline.common.preprocess import Preprocess
 from pipeline.live.checks import check_checkpoint_fields
+from pipeline.live.onnx_runtimes import file_sha256
 from pipeline.live.torch_classifier import build_classifier
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ class Probabilities(nn.Module):
 
 def sidecar_path(onnx_path: Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_preprocess(preprocess: Preprocess) -> dict:

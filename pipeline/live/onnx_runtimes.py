@@ -36,7 +36,8 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (the exported graph is hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
@@ -65,7 +66,7 @@ def read_sidecar(onnx_path: Path) -> dict:
     if (classes < 1 or len(meta["class_wnids"]) != classes or len(meta["class_names"]) != classes
             or not all(isinstance(name, str) for name in meta["class_wnids"] + meta["class_names"])):
         raise UserError(f"{path}: its {classes} classes and its class lists do not agree; {EXPORT}")
-    if _sha256(onnx_path) != meta["onnx_sha256"]:
+    if file_sha256(onnx_path) != meta["onnx_sha256"]:
         raise UserError(f"{path} describes another graph than {onnx_path} (its sha256 differs): the classes and "
                         f"preprocessing would be another head's; {EXPORT}")
     return meta
