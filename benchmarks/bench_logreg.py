@@ -1,0 +1,153 @@
+"""The logreg head against its optimum and against scikit-learn, on fc7-shaped generated features.
+
+    python -m benchmarks.bench_logreg                       # 40 classes, 4,000 x 4,096, the default path
+    python -m benchmarks.bench_logreg --rows 1000 --dim 512 --no-sklearn     # a quick look
+
+The features are clustered and sparse like a random backbone's post-ReLU fc7: each class has a Gaussian
+prototype, a row is ReLU(signal x prototype + noise - offset), and ``--dead`` of the units never fire
+(their column is all zero). They are standardized as the head does. Then, over the default penalty path
+(strongest first, warm-started):
+
+- the default run (pipeline.heads.logreg.fit_logreg with its default tolerance and budget), timed;
+- a tightly converged solve of each penalty (torch's L-BFGS in float64, max |grad| <= 1e-9, warm-started
+  from the default run's result: one convex optimum), the reference objective;
+- scikit-learn's LogisticRegression (lbfgs, C = 1 / (N x weight_decay), its default tol, warm-started along the
+  same path), timed, in this process, only here: scikit-learn is not a project dependency.
+
+Target: every penalty's objective within 1e-4 relative of the reference, in at most 1/3 of scikit-learn's
+time. Writes benchmarks/results/logreg-<cpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.common.config import HeadConfig
+from pipeline.common.hardware import cpu_kind
+from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve
+from pipeline.heads.softmax import InMemorySoftmax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def generate(rows: int, classes: int, dim: int, dead: float, signal: float, seed: int):
+    """(rows, dim) float32 clustered ReLU features with ``dead`` of the columns all zero, balanced labels."""
+    generator = torch.Generator().manual_seed(1234)
+    prototypes = torch.randn(classes, dim, generator=generator)
+    alive = torch.rand(dim, generator=generator) >= dead
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(-(-rows // classes))[:rows]
+    features = (signal * prototypes[labels] + torch.randn(rows, dim, generator=generator) - 0.5).clamp_(min=0)
+    return features * alive, labels
+
+
+def standardize(train: torch.Tensor, val: torch.Tensor):
+    mean, std = train.mean(0), train.std(0)
+    inv_std = torch.where(std > 1e-6, 1.0 / std, torch.ones_like(std))
+    return (train - mean) * inv_std, (val - mean) * inv_std
+
+
+def tight_solve(x, y, weight, bias, weight_decay: float) -> float:
+    """The float64 optimum from (weight, bias) by torch's autograd L-BFGS: an independent implementation."""
+    w = weight.double().clone().requires_grad_(True)
+    b = bias.double().clone().requires_grad_(True)
+    x = x.double()
+    solver = torch.optim.LBFGS([w, b], max_iter=3000, tolerance_grad=1e-8, tolerance_change=1e-15,
+                               history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        solver.zero_grad()
+        loss = F.cross_entropy(torch.addmm(b, x, w.T), y) + 0.5 * weight_decay * w.square().sum()
+        loss.backward()
+        return loss
+
+    solver.step(closure)
+    with torch.no_grad():
+        return objective(x, y, w, b, weight_decay).item()
+
+
+def sklearn_path(x, y, weight_decays) -> dict:
+    from sklearn.linear_model import LogisticRegression  # benchmark only
+
+    x64, labels = x.double().numpy(), y.numpy()
+    model = LogisticRegression(solver="lbfgs", max_iter=10_000, warm_start=True)
+    fits, total, total_cpu = [], 0.0, 0.0
+    for weight_decay in weight_decays:
+        model.set_params(C=1.0 / (len(labels) * weight_decay))
+        start, cpu = time.perf_counter(), time.process_time()
+        model.fit(x64, labels)
+        seconds = time.perf_counter() - start
+        total += seconds
+        total_cpu += time.process_time() - cpu
+        with torch.no_grad():
+            value = objective(x.double(), y, torch.from_numpy(model.coef_), torch.from_numpy(model.intercept_),
+                              weight_decay).item()
+        fits.append({"weight_decay": weight_decay, "objective": value, "seconds": seconds,
+                     "iterations": int(model.n_iter_.max())})
+        print(f"sklearn wd={weight_decay:g}: objective {value:.7f}  {int(model.n_iter_.max())} it  {seconds:.1f}s", flush=True)
+    return {"seconds": total, "cpu_seconds": total_cpu, "fits": fits}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--val-rows", type=int, default=1000)
+    p.add_argument("--classes", type=int, default=40)
+    p.add_argument("--dim", type=int, default=4096)
+    p.add_argument("--dead", type=float, default=0.6, help="share of units that never fire")
+    p.add_argument("--signal", type=float, default=0.5, help="prototype scale against unit noise")
+    p.add_argument("--weight-decays", default=",".join(map(str, HeadConfig().logreg_weight_decays)))
+    p.add_argument("--tolerance-grad", type=float, default=TOLERANCE_GRAD, help="ours: stop at this max |grad|")
+    p.add_argument("--no-sklearn", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    weight_decays = sorted((float(v) for v in args.weight_decays.split(",")), reverse=True)
+    train_x, train_y = generate(args.rows, args.classes, args.dim, args.dead, args.signal, seed=1)
+    val_x, val_y = generate(args.val_rows, args.classes, args.dim, args.dead, args.signal, seed=2)
+    train_x, val_x = standardize(train_x, val_x)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fit_logreg(train_x, train_y, val_x, val_y, num_classes=args.classes, weight_decays=weight_decays,
+                        tolerance_grad=args.tolerance_grad)
+    ours = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "tolerance_grad": args.tolerance_grad, "fits": [vars(f) for f in result.fits]}
+    print(f"ours: {ours['seconds']:.1f}s ({ours['cpu_seconds']:.1f} CPU-s)", flush=True)
+
+    # the reference: each penalty tightly re-solved from our result for it (the same warm-started path again)
+    weight, bias = torch.zeros(args.classes, args.dim), torch.zeros(args.classes)
+    reference = []
+    for fit in result.fits:
+        solve(InMemorySoftmax(train_x, train_y, args.classes, fit.weight_decay), weight, bias,
+              tolerance_grad=args.tolerance_grad)
+        best = tight_solve(train_x, train_y, weight, bias, fit.weight_decay)
+        gap = (fit.objective - best) / abs(best)
+        reference.append({"weight_decay": fit.weight_decay, "objective": best, "relative_gap": gap})
+        print(f"wd={fit.weight_decay:g}: ours {fit.objective:.7f} ({fit.iterations} it, {fit.evaluations} passes, "
+              f"{fit.seconds:.1f}s, {fit.stopped})  optimum {best:.7f}  relative gap {gap:.1e}", flush=True)
+    record = {"cpu": cpu_kind(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "shape": vars(args) | {"out": None}, "ours": ours, "reference": reference}
+    if not args.no_sklearn:
+        record["sklearn"] = sklearn_path(train_x, train_y, weight_decays)
+        for mine, theirs in zip(reference, record["sklearn"]["fits"]):
+            mine["sklearn_relative_gap"] = (theirs["objective"] - mine["objective"]) / abs(mine["objective"])
+        record["time_ratio_vs_sklearn"] = ours["seconds"] / record["sklearn"]["seconds"]
+        record["cpu_time_ratio_vs_sklearn"] = ours["cpu_seconds"] / record["sklearn"]["cpu_seconds"]
+    record["target_met"] = (all(abs(r["relative_gap"]) <= 1e-4 for r in reference)
+                            and record.get("time_ratio_vs_sklearn", 0) <= 1 / 3)
+    print(json.dumps({k: record.get(k) for k in ("time_ratio_vs_sklearn", "cpu_time_ratio_vs_sklearn", "target_met")}),
+          flush=True)
+    cpu_name = re.sub(r"[^a-z0-9]+", "-", str(record["cpu"].get("model") or "cpu").lower()).strip("-")[:40]
+    out = args.out or RESULTS / f"logreg-{cpu_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
