@@ -9,7 +9,7 @@ prototype, a row is ReLU(signal x prototype + noise - offset), and ``--dead`` of
 (strongest first, warm-started):
 
 - the default run (pipeline.heads.logreg.fit_logreg with its default tolerance and budget), timed;
-- a tightly converged solve of each penalty (torch's L-BFGS in float64, max |grad| <= 1e-9, warm-started
+- a tightly converged solve of each penalty (torch's L-BFGS in float64, to max |grad| <= 1e-7 or 300 iterations, warm-started
   from the default run's result: one convex optimum), the reference objective;
 - scikit-learn's LogisticRegression (lbfgs, C = 1 / (N x weight_decay), its default tol, warm-started along the
   same path), timed, in this process, only here: scikit-learn is not a project dependency.
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pipeline.common.config import HeadConfig
 from pipeline.common.hardware import cpu_kind
-from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve
+from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve, train_state
 from pipeline.heads.softmax import InMemorySoftmax
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,12 +53,12 @@ def standardize(train: torch.Tensor, val: torch.Tensor):
     return (train - mean) * inv_std, (val - mean) * inv_std
 
 
-def tight_solve(x, y, weight, bias, weight_decay: float) -> float:
+def tight_solve(x, y, weight, bias, weight_decay: float) -> tuple[float, float]:
     """The float64 optimum from (weight, bias) by torch's autograd L-BFGS: an independent implementation."""
     w = weight.double().clone().requires_grad_(True)
     b = bias.double().clone().requires_grad_(True)
     x = x.double()
-    solver = torch.optim.LBFGS([w, b], max_iter=3000, tolerance_grad=1e-8, tolerance_change=1e-15,
+    solver = torch.optim.LBFGS([w, b], max_iter=300, tolerance_grad=1e-7, tolerance_change=1e-15,
                                history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -68,8 +68,36 @@ def tight_solve(x, y, weight, bias, weight_decay: float) -> float:
         return loss
 
     solver.step(closure)
-    with torch.no_grad():
-        return objective(x, y, w, b, weight_decay).item()
+    state = train_state(x, y, w.detach(), b.detach(), weight_decay)  # float64 throughout
+    return state["objective"], state["grad_max"]
+
+
+def time_evaluations(x, y, classes: int, repeats: int = 5) -> dict:
+    """CPU seconds of one objective + gradient: autograd (the old closure), fused by hand, and one in-memory
+    line-search trial (no matmul), at a random point."""
+    from pipeline.heads.softmax import chunked_loss_and_grad
+
+    weight = torch.randn(classes, x.shape[1], generator=torch.Generator().manual_seed(0)) * 0.01
+    bias = torch.zeros(classes)
+    problem = InMemorySoftmax(x, y, classes, 0.01)
+    theta = torch.cat([weight.flatten(), bias])
+    problem.start(theta)
+    phi = problem.line(torch.randn(theta.shape, generator=torch.Generator().manual_seed(1)) * 1e-3)
+
+    def autograd():
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        objective(x, y, w, b, 0.01).backward()
+
+    timings = {}
+    for name, run in (("autograd", autograd), ("fused", lambda: chunked_loss_and_grad([(x, y)], weight, bias, 0.01)),
+                      ("line_trial", lambda: phi(0.5))):
+        run()
+        cpu = time.process_time()
+        for _ in range(repeats):
+            run()
+        timings[name] = (time.process_time() - cpu) / repeats
+    print("CPU seconds per evaluation: " + "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()), flush=True)
+    return timings
 
 
 def sklearn_path(x, y, weight_decays) -> dict:
@@ -105,12 +133,16 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decays", default=",".join(map(str, HeadConfig().logreg_weight_decays)))
     p.add_argument("--tolerance-grad", type=float, default=TOLERANCE_GRAD, help="ours: stop at this max |grad|")
     p.add_argument("--no-sklearn", action="store_true")
+    p.add_argument("--evaluations-only", action="store_true", help="only time one evaluation each way")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     weight_decays = sorted((float(v) for v in args.weight_decays.split(",")), reverse=True)
     train_x, train_y = generate(args.rows, args.classes, args.dim, args.dead, args.signal, seed=1)
     val_x, val_y = generate(args.val_rows, args.classes, args.dim, args.dead, args.signal, seed=2)
     train_x, val_x = standardize(train_x, val_x)
+    if args.evaluations_only:
+        time_evaluations(train_x, train_y, args.classes)
+        return 0
 
     start, cpu = time.perf_counter(), time.process_time()
     result = fit_logreg(train_x, train_y, val_x, val_y, num_classes=args.classes, weight_decays=weight_decays,
@@ -125,9 +157,10 @@ def main(argv=None) -> int:
     for fit in result.fits:
         solve(InMemorySoftmax(train_x, train_y, args.classes, fit.weight_decay), weight, bias,
               tolerance_grad=args.tolerance_grad)
-        best = tight_solve(train_x, train_y, weight, bias, fit.weight_decay)
+        best, grad_max = tight_solve(train_x, train_y, weight, bias, fit.weight_decay)
         gap = (fit.objective - best) / abs(best)
-        reference.append({"weight_decay": fit.weight_decay, "objective": best, "relative_gap": gap})
+        reference.append({"weight_decay": fit.weight_decay, "objective": best, "grad_max": grad_max,
+                          "relative_gap": gap})
         print(f"wd={fit.weight_decay:g}: ours {fit.objective:.7f} ({fit.iterations} it, {fit.evaluations} passes, "
               f"{fit.seconds:.1f}s, {fit.stopped})  optimum {best:.7f}  relative gap {gap:.1e}", flush=True)
     record = {"cpu": cpu_kind(), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -21,12 +21,18 @@ def split_theta(theta: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, to
 
 
 def softmax_terms(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(summed cross-entropy, G = softmax(logits) - onehot(y) (B, C)): G is written over ``logits``."""
-    lse = torch.logsumexp(logits, dim=1)  # (B,)
-    loss = (lse - logits.gather(1, y[:, None])[:, 0]).sum(dtype=torch.float64).item()
-    grad = logits.sub_(lse[:, None]).exp_()  # probabilities, in place
-    grad[torch.arange(len(y), device=y.device), y] -= 1.0
-    return loss, grad
+    """(summed cross-entropy, G = softmax(logits) - onehot(y) (B, C)): G is written over ``logits``.
+
+    Near a separable optimum a row's cross-entropy is ~1e-6 and its true-class probability 1 - 1e-6: in
+    float32, lse - z_y and p_y - 1 would cancel to noise. So the loss takes its logsumexp in float64, and
+    G's true-class entry is minus the sum of the other probabilities.
+    """
+    true = logits.gather(1, y[:, None])  # (B, 1)
+    loss = (torch.logsumexp(logits.double(), dim=1) - true[:, 0].double()).sum().item()
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (B, 1)
+    grad = logits.sub_(lse).exp_()  # probabilities, in place
+    grad.scatter_(1, y[:, None], 0.0)
+    return loss, grad.scatter_(1, y[:, None], grad.sum(1, keepdim=True).neg_())
 
 
 class Evaluation(NamedTuple):
