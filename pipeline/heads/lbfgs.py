@@ -81,7 +81,7 @@ def line_search(phi: Callable[[float], tuple[float, float]], f0: float, slope0: 
             hi, slope_hi = t, slope
         else:
             lo, slope_lo = t, slope
-        if hi is None:  # still descending at t: extrapolate along the slope's secant, at most 4x
+        if hi is None:  # still descending at t: try 4x further
             t = 4.0 * t
             continue
         width = hi - lo
