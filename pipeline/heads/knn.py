@@ -9,11 +9,15 @@ memory is one (chunk_rows, N) block, never (M, N). The top-k search runs once pe
 k; a smaller k reuses the first k of those neighbours (they come sorted by similarity).
 
 ``fit`` is this head's entry point (pipeline.heads.interface): one search answering every --k, one table row per k.
+
+``knn_predict_streamed`` does the same search when the train features do not fit in memory: it reads them
+once, in row chunks, and keeps a running top-k of every val row: (M, k) similarities and labels.
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -66,10 +70,50 @@ def knn_predict(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.
         nearest, index = similarity.topk(k_max, dim=1, largest=True, sorted=True)  # (B, k_max)
         del similarity
         labels = train_labels[index]  # (B, k_max)
-        for k in ks:
-            scores = class_scores(nearest[:, :k], labels[:, :k], num_classes, temperature, shift=True)
-            ranked[k].append(scores.topk(top, dim=1).indices)
+        for k, classes in rank_neighbours(nearest, labels, ks, num_classes, temperature).items():
+            ranked[k].append(classes)
     return {k: torch.cat(parts) if parts else torch.zeros(0, top, dtype=torch.long) for k, parts in ranked.items()}
+
+
+def rank_neighbours(nearest: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...], num_classes: int,
+                    temperature: float) -> dict[int, torch.Tensor]:
+    """{k: (B, min(5, C)) classes ranked by the votes of the first k neighbours} from sorted (B, k_max) neighbours."""
+    top = min(5, num_classes)
+    return {k: class_scores(nearest[:, :k], labels[:, :k], num_classes, temperature, shift=True).topk(top, dim=1).indices
+            for k in ks}
+
+
+@torch.inference_mode()
+def knn_predict_streamed(train_chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], queries: torch.Tensor,
+                         *, ks: tuple[int, ...], num_classes: int, temperature: float, chunk_rows: int,
+                         progress: bool = False) -> dict[int, torch.Tensor]:
+    """``knn_predict`` with the train rows read once, as (x (B, D) L2-normalised, labels (B,)) chunks.
+
+    Equal to the in-memory search up to exact similarity ties (which of two equal neighbours is kept).
+    Memory: the queries, a running (M, k_max) top-k, and one (chunk_rows, B) similarity block.
+    """
+    k_max, rows = max(ks), 0
+    best = torch.full((len(queries), 0), -torch.inf, device=queries.device)  # (M, <= k_max) sorted similarities
+    best_labels = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
+    for train, train_labels in tqdm(train_chunks(), desc="knn", unit="chunk", leave=False, disable=not progress):
+        train_labels = train_labels.to(queries.device)
+        merged, merged_labels = [], []
+        for start in range(0, len(queries), chunk_rows):
+            similarity = queries[start:start + chunk_rows] @ train.T  # (b, B)
+            candidates = torch.cat([best[start:start + chunk_rows], similarity], dim=1)
+            labels = torch.cat([best_labels[start:start + chunk_rows],
+                                train_labels.expand(len(similarity), -1)], dim=1)
+            nearest, index = candidates.topk(min(k_max, candidates.shape[1]), dim=1, largest=True, sorted=True)
+            merged.append(nearest)
+            merged_labels.append(labels.gather(1, index))
+        if merged:
+            best, best_labels = torch.cat(merged), torch.cat(merged_labels)
+        rows += len(train_labels)
+    if rows < k_max:
+        raise ValueError(f"k={k_max} is more than the {rows} train rows")
+    if not len(queries):
+        return {k: torch.zeros(0, min(5, num_classes), dtype=torch.long) for k in ks}
+    return rank_neighbours(best, best_labels, ks, num_classes, temperature)
 
 
 def accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> dict:

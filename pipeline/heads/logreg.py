@@ -32,11 +32,18 @@ from pipeline.heads.naming import number, shots_name
 from pipeline.heads.readers import FeatureReader, InMemoryFeatures
 from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
 from pipeline.heads.table import Experiment
+from pipeline.heads.lbfgs import HISTORY_SIZE, Solved, minimize_lbfgs  # noqa: F401 (HISTORY_SIZE re-exported)
+from pipeline.heads.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta
 
 log = logging.getLogger(__name__)
 
-HISTORY_SIZE = 10  # L-BFGS curvature pairs: 2 x 10 x (C x D) floats, 66 MB for 200 x 4096 (scipy's default m)
 SCORE_ROWS = 16384  # rows per block when scoring, so the (rows, C) logits stay small
+# Converged: the gradient bounds the objective's gap to the optimum, |g|^2 / (2 weight_decay), below
+# TOLERANCE_GAP x the objective (100x inside the 1e-4 the head promises), or, whatever the penalty (0 too),
+# every |gradient| entry is below TOLERANCE_GRAD. See benchmarks/bench_logreg.py and docs/heads.md.
+TOLERANCE_GAP = 1e-6
+TOLERANCE_GRAD = 1e-6
+MAX_ITER = 1000  # the guard: iterations per penalty; a solve that hits it says so (PenaltyFit.stopped)
 
 
 @dataclass
@@ -45,7 +52,7 @@ class PenaltyFit:
 
     weight_decay: float
     iterations: int  # L-BFGS iterations
-    evaluations: int  # full-batch loss + gradient evaluations (line-search steps included)
+    evaluations: int  # full-batch passes (each two (N, D) x (D, C) matmuls; line-search trials are free in memory)
     objective: float  # train cross-entropy + penalty: what was minimised
     grad_max: float  # largest |gradient| entry at the end: 0 at the exact optimum
     train_loss: float
@@ -54,6 +61,7 @@ class PenaltyFit:
     val_top1: float
     val_top5: float
     seconds: float
+    stopped: str = "converged"  # or "iteration budget", "time budget", "no progress": not at the optimum
 
 
 @dataclass
@@ -64,6 +72,11 @@ class LogregResult:
     bias: torch.Tensor  # (C,)
 
 
+def row_blocks(x: torch.Tensor, y: torch.Tensor, rows: int = SCORE_ROWS) -> Chunks:
+    """A chunk factory over in-memory tensors: (x, y) blocks of ``rows`` rows (views, no copies)."""
+    return lambda: ((x[start:start + rows], y[start:start + rows]) for start in range(0, len(y), rows))
+
+
 def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
               weight_decay: float) -> torch.Tensor:
     """Mean cross-entropy of the linear model plus the L2 penalty on its weight."""
@@ -72,98 +85,130 @@ def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 @torch.no_grad()
-def score(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
-    """Mean cross-entropy, top-1 and top-5 (in %) of the linear model on (x, y), in row blocks."""
+def score_chunks(chunks, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """Mean cross-entropy, top-1 and top-5 (in %) of the linear model over (x, y) chunks."""
     loss = top1 = top5 = 0.0
-    for start in range(0, len(y), SCORE_ROWS):
-        logits = torch.addmm(bias, x[start:start + SCORE_ROWS], weight.T)  # (B, C)
-        labels = y[start:start + SCORE_ROWS]
+    n = 0
+    for x, labels in chunks:
+        logits = torch.addmm(bias, x, weight.T)  # (B, C)
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         top1 += (ranked[:, 0] == labels).sum().item()
         top5 += (ranked == labels[:, None]).any(1).sum().item()
-    n = max(len(y), 1)
+        n += len(labels)
+    n = max(n, 1)
     return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
 
-def minimize(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float, *,
-             max_iter: int, tolerance_grad: float = 1e-7, progress: bool = False) -> tuple[int, int]:
-    """Run L-BFGS from (weight, bias), updating them in place. Returns (iterations, evaluations).
+def score(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """Mean cross-entropy, top-1 and top-5 (in %) of the linear model on (x, y), in row blocks."""
+    return score_chunks(row_blocks(x, y)(), weight, bias)
 
-    It stops after ``max_iter`` iterations (or 1.25 x as many evaluations, torch's default), or earlier
-    when the largest gradient entry is below ``tolerance_grad`` or the objective stops changing.
-    """
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=HISTORY_SIZE,
-                                  tolerance_grad=tolerance_grad, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-    bar = tqdm(desc=f"L-BFGS wd={weight_decay:g}", unit="eval", leave=False, disable=not progress)
-    evaluations = 0
 
-    def closure() -> torch.Tensor:
-        nonlocal evaluations
-        optimizer.zero_grad(set_to_none=False)
-        loss = objective(x, y, weight, bias, weight_decay)
-        loss.backward()
-        evaluations += 1
-        bar.update()
-        return loss
-
+@torch.no_grad()
+def solve(problem, weight: torch.Tensor, bias: torch.Tensor, *, max_iter: int = MAX_ITER,
+          tolerance_grad: float = TOLERANCE_GRAD, tolerance_gap: float = TOLERANCE_GAP,
+          max_seconds: float | None = None, progress: bool = False) -> Solved:
+    """Run L-BFGS on ``problem`` (InMemorySoftmax or StreamedSoftmax) from (weight, bias), updated in place."""
+    theta = torch.cat([weight.detach().flatten(), bias.detach()]).float()
+    bar = tqdm(desc=f"L-BFGS wd={problem.weight_decay:g}", unit="it", leave=False, disable=not progress)
     try:
-        optimizer.step(closure)
+        solved = minimize_lbfgs(problem, theta, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                                tolerance_gap=tolerance_gap, convexity=problem.weight_decay, max_seconds=max_seconds,
+                                on_iteration=bar.update)
     finally:
         bar.close()
-        weight.requires_grad_(False)
-        bias.requires_grad_(False)
-    return optimizer.state[weight].get("n_iter", 0), evaluations
+    new_weight, new_bias = split_theta(theta, len(bias))
+    weight.copy_(new_weight)
+    bias.copy_(new_bias)
+    return solved
+
+
+def minimize(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float, *,
+             max_iter: int, tolerance_grad: float = TOLERANCE_GRAD, progress: bool = False) -> tuple[int, int]:
+    """Run L-BFGS from (weight, bias), updating them in place. Returns (iterations, evaluations).
+
+    It stops when the largest gradient entry is below ``tolerance_grad``, or after ``max_iter`` iterations.
+    """
+    solved = solve(InMemorySoftmax(x, y, len(bias), weight_decay), weight, bias, max_iter=max_iter,
+                   tolerance_grad=tolerance_grad, progress=progress)
+    return solved.iterations, solved.evaluations
+
+
+def train_state_chunks(chunks, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float) -> dict:
+    """At (weight, bias): the objective, the train cross-entropy and top-1 (%), and the largest |gradient|
+    entry (0 at the exact optimum), from one pass over the chunks."""
+    result = chunked_loss_and_grad(chunks, weight, bias, weight_decay)
+    return {"objective": result.objective, "loss": result.loss, "acc": 100.0 * result.correct / max(result.rows, 1),
+            "grad_max": max(result.grad_weight.abs().max().item(), result.grad_bias.abs().max().item())}
 
 
 def train_state(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 weight_decay: float) -> dict:
     """At (weight, bias): the objective, the train cross-entropy and top-1 (%), and the largest |gradient|
     entry (0 at the exact optimum), from one full-batch pass."""
-    with torch.enable_grad():
-        w, b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
-        logits = torch.addmm(b, x, w.T)  # (N, C)
-        loss = F.cross_entropy(logits, y)
-        total = loss + 0.5 * weight_decay * w.square().sum()
-        total.backward()
-    return {"objective": total.item(), "loss": loss.item(),
-            "acc": 100.0 * (logits.detach().argmax(1) == y).sum().item() / max(len(y), 1),
-            "grad_max": max(w.grad.abs().max().item(), b.grad.abs().max().item())}
+    return train_state_chunks([(x, y)], weight, bias, weight_decay)
 
 
 def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
-               num_classes: int, weight_decays: tuple[float, ...], max_iter: int, progress: bool = False,
-               on_fit=None) -> LogregResult:
+               num_classes: int, weight_decays: tuple[float, ...], max_iter: int = MAX_ITER, progress: bool = False,
+               on_fit=None, tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None) -> LogregResult:
     """Solve for each penalty, strongest first, warm-starting each from the previous optimum.
 
     ``train_x``/``val_x``: (N, D) / (M, D) float32 standardized features on one device; ``on_fit`` is
     called with each PenaltyFit as it finishes. The start is zero, so results depend on nothing random.
+    ``max_iter`` / ``max_seconds``: the budget per penalty; a solve that runs out says so.
     """
-    device, dim = train_x.device, train_x.shape[1]
+    return fit_path(lambda wd: InMemorySoftmax(train_x, train_y, num_classes, wd), row_blocks(train_x, train_y),
+                    row_blocks(val_x, val_y), num_classes=num_classes, dim=train_x.shape[1], device=train_x.device,
+                    weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                    max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+
+
+def fit_logreg_streamed(train_chunks: Chunks, val_chunks: Chunks, *, num_classes: int, dim: int,
+                        weight_decays: tuple[float, ...], max_iter: int = MAX_ITER, device=None,
+                        progress: bool = False, on_fit=None, tolerance_grad: float = TOLERANCE_GRAD,
+                        max_seconds: float | None = None) -> LogregResult:
+    """``fit_logreg`` over row chunks: each L-BFGS trial step is one pass over ``train_chunks()``.
+
+    The chunk factories yield (x (B, D) float32 standardized, y (B,)) on ``device``, in the same rows each pass.
+    """
+    return fit_path(lambda wd: StreamedSoftmax(train_chunks, num_classes, wd), train_chunks, val_chunks,
+                    num_classes=num_classes, dim=dim, device=device or torch.device("cpu"),
+                    weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                    max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+
+
+def fit_path(problem_for, train_chunks: Chunks, val_chunks: Chunks, *, num_classes: int, dim: int, device,
+             weight_decays: tuple[float, ...], max_iter: int, tolerance_grad: float, max_seconds: float | None,
+             progress: bool, on_fit) -> LogregResult:
+    """The penalty path over a problem factory (weight_decay -> InMemorySoftmax or StreamedSoftmax)."""
     weight = torch.zeros(num_classes, dim, device=device)  # (C, D)
     bias = torch.zeros(num_classes, device=device)
     fits, best, best_state = [], 0, None
     for weight_decay in sorted(set(weight_decays), reverse=True):
         start = time.perf_counter()
-        iterations, evaluations = minimize(train_x, train_y, weight, bias, weight_decay, max_iter=max_iter,
-                                           progress=progress)
-        train = train_state(train_x, train_y, weight, bias, weight_decay)
+        solved = solve(problem_for(weight_decay), weight, bias, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                       max_seconds=max_seconds, progress=progress)
+        train = train_state_chunks(train_chunks(), weight, bias, weight_decay)
         if not all(math.isfinite(train[key]) for key in ("objective", "grad_max")):
             raise UserError(f"logistic regression diverged at weight decay {weight_decay:g} (the objective is "
                             f"{train['objective']}); check the features for inf or NaN values")
-        val = score(val_x, val_y, weight, bias)
-        fit = PenaltyFit(weight_decay=weight_decay, iterations=iterations, evaluations=evaluations,
+        val = score_chunks(val_chunks(), weight, bias)
+        fit = PenaltyFit(weight_decay=weight_decay, iterations=solved.iterations, evaluations=solved.evaluations,
                          objective=train["objective"], grad_max=train["grad_max"], train_loss=train["loss"],
                          train_acc=train["acc"], val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-                         seconds=round(time.perf_counter() - start, 3))
+                         seconds=round(time.perf_counter() - start, 3), stopped=solved.stopped)
         fits.append(fit)
         if best_state is None or fit.val_top1 > fits[best].val_top1:
             best, best_state = len(fits) - 1, (weight.clone(), bias.clone())
         log.info("logreg wd=%-8g %3d iterations %3d evaluations  objective %.5f (max |grad| %.1e)  train acc %5.2f%%  "
-                 "val top1 %5.2f%% top5 %5.2f%%  %.1fs", weight_decay, iterations, evaluations, fit.objective, fit.grad_max,
-                 fit.train_acc, fit.val_top1, fit.val_top5, fit.seconds)
+                 "val top1 %5.2f%% top5 %5.2f%%  %.1fs", weight_decay, fit.iterations, fit.evaluations, fit.objective,
+                 fit.grad_max, fit.train_acc, fit.val_top1, fit.val_top5, fit.seconds)
+        if solved.stopped != "converged":
+            log.warning("logreg wd=%g stopped on its %s after %d iterations (%.0fs) with max |grad| %.1e above the "
+                        "tolerance %.0e: its objective may be above the optimum; raise --max-iter", weight_decay,
+                        solved.stopped, solved.iterations, solved.seconds, fit.grad_max, tolerance_grad)
         if on_fit:
             on_fit(fit)
     return LogregResult(fits=fits, best=best, weight=best_state[0], bias=best_state[1])
