@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"linear: SGD weight decay, a comma list sweeps (default {','.join(map(str, LINEAR_WEIGHT_DECAY))}); "
                         "logreg: the L2 penalties tried, warm-started strongest first, best by val top-1 kept "
                         f"(default {','.join(map(str, LOGREG_WEIGHT_DECAY))})")
-    p.add_argument("--max-iter", type=int, default=d.max_iter, help="logreg: L-BFGS iterations per penalty")
+    p.add_argument("--max-iter", type=int, default=d.max_iter, help="logreg: at most this many L-BFGS iterations per penalty (a guard: each is solved to its optimum; hitting it is logged)")
     p.add_argument("--k", type=int_list, default=d.k, help="knn: neighbours; every k is reported from one search")
     p.add_argument("--temperature", type=float, default=d.temperature, help="knn: votes are exp(similarity / T)")
     p.add_argument("--momentum", type=float, default=d.momentum)

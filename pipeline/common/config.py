@@ -90,6 +90,7 @@ class ExtractConfig:
 LINEAR_WEIGHT_DECAY = (0.0,)  # linear: SGD weight decay when --weight-decay is not given
 # logreg: L2 penalties on standardized features, warm-started strongest first (strong ones converge fastest)
 LOGREG_WEIGHT_DECAY = (0.1, 0.01, 0.001)
+LOGREG_MAX_ITER = 1000  # logreg: a guard only; each penalty is solved until the gradient bounds its gap to the optimum
 
 
 @dataclass
@@ -109,7 +110,7 @@ class HeadConfig:
     lr: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
     # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY
     weight_decay: tuple[float, ...] | None = None
-    max_iter: int = 20  # logreg: L-BFGS iterations per penalty (each about 1.3 full-batch passes)
+    max_iter: int = LOGREG_MAX_ITER  # logreg: L-BFGS iterations per penalty at most (hitting it is logged)
     k: tuple[int, ...] = (10, 20, 100, 200)  # knn: neighbours, all answered from one top-k search
     temperature: float = 0.07  # knn: a neighbour's vote is exp(similarity / T) (DINO's eval_knn.py)
     knn_chunk_rows: int = 256  # knn: val rows per similarity block; memory ~ chunk x train rows x 4 bytes

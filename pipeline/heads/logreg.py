@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.common.checkpoint import make_checkpoint, save_checkpoint
-from pipeline.common.config import LOGREG_WEIGHT_DECAY
+from pipeline.common.config import LOGREG_MAX_ITER, LOGREG_WEIGHT_DECAY
 from pipeline.common.errors import UserError
 from pipeline.heads import report
 from pipeline.heads.interface import HeadOutcome, HeadSettings
@@ -43,7 +43,7 @@ SCORE_ROWS = 16384  # rows per block when scoring, so the (rows, C) logits stay 
 # every |gradient| entry is below TOLERANCE_GRAD. See benchmarks/bench_logreg.py and docs/heads.md.
 TOLERANCE_GAP = 1e-6
 TOLERANCE_GRAD = 1e-6
-MAX_ITER = 1000  # the guard: iterations per penalty; a solve that hits it says so (PenaltyFit.stopped)
+MAX_ITER = LOGREG_MAX_ITER  # the guard: iterations per penalty; a solve that hits it says so (PenaltyFit.stopped)
 
 
 @dataclass
