@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from features import cache
 from features.cache import CacheError, exclusive_writer, open_split
 from pipeline.common.backbone import load_backbone
 from pipeline.common.dataset import index_dataset
-from pipeline.common.errors import UserError
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import CPU, FAST, error_line, extract_args
@@ -52,26 +50,19 @@ def file_state(path: Path) -> tuple[int, int, bytes]:
     return st.st_mtime_ns, st.st_ino, path.read_bytes()
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """3 classes x 4 train, 2 val per class: 12 train and 6 val images."""
-    return make_tiny_imagenet(tmp_path_factory.mktemp("extract") / "ds", num_classes=3, train_per_class=4,
-                              val_per_class=2)
-
-
-@pytest.fixture(scope="module")
-def extracted(dataset, tmp_path_factory) -> Path:
-    """A finished float32 cache of ``dataset`` made with FAST settings (treat as read-only: copy to change)."""
-    out = tmp_path_factory.mktemp("extract") / "features"
-    assert run_extract.main(extract_args(dataset, out, "--shard-size", "8")) == 0  # train: 2 shards
-    return out
+@pytest.fixture
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset  # 3 classes x 4 train, 2 val per class (read-only)
 
 
 @pytest.fixture
-def cache_copy(extracted, tmp_path) -> Path:
-    out = tmp_path / "features"
-    shutil.copytree(extracted, out)
-    return out
+def extracted(tiny_cache) -> Path:
+    return tiny_cache  # its finished cache, train in 2 shards (read-only: take cache_copy to change)
+
+
+@pytest.fixture
+def cache_copy(tiny_cache_copy) -> Path:
+    return tiny_cache_copy
 
 
 # ---------------------------------------------------------------------------------------------

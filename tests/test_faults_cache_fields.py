@@ -5,7 +5,6 @@ and nothing wrong taken as complete or up to date. A renamed class only refreshe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import zipfile
@@ -18,38 +17,24 @@ import pytest
 import run_extract
 from features import cache
 from features.cache import CacheError
-from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line, extract_args
+from tests.helpers import error_line, extract_args, file_hash, tree_hash
 
 SMALL = ("--workers", "0")
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tree_hash(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): file_hash(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("fields") / "ds", num_classes=2, train_per_class=2,
-                              val_per_class=1)
-
-
-@pytest.fixture(scope="module")
-def extracted(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fields") / "features"
-    assert run_extract.main(extract_args(data, out, *SMALL)) == 0
-    return out
+@pytest.fixture
+def data(tiny_dataset) -> Path:
+    return tiny_dataset  # read-only
 
 
 @pytest.fixture
-def cache_copy(extracted, tmp_path) -> Path:
-    out = tmp_path / "features"
-    shutil.copytree(extracted, out)
-    return out
+def extracted(tiny_cache) -> Path:
+    return tiny_cache  # read-only
+
+
+@pytest.fixture
+def cache_copy(tiny_cache_copy) -> Path:
+    return tiny_cache_copy
 
 
 # (attribute, a wrong value): wrong type or out of range, one at a time

@@ -26,7 +26,7 @@ import features.writer
 from features.cache import CacheError, exclusive_writer, open_split
 from pipeline.extract import extractor as extract_module
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line, extract_args, one_error_line
+from tests.helpers import error_line, extract_args, one_error_line, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("--shard-size", "2", "--batch-size", "2", "--workers", "0")  # train: 4 shards of 2 images
@@ -67,7 +67,7 @@ def assert_same(out: Path, reference: Path) -> None:
 
 
 def dataset_state(data: Path) -> dict:
-    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
+    return tree_bytes(data)
 
 
 @pytest.fixture(scope="module")

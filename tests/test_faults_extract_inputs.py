@@ -5,7 +5,6 @@ resumed extraction with nothing left to compute. Nothing the user made changes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -15,18 +14,13 @@ import torch
 import run_extract
 from features import cache
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line, extract_args
+from tests.helpers import error_line, extract_args, tree_hash
 
 SMALL = ("--workers", "0", "--shard-size", "2", "--batch-size", "2")
 
 
 class Killed(BaseException):
     """A kill at this step: nothing after it runs, and nothing in the project catches it."""
-
-
-def tree_hash(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

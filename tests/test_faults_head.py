@@ -27,22 +27,19 @@ from pipeline.heads import report
 from pipeline.common import run_folder
 from pipeline.heads import linear as train_head
 from pipeline.common.errors import UserError
-from tests.conftest import one_error_line
-from tests.test_train_head import write_synthetic_cache
+from tests.helpers import HEAD_BATCH_ARGS, one_error_line, tree_bytes, write_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ("--batch-size", "10", "--val-batch-size", "10")
 
 
 def train(features: Path, out: Path, *extra: str) -> int:
     return run_train_head.main(["--features", str(features), "--out", str(out), "--device", "cpu", "--no-progress",
-                                *FAST, *extra])
+                                *HEAD_BATCH_ARGS, *extra])
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (but the lock file) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return tree_bytes(folder, skip=(".lock",))
 
 
 def run_is_whole(out: Path) -> dict:
@@ -110,7 +107,7 @@ def test_sigkill_mid_run_then_rerun(cache, old_run):
     """A real kill -9 while the new run trains: the old run stays whole; the rerun clears the stale staging."""
     out, before = old_run
     child = subprocess.Popen([sys.executable, str(ROOT / "run_train_head.py"), "--features", str(cache), "--out",
-                              str(out), "--device", "cpu", "--no-progress", *FAST, "--lr", "0.1", "--epochs", "100000"],
+                              str(out), "--device", "cpu", "--no-progress", *HEAD_BATCH_ARGS, "--lr", "0.1", "--epochs", "100000"],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

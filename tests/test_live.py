@@ -1,7 +1,6 @@
 """The live runner: same answers as the cache, every source kind, the window, the outputs and the errors."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -9,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import run_extract
-import run_train_head
 import run_webcam
 from features.cache import open_split
 from pipeline.live import runner as live
@@ -18,23 +15,17 @@ from pipeline.live import torch_classifier
 from pipeline.live import overlay
 from pipeline.common import sources
 from pipeline.common.images import read_rgb
-from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import CPU, one_error_line
+from tests.helpers import CPU_ARGS, one_error_line, read_jsonl
 
 RTOL, ATOL = 1e-4, 1e-5
 NO_LOSSLESS = "this OpenCV build has no lossless video codec, so the video's frames are not the images' pixels"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_dataset, tiny_cache, tiny_head, tmp_path_factory):
     """A tiny dataset, its random-backbone fc7 cache, a head trained on it, and the cache's answers."""
     root = tmp_path_factory.mktemp("live")
-    ds = make_tiny_imagenet(root / "ds", num_classes=3, train_per_class=4, val_per_class=2)
-    feats, head = root / "feats", root / "head"
-    assert run_extract.main([*CPU, "--data", str(ds), "--weights", "random", "--seed", "0", "--out", str(feats),
-                             "--no-progress"]) == 0
-    assert run_train_head.main([*CPU, "--features", str(feats), "--out", str(head), "--epochs", "2", "--no-progress"]) == 0
-    best = head / "best.pt"
+    ds, feats, best = tiny_dataset, tiny_cache, tiny_head / "best.pt"
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     val = open_split(feats / "val.h5")
     fc7 = torch.from_numpy(val.read_features()).float()
@@ -58,10 +49,6 @@ def reuse_backbones(monkeypatch):
         return _BACKBONES[key]
 
     monkeypatch.setattr(torch_classifier, "load_backbone", cached)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def count_frames(path: Path) -> int:
@@ -125,7 +112,7 @@ def test_live_path_gives_the_cached_probabilities(trained):
 def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp_path):
     video, order, frames, lossless = val_video
     jsonl, out = tmp_path / "preds.jsonl", tmp_path / "out.mp4"
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                           "--predictions", str(jsonl), "--output", str(out)])
     assert rc == 0
     lines = read_jsonl(jsonl)
@@ -153,7 +140,7 @@ def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp
 def test_folder_source_records_each_image_path(trained, tmp_path):
     folder = trained["ds"] / "val" / "images"
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
                           "--predictions", str(jsonl), "--top-k", "10"])
     assert rc == 0
     lines = read_jsonl(jsonl)
@@ -170,7 +157,7 @@ def test_folder_source_records_each_image_path(trained, tmp_path):
 def test_max_frames_and_smoothing(trained, val_video, tmp_path):
     video, order, _, lossless = val_video
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                           "--predictions", str(jsonl), "--max-frames", "4", "--smooth", "3"])
     assert rc == 0
     lines = read_jsonl(jsonl)
@@ -226,7 +213,7 @@ def test_batched_video_run_equals_the_cache_and_the_batch_1_path(trained, val_vi
     for batch in (None, "5", "1"):  # the default (8), 5 (batches of 5, 5, 2) and one frame at a time
         jsonl = tmp_path / f"preds-{batch}.jsonl"
         extra = ["--batch-frames", batch] if batch else []
-        rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+        rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                               "--predictions", str(jsonl), *extra])
         assert rc == 0
         runs[batch] = read_jsonl(jsonl)
@@ -259,7 +246,7 @@ def test_batched_max_frames_is_exact_and_smoothing_follows_frame_order(trained, 
     runs = {}
     for batch in ("3", "1"):
         jsonl = tmp_path / f"preds-{batch}.jsonl"
-        rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
+        rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(video), "--no-display",
                               "--predictions", str(jsonl), "--batch-frames", batch, "--max-frames", "7",
                               "--smooth", "3"])
         assert rc == 0
@@ -282,7 +269,7 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path, batch_sizes):
             bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
         assert cv2.imwrite(str(folder / f"{i:02d}.png"), bgr)
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(folder), "--no-display",
                           "--predictions", str(jsonl), "--batch-frames", "4"])
     assert rc == 0
     assert batch_sizes[1:] == [4, 3]
@@ -321,7 +308,7 @@ def test_display_stops_on_q_and_destroys_windows(trained, val_video, tmp_path, m
     monkeypatch.setattr(overlay.cv2, "getWindowProperty", lambda window, prop: 1.0)
     video = val_video[0]
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(video), "--predictions", str(jsonl)])
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(video), "--predictions", str(jsonl)])
     assert rc == 0
     assert len(calls["imshow"]) == 2 and len(read_jsonl(jsonl)) == 2  # stopped at q on the 2nd frame
     assert calls["imshow"][0][1] == (overlay.MIN_VIEW_SIDE, overlay.MIN_VIEW_SIDE, 3)  # 64x64 enlarged to be legible
@@ -338,7 +325,7 @@ def test_window_is_destroyed_when_the_run_fails(trained, tmp_path, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "bad.png").write_bytes(b"not an image")
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(folder)])
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(folder)])
     assert rc == 2 and destroyed
 
 
@@ -394,7 +381,7 @@ def test_camera_that_stops_ends_cleanly(trained, tmp_path, monkeypatch, caplog, 
     camera = FakeCamera(3)
     monkeypatch.setattr(sources, "open_capture", lambda target: camera)
     jsonl = tmp_path / "preds.jsonl"
-    rc = run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", "0", "--no-display",
+    rc = run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", "0", "--no-display",
                           "--predictions", str(jsonl), "--batch-frames", "8"])
     assert rc == 0 and camera.released
     assert [line["source"] for line in read_jsonl(jsonl)] == ["0", "0", "0"]
@@ -405,12 +392,12 @@ def test_camera_that_stops_ends_cleanly(trained, tmp_path, monkeypatch, caplog, 
 def test_camera_without_frames_is_an_error(trained, monkeypatch, capsys):
     camera = FakeCamera(0)
     monkeypatch.setattr(sources, "open_capture", lambda target: camera)
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", "3", "--no-display"]) == 2
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", "3", "--no-display"]) == 2
     assert "camera 3" in one_error_line(capsys) and camera.released
 
 
 def test_camera_that_will_not_open(trained, capsys):
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", "7", "--no-display"]) == 2
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", "7", "--no-display"]) == 2
     line = one_error_line(capsys)
     assert "camera 7" in line and "--source" in line
 
@@ -424,7 +411,7 @@ def test_unreadable_sources(trained, tmp_path, capsys, name, content, message):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", str(path), "--no-display"]) == 2
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(path), "--no-display"]) == 2
     assert message in one_error_line(capsys)
 
 
@@ -463,22 +450,22 @@ def test_bad_checkpoints(trained, tmp_path, capsys, case, message):
                  "fingerprint": {"weights_fingerprint": "0" * 64}}[case]
         torch.save(_edit(good, **edits), path)
     source = str(next(iter(trained["cached"])))
-    assert run_webcam.main([*CPU, "--checkpoint", str(path), "--source", source, "--no-display"]) == 2
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(path), "--source", source, "--no-display"]) == 2
     assert message in one_error_line(capsys)
 
 
 def test_weights_override_must_match_the_fingerprint(trained, capsys):
     source = str(next(iter(trained["cached"])))
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", source, "--no-display",
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", source, "--no-display",
                             "--weights", "random", "--seed", "1"]) == 2
     line = one_error_line(capsys)
     assert "--weights random:seed=1" in line and "random:seed=0" in line
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--source", source, "--no-display",
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", source, "--no-display",
                             "--weights", "random", "--seed", "0"]) == 0  # the right backbone, named explicitly
 
 
 def test_bad_options(trained, capsys):
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--top-k", "0", "--no-display"]) == 2
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--top-k", "0", "--no-display"]) == 2
     assert "--top-k" in one_error_line(capsys)
-    assert run_webcam.main([*CPU, "--checkpoint", str(trained["best"]), "--batch-frames", "0", "--no-display"]) == 2
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--batch-frames", "0", "--no-display"]) == 2
     assert "--batch-frames" in one_error_line(capsys)

@@ -6,7 +6,6 @@ cache module itself (write_shard + assemble), so the files are exactly what extr
 """
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,6 @@ from torch import nn
 
 import run_extract
 import run_train_head
-from features import cache
 from features.cache import open_split
 from pipeline.heads import linear as train_head
 from pipeline.common.backbone import load_backbone
@@ -30,9 +28,9 @@ from pipeline.common.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import WORDS, make_tiny_imagenet
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, StreamedFeatures, batch_order, fit_head
-from tests.conftest import one_error_line
+from tests.helpers import one_error_line, read_csv, write_synthetic_cache  # noqa: F401 (imported from here too)
 
-CPU = torch.device("cpu")
+CPU_DEVICE = torch.device("cpu")
 NAMES = ["goldfish", "black stork", "walking stick"]  # first synonyms of the generated wnids in words.txt
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "seconds"]
 RUN_FILES = ["best.pt", "last.pt", "history.csv", "accuracy.png", "loss.png", "per_class.csv", "confusions.csv",
@@ -53,11 +51,6 @@ def extract(data: Path, out: Path, *extra: str) -> None:
 def train(features: Path, out: Path, *extra: str) -> int:
     return run_train_head.main(["--features", str(features), "--out", str(out), "--device", "cpu", "--no-progress",
                                 *extra])
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def history(folder: Path) -> list[dict]:
@@ -87,39 +80,6 @@ def accuracy_and_loss(ckpt: dict, h5: Path) -> tuple[float, float, np.ndarray]:
     predictions = logits.argmax(1)
     return (100.0 * (predictions == y).sum().item() / len(y), F.cross_entropy(logits, y).item(),
             predictions.numpy())
-
-
-def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: int = 20, val_per_class: int = 10,
-                          signal: float = 0.08, dim: int = 4096, dtype: str = "float32") -> Path:
-    """A cache of noisy, ReLU'd, badly scaled, offset 'fc7' features: the head learns, but not perfectly.
-
-    Feature scales span three decades and every unit has a large positive offset, so a head whose
-    standardization were folded wrongly would score differently on the raw features.
-    """
-    wnids = sorted(WORDS)[:classes]
-    names = [WORDS[w].split(",")[0] for w in wnids]
-    proto = np.random.default_rng(123).normal(0, 1, (classes, dim))
-    scale = 10 ** np.random.default_rng(7).uniform(-2, 1, dim)
-    offset = np.random.default_rng(8).uniform(0, 3, dim)
-    preprocess = Preprocess(image_size=64, resize_size=72).to_json()
-    for split, per_class, seed in (("train", train_per_class, 1), ("val", val_per_class, 2)):
-        labels = np.repeat(np.arange(classes), per_class)
-        noise = np.random.default_rng(seed).normal(0, 1, (len(labels), dim))
-        features = np.maximum((proto[labels] * signal + noise + offset) * scale, 0).astype(dtype)
-        settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="f" * 64,
-                                       preprocess=preprocess, dtype=dtype, precision="fp32",
-                                       dataset_signature=f"synthetic-{split}")
-        parts = cache.parts_folder(folder, split)
-        cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
-        cache.write_shard(parts, 0, {"fc7": features}, np.arange(len(labels)), [])
-        cache.assemble(cache.Assembly(folder, split, settings, num_shards=1, layers={"fc7": dim}, layer_order=("fc7",),
-                                      main="fc7"),
-                       cache.SplitRows(paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
-                                       wnids=wnids, names=names,
-                                       attrs={"weights_spec": "file:/synthetic.pth", "batch_size": 64,
-                                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
-                                              "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1}))
-    return folder
 
 
 def heads_equal(a: Path, b: Path) -> bool:
@@ -282,8 +242,8 @@ def test_saved_head_works_on_raw_features(noisy, tmp_path, standardize):
 
 def test_standardizer_z_scores_with_train_statistics(feats):
     """Mean and population std over all train rows; dead units (std 0) are left unscaled."""
-    source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU, progress=False)
-    standardizer = train_head.Standardizer.fit(source, CPU)
+    source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU_DEVICE, progress=False)
+    standardizer = train_head.Standardizer.fit(source, CPU_DEVICE)
     x = source.features.double()
     std = x.std(0, unbiased=False)
     live = std > train_head.STD_FLOOR
@@ -312,7 +272,7 @@ def test_same_seed_same_head_other_seed_other_head(feats, run, tmp_path):
 def test_batch_order_is_drawn_on_the_cpu_and_moved_once():
     """The same seeded permutation on every device; on the GPU it is moved once per epoch, not per step."""
     expected = torch.randperm(23, generator=torch.Generator().manual_seed(5)).split(4)
-    got = batch_order(23, 4, torch.Generator().manual_seed(5), CPU)
+    got = batch_order(23, 4, torch.Generator().manual_seed(5), CPU_DEVICE)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
     if torch.cuda.is_available():
         on_gpu = batch_order(23, 4, torch.Generator().manual_seed(5), torch.device("cuda"))
@@ -362,8 +322,8 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
     preprocess = Preprocess.from_dict(json.loads(train_split.attrs["preprocess"]))
     live_train = BackboneInTheLoop(dataset, "train", backbone, preprocess)
     live_val = BackboneInTheLoop(dataset, "val", backbone, preprocess)
-    cached_train = InMemoryFeatures.load(train_split, CPU, progress=False)
-    cached_val = InMemoryFeatures.load(val_split, CPU, progress=False)
+    cached_train = InMemoryFeatures.load(train_split, CPU_DEVICE, progress=False)
+    cached_val = InMemoryFeatures.load(val_split, CPU_DEVICE, progress=False)
 
     # the features themselves agree (up to float32 rounding between batch compositions)
     live = torch.cat([x for x, _ in live_train.batches(18, None)])
@@ -373,8 +333,10 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
                     val_batch_size=9, seed=0)
 
     def fit(train_source, val_source):
-        standardizer = Standardizer.fit(train_source, CPU) if standardize else Standardizer.identity(4096, CPU)
-        fitted = fit_head(train_source, val_source, recipe, standardizer, num_classes=3, device=CPU, progress=False)
+        standardizer = (Standardizer.fit(train_source, CPU_DEVICE) if standardize
+                        else Standardizer.identity(4096, CPU_DEVICE))
+        fitted = fit_head(train_source, val_source, recipe, standardizer, num_classes=3, device=CPU_DEVICE,
+                          progress=False)
         return {"best": fitted.best, "last": fitted.last, "history": fitted.history, "standardizer": standardizer}
 
     from_cache = fit(cached_train, cached_val)
@@ -436,10 +398,10 @@ def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
     assert (out / "best.pt").read_bytes() == (out / table[0]["name"] / "best.pt").read_bytes()
 
     # each head of the sweep is the head a single run with its settings trains: runs do not leak into each other
-    train_source = InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU, progress=False)
-    single = fit_head(train_source, InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU, progress=False),
+    train_source = InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU_DEVICE, progress=False)
+    single = fit_head(train_source, InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU_DEVICE, progress=False),
                       Recipe(lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2, batch_size=40, val_batch_size=10, seed=0),
-                      Standardizer.fit(train_source, CPU), num_classes=4, device=CPU, progress=False)
+                      Standardizer.fit(train_source, CPU_DEVICE), num_classes=4, device=CPU_DEVICE, progress=False)
     swept = load_ckpt(out / "lr0.01_wd0.0001" / "last.pt")["head"]
     assert all(torch.equal(swept[k], single.last["state"][k]) for k in ("weight", "bias"))
 
