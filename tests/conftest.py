@@ -45,6 +45,21 @@ def tiny_cache_copy(tiny_cache, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny18_dataset(tmp_path_factory) -> Path:
+    """3 classes x 6 train, 3 val per class: 18 train and 9 val images, for the head's tests (read-only)."""
+    return make_tiny_imagenet(tmp_path_factory.mktemp("tiny18") / "ds", num_classes=3, train_per_class=6,
+                              val_per_class=3)
+
+
+@pytest.fixture(scope="session")
+def tiny18_cache(tiny18_dataset, tmp_path_factory) -> Path:
+    """The fc7 cache of ``tiny18_dataset`` (FAST_EXTRACT_ARGS). Read-only."""
+    out = tmp_path_factory.mktemp("tiny18") / "features"
+    assert run_extract.main(extract_args(tiny18_dataset, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_head(tiny_cache, tmp_path_factory) -> Path:
     """A linear head trained on ``tiny_cache`` for 2 epochs: its run folder (read-only)."""
     out = tmp_path_factory.mktemp("tiny") / "head"

@@ -22,12 +22,12 @@ from tests.helpers import error_line, extract_args, file_hash, tree_hash
 SMALL = ("--workers", "0")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def data(tiny_dataset) -> Path:
     return tiny_dataset  # read-only
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def extracted(tiny_cache) -> Path:
     return tiny_cache  # read-only
 
