@@ -11,29 +11,41 @@ from pathlib import Path
 
 import pytest
 
-import run_extract
 import run_train_head
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.helpers import (CPU_ARGS, FAST_EXTRACT_ARGS, error_line, extract_args,  # noqa: F401 (re-exported)
-                           one_error_line)
+                           extract_into, one_error_line)
 
 CPU = CPU_ARGS  # re-exported names: argv for the CPU, and the fast extraction arguments
 FAST = FAST_EXTRACT_ARGS
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
+def generated_dataset(tmp_path_factory):
+    """``generated_dataset(num_classes, train_per_class, val_per_class)``: a generated dataset of that size,
+    made once per session (read-only: copy it to change it)."""
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def make(num_classes: int, train_per_class: int, val_per_class: int) -> Path:
+        key = (num_classes, train_per_class, val_per_class)
+        if key not in made:
+            made[key] = make_tiny_imagenet(tmp_path_factory.mktemp("generated") / "ds", num_classes=num_classes,
+                                           train_per_class=train_per_class, val_per_class=val_per_class)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(generated_dataset) -> Path:
     """3 classes x 4 train, 2 val per class: 12 train and 6 val images (read-only)."""
-    return make_tiny_imagenet(tmp_path_factory.mktemp("tiny") / "ds", num_classes=3, train_per_class=4,
-                              val_per_class=2)
+    return generated_dataset(3, 4, 2)
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_dataset, tmp_path_factory) -> Path:
     """A finished float32 fc7 cache of ``tiny_dataset`` (FAST_EXTRACT_ARGS; train in 2 shards). Read-only."""
-    out = tmp_path_factory.mktemp("tiny") / "features"
-    assert run_extract.main(extract_args(tiny_dataset, out, "--shard-size", "8")) == 0
-    return out
+    return extract_into(tmp_path_factory.mktemp("tiny"), tiny_dataset, "--shard-size", "8")
 
 
 @pytest.fixture
@@ -45,18 +57,9 @@ def tiny_cache_copy(tiny_cache, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny18_dataset(tmp_path_factory) -> Path:
-    """3 classes x 6 train, 3 val per class: 18 train and 9 val images, for the head's tests (read-only)."""
-    return make_tiny_imagenet(tmp_path_factory.mktemp("tiny18") / "ds", num_classes=3, train_per_class=6,
-                              val_per_class=3)
-
-
-@pytest.fixture(scope="session")
-def tiny18_cache(tiny18_dataset, tmp_path_factory) -> Path:
-    """The fc7 cache of ``tiny18_dataset`` (FAST_EXTRACT_ARGS). Read-only."""
-    out = tmp_path_factory.mktemp("tiny18") / "features"
-    assert run_extract.main(extract_args(tiny18_dataset, out)) == 0
-    return out
+def tiny18_cache(generated_dataset, tmp_path_factory) -> Path:
+    """The fc7 cache (FAST_EXTRACT_ARGS) of ``generated_dataset(3, 6, 3)``, 18 train and 9 val images. Read-only."""
+    return extract_into(tmp_path_factory.mktemp("tiny18"), generated_dataset(3, 6, 3))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+import run_extract
 import run_train_head
 from features import cache
 from pipeline.common.preprocess import Preprocess
@@ -36,6 +37,13 @@ QUICK_HEAD_ARGS = (*CPU_ARGS, "--no-progress", *HEAD_BATCH_ARGS, "--epochs", "1"
 def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
     """Fast CPU extraction arguments; later options (``extra``) override the FAST_EXTRACT_ARGS defaults."""
     return ["--data", str(data), "--out", str(out), *FAST_EXTRACT_ARGS, *extra]
+
+
+def extract_into(folder: Path, data: Path, *extra: str) -> Path:
+    """A finished cache of ``data`` in a new ``folder/features`` (extract_args; ``extra`` overrides them)."""
+    out = folder / "features"
+    assert run_extract.main(extract_args(data, out, *extra)) == 0
+    return out
 
 
 def train_quick_head(features: Path, out: Path, *extra: str) -> int:

@@ -18,7 +18,6 @@ import run_extract
 from models import FC7_DIM, AlexNetClassifier, AlexNetLayers, LinearHead, weights_fingerprint
 from pipeline.common.backbone import imagenet_cache_file, load_backbone, resolve_device
 from pipeline.common.errors import UserError
-from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import error_line
 
 IMAGENET_FILE = "alexnet-owt-7be5be79.pth"
@@ -47,9 +46,8 @@ def closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("backbone") / "ds", num_classes=2, train_per_class=2,
-                              val_per_class=1)
+def dataset(generated_dataset) -> Path:
+    return generated_dataset(2, 2, 1)  # read-only
 
 
 @pytest.fixture(scope="module")

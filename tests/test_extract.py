@@ -228,14 +228,6 @@ def test_mismatched_settings_need_overwrite(dataset, cache_copy, capsys, option,
                                    rtol=2e-3, atol=1e-3)
 
 
-def test_too_small_image_size_is_a_one_line_error(dataset, tmp_path, capsys):
-    capsys.readouterr()
-    assert run_extract.main(extract_args(dataset, tmp_path / "features", "--image-size", "62")) == 2
-    line = error_line(capsys.readouterr().err)
-    assert "--image-size 62" in line and "63" in line
-    assert not (tmp_path / "features" / "train.h5").exists()
-
-
 # ---------------------------------------------------------------------------------------------
 # Crash safety
 

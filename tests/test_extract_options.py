@@ -130,10 +130,12 @@ def test_low_precision_extraction_is_close_to_fp32(dataset, extracted, tmp_path,
         assert cosine.min() >= 0.999, cosine
 
 
-def test_a_batch_that_cannot_fit_in_memory_is_a_one_line_error(dataset, tmp_path, capsys):
+@pytest.mark.parametrize("size, words", [("62", ("--image-size 62", "63")), ("100000", ("100000 px", "--image-size"))],
+                         ids=["too-small", "batch-cannot-fit-in-memory"])
+def test_an_image_size_out_of_reach_is_a_one_line_error(dataset, tmp_path, capsys, size, words):
     """--image-size 100000 asked for a 540 GB allocation and ended in a traceback."""
     capsys.readouterr()
-    assert run_extract.main(extract_args(dataset, tmp_path / "features", "--image-size", "100000")) == 2
+    assert run_extract.main(extract_args(dataset, tmp_path / "features", "--image-size", size)) == 2
     line = error_line(capsys.readouterr().err)
-    assert "100000 px" in line and "--image-size" in line
+    assert all(word in line for word in words), line
     assert not (tmp_path / "features" / "train.h5").exists()

@@ -71,9 +71,8 @@ def dataset_state(data: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("faults") / "ds", num_classes=2, train_per_class=4,
-                              val_per_class=1)
+def data(generated_dataset) -> Path:
+    return generated_dataset(2, 4, 1)  # read-only
 
 
 @pytest.fixture(scope="module")

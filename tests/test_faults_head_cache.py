@@ -21,39 +21,33 @@ from tests.test_faults_head import cache, old_run, snapshot, train  # noqa: F401
 # Invalid caches: each one a line naming the file
 
 
-def _rewrite(path: Path, name: str, data) -> None:
-    """Replace dataset ``name`` (through the ``features`` link, the layer's own dataset) with ``data``."""
+def _rewrite(path: Path, name: str, change) -> None:
+    """Replace dataset ``name`` (through the ``features`` link, the layer's own dataset) with ``change(its data)``."""
     with h5py.File(path, "a") as f:
         link = f.get(name, getlink=True)
         if isinstance(link, h5py.SoftLink):
             name = link.path.lstrip("/")
+        data = change(f[name][:])
         del f[name]
         f.create_dataset(name, data=data)
+
+
+# case: (the file to damage, its dataset, the change, a phrase the error must contain)
+REWRITES = {
+    "fewer-features-than-labels": ("train.h5", "features", lambda data: data[:-5], "shape"),
+    "features-float64": ("val.h5", "features", lambda data: data.astype(np.float64), "dtype"),
+    "features-1d": ("train.h5", "features", lambda data: data[:, 0], "shape"),
+    "labels-float": ("train.h5", "labels", lambda data: data.astype(np.float32), "labels"),
+}
 
 
 def _damage(folder: Path, case: str) -> tuple[str, str]:
     """Damage the cache in ``folder``; return (the file the error must name, a phrase it must contain)."""
     train_h5, val_h5 = folder / "train.h5", folder / "val.h5"
-    if case == "fewer-features-than-labels":
-        with h5py.File(train_h5, "r") as f:
-            features = f["features"][:-5]
-        _rewrite(train_h5, "features", features)
-        return "train.h5", "shape"
-    if case == "features-float64":
-        with h5py.File(val_h5, "r") as f:
-            features = f["features"][:].astype(np.float64)
-        _rewrite(val_h5, "features", features)
-        return "val.h5", "dtype"
-    if case == "features-1d":
-        with h5py.File(train_h5, "r") as f:
-            features = f["features"][:, 0]
-        _rewrite(train_h5, "features", features)
-        return "train.h5", "shape"
-    if case == "labels-float":
-        with h5py.File(train_h5, "r") as f:
-            labels = f["labels"][:].astype(np.float32)
-        _rewrite(train_h5, "labels", labels)
-        return "train.h5", "labels"
+    if case in REWRITES:
+        file, name, change, words = REWRITES[case]
+        _rewrite(folder / file, name, change)
+        return file, words
     if case in ("label-too-large", "label-negative"):
         with h5py.File(val_h5, "a") as f:
             f["labels"][3] = 4 if case == "label-too-large" else -1

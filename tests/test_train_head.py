@@ -91,8 +91,8 @@ def heads_equal(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def data(tiny18_dataset) -> Path:
-    return tiny18_dataset  # 3 classes x 6 train, 3 val: 18 train and 9 val images (read-only)
+def data(generated_dataset) -> Path:
+    return generated_dataset(3, 6, 3)  # 18 train and 9 val images (read-only); tiny18_cache is its cache
 
 
 @pytest.fixture(scope="module")
