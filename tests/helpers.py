@@ -28,6 +28,9 @@ SMALL_INPUT_ARGS = ("--no-progress", "--image-size", "64", "--resize-size", "72"
 # Fast extraction: a seeded random backbone at SMALL_INPUT_ARGS. The CPU forward pass costs about the same
 # per batch whatever its size (fc6 alone is 151 MB of weights to read), so the default batch size is kept.
 FAST_EXTRACT_ARGS = ("--weights", "random", "--seed", "0", *SMALL_INPUT_ARGS)
+# Extraction in this process (no worker processes), and in many tiny shards (many resumable units).
+NO_WORKERS_ARGS = ("--workers", "0")
+TINY_SHARD_ARGS = ("--shard-size", "2", "--batch-size", "2", *NO_WORKERS_ARGS)
 # Head training on a tiny cache: batches of 10 so a few rows still make several steps.
 HEAD_BATCH_ARGS = ("--batch-size", "10", "--val-batch-size", "10")
 # One quick epoch of a head on the CPU.

@@ -17,9 +17,8 @@ import pytest
 import run_extract
 from features import cache
 from features.cache import CacheError
-from tests.helpers import error_line, extract_args, file_hash, tree_hash
+from tests.helpers import NO_WORKERS_ARGS, error_line, extract_args, file_hash, tree_hash
 
-SMALL = ("--workers", "0")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +59,13 @@ def test_a_string_complete_flag_is_not_complete_and_the_file_is_kept(data, cache
         f.attrs["complete"] = "no"
     before, data_before = file_hash(path), tree_hash(data)
     capsys.readouterr()
-    assert run_extract.main(extract_args(data, cache_copy, *SMALL)) == 2
+    assert run_extract.main(extract_args(data, cache_copy, *NO_WORKERS_ARGS)) == 2
     err = capsys.readouterr().err
     line = error_line(err)
     assert f"{path}: attribute complete is 'no' (str), expected true or false" in line
     assert "up to date" not in err
     assert file_hash(path) == before and tree_hash(data) == data_before  # nothing the user made changed
-    assert run_extract.main(extract_args(data, cache_copy, *SMALL, "--overwrite")) == 0  # the way out works
+    assert run_extract.main(extract_args(data, cache_copy, *NO_WORKERS_ARGS, "--overwrite")) == 0  # the way out works
     assert cache.read_attrs(path)["complete"] is True
 
 
@@ -96,7 +95,7 @@ def test_an_edited_layers_attribute_is_one_line_not_up_to_date(data, cache_copy,
         f.attrs["layers"] = recorded
     before = file_hash(path)
     capsys.readouterr()
-    assert run_extract.main(extract_args(data, cache_copy, *SMALL, "--layers", "fc6,fc7")) == 2
+    assert run_extract.main(extract_args(data, cache_copy, *NO_WORKERS_ARGS, "--layers", "fc6,fc7")) == 2
     err = capsys.readouterr().err
     line = error_line(err)
     assert f"{path}: attribute layers is '{recorded}', but the file holds the layer datasets [\"fc7\"]" in line
@@ -129,7 +128,7 @@ def test_a_renamed_class_refreshes_the_names_in_place_without_re_extracting(data
     with h5py.File(out / "train.h5", "r") as f:
         features_before = f["fc7"][:]
     caplog.set_level("INFO")
-    assert run_extract.main(extract_args(dataset, out, *SMALL)) == 0
+    assert run_extract.main(extract_args(dataset, out, *NO_WORKERS_ARGS)) == 0
     assert "class names refreshed from words.txt (1 changed)" in caplog.text
     assert "img/s" not in caplog.text  # nothing was extracted again
     for split in ("train", "val"):
@@ -138,7 +137,7 @@ def test_a_renamed_class_refreshes_the_names_in_place_without_re_extracting(data
     with h5py.File(out / "train.h5", "r") as f:
         assert np.array_equal(f["fc7"][:], features_before)
     caplog.clear()
-    assert run_extract.main(extract_args(dataset, out, *SMALL)) == 0  # now simply up to date
+    assert run_extract.main(extract_args(dataset, out, *NO_WORKERS_ARGS)) == 0  # now simply up to date
     assert "refreshed" not in caplog.text and "up to date" in caplog.text
 
 

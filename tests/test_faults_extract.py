@@ -26,10 +26,10 @@ import features.writer
 from features.cache import CacheError, open_split
 from pipeline.extract import extractor as extract_module
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.helpers import error_line, extract_args, one_error_line, tree_bytes
+from tests.helpers import TINY_SHARD_ARGS, error_line, extract_args, one_error_line, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ("--shard-size", "2", "--batch-size", "2", "--workers", "0")  # train: 4 shards of 2 images
+# with TINY_SHARD_ARGS the train split of `data` (8 images) is 4 shards of 2
 BAD = "train/n02002724/images/n02002724_1.JPEG"  # in the third train shard
 
 
@@ -38,7 +38,7 @@ class Killed(BaseException):
 
 
 def run(data: Path, out: Path, *extra: str) -> int:
-    return run_extract.main(extract_args(data, out, *SMALL, *extra))
+    return run_extract.main(extract_args(data, out, *TINY_SHARD_ARGS, *extra))
 
 
 def cache_content(out: Path) -> dict:
@@ -269,7 +269,7 @@ def test_a_real_hdf5_write_failure_is_one_line_not_a_segfault(data, reference, t
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    done = subprocess.run([sys.executable, "run_extract.py", *extract_args(data, out, *SMALL)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "run_extract.py", *extract_args(data, out, *TINY_SHARD_ARGS)], cwd=ROOT,
                           capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     line = error_line(done.stderr)
