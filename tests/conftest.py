@@ -1,49 +1,74 @@
-"""Helpers shared by the test modules: the one-line error checks and fast extraction arguments.
+"""Fixtures shared by the test modules, built once per session where that is safe, and the pytest hooks.
 
-Every test picks its device on purpose: CPU tests pass ``--device cpu`` (so a machine with a GPU runs
-them on the CPU too), and tests marked ``gpu`` run only where CUDA is present.
+The session fixtures are read-only: a test that changes a cache or a run folder takes a copy
+(``tiny_cache_copy``, or ``shutil.copytree`` into its own ``tmp_path``). Plain helpers are in
+``tests/helpers.py``; the names below are re-exported from there for modules that import them from here.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-CPU = ("--device", "cpu")
-# Fast extraction for a 2-core CPU: random weights and 64 px inputs wherever the exact AlexNet transform
-# is not what is being tested. The CPU forward pass costs about the same per batch whatever its size
-# (fc6 alone is 151 MB of weights to read), so the default batch size is kept.
-FAST = ("--weights", "random", "--seed", "0", "--no-progress", "--image-size", "64", "--resize-size", "72", *CPU)
+import run_train_head
+from pipeline.data.synthetic import make_tiny_imagenet
+from tests.helpers import (CPU_ARGS, FAST_EXTRACT_ARGS, error_line, extract_args,  # noqa: F401 (re-exported)
+                           extract_into, one_error_line)
+
+CPU = CPU_ARGS  # re-exported names: argv for the CPU, and the fast extraction arguments
+FAST = FAST_EXTRACT_ARGS
 
 
-def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """Fast CPU extraction arguments; later options (``extra``) override the FAST defaults."""
-    return ["--data", str(data), "--out", str(out), *FAST, *extra]
+@pytest.fixture(scope="session")
+def generated_dataset(tmp_path_factory):
+    """``generated_dataset(num_classes, train_per_class, val_per_class)``: a generated dataset of that size,
+    made once per session (read-only: copy it to change it)."""
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def make(num_classes: int, train_per_class: int, val_per_class: int) -> Path:
+        key = (num_classes, train_per_class, val_per_class)
+        if key not in made:
+            made[key] = make_tiny_imagenet(tmp_path_factory.mktemp("generated") / "ds", num_classes=num_classes,
+                                           train_per_class=train_per_class, val_per_class=val_per_class)
+        return made[key]
+
+    return make
 
 
-def error_line(err: str) -> str:
-    """The one 'error: ...' line a failed run printed, with no traceback (log lines may precede it)."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+@pytest.fixture(scope="session")
+def tiny_dataset(generated_dataset) -> Path:
+    """3 classes x 4 train, 2 val per class: 12 train and 6 val images (read-only)."""
+    return generated_dataset(3, 4, 2)
 
 
-def one_error_line(err, *, allow_progress: bool = False) -> str:
-    """stderr (a string, or pytest's capsys) is exactly one 'error: ...' line.
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_dataset, tmp_path_factory) -> Path:
+    """A finished float32 fc7 cache of ``tiny_dataset`` (FAST_EXTRACT_ARGS; train in 2 shards). Read-only."""
+    return extract_into(tmp_path_factory.mktemp("tiny"), tiny_dataset, "--shard-size", "8")
 
-    ``allow_progress``: download progress bars may come before it.
-    """
-    if not isinstance(err, str):
-        err = err.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    assert lines[-1] == errors[0], err
-    if not allow_progress:
-        assert len(lines) == 1, f"stderr is not one line: {err!r}"
-    return errors[0]
+
+@pytest.fixture
+def tiny_cache_copy(tiny_cache, tmp_path) -> Path:
+    """A copy of ``tiny_cache`` in this test's tmp_path, free to change."""
+    out = tmp_path / "features"
+    shutil.copytree(tiny_cache, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny18_cache(generated_dataset, tmp_path_factory) -> Path:
+    """The fc7 cache (FAST_EXTRACT_ARGS) of ``generated_dataset(3, 6, 3)``, 18 train and 9 val images. Read-only."""
+    return extract_into(tmp_path_factory.mktemp("tiny18"), generated_dataset(3, 6, 3))
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tiny_cache, tmp_path_factory) -> Path:
+    """A linear head trained on ``tiny_cache`` for 2 epochs: its run folder (read-only)."""
+    out = tmp_path_factory.mktemp("tiny") / "head"
+    assert run_train_head.main([*CPU_ARGS, "--features", str(tiny_cache), "--out", str(out), "--epochs", "2",
+                                "--no-progress"]) == 0
+    return out
 
 
 def pytest_configure(config):

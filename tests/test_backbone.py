@@ -18,11 +18,9 @@ import run_extract
 from models import FC7_DIM, AlexNetClassifier, AlexNetLayers, LinearHead, weights_fingerprint
 from pipeline.common.backbone import imagenet_cache_file, load_backbone, resolve_device
 from pipeline.common.errors import UserError
-from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line
+from tests.helpers import SMALL_INPUT_ARGS, error_line
 
 IMAGENET_FILE = "alexnet-owt-7be5be79.pth"
-FAST = ["--no-progress", "--image-size", "64", "--resize-size", "72", "--device", "cpu"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,9 +45,8 @@ def closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("backbone") / "ds", num_classes=2, train_per_class=2,
-                              val_per_class=1)
+def dataset(generated_dataset) -> Path:
+    return generated_dataset(2, 2, 1)  # read-only
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +60,7 @@ def saved_alexnet(tmp_path_factory) -> tuple[Path, torchvision.models.AlexNet]:
 
 def run_cli(dataset: Path, out: Path, capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
-    rc = run_extract.main(["--data", str(dataset), "--out", str(out), *FAST, *args])
+    rc = run_extract.main(["--data", str(dataset), "--out", str(out), *SMALL_INPUT_ARGS, *args])
     return rc, capsys.readouterr().err
 
 

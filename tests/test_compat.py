@@ -17,9 +17,9 @@ import torch
 import run_train_head
 import run_webcam
 from features.cache import open_split
+from tests.helpers import CPU_ARGS
 
 COMPAT = Path(__file__).parent / "data" / "compat"
-CPU = ("--device", "cpu")
 
 
 def _digests() -> dict[str, str]:
@@ -52,7 +52,7 @@ def test_the_old_cache_reads(copies):
 @pytest.mark.parametrize("head", ["linear", "logreg", "knn"])
 def test_the_old_cache_trains_every_head(copies, head):
     out = copies["root"] / f"head-{head}"
-    assert run_train_head.main([*CPU, "--features", str(copies["features"]), "--out", str(out), "--head", head,
+    assert run_train_head.main([*CPU_ARGS, "--features", str(copies["features"]), "--out", str(out), "--head", head,
                                 "--epochs", "1", "--no-progress"]) == 0
     assert (out / "run.json").is_file()
 
@@ -61,7 +61,7 @@ def test_the_old_checkpoint_runs_live_with_the_cached_answers(copies):
     """Live on the old checkpoint: the same rebuilt backbone (recorded weights spec and preprocessing) gives
     softmax(head(cached fc7)) for each val image."""
     predictions = copies["root"] / "preds.jsonl"
-    assert run_webcam.main([*CPU, "--checkpoint", str(copies["best"]), "--source", str(COMPAT / "val_images"),
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(copies["best"]), "--source", str(COMPAT / "val_images"),
                             "--no-display", "--predictions", str(predictions), "--top-k", "3"]) == 0
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(lines) == 6

@@ -5,9 +5,9 @@ Multi-layer caches are written here with h5py: the fc7 cache as extraction write
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import h5py
@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import run_extract
 import run_train_head
 import run_webcam
 from features.cache import open_split
@@ -28,21 +27,15 @@ from pipeline.common.images import read_rgb
 from pipeline.heads.logreg import fit_logreg, objective
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads.shots import few_shot_rows
-from pipeline.data.synthetic import make_tiny_imagenet
 from pipeline.heads.linear import InMemoryFeatures, Standardizer
-from tests.conftest import CPU, FAST, one_error_line
-from tests.test_train_head import PNG_MAGIC, RUN_FILES, write_synthetic_cache
+from tests.helpers import CPU_ARGS, one_error_line, read_csv, write_synthetic_cache
+from tests.test_train_head import PNG_MAGIC, RUN_FILES
 
 DIMS = {"pool5": 9216, "fc6": 4096, "fc7": 4096}
 
 
 def train(features: Path, out: Path, *extra: str) -> int:
-    return run_train_head.main(["--features", str(features), "--out", str(out), *CPU, "--no-progress", *extra])
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return run_train_head.main(["--features", str(features), "--out", str(out), *CPU_ARGS, "--no-progress", *extra])
 
 
 def add_layer(path: Path, layer: str, features: np.ndarray) -> None:
@@ -69,12 +62,11 @@ def layered(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> dict:
+def real(tiny_dataset, tiny_cache, tmp_path_factory) -> dict:
     """Generated images, their fc7 cache from run_extract.py, and fc6 of the same random backbone added to it."""
     root = tmp_path_factory.mktemp("real")
-    ds = make_tiny_imagenet(root / "ds", num_classes=3, train_per_class=4, val_per_class=2)
-    feats = root / "feats"
-    assert run_extract.main(["--data", str(ds), "--out", str(feats), *FAST]) == 0
+    ds, feats = tiny_dataset, root / "feats"
+    shutil.copytree(tiny_cache, feats)  # the session's cache, copied: fc6 is added below
     backbone, _, _ = load_backbone("random", seed=0)  # what --weights random --seed 0 extracted with
     backbone = place_backbone(backbone, torch.device("cpu"), "fp32")
     for split in ("train", "val"):
@@ -379,7 +371,7 @@ def test_webcam_runs_a_head_trained_on_fc6(real, tmp_path):
     cached = torch.softmax(fc6 @ checkpoint["head"]["weight"].T + checkpoint["head"]["bias"], dim=1)
     expected = {str(real["ds"] / p): probs for p, probs in zip(val.paths, cached)}
     jsonl = tmp_path / "preds.jsonl"
-    assert run_webcam.main([*CPU, "--checkpoint", str(head / "best.pt"), "--source", str(real["ds"] / "val" / "images"),
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(head / "best.pt"), "--source", str(real["ds"] / "val" / "images"),
                             "--no-display", "--predictions", str(jsonl), "--top-k", "3"]) == 0
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert sorted(line["source"] for line in lines) == sorted(expected)

@@ -5,7 +5,6 @@ and nothing wrong taken as complete or up to date. A renamed class only refreshe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import zipfile
@@ -18,38 +17,23 @@ import pytest
 import run_extract
 from features import cache
 from features.cache import CacheError
-from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line, extract_args
+from tests.helpers import NO_WORKERS_ARGS, error_line, extract_args, file_hash, tree_hash
 
-SMALL = ("--workers", "0")
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tree_hash(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): file_hash(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("fields") / "ds", num_classes=2, train_per_class=2,
-                              val_per_class=1)
+def data(tiny_dataset) -> Path:
+    return tiny_dataset  # read-only
 
 
 @pytest.fixture(scope="module")
-def extracted(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fields") / "features"
-    assert run_extract.main(extract_args(data, out, *SMALL)) == 0
-    return out
+def extracted(tiny_cache) -> Path:
+    return tiny_cache  # read-only
 
 
 @pytest.fixture
-def cache_copy(extracted, tmp_path) -> Path:
-    out = tmp_path / "features"
-    shutil.copytree(extracted, out)
-    return out
+def cache_copy(tiny_cache_copy) -> Path:
+    return tiny_cache_copy
 
 
 # (attribute, a wrong value): wrong type or out of range, one at a time
@@ -75,13 +59,13 @@ def test_a_string_complete_flag_is_not_complete_and_the_file_is_kept(data, cache
         f.attrs["complete"] = "no"
     before, data_before = file_hash(path), tree_hash(data)
     capsys.readouterr()
-    assert run_extract.main(extract_args(data, cache_copy, *SMALL)) == 2
+    assert run_extract.main(extract_args(data, cache_copy, *NO_WORKERS_ARGS)) == 2
     err = capsys.readouterr().err
     line = error_line(err)
     assert f"{path}: attribute complete is 'no' (str), expected true or false" in line
     assert "up to date" not in err
     assert file_hash(path) == before and tree_hash(data) == data_before  # nothing the user made changed
-    assert run_extract.main(extract_args(data, cache_copy, *SMALL, "--overwrite")) == 0  # the way out works
+    assert run_extract.main(extract_args(data, cache_copy, *NO_WORKERS_ARGS, "--overwrite")) == 0  # the way out works
     assert cache.read_attrs(path)["complete"] is True
 
 
@@ -111,7 +95,7 @@ def test_an_edited_layers_attribute_is_one_line_not_up_to_date(data, cache_copy,
         f.attrs["layers"] = recorded
     before = file_hash(path)
     capsys.readouterr()
-    assert run_extract.main(extract_args(data, cache_copy, *SMALL, "--layers", "fc6,fc7")) == 2
+    assert run_extract.main(extract_args(data, cache_copy, *NO_WORKERS_ARGS, "--layers", "fc6,fc7")) == 2
     err = capsys.readouterr().err
     line = error_line(err)
     assert f"{path}: attribute layers is '{recorded}', but the file holds the layer datasets [\"fc7\"]" in line
@@ -144,7 +128,7 @@ def test_a_renamed_class_refreshes_the_names_in_place_without_re_extracting(data
     with h5py.File(out / "train.h5", "r") as f:
         features_before = f["fc7"][:]
     caplog.set_level("INFO")
-    assert run_extract.main(extract_args(dataset, out, *SMALL)) == 0
+    assert run_extract.main(extract_args(dataset, out, *NO_WORKERS_ARGS)) == 0
     assert "class names refreshed from words.txt (1 changed)" in caplog.text
     assert "img/s" not in caplog.text  # nothing was extracted again
     for split in ("train", "val"):
@@ -153,7 +137,7 @@ def test_a_renamed_class_refreshes_the_names_in_place_without_re_extracting(data
     with h5py.File(out / "train.h5", "r") as f:
         assert np.array_equal(f["fc7"][:], features_before)
     caplog.clear()
-    assert run_extract.main(extract_args(dataset, out, *SMALL)) == 0  # now simply up to date
+    assert run_extract.main(extract_args(dataset, out, *NO_WORKERS_ARGS)) == 0  # now simply up to date
     assert "refreshed" not in caplog.text and "up to date" in caplog.text
 
 

@@ -23,13 +23,13 @@ import pytest
 import run_extract
 from features import cache, shards
 import features.writer
-from features.cache import CacheError, exclusive_writer, open_split
+from features.cache import CacheError, open_split
 from pipeline.extract import extractor as extract_module
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line, extract_args, one_error_line
+from tests.helpers import TINY_SHARD_ARGS, error_line, extract_args, one_error_line, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ("--shard-size", "2", "--batch-size", "2", "--workers", "0")  # train: 4 shards of 2 images
+# with TINY_SHARD_ARGS the train split of `data` (8 images) is 4 shards of 2
 BAD = "train/n02002724/images/n02002724_1.JPEG"  # in the third train shard
 
 
@@ -38,7 +38,7 @@ class Killed(BaseException):
 
 
 def run(data: Path, out: Path, *extra: str) -> int:
-    return run_extract.main(extract_args(data, out, *SMALL, *extra))
+    return run_extract.main(extract_args(data, out, *TINY_SHARD_ARGS, *extra))
 
 
 def cache_content(out: Path) -> dict:
@@ -67,13 +67,12 @@ def assert_same(out: Path, reference: Path) -> None:
 
 
 def dataset_state(data: Path) -> dict:
-    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
+    return tree_bytes(data)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("faults") / "ds", num_classes=2, train_per_class=4,
-                              val_per_class=1)
+def data(generated_dataset) -> Path:
+    return generated_dataset(2, 4, 1)  # read-only
 
 
 @pytest.fixture(scope="module")
@@ -147,21 +146,6 @@ def test_shards_left_by_a_killed_cleanup_are_never_assembled_under_other_setting
     assert run(data, out, "--seed", "1") == 0
     assert_same(out, reference_seed1)
     assert open_split(out / "train.h5").attrs["weights_spec"] == "random:seed=1"
-
-
-def test_a_shard_renamed_under_other_settings_is_refused_at_assembly(data, tmp_path, monkeypatch):
-    out = tmp_path / "features"
-    killed_at_assembly(data, out, monkeypatch)
-    parts = cache.parts_folder(out, "train")
-    foreign = cache.shard_file(parts, 1)
-    with np.load(foreign) as shard:
-        arrays = dict(shard)
-    arrays["digest"] = np.array("0" * 12)  # content made under other settings, under this folder's name
-    with open(foreign, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(CacheError, match="other settings"):
-        shards.read_shard(foreign, cache.parts_digest(parts))
-    assert not foreign.exists()  # discarded, so the rerun recomputes it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +269,7 @@ def test_a_real_hdf5_write_failure_is_one_line_not_a_segfault(data, reference, t
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    done = subprocess.run([sys.executable, "run_extract.py", *extract_args(data, out, *SMALL)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "run_extract.py", *extract_args(data, out, *TINY_SHARD_ARGS)], cwd=ROOT,
                           capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     line = error_line(done.stderr)
@@ -359,59 +343,6 @@ def test_kill_while_the_parts_are_being_deleted(data, reference, tmp_path, monke
     assert not list(out.glob(".train.parts.trash-*"))
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. A complete cache on read-only storage needs no lock
-
-
-def test_full_check_of_a_complete_cache_takes_no_lock(data, tmp_path, monkeypatch, caplog, capsys):
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    weights = tmp_path / "alexnet.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
-    out = tmp_path / "features"
-    assert run(data, out, "--weights", str(weights)) == 0
-    os.utime(weights, ns=(1, 10**18))  # the stamp differs: the quick check cannot vouch, the full one runs
-
-    def read_only(folder):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder / ".lock"))
-    monkeypatch.setattr(cache, "exclusive_writer", read_only)
-    caplog.set_level(logging.INFO)
-    assert run(data, out, "--weights", str(weights)) == 0
-    assert any(r.getMessage().startswith("train: up to date") for r in caplog.records)
-    (out / "val.h5").unlink()  # now something must be written: the lock is needed, and it fails in one line
-    capsys.readouterr()
-    assert run(data, out, "--weights", str(weights)) == 2
-    assert "Read-only file system" in one_error_line(capsys)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. A cache being written is not reported as interrupted
-
-
-def test_reading_a_cache_while_it_is_written_says_so(tmp_path):
-    out = tmp_path / "features"
-    cache.parts_folder(out, "train").mkdir(parents=True)
-    with exclusive_writer(out):
-        with pytest.raises(CacheError, match=f"being written by pid {os.getpid()} right now"):
-            open_split(out / "train.h5")
-    with pytest.raises(CacheError, match="interrupted"):  # the writer is gone: then it was interrupted
-        open_split(out / "train.h5")
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. Numbers out of range, and #14: shards from another CPU are not resumed
-
-
-@pytest.mark.parametrize("option, value", [("--seed", str(2**70)), ("--seed", "-1"), ("--workers", "-1")])
-def test_out_of_range_numbers_are_one_line_errors(data, tmp_path, capsys, option, value):
-    capsys.readouterr()
-    assert run(data, tmp_path / "features", option, value) == 2
-    assert option in one_error_line(capsys)
-    assert not (tmp_path / "features").exists()
-
-
 def test_shards_from_another_cpu_capability_are_discarded(data, reference, tmp_path, monkeypatch):
     """The capability is patched where the shards' layout records it: patching torch's own would also switch
     torchvision's uint8 resize to another kernel, whose features differ in the last digits (measured)."""
@@ -427,18 +358,3 @@ def test_shards_from_another_cpu_capability_are_discarded(data, reference, tmp_p
     assert sorted(s for name, s in written if name == ".train.parts") == [0, 1, 2, 3]  # none resumed
     monkeypatch.undo()
     assert_same(out, reference)
-
-
-def test_the_child_writing_the_file_keeps_the_writer_lock(tmp_path):
-    """A parent killed while its child writes the file leaves the lock held until the child is done (a DataLoader
-    worker, in contrast, lets go of it at once)."""
-    from features import locking
-
-    with exclusive_writer(tmp_path):
-        fd = next(iter(locking._held_locks))
-
-        def fill(f):
-            f.attrs["lock"] = os.readlink(f"/proc/self/fd/{fd}")
-        cache._write_isolated(tmp_path / "x.h5", fill)
-    with h5py.File(tmp_path / "x.h5", "r") as f:
-        assert f.attrs["lock"] == str(tmp_path / ".lock")

@@ -5,7 +5,6 @@ resumed extraction with nothing left to compute. Nothing the user made changes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -15,18 +14,12 @@ import torch
 import run_extract
 from features import cache
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import error_line, extract_args
+from tests.helpers import TINY_SHARD_ARGS, error_line, extract_args, tree_hash
 
-SMALL = ("--workers", "0", "--shard-size", "2", "--batch-size", "2")
 
 
 class Killed(BaseException):
     """A kill at this step: nothing after it runs, and nothing in the project catches it."""
-
-
-def tree_hash(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ def test_a_data_path_that_is_not_utf8_is_refused_before_any_work(data, tmp_path,
         before = tree_hash(odd)
         for extra in (("--prepare-only",), ()):
             capsys.readouterr()
-            assert run_extract.main(extract_args(odd, tmp_path / "features", *SMALL, *extra)) == 2
+            assert run_extract.main(extract_args(odd, tmp_path / "features", *TINY_SHARD_ARGS, *extra)) == 2
             err = capsys.readouterr().err
             line = error_line(err)
             assert "not UTF-8" in line and "free some space" not in line, line
@@ -63,7 +56,7 @@ def test_a_split_with_no_decodable_image_is_said_at_preparation(tmp_path, capsys
     capsys.readouterr()
     assert run_extract.main(["--data", str(data), "--prepare-only", "--no-progress"]) == 2
     assert "val has no decodable images" in error_line(capsys.readouterr().err)
-    assert run_extract.main(extract_args(data, tmp_path / "features", *SMALL)) == 2  # and extraction says the same
+    assert run_extract.main(extract_args(data, tmp_path / "features", *TINY_SHARD_ARGS)) == 2  # and extraction says the same
     line = error_line(capsys.readouterr().err)
     assert "val has no decodable images" in line and "chunk" not in line and "free some space" not in line
     assert not (tmp_path / "features" / "val.h5").exists()
@@ -81,7 +74,7 @@ def test_a_malicious_weights_file_is_refused_without_torch_s_unsafe_advice(data,
     evil = tmp_path / "evil.pth"
     torch.save({"features.0.weight": Evil()}, evil)
     capsys.readouterr()
-    assert run_extract.main(extract_args(data, tmp_path / "features", *SMALL, "--weights", str(evil))) == 2
+    assert run_extract.main(extract_args(data, tmp_path / "features", *TINY_SHARD_ARGS, "--weights", str(evil))) == 2
     err = capsys.readouterr().err
     line = error_line(err)
     assert str(evil) in line and "refused" in line and "posix.system" in line
@@ -98,10 +91,10 @@ def test_a_resumed_extraction_with_nothing_left_reports_no_speed(data, tmp_path,
         raise Killed
     monkeypatch.setattr(cache, "assemble", killed)
     with pytest.raises(Killed):  # every train shard is on disk, then the run dies as assembly starts
-        run_extract.main(extract_args(data, out, *SMALL))
+        run_extract.main(extract_args(data, out, *TINY_SHARD_ARGS))
     monkeypatch.setattr(cache, "assemble", assemble)
     caplog.set_level("INFO")
-    assert run_extract.main(extract_args(data, out, *SMALL)) == 0
+    assert run_extract.main(extract_args(data, out, *TINY_SHARD_ARGS)) == 0
     train = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train:")]
     assert train and "img/s" not in train[0] and "earlier, interrupted run" in train[0], train
     val = [r.getMessage() for r in caplog.records if r.getMessage().startswith("val:")]
@@ -112,6 +105,6 @@ def test_extraction_accepts_a_dataset_with_one_class(tmp_path):
     """Classes may be collected one at a time (the own-data issue): extraction stores one class."""
     data = make_tiny_imagenet(tmp_path / "one", num_classes=1, train_per_class=2, val_per_class=1)
     out = tmp_path / "features"
-    assert run_extract.main(extract_args(data, out, *SMALL)) == 0
+    assert run_extract.main(extract_args(data, out, *TINY_SHARD_ARGS)) == 0
     train = cache.open_split(out / "train.h5")
     assert train.attrs["num_classes"] == 1 and train.num_rows == 2 and set(train.labels) == {0}

@@ -15,35 +15,28 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
 import run_train_head
-from features.cache import exclusive_writer
 from features import atomic
 from pipeline.common import checkpoint as checkpoint_module
 from pipeline.heads import report
 from pipeline.common import run_folder
 from pipeline.heads import linear as train_head
-from pipeline.common.errors import UserError
-from tests.conftest import one_error_line
-from tests.test_train_head import write_synthetic_cache
+from tests.helpers import HEAD_BATCH_ARGS, one_error_line, tree_bytes, write_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ("--batch-size", "10", "--val-batch-size", "10")
 
 
 def train(features: Path, out: Path, *extra: str) -> int:
     return run_train_head.main(["--features", str(features), "--out", str(out), "--device", "cpu", "--no-progress",
-                                *FAST, *extra])
+                                *HEAD_BATCH_ARGS, *extra])
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (but the lock file) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return tree_bytes(folder, skip=(".lock",))
 
 
 def run_is_whole(out: Path) -> dict:
@@ -111,7 +104,7 @@ def test_sigkill_mid_run_then_rerun(cache, old_run):
     """A real kill -9 while the new run trains: the old run stays whole; the rerun clears the stale staging."""
     out, before = old_run
     child = subprocess.Popen([sys.executable, str(ROOT / "run_train_head.py"), "--features", str(cache), "--out",
-                              str(out), "--device", "cpu", "--no-progress", *FAST, "--lr", "0.1", "--epochs", "100000"],
+                              str(out), "--device", "cpu", "--no-progress", *HEAD_BATCH_ARGS, "--lr", "0.1", "--epochs", "100000"],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -228,149 +221,6 @@ def test_huge_numbers_are_one_line_errors(cache, tmp_path, capsys, flags, flag):
 
 def test_largest_seed_trains(cache, tmp_path):
     assert train(cache, tmp_path / "out", "--seed", str(2**63 - 1), "--epochs", "1") == 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Invalid caches: each one a line naming the file
-
-
-def _rewrite(path: Path, name: str, data) -> None:
-    """Replace dataset ``name`` (through the ``features`` link, the layer's own dataset) with ``data``."""
-    with h5py.File(path, "a") as f:
-        link = f.get(name, getlink=True)
-        if isinstance(link, h5py.SoftLink):
-            name = link.path.lstrip("/")
-        del f[name]
-        f.create_dataset(name, data=data)
-
-
-def _damage(folder: Path, case: str) -> tuple[str, str]:
-    """Damage the cache in ``folder``; return (the file the error must name, a phrase it must contain)."""
-    train_h5, val_h5 = folder / "train.h5", folder / "val.h5"
-    if case == "fewer-features-than-labels":
-        with h5py.File(train_h5, "r") as f:
-            features = f["features"][:-5]
-        _rewrite(train_h5, "features", features)
-        return "train.h5", "shape"
-    if case == "features-float64":
-        with h5py.File(val_h5, "r") as f:
-            features = f["features"][:].astype(np.float64)
-        _rewrite(val_h5, "features", features)
-        return "val.h5", "dtype"
-    if case == "features-1d":
-        with h5py.File(train_h5, "r") as f:
-            features = f["features"][:, 0]
-        _rewrite(train_h5, "features", features)
-        return "train.h5", "shape"
-    if case == "labels-float":
-        with h5py.File(train_h5, "r") as f:
-            labels = f["labels"][:].astype(np.float32)
-        _rewrite(train_h5, "labels", labels)
-        return "train.h5", "labels"
-    if case in ("label-too-large", "label-negative"):
-        with h5py.File(val_h5, "a") as f:
-            f["labels"][3] = 4 if case == "label-too-large" else -1
-        return "val.h5", "row 3"
-    if case in ("no-labels", "no-paths", "no-class-wnids"):
-        with h5py.File(train_h5, "a") as f:
-            del f[{"no-labels": "labels", "no-paths": "paths", "no-class-wnids": "class_wnids"}[case]]
-        return "train.h5", "re-extract"
-    if case in ("no-split-attr", "no-feature-dim-attr"):
-        with h5py.File(val_h5, "a") as f:
-            del f.attrs["split" if case == "no-split-attr" else "feature_dim"]
-        return "val.h5", "lacks the attribute"
-    if case == "empty-split":
-        with h5py.File(val_h5, "a") as f:
-            for name in ("fc7" if "fc7" in f else "features", "labels", "paths"):
-                data = f[name][:0]
-                del f[name]
-                f.create_dataset(name, data=data, maxshape=(None,) * data.ndim,
-                                 dtype=h5py.string_dtype("utf-8") if name == "paths" else data.dtype)
-            f.attrs["num_rows"] = 0
-        return "val.h5", "empty split"
-    if case == "swapped":
-        os.replace(train_h5, folder / "tmp.h5")
-        os.replace(val_h5, train_h5)
-        os.replace(folder / "tmp.h5", val_h5)
-        return "train.h5", "swapped"
-    if case == "val-is-train":
-        shutil.copy(train_h5, val_h5)
-        return "val.h5", "'train' split"
-    raise AssertionError(case)
-
-
-BAD_CACHES = ["fewer-features-than-labels", "features-float64", "features-1d", "labels-float", "label-too-large",
-              "label-negative", "no-labels", "no-paths", "no-class-wnids", "no-split-attr", "no-feature-dim-attr",
-              "empty-split", "swapped", "val-is-train"]
-
-
-@pytest.mark.parametrize("case", BAD_CACHES)
-def test_invalid_cache_is_a_line_naming_the_file(cache, tmp_path, capsys, case):
-    folder = tmp_path / "feats"
-    shutil.copytree(cache, folder)
-    name, phrase = _damage(folder, case)
-    damaged = snapshot(folder)
-    out = tmp_path / "head"
-    capsys.readouterr()
-    assert train(folder, out, "--epochs", "1") == 2
-    line = one_error_line(capsys)
-    assert str(folder / name) in line and phrase in line, line
-    assert snapshot(folder) == damaged  # the cache is only read
-    assert not (out / "best.pt").exists() and not list(out.glob(".staging-*"))
-    shutil.rmtree(folder)
-    shutil.copytree(cache, folder)  # re-extracted
-    assert train(folder, out, "--epochs", "1") == 0
-
-
-@pytest.mark.parametrize("split, row, value, stream", [
-    ("train", 7, np.nan, False), ("val", 3, np.inf, False), ("train", 11, -np.inf, True), ("val", 0, np.nan, True),
-])
-def test_nan_or_inf_features_name_the_file_and_row(cache, tmp_path, capsys, split, row, value, stream):
-    folder = tmp_path / "feats"
-    shutil.copytree(cache, folder)
-    with h5py.File(folder / f"{split}.h5", "a") as f:
-        f["features"][row, 5] = value
-    out = tmp_path / "head"
-    capsys.readouterr()
-    assert train(folder, out, "--epochs", "1", *(["--stream"] if stream else [])) == 2
-    line = one_error_line(capsys)
-    assert str(folder / f"{split}.h5") in line and f"row {row}" in line and "NaN or Inf" in line, line
-    assert "top-1" not in line and "--lr" not in line  # neither scored nor blamed on the learning rate
-    assert not (out / "best.pt").exists()
-
-
-def test_nan_found_with_no_standardize_while_streaming(cache, tmp_path, capsys):
-    folder = tmp_path / "feats"
-    shutil.copytree(cache, folder)
-    with h5py.File(folder / "train.h5", "a") as f:
-        f["features"][40, 0] = np.nan
-    assert train(folder, tmp_path / "head", "--epochs", "1", "--stream", "--no-standardize") == 2
-    assert "row 40" in one_error_line(capsys)
-
-
-def test_training_while_the_cache_is_being_extracted_says_so(cache, tmp_path, capsys):
-    folder = tmp_path / "feats"
-    shutil.copytree(cache, folder)
-    (folder / "val.h5").unlink()  # not written yet
-    with exclusive_writer(folder):
-        assert train(folder, tmp_path / "head", "--epochs", "1") == 2
-        line = one_error_line(capsys)
-        assert "an extraction" in line and "wait for it" in line and "interrupted" not in line
-    shutil.copy(cache / "val.h5", folder / "val.h5")  # the extraction finished
-    assert train(folder, tmp_path / "head", "--epochs", "1") == 0
-
-
-# ---------------------------------------------------------------------------------------------
-# A head with NaN weights
-
-
-def test_a_head_with_nan_weights_is_never_saved(old_run, tmp_path):
-    out, _ = old_run
-    checkpoint = torch.load(out / "best.pt", weights_only=True)
-    checkpoint["head"]["weight"][1, 2] = float("nan")
-    with pytest.raises(UserError, match="NaN or Inf"):
-        checkpoint_module.save_checkpoint(checkpoint, tmp_path / "never.pt")
-    assert not (tmp_path / "never.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,23 +13,18 @@ from pathlib import Path
 
 import pytest
 
-import run_train_head
 from pipeline.heads.naming import folder_name, number
-from tests.conftest import one_error_line
-from tests.test_train_head import write_synthetic_cache
+from tests.helpers import one_error_line, train_quick_head, tree_hash, write_synthetic_cache
 
-FAST = ("--device", "cpu", "--no-progress", "--batch-size", "10", "--val-batch-size", "10", "--epochs", "1")
 GRID = ("--head", "linear,knn", "--k", "1,3")
 
 
-def train(features: Path, out: Path, *extra: str) -> int:
-    return run_train_head.main(["--features", str(features), "--out", str(out), *FAST, *extra])
+train = train_quick_head
 
 
 def hashes(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (but the lock file) with the SHA-256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return tree_hash(folder, skip=(".lock",))
 
 
 @pytest.fixture(scope="module")

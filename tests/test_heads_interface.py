@@ -21,15 +21,10 @@ from pipeline.heads.naming import shots_name
 from pipeline.heads.readers import FeatureReader
 from pipeline.heads.staging import config_record, write_config
 from pipeline.heads.table import Experiment
-from tests.conftest import one_error_line
-from tests.test_train_head import write_synthetic_cache
+from tests.helpers import one_error_line, train_quick_head, write_synthetic_cache
 
 COMPAT = Path(__file__).parent / "data" / "compat"
-FAST = ("--device", "cpu", "--no-progress", "--batch-size", "10", "--val-batch-size", "10", "--epochs", "1")
-
-
-def train(features: Path, out: Path, *extra: str) -> int:
-    return run_train_head.main(["--features", str(features), "--out", str(out), *FAST, *extra])
+train = train_quick_head
 
 
 @pytest.fixture(scope="module")

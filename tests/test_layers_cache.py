@@ -23,23 +23,19 @@ from features import cache
 from features.cache import open_split
 from models import LAYER_DIMS, LAYERS, AlexNetLayers
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.data.synthetic import make_tiny_imagenet
-from tests.conftest import extract_args, one_error_line
+from tests.helpers import extract_args, extract_into, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("layers") / "ds", num_classes=2, train_per_class=3,
-                              val_per_class=1)
+def data(generated_dataset) -> Path:
+    return generated_dataset(2, 3, 1)  # read-only
 
 
 @pytest.fixture(scope="module")
 def all_layers(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("layers") / "all"
-    assert run_extract.main(extract_args(data, out, "--layers", "fc7,pool5,fc6")) == 0
-    return out
+    return extract_into(tmp_path_factory.mktemp("layers"), data, "--layers", "fc7,pool5,fc6")
 
 
 def raw_bytes(path: Path, name: str) -> bytes:

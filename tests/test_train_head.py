@@ -6,9 +6,7 @@ cache module itself (write_shard + assemble), so the files are exactly what extr
 """
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 from pathlib import Path
 
 import h5py
@@ -21,18 +19,17 @@ from torch import nn
 
 import run_extract
 import run_train_head
-from features import cache
 from features.cache import open_split
 from pipeline.heads import linear as train_head
 from pipeline.common.backbone import load_backbone
 from pipeline.common.dataset import index_dataset
 from pipeline.common.images import read_rgb
 from pipeline.common.preprocess import Preprocess
-from pipeline.data.synthetic import WORDS, make_tiny_imagenet
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, StreamedFeatures, batch_order, fit_head
-from tests.conftest import one_error_line
+from pipeline.data.synthetic import WORDS
+from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
+from tests.helpers import read_csv, write_synthetic_cache  # noqa: F401 (write_synthetic_cache: others import it from here)
 
-CPU = torch.device("cpu")
+CPU_DEVICE = torch.device("cpu")
 NAMES = ["goldfish", "black stork", "walking stick"]  # first synonyms of the generated wnids in words.txt
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "seconds"]
 RUN_FILES = ["best.pt", "last.pt", "history.csv", "accuracy.png", "loss.png", "per_class.csv", "confusions.csv",
@@ -53,11 +50,6 @@ def extract(data: Path, out: Path, *extra: str) -> None:
 def train(features: Path, out: Path, *extra: str) -> int:
     return run_train_head.main(["--features", str(features), "--out", str(out), "--device", "cpu", "--no-progress",
                                 *extra])
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def history(folder: Path) -> list[dict]:
@@ -89,39 +81,6 @@ def accuracy_and_loss(ckpt: dict, h5: Path) -> tuple[float, float, np.ndarray]:
             predictions.numpy())
 
 
-def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: int = 20, val_per_class: int = 10,
-                          signal: float = 0.08, dim: int = 4096, dtype: str = "float32") -> Path:
-    """A cache of noisy, ReLU'd, badly scaled, offset 'fc7' features: the head learns, but not perfectly.
-
-    Feature scales span three decades and every unit has a large positive offset, so a head whose
-    standardization were folded wrongly would score differently on the raw features.
-    """
-    wnids = sorted(WORDS)[:classes]
-    names = [WORDS[w].split(",")[0] for w in wnids]
-    proto = np.random.default_rng(123).normal(0, 1, (classes, dim))
-    scale = 10 ** np.random.default_rng(7).uniform(-2, 1, dim)
-    offset = np.random.default_rng(8).uniform(0, 3, dim)
-    preprocess = Preprocess(image_size=64, resize_size=72).to_json()
-    for split, per_class, seed in (("train", train_per_class, 1), ("val", val_per_class, 2)):
-        labels = np.repeat(np.arange(classes), per_class)
-        noise = np.random.default_rng(seed).normal(0, 1, (len(labels), dim))
-        features = np.maximum((proto[labels] * signal + noise + offset) * scale, 0).astype(dtype)
-        settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="f" * 64,
-                                       preprocess=preprocess, dtype=dtype, precision="fp32",
-                                       dataset_signature=f"synthetic-{split}")
-        parts = cache.parts_folder(folder, split)
-        cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
-        cache.write_shard(parts, 0, {"fc7": features}, np.arange(len(labels)), [])
-        cache.assemble(cache.Assembly(folder, split, settings, num_shards=1, layers={"fc7": dim}, layer_order=("fc7",),
-                                      main="fc7"),
-                       cache.SplitRows(paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
-                                       wnids=wnids, names=names,
-                                       attrs={"weights_spec": "file:/synthetic.pth", "batch_size": 64,
-                                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
-                                              "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1}))
-    return folder
-
-
 def heads_equal(a: Path, b: Path) -> bool:
     ha, hb = load_ckpt(a)["head"], load_ckpt(b)["head"]
     return all(torch.equal(ha[k], hb[k]) for k in ("weight", "bias"))
@@ -132,16 +91,13 @@ def heads_equal(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagenet(tmp_path_factory.mktemp("data") / "tiny", num_classes=3, train_per_class=6,
-                              val_per_class=3)
+def data(generated_dataset) -> Path:
+    return generated_dataset(3, 6, 3)  # 18 train and 9 val images (read-only); tiny18_cache is its cache
 
 
 @pytest.fixture(scope="module")
-def feats(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("feats")
-    extract(data, out)
-    return out
+def feats(tiny18_cache) -> Path:
+    return tiny18_cache  # its fc7 cache (read-only)
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +238,8 @@ def test_saved_head_works_on_raw_features(noisy, tmp_path, standardize):
 
 def test_standardizer_z_scores_with_train_statistics(feats):
     """Mean and population std over all train rows; dead units (std 0) are left unscaled."""
-    source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU, progress=False)
-    standardizer = train_head.Standardizer.fit(source, CPU)
+    source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU_DEVICE, progress=False)
+    standardizer = train_head.Standardizer.fit(source, CPU_DEVICE)
     x = source.features.double()
     std = x.std(0, unbiased=False)
     live = std > train_head.STD_FLOOR
@@ -312,7 +268,7 @@ def test_same_seed_same_head_other_seed_other_head(feats, run, tmp_path):
 def test_batch_order_is_drawn_on_the_cpu_and_moved_once():
     """The same seeded permutation on every device; on the GPU it is moved once per epoch, not per step."""
     expected = torch.randperm(23, generator=torch.Generator().manual_seed(5)).split(4)
-    got = batch_order(23, 4, torch.Generator().manual_seed(5), CPU)
+    got = batch_order(23, 4, torch.Generator().manual_seed(5), CPU_DEVICE)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
     if torch.cuda.is_available():
         on_gpu = batch_order(23, 4, torch.Generator().manual_seed(5), torch.device("cuda"))
@@ -362,8 +318,8 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
     preprocess = Preprocess.from_dict(json.loads(train_split.attrs["preprocess"]))
     live_train = BackboneInTheLoop(dataset, "train", backbone, preprocess)
     live_val = BackboneInTheLoop(dataset, "val", backbone, preprocess)
-    cached_train = InMemoryFeatures.load(train_split, CPU, progress=False)
-    cached_val = InMemoryFeatures.load(val_split, CPU, progress=False)
+    cached_train = InMemoryFeatures.load(train_split, CPU_DEVICE, progress=False)
+    cached_val = InMemoryFeatures.load(val_split, CPU_DEVICE, progress=False)
 
     # the features themselves agree (up to float32 rounding between batch compositions)
     live = torch.cat([x for x, _ in live_train.batches(18, None)])
@@ -373,8 +329,10 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
                     val_batch_size=9, seed=0)
 
     def fit(train_source, val_source):
-        standardizer = Standardizer.fit(train_source, CPU) if standardize else Standardizer.identity(4096, CPU)
-        fitted = fit_head(train_source, val_source, recipe, standardizer, num_classes=3, device=CPU, progress=False)
+        standardizer = (Standardizer.fit(train_source, CPU_DEVICE) if standardize
+                        else Standardizer.identity(4096, CPU_DEVICE))
+        fitted = fit_head(train_source, val_source, recipe, standardizer, num_classes=3, device=CPU_DEVICE,
+                          progress=False)
         return {"best": fitted.best, "last": fitted.last, "history": fitted.history, "standardizer": standardizer}
 
     from_cache = fit(cached_train, cached_val)
@@ -436,167 +394,9 @@ def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
     assert (out / "best.pt").read_bytes() == (out / table[0]["name"] / "best.pt").read_bytes()
 
     # each head of the sweep is the head a single run with its settings trains: runs do not leak into each other
-    train_source = InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU, progress=False)
-    single = fit_head(train_source, InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU, progress=False),
+    train_source = InMemoryFeatures.load(open_split(noisy / "train.h5"), CPU_DEVICE, progress=False)
+    single = fit_head(train_source, InMemoryFeatures.load(open_split(noisy / "val.h5"), CPU_DEVICE, progress=False),
                       Recipe(lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2, batch_size=40, val_batch_size=10, seed=0),
-                      Standardizer.fit(train_source, CPU), num_classes=4, device=CPU, progress=False)
+                      Standardizer.fit(train_source, CPU_DEVICE), num_classes=4, device=CPU_DEVICE, progress=False)
     swept = load_ckpt(out / "lr0.01_wd0.0001" / "last.pt")["head"]
     assert all(torch.equal(swept[k], single.last["state"][k]) for k in ("weight", "bias"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Training reads features only
-
-
-def test_training_never_reads_an_image(data, feats, tmp_path, monkeypatch):
-    import pipeline.common.images
-
-    def no_images(*args, **kwargs):
-        raise AssertionError("an image was read during head training")
-
-    monkeypatch.setattr(pipeline.common.images, "read_bytes", no_images)
-    monkeypatch.setattr(pipeline.common.images, "decode_rgb", no_images)
-    monkeypatch.setattr(Image, "open", no_images)
-    moved = data.with_name(data.name + "-moved")
-    data.rename(moved)
-    try:
-        assert not data.exists()
-        assert train(feats, tmp_path / "run", "--epochs", "2", "--lr", "0.01", "--batch-size", "4") == 0
-    finally:
-        moved.rename(data)
-    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "report.md").is_file()
-
-
-def test_streamed_features_train(feats, tmp_path, monkeypatch):
-    seen = []  # (rows, label counts, feature sum) of every training epoch
-    real_batches = StreamedFeatures.batches
-
-    def counting(self, batch_size, generator):
-        rows, labels, total = 0, [], 0.0
-        for x, y in real_batches(self, batch_size, generator):
-            rows, total = rows + len(y), total + x.double().sum().item()
-            labels.append(y)
-            yield x, y
-        if generator is not None:
-            seen.append((rows, torch.cat(labels).bincount(minlength=3).tolist(), total))
-
-    monkeypatch.setattr(StreamedFeatures, "batches", counting)
-    out = tmp_path / "stream"
-    assert train(feats, out, "--stream", "--epochs", "3", "--lr", "0.01", "--batch-size", "4") == 0
-    x, y = raw_features(feats / "train.h5")
-    assert len(seen) == 3
-    for rows, counts, total in seen:  # every row exactly once per epoch
-        assert rows == 18 and counts == y.bincount(minlength=3).tolist()
-        assert total == pytest.approx(x.double().sum().item(), rel=1e-6)
-    rows = history(out)
-    assert len(rows) == 3 and all(0 <= r["val_top1"] <= 100 for r in rows)
-    assert max(r["val_top1"] for r in rows) > 100 / 3  # learns: better than chance
-    ckpt = load_ckpt(out / "best.pt")
-    assert accuracy_and_loss(ckpt, feats / "val.h5")[0] == rows[ckpt["epoch"] - 1]["val_top1"]
-
-
-def test_streamed_blocks_cover_every_row_once(feats):
-    split = open_split(feats / "train.h5")
-    source = StreamedFeatures(split, block_rows=5)  # 18 rows: four blocks, the last one short
-    x, y = raw_features(feats / "train.h5")
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        got_x, got_y = zip(*source.batches(4, generator))
-        got_x, got_y = torch.cat(got_x).float(), torch.cat(got_y)
-        assert len(got_y) == 18
-        # match every yielded row to its cache row
-        match = (got_x[:, None, :] == x[None, :, :]).all(-1)
-        rows = match.float().argmax(1)
-        assert match.any(1).all() and sorted(rows.tolist()) == list(range(18))
-        assert torch.equal(got_y, y[rows])
-
-
-def test_streamed_blocks_mix_classes(tmp_path):
-    """Rows are stored in class order; a streamed block must still hold several classes, not one class run."""
-    folder = write_synthetic_cache(tmp_path / "big", classes=4, train_per_class=20, val_per_class=1, dim=8)
-    split = open_split(folder / "train.h5")
-    source = StreamedFeatures(split, block_rows=20)  # one class run is 20 rows: a contiguous block would be one class
-    source.chunk_rows = 4  # 5 random 4-row chunks per block, from anywhere in the file
-    generator = torch.Generator().manual_seed(0)
-    blocks = [y for _, y in source.batches(20, generator)]
-    assert sorted(torch.cat(blocks).tolist()) == sorted(split.labels.tolist())  # every row once
-    assert all(len(set(y.tolist())) > 1 for y in blocks)
-
-
-def test_float16_cache_trains(data, tmp_path_factory, tmp_path):
-    half = tmp_path_factory.mktemp("feats16")
-    extract(data, half, "--dtype", "float16")
-    assert open_split(half / "train.h5").read_features(0, 1).dtype == np.float16
-    out = tmp_path / "run"
-    assert train(half, out, "--epochs", "3", "--lr", "0.01", "--batch-size", "4") == 0
-    rows = history(out)
-    assert len(rows) == 3 and max(r["val_top1"] for r in rows) > 100 / 3
-    ckpt = load_ckpt(out / "best.pt")
-    assert ckpt["head"]["weight"].dtype == torch.float32 and ckpt["head"]["weight"].shape == (3, 4096)
-    assert accuracy_and_loss(ckpt, half / "val.h5")[0] == rows[ckpt["epoch"] - 1]["val_top1"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input: exit code 2 and one line on stderr
-
-
-def test_missing_cache_folder(tmp_path, capsys):
-    assert train(tmp_path / "nothing-here", tmp_path / "out") == 2
-    line = one_error_line(capsys)
-    assert "run_extract.py" in line and "nothing-here" in line
-
-
-def test_partial_cache_val_missing(feats, tmp_path, capsys):
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    shutil.copy(feats / "train.h5", partial / "train.h5")
-    assert train(partial, tmp_path / "out") == 2
-    line = one_error_line(capsys)
-    assert "val.h5" in line and "run_extract.py" in line
-
-
-def test_partial_cache_incomplete_file(feats, tmp_path, capsys):
-    partial = tmp_path / "partial"
-    shutil.copytree(feats, partial)
-    with h5py.File(partial / "val.h5", "a") as f:
-        f.attrs["complete"] = False
-    assert train(partial, tmp_path / "out") == 2
-    line = one_error_line(capsys)
-    assert "val.h5" in line and "not a complete" in line
-
-
-def test_train_and_val_from_different_weights(data, feats, tmp_path, capsys):
-    other = tmp_path / "seed1"
-    extract(data, other, "--seed", "1")
-    capsys.readouterr()
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    shutil.copy(feats / "train.h5", mixed / "train.h5")
-    shutil.copy(other / "val.h5", mixed / "val.h5")
-    assert train(mixed, tmp_path / "out") == 2
-    assert "different weights" in one_error_line(capsys)
-
-
-@pytest.mark.parametrize("flags, flag", [
-    (("--lr", "0"), "--lr"),
-    (("--lr", "-1"), "--lr"),
-    (("--lr", "0.01,0"), "--lr"),
-    (("--lr", "nan"), "--lr"),
-    (("--weight-decay", "-1"), "--weight-decay"),
-    (("--weight-decay", "nan"), "--weight-decay"),
-    (("--momentum", "nan"), "--momentum"),
-    (("--epochs", "0"), "--epochs"),
-    (("--batch-size", "0"), "--batch-size"),
-])
-def test_bad_numbers(feats, tmp_path, capsys, flags, flag):
-    assert train(feats, tmp_path / "out", *flags) == 2
-    assert flag in one_error_line(capsys)
-
-
-def test_unwritable_out(feats, tmp_path, capsys):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    assert train(feats, blocker / "run", "--epochs", "1") == 2
-    line = one_error_line(capsys)
-    assert "--out" in line and str(blocker) in line
-    assert blocker.read_text() == "not a folder"

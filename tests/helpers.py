@@ -1,0 +1,149 @@
+"""Plain helpers shared by the test modules: command-line arguments, one-line error checks, file states,
+and a synthetic feature cache. Fixtures live in ``conftest.py``.
+
+Every test picks its device on purpose: CPU tests pass ``--device cpu`` (so a machine with a GPU runs
+them on the CPU too), and tests marked ``gpu`` run only where CUDA is present.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+import run_extract
+import run_train_head
+from features import cache
+from pipeline.common.preprocess import Preprocess
+from pipeline.data.synthetic import WORDS
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: one name per meaning
+
+CPU_ARGS = ("--device", "cpu")
+# Small inputs for a 2-core CPU: 64 px wherever the exact AlexNet transform is not what is being tested.
+SMALL_INPUT_ARGS = ("--no-progress", "--image-size", "64", "--resize-size", "72", *CPU_ARGS)
+# Fast extraction: a seeded random backbone at SMALL_INPUT_ARGS. The CPU forward pass costs about the same
+# per batch whatever its size (fc6 alone is 151 MB of weights to read), so the default batch size is kept.
+FAST_EXTRACT_ARGS = ("--weights", "random", "--seed", "0", *SMALL_INPUT_ARGS)
+# Extraction in this process (no worker processes), and in many tiny shards (many resumable units).
+NO_WORKERS_ARGS = ("--workers", "0")
+TINY_SHARD_ARGS = ("--shard-size", "2", "--batch-size", "2", *NO_WORKERS_ARGS)
+# Head training on a tiny cache: batches of 10 so a few rows still make several steps.
+HEAD_BATCH_ARGS = ("--batch-size", "10", "--val-batch-size", "10")
+# One quick epoch of a head on the CPU.
+QUICK_HEAD_ARGS = (*CPU_ARGS, "--no-progress", *HEAD_BATCH_ARGS, "--epochs", "1")
+
+
+def extract_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """Fast CPU extraction arguments; later options (``extra``) override the FAST_EXTRACT_ARGS defaults."""
+    return ["--data", str(data), "--out", str(out), *FAST_EXTRACT_ARGS, *extra]
+
+
+def extract_into(folder: Path, data: Path, *extra: str) -> Path:
+    """A finished cache of ``data`` in a new ``folder/features`` (extract_args; ``extra`` overrides them)."""
+    out = folder / "features"
+    assert run_extract.main(extract_args(data, out, *extra)) == 0
+    return out
+
+
+def train_quick_head(features: Path, out: Path, *extra: str) -> int:
+    """run_train_head.py with QUICK_HEAD_ARGS; later options (``extra``) override them."""
+    return run_train_head.main(["--features", str(features), "--out", str(out), *QUICK_HEAD_ARGS, *extra])
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-line errors
+
+
+def error_line(err: str) -> str:
+    """The one 'error: ...' line a failed run printed, with no traceback (log lines may precede it)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def one_error_line(err, *, allow_progress: bool = False) -> str:
+    """stderr (a string, or pytest's capsys) is exactly one 'error: ...' line.
+
+    ``allow_progress``: download progress bars may come before it.
+    """
+    if not isinstance(err, str):
+        err = err.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    if not allow_progress:
+        assert len(lines) == 1, f"stderr is not one line: {err!r}"
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and their state
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hash(folder: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every file under ``folder`` (but those named in ``skip``) with the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): file_hash(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def tree_bytes(folder: Path, *, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under ``folder`` (but those named in ``skip``) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# A synthetic feature cache (no images, no backbone)
+
+
+def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: int = 20, val_per_class: int = 10,
+                          signal: float = 0.08, dim: int = 4096, dtype: str = "float32") -> Path:
+    """A cache of noisy, ReLU'd, badly scaled, offset 'fc7' features: the head learns, but not perfectly.
+
+    Feature scales span three decades and every unit has a large positive offset, so a head whose
+    standardization were folded wrongly would score differently on the raw features.
+    """
+    wnids = sorted(WORDS)[:classes]
+    names = [WORDS[w].split(",")[0] for w in wnids]
+    proto = np.random.default_rng(123).normal(0, 1, (classes, dim))
+    scale = 10 ** np.random.default_rng(7).uniform(-2, 1, dim)
+    offset = np.random.default_rng(8).uniform(0, 3, dim)
+    preprocess = Preprocess(image_size=64, resize_size=72).to_json()
+    for split, per_class, seed in (("train", train_per_class, 1), ("val", val_per_class, 2)):
+        labels = np.repeat(np.arange(classes), per_class)
+        noise = np.random.default_rng(seed).normal(0, 1, (len(labels), dim))
+        features = np.maximum((proto[labels] * signal + noise + offset) * scale, 0).astype(dtype)
+        settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="f" * 64,
+                                       preprocess=preprocess, dtype=dtype, precision="fp32",
+                                       dataset_signature=f"synthetic-{split}")
+        parts = cache.parts_folder(folder, split)
+        cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
+        cache.write_shard(parts, 0, {"fc7": features}, np.arange(len(labels)), [])
+        cache.assemble(cache.Assembly(folder, split, settings, num_shards=1, layers={"fc7": dim}, layer_order=("fc7",),
+                                      main="fc7"),
+                       cache.SplitRows(paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
+                                       wnids=wnids, names=names,
+                                       attrs={"weights_spec": "file:/synthetic.pth", "batch_size": 64,
+                                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
+                                              "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1}))
+    return folder
