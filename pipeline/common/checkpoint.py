@@ -155,8 +155,11 @@ def check_fields(path: Path, checkpoint: dict) -> None:
     """Each field present has its exact type and range; else one line naming the file and the field."""
     for name, (ok, what) in FIELD_CHECKS.items():
         if name in checkpoint and not ok(checkpoint[name]):
-            shown = type(checkpoint[name]).__name__ if not isinstance(checkpoint[name], (int, float, str)) \
-                else repr(checkpoint[name])[:60]
+            value = checkpoint[name]
+            shown = type(value).__name__ if not isinstance(value, (int, float, str)) else repr(value)[:60]
+            if name == "metrics" and isinstance(value, dict):  # name the entry that is not a number
+                bad = next(((k, x) for k, x in value.items() if not (isinstance(k, str) and _is_number(x))), None)
+                shown = f"{bad[0]!r}: {bad[1]!r}"[:60] if bad else shown
             raise UserError(f"{path}: field {name!r} must be {what}, got {shown}; the checkpoint is damaged or not "
                             "from run_train_head.py: retrain the head")
 

@@ -53,7 +53,8 @@ def sidecar_path(onnx_path: Path) -> Path:
 def describe_preprocess(preprocess: Preprocess) -> dict:
     """The recorded preprocessing, spelled out for a consumer that has never seen this project."""
     return {**preprocess.to_dict(), "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
-            "interpolation": "bilinear, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
+            "interpolation": preprocess.interpolation,  # read back by Preprocess.from_dict
+            "filter": f"{preprocess.interpolation}, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
             "resize": ("the shorter side to resize_size, the longer int(resize_size * long / short)"
                        if preprocess.mode == "crop" else "the whole image to image_size x image_size"),
             "crop": "centre, image_size x image_size (top = round((height - image_size) / 2))",

@@ -83,6 +83,9 @@ def sidecar_preprocess(meta: dict, path: Path) -> Preprocess:
         raise UserError(f"{path}: unusable preprocessing ({first_line(err)}); {EXPORT}") from None
     if not ok:
         raise UserError(f"{path}: unusable preprocessing {d!r}; {EXPORT}")
+    if preprocess.interpolation != "bilinear":  # the numpy port (pipeline.live.numpy_preprocess) is bilinear only
+        raise UserError(f"{path}: {preprocess.interpolation} resizing is not ported to the torch-free runtimes yet; "
+                        "run this head with --checkpoint on torch")
     check_memory(preprocess, str(path))
     return preprocess
 
