@@ -13,7 +13,10 @@ CPU = ("--device", "cpu")
 # Fast extraction for a 2-core CPU: random weights and 64 px inputs wherever the exact AlexNet transform
 # is not what is being tested. The CPU forward pass costs about the same per batch whatever its size
 # (fc6 alone is 151 MB of weights to read), so the default batch size is kept.
-FAST = ("--weights", "random", "--seed", "0", "--no-progress", "--image-size", "64", "--resize-size", "72", *CPU)
+# --precision fp32: bit-for-bit comparisons hold on every machine (auto may choose bf16 where it is faster;
+# tests/test_precision_auto.py covers auto)
+FAST = ("--weights", "random", "--seed", "0", "--no-progress", "--image-size", "64", "--resize-size", "72", *CPU,
+        "--precision", "fp32")
 
 
 def extract_args(data: Path, out: Path, *extra: str) -> list[str]:

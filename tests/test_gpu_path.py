@@ -19,7 +19,7 @@ import pipeline.common.hardware as hardware
 import pipeline.common.preprocess as preprocess_module
 import run_extract
 from models import AlexNetLayers
-from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, resolve_precision, set_precision, start_distributed
+from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, set_precision, start_distributed
 from pipeline.common.errors import UserError
 from pipeline.extract.extractor import BatchReader
 from pipeline.common.preprocess import Preprocess
@@ -136,20 +136,7 @@ def test_cpu_ranks_use_gloo_with_the_long_timeout(fake_cuda, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Precision: the CUDA default, one set of math flags for extraction and live
-
-
-def test_default_precision_is_bf16_on_cuda_and_fp32_on_the_cpu(monkeypatch):
-    assert resolve_precision(None, torch.device("cuda:0")) == "bf16"
-    assert resolve_precision(None, torch.device("cpu")) == "fp32"
-    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
-    # the torch-free guess of the quick rerun check
-    assert hardware.guess_precision("cuda:1") == "bf16" and hardware.guess_precision("cpu") == "fp32"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert hardware.guess_precision("auto") == "fp32"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setattr(hardware, "Path", lambda path: SimpleNamespace(exists=lambda: path == "/dev/nvidia0"))
-    assert hardware.guess_precision("auto") == "bf16"
+# Precision: one set of math flags for extraction and live
 
 
 @pytest.fixture
@@ -364,29 +351,6 @@ def test_cpu_kind_reads_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert hardware.cpu_kind()["native_bf16"] is True
     hardware.cpu_kind.cache_clear()
-
-
-@pytest.mark.parametrize("native, precision, level, words", [
-    (True, None, logging.INFO, "--precision bf16 extracts about 2x faster"),
-    (False, "bf16", logging.WARNING, "several times slower"),
-], ids=["native-bf16-fp32-run", "no-bf16-bf16-run"])
-def test_precision_hint_names_the_cpu_kind(native, precision, level, words, dataset, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"model": "test", "native_bf16": native, "capability": "X",
-                                                       "flags": []})
-    caplog.set_level(logging.INFO, logger="pipeline.common.hardware")
-    args = extract_args(dataset, tmp_path / "out") + (["--precision", precision] if precision else [])
-    assert run_extract.main(args) == 0
-    hints = [r for r in caplog.records if r.name == "pipeline.common.hardware"]
-    assert len(hints) == 1 and hints[0].levelno == level and words in hints[0].getMessage()
-
-
-def test_no_hint_where_the_choice_fits_the_cpu(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"native_bf16": False})
-    assert hardware.precision_hint("cpu", "fp32") is None
-    assert hardware.precision_hint("cuda", "bf16") is None
-    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"native_bf16": True})
-    assert hardware.precision_hint("cpu", "bf16") is None
-    assert hardware.precision_hint("cpu", "fp16")[0] == logging.WARNING
 
 
 # ---------------------------------------------------------------------------------------------
