@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     ds = make_tiny_imagenet(root / "ds", num_classes=3, train_per_class=4, val_per_class=2)
     feats, head = root / "feats", root / "head"
     assert run_extract.main([*CPU, "--data", str(ds), "--weights", "random", "--seed", "0", "--out", str(feats),
-                             "--no-progress"]) == 0
+                             "--no-progress", "--precision", "fp32"]) == 0
     assert run_train_head.main([*CPU, "--features", str(feats), "--out", str(head), "--epochs", "2", "--no-progress"]) == 0
     best = head / "best.pt"
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
