@@ -138,7 +138,7 @@ def fixed_cost(data: Path, out: Path, images: int, bare_img_s: float) -> dict:
     for precision in ("fp32", "auto"):
         target = out / precision
         command = [sys.executable, "run_extract.py", "--data", str(data), "--out", str(target), "--weights", "random",
-                   "--device", "cpu", "--no-progress", "--splits", "train", "--precision", precision, "--overwrite"]
+                   "--device", "cpu", "--no-progress", "--precision", precision, "--overwrite"]
         whole = _fastest_wall(command)
         fixed = round(whole - images / bare_img_s, 2)
         result[precision] = {"whole_s": whole, "fixed_s": fixed, "over_bare_import_s": round(fixed - bare_import, 2)}
