@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.cli import run_main
 from pipeline.common.config import RUNTIMES, LiveConfig
 from pipeline.common.names import IMAGE_SUFFIXES
+from pipeline.common.precision import PRECISION_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "or a state_dict path (must match the checkpoint's fingerprint)")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
     model.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (the torch runtime)")
+    model.add_argument("--precision", choices=PRECISION_CHOICES, default=d.precision,
+                       help="the torch runtime's backbone precision (default auto: timed on the first batch of frames)")
     deploy = p.add_argument_group("deploy")
     deploy.add_argument("--export", type=Path, default=d.export, metavar="FILE.onnx",
                         help="write --checkpoint's backbone + head + softmax as one ONNX graph, and FILE.json "

@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both pipelines")
     p.add_argument("--bare-batches", type=int, default=2, help="timed batches per bare forward")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default results/extract-<cpu tag>.json)")
+    p.add_argument("--phases", action="store_true",
+                   help="only the per-image CPU time of each phase and the fixed cost (benchmarks.extract_phases)")
     p.add_argument("--child", choices=("plain", "project"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
@@ -325,6 +327,27 @@ def measure_head(head_rows: int, results: dict, full, paths, labels, f32, device
                       "project_20_head_epochs_s": head_job, "speedup": EPOCHS * plain_epoch / (extract_s + head_job)}
 
 
+def measure_phases(args, results: dict, out_json: Path) -> int:
+    """--phases: decode / preprocess / transfer / forward / write CPU ms per image, and the fixed cost."""
+    from benchmarks.extract_phases import fixed_cost, phase_times
+
+    with tempfile.TemporaryDirectory() as tmp:
+        full, paths, _, subset = pick_images(args.images, Path(tmp))
+        phases = results["phases_cpu_ms_per_image"] = phase_times(full.root, paths)
+        print("(phases) CPU ms per image: " + ", ".join(f"{k} {phases[k]}" for k in
+              ("decode", "preprocess", "transfer", "forward", "write")), flush=True)
+        for kind in ("cv2_upscale", "cv2_downscale"):
+            print(f"(phases) {kind}: {phases[kind]}", flush=True)
+        small = make_subset(full, paths[:16], Path(tmp) / "small")
+        fixed = results["fixed_cost"] = fixed_cost(small, Path(tmp) / "fixed", 16, phases["bare_forward_img_s"])
+        print(f"(fixed) {fixed}", flush=True)
+    results["load_average_after"] = os.getloadavg()[0]
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out_json}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
@@ -344,6 +367,8 @@ def main(argv=None) -> int:
     results = {"cpu": kind, "cpu_kind": describe_cpu(kind), "device": str(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "batch_size": batch, "workers": workers,
                "load_average_before": os.getloadavg()[0]}
+    if args.phases:
+        return measure_phases(args, results, out_json.with_name(f"extract-phases-{cpu_tag(kind)}.json"))
     with tempfile.TemporaryDirectory() as tmp:
         measure(args, results, Path(tmp), device, batch, workers)
     results["load_average_after"] = os.getloadavg()[0]

@@ -74,6 +74,7 @@ SCHEMA: dict[str, tuple[type, Callable, str]] = {
     "dataset_root": (str, lambda v: True, "a path"),
     "class_full_names": (str, lambda v: True, "text"),
     "created": (str, lambda v: True, "a time"),
+    "precision_auto": (str, _json(dict), "a JSON object"),  # --precision auto's choice and measurements
 }
 
 

@@ -27,7 +27,9 @@ CPU_ARGS = ("--device", "cpu")
 SMALL_INPUT_ARGS = ("--no-progress", "--image-size", "64", "--resize-size", "72", *CPU_ARGS)
 # Fast extraction: a seeded random backbone at SMALL_INPUT_ARGS. The CPU forward pass costs about the same
 # per batch whatever its size (fc6 alone is 151 MB of weights to read), so the default batch size is kept.
-FAST_EXTRACT_ARGS = ("--weights", "random", "--seed", "0", *SMALL_INPUT_ARGS)
+# --precision fp32: bit-for-bit comparisons hold on every machine (auto may choose bf16 where it is faster;
+# tests/test_precision_auto.py covers auto).
+FAST_EXTRACT_ARGS = ("--weights", "random", "--seed", "0", *SMALL_INPUT_ARGS, "--precision", "fp32")
 # Extraction in this process (no worker processes), and in many tiny shards (many resumable units).
 NO_WORKERS_ARGS = ("--workers", "0")
 TINY_SHARD_ARGS = ("--shard-size", "2", "--batch-size", "2", *NO_WORKERS_ARGS)

@@ -1,16 +1,11 @@
-"""The CPU kind and its precision hint, the worker count, and the GPU check's dry run on the CPU."""
+"""The CPU kind, the worker count, and the GPU check's dry run on the CPU."""
 from __future__ import annotations
 
 import json
-import logging
 
-import pytest
 import torch
 
 import pipeline.common.hardware as hardware
-import run_extract
-from tests.helpers import extract_args
-from tests.test_gpu_path import dataset  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,29 +38,6 @@ def test_cpu_kind_reads_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert hardware.cpu_kind()["native_bf16"] is True
     hardware.cpu_kind.cache_clear()
-
-
-@pytest.mark.parametrize("native, precision, level, words", [
-    (True, None, logging.INFO, "--precision bf16 extracts about 2x faster"),
-    (False, "bf16", logging.WARNING, "several times slower"),
-], ids=["native-bf16-fp32-run", "no-bf16-bf16-run"])
-def test_precision_hint_names_the_cpu_kind(native, precision, level, words, dataset, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"model": "test", "native_bf16": native, "capability": "X",
-                                                       "flags": []})
-    caplog.set_level(logging.INFO, logger="pipeline.common.hardware")
-    args = extract_args(dataset, tmp_path / "out") + (["--precision", precision] if precision else [])
-    assert run_extract.main(args) == 0
-    hints = [r for r in caplog.records if r.name == "pipeline.common.hardware"]
-    assert len(hints) == 1 and hints[0].levelno == level and words in hints[0].getMessage()
-
-
-def test_no_hint_where_the_choice_fits_the_cpu(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"native_bf16": False})
-    assert hardware.precision_hint("cpu", "fp32") is None
-    assert hardware.precision_hint("cuda", "bf16") is None
-    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"native_bf16": True})
-    assert hardware.precision_hint("cpu", "bf16") is None
-    assert hardware.precision_hint("cpu", "fp16")[0] == logging.WARNING
 
 
 # ---------------------------------------------------------------------------------------------

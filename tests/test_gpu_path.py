@@ -13,11 +13,10 @@ import torch.distributed as dist
 from torchvision.transforms.v2 import functional as F
 
 import pipeline.common.backbone as backbone_module
-import pipeline.common.hardware as hardware
 import pipeline.common.preprocess as preprocess_module
 import run_extract
 from models import AlexNetLayers
-from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, resolve_precision, set_precision, start_distributed
+from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, set_precision, start_distributed
 from pipeline.common.errors import UserError
 from pipeline.extract.extractor import BatchReader
 from pipeline.common.preprocess import Preprocess
@@ -134,20 +133,7 @@ def test_cpu_ranks_use_gloo_with_the_long_timeout(fake_cuda, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Precision: the CUDA default, one set of math flags for extraction and live
-
-
-def test_default_precision_is_bf16_on_cuda_and_fp32_on_the_cpu(monkeypatch):
-    assert resolve_precision(None, torch.device("cuda:0")) == "bf16"
-    assert resolve_precision(None, torch.device("cpu")) == "fp32"
-    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
-    # the torch-free guess of the quick rerun check
-    assert hardware.guess_precision("cuda:1") == "bf16" and hardware.guess_precision("cpu") == "fp32"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert hardware.guess_precision("auto") == "fp32"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setattr(hardware, "Path", lambda path: SimpleNamespace(exists=lambda: path == "/dev/nvidia0"))
-    assert hardware.guess_precision("auto") == "bf16"
+# Precision: one set of math flags for extraction and live
 
 
 @pytest.fixture

@@ -43,7 +43,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def extract(data: Path, out: Path, *extra: str) -> None:
     rc = run_extract.main(["--data", str(data), "--weights", "random", "--seed", "0", "--image-size", "64",
-                           "--resize-size", "72", "--no-progress", "--device", "cpu", "--out", str(out), *extra])
+                           "--resize-size", "72", "--no-progress", "--device", "cpu", "--precision", "fp32", "--out", str(out),
+                           *extra])
     assert rc == 0
 
 

@@ -14,7 +14,6 @@ from torchvision.models import AlexNet_Weights
 
 from models import AlexNetLayers, weights_fingerprint
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.hardware import CPU_PRECISION, CUDA_PRECISION
 from pipeline.common.weights import describe_weights
 
 log = logging.getLogger(__name__)
@@ -153,13 +152,6 @@ def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
             raise UserError(f"several torchrun ranks share one GPU ({len(set(gpus))} GPUs for {len(gpus)} ranks); "
                             "start at most one rank per GPU (--nproc_per_node), or give each its own CUDA_VISIBLE_DEVICES")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def resolve_precision(requested: str | None, device: torch.device) -> str:
-    """The compute precision: ``requested``, or by default bf16 on CUDA and fp32 on the CPU."""
-    if requested is not None:
-        return requested
-    return CUDA_PRECISION if device.type == "cuda" else CPU_PRECISION
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -40,6 +40,7 @@ def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch
         "weights_fingerprint": cache_attrs["weights_fingerprint"],
         "preprocess": json.loads(cache_attrs["preprocess"]),
         "precision": cache_attrs["precision"],
+        "precision_auto": "precision_auto" in cache_attrs,  # chosen by --precision auto: live may choose its own
         "config": config,
         "epoch": epoch,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -141,6 +142,7 @@ FIELD_CHECKS = {
     "layer": (lambda v: isinstance(v, str), "a layer name"),
     "backbone": (lambda v: isinstance(v, str), "a string"),
     "precision": (lambda v: isinstance(v, str), "a string"),
+    "precision_auto": (lambda v: isinstance(v, bool), "true or false"),
     "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number, 0 or more"),
     "metrics": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
                 "a dict of numbers"),

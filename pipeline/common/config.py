@@ -10,8 +10,9 @@ from pathlib import Path
 
 from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
-from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, PRECISIONS, TINY_IMAGENET_MD5,
+from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
+from pipeline.common.precision import AUTO, PRECISION_CHOICES
 from pipeline.common.preprocess import Preprocess
 
 
@@ -43,7 +44,7 @@ class ExtractConfig:
     weights: str = "imagenet"  # imagenet, random, or a state_dict path
     seed: int = 0  # for --weights random
     device: str = "auto"
-    precision: str | None = None  # compute precision: fp32, bf16 or fp16 (weights cast once); None: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.common.precision), fp32, bf16 or fp16
     dtype: str = "float32"  # storage dtype of the features
     batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # DataLoader workers; None: 1 on CPU; on CUDA the usable CPUs per local rank - 1, up to 16
@@ -77,8 +78,9 @@ class ExtractConfig:
         self.layers = tuple(network_order(set(self.layers)))  # network order, once each
         self.preprocess  # noqa: B018 - raises UserError for options no preprocessing can follow
         check_seed(self.seed)
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS)}")
+        self.precision = self.precision or AUTO  # None: the default, as before auto existed
+        if self.precision not in PRECISION_CHOICES:
+            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISION_CHOICES)}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
         _positive("--batch-size", self.batch_size)
@@ -185,6 +187,7 @@ class LiveConfig:
     max_frames: int | None = None
     batch_frames: int | None = None  # frames per forward pass; None: 8 for files and folders, a camera always 1
     window: str = "fc7 live"
+    precision: str = "auto"  # the torch runtime's backbone: auto (measured at its own batch size), fp32, bf16, fp16
 
     def check(self) -> None:
         check_seed(self.seed)
@@ -199,6 +202,8 @@ class LiveConfig:
         if self.batch_frames is not None and self.batch_frames > MAX_BATCH_FRAMES:
             raise UserError(f"--batch-frames {self.batch_frames} is too large (at most {MAX_BATCH_FRAMES}: a batch "
                             "is held in memory, and 8 already reads the backbone's weights once for all its frames)")
+        if self.precision not in PRECISION_CHOICES:
+            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISION_CHOICES)}")
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise UserError(f"--runtime {self.runtime}: use {', '.join(RUNTIMES)}")
         if self.onnx is not None and self.runtime == "torch":

@@ -1,20 +1,17 @@
-"""What the machine offers: the CPU kind (native bf16 or not), worker counts, and the default precision.
+"""What the machine offers: the CPU kind (for benchmark records), its bf16 flags, and worker counts.
 
-Torch-free at import: the quick rerun check (pipeline.extract.freshness) needs the default precision without
-importing torch, which alone takes seconds. torch is imported inside ``cpu_kind`` only.
+Torch-free at import: the quick rerun check (pipeline.extract.freshness) reads the precision rules
+(pipeline.common.precision) without importing torch, which alone takes seconds. torch is imported inside
+``cpu_kind`` only. Which precision is fastest is measured, not guessed from flags (pipeline.common.precision).
 """
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import platform
 from pathlib import Path
 
-log = logging.getLogger(__name__)
 
-CPU_PRECISION = "fp32"  # the CPU default: exact, and bf16 is only faster on CPUs with native bf16
-CUDA_PRECISION = "bf16"  # the CUDA default: ~6x the fp32 (TF32 off) throughput on tensor cores
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo flags of native bf16 (bf16: aarch64)
 # the /proc/cpuinfo flags that decide the backbone's CPU speed, recorded by the benchmarks
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
@@ -37,6 +34,11 @@ def _proc_cpuinfo() -> tuple[str | None, set[str]]:
         elif key in ("flags", "features") and not flags:  # x86, aarch64
             flags = set(value.split())
     return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's /proc/cpuinfo flags (empty where there is no /proc/cpuinfo)."""
+    return _proc_cpuinfo()[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,44 +101,6 @@ def default_workers(device_type: str, local_world: int | None = None, cpus: int 
     local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cpus = cpus or usable_cpus()
     return max(1, min(MAX_CUDA_WORKERS, cpus // max(1, local_world) - 1))
-
-
-def guess_precision(device_name: str) -> str:
-    """The default precision for --device ``device_name`` without importing torch (the quick rerun check).
-
-    cuda and cuda:N: bf16; cpu: fp32; auto: bf16 only where an NVIDIA device file exists and
-    CUDA_VISIBLE_DEVICES does not hide every GPU. A wrong guess only costs the quick answer: the full
-    check (pipeline.common.backbone.resolve_precision, with torch) decides.
-    """
-    if device_name.startswith("cuda"):
-        return CUDA_PRECISION
-    if device_name != "auto":
-        return CPU_PRECISION
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
-    return CUDA_PRECISION if Path("/dev/nvidia0").exists() and not hidden else CPU_PRECISION
-
-
-def precision_hint(device_type: str, precision: str, kind: dict | None = None) -> tuple[int, str] | None:
-    """(logging level, one line) about the precision's speed on this CPU, or None when there is nothing to say."""
-    if device_type != "cpu":
-        return None
-    if precision == "fp16":
-        return logging.WARNING, "fp16 on the CPU is slow and rarely supported well; bf16 or fp32 are better choices"
-    kind = kind or cpu_kind()
-    if precision == "fp32" and kind["native_bf16"]:
-        return logging.INFO, ("this CPU has native bf16 (AVX-512-BF16/AMX): --precision bf16 extracts about 2x "
-                              "faster here, with features at cosine >= 0.9999 to fp32's")
-    if precision == "bf16" and not kind["native_bf16"]:
-        return logging.WARNING, ("this CPU has no native bf16 (no AVX-512-BF16 or AMX): --precision bf16 will be "
-                                 "several times slower than fp32 here; drop --precision to use fp32")
-    return None
-
-
-def log_precision_hint(device_type: str, precision: str) -> None:
-    """Log ``precision_hint``'s line, if any (one per run)."""
-    hint = precision_hint(device_type, precision)
-    if hint is not None:
-        log.log(*hint)
 
 
 def available_memory() -> int | None:

@@ -29,16 +29,17 @@ from tqdm import tqdm
 from features import cache
 from features.errors import NoRows, describe_error
 from models.layers import LAYER_DIMS, MIN_IMAGE_SIZE, network_order
-from pipeline.common.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
-                                      warm_up)
+from pipeline.common.backbone import HostCopy, load_backbone, place_backbone, start_distributed, warm_up
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
-from pipeline.common.hardware import available_memory, default_workers, log_precision_hint
+from pipeline.common.hardware import available_memory, default_workers
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.common.precision import AUTO, AUTO_ATTR, encode
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.weights import weights_stamp
 from pipeline.extract.freshness import refresh_class_names, split_settings
+from pipeline.extract.precision_choice import decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
 
 __all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "resize_in_workers"]
@@ -99,6 +100,7 @@ class Run:
     weights_spec: str
     rank: int = 0
     world: int = 1
+    precision_record: dict | None = None  # --precision auto: its choice and measurements (recorded in the cache)
 
 
 def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
@@ -113,9 +115,6 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
         raise UserError(f"--image-size {preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     rank, world, device = start_distributed(config.device)  # under torchrun: one GPU per rank, NCCL or gloo
-    config = replace(config, precision=resolve_precision(config.precision, device))  # None: bf16 on CUDA, else fp32
-    if rank == 0:
-        log_precision_hint(device.type, config.precision)
     batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
@@ -124,7 +123,10 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
-    settings = {split: split_settings(dataset, split, config, fingerprint) for split in config.splits}
+    auto = config.precision == AUTO  # precision hook: reused from the cache, or measured (pipeline.extract.precision_choice)
+    config, record = decide_precision(config, dataset, backbone, device, batch_size, rank, world)
+    settings = {split: split_settings(dataset, split, replace(config, precision=split_precision(config, auto, split)),
+                                      fingerprint) for split in config.splits}
     if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
         return result  # the full check reads only: no lock when nothing is to be written
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
@@ -134,7 +136,7 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
                 dist.barrier()  # nobody writes before rank 0 holds the lock
             backbone = place_backbone(backbone, device, config.precision)
             warm_up(backbone, preprocess, device, batch_size)  # CUDA start-up before the timed loop
-            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world)
+            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world, record)
             for split in config.splits:
                 result.splits[split] = _extract_split(run, dataset, split, settings[split])
     finally:
@@ -261,6 +263,7 @@ def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tu
         cache.start_parts(parts, settings, batch_size=run.batch_size, shard_size=run.config.shard_size,
                           num_rows=num_rows, device=run.device.type,
                           device_detail=device_detail(run.device), layers=list(layers))
+        keep_record(parts, run.precision_record)  # precision hook: a resumed run reuses auto's choice
     if run.world > 1:
         dist.barrier()
     return parts
@@ -352,7 +355,8 @@ def _assemble(run: Run, dataset: TinyImageNet, split: str, settings: cache.Cache
         names=dataset.names, skipped_before=list(dataset.splits[split].excluded),
         attrs={"weights_spec": run.weights_spec, "weights_stamp": weights_stamp(run.weights_spec),
                "batch_size": run.batch_size, "shard_size": config.shard_size, "dataset_root": str(dataset.root),
-               "versions": _versions(), "class_full_names": "\n".join(dataset.full_names), "world_size": run.world})
+               "versions": _versions(), "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
+               AUTO_ATTR: encode(run.precision_record) if run.precision_record else None})
     try:
         return cache.assemble(job, rows)
     except NoRows:

@@ -17,14 +17,14 @@ import hashlib
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from features import cache
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.errors import UserError
-from pipeline.common.hardware import guess_precision
+from pipeline.common.precision import AUTO
 from pipeline.common.weights import describe_weights, weights_stamp
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,15 @@ def quick_up_to_date(config: ExtractConfig, dataset: TinyImageNet) -> dict[Path,
     """
     if config.overwrite:
         return None
-    if config.precision is None:  # the device's default, guessed without torch (see pipeline.common.hardware)
-        config = replace(config, precision=guess_precision(config.device))
+    auto = (config.precision or AUTO) == AUTO  # precision hook: any precision auto may choose is up to date
     spec = describe_weights(config.weights, config.seed)
     found = {}
     for split in config.splits:
         settings = asdict(split_settings(dataset, split, config, None))
         del settings["weights_fingerprint"]  # stood in for by the spec and the stamp of its file
         del settings["layer"]  # not a setting: the file must hold config.layers
+        if auto:  # the file's own precision is checked by the attribute reader: one auto may choose
+            del settings["precision"]
         expected = {**settings, "weights_spec": spec, "weights_stamp": weights_stamp(spec)}
         path = cache.split_file(config.out, split)
         attrs = cache.quick_up_to_date(path, expected, config.layers)

@@ -43,7 +43,8 @@ def torch_classifier(config: LiveConfig) -> Classifier:
     check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
     weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed))
     check_outputs(config, {"--checkpoint": Path(config.checkpoint), "--weights": weights})
-    return TorchClassifier(checkpoint, weights=config.weights, seed=config.seed, device=config.device)
+    return TorchClassifier(checkpoint, weights=config.weights, seed=config.seed, device=config.device,
+                           precision=config.precision)
 
 
 def open_classifier(config: LiveConfig) -> Classifier:

@@ -20,19 +20,31 @@ from pipeline.common.backbone import load_backbone, place_backbone, resolve_devi
 from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
 from pipeline.common.images import stack_or_list
+from pipeline.common.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import torch_decoder
 from pipeline.live.checks import frame_bytes
 from pipeline.live.classifier import ClassInfo
 
 
+def live_precision(checkpoint: dict, requested: str | None) -> str:
+    """The backbone's precision: ``requested``; None, or auto over a cache whose precision was given explicitly
+    (or made before auto), keeps the checkpoint's, so frames give the cached features; auto over an auto-made
+    cache stays auto (measured on the first batch)."""
+    recorded = checkpoint.get("precision", "fp32")
+    if requested is None or (requested == AUTO and not checkpoint.get("precision_auto", False)):
+        return recorded
+    return requested
+
+
 def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int = 0,
-                     device: torch.device | str = "cpu") -> AlexNetClassifier:
+                     device: torch.device | str = "cpu", precision: str | None = None) -> AlexNetClassifier:
     """Backbone (from the checkpoint's weights spec, or ``weights``) + head, in eval mode on ``device``.
 
     The backbone's fingerprint must be the one recorded in the checkpoint, else a UserError. It is placed
     as extraction places it (channels_last, weights cast once to the recorded precision, the same math
-    flags), so a frame gives the features the cache holds for it.
+    flags), so a frame gives the features the cache holds for it. ``precision``: another precision (auto: fp32
+    until TorchClassifier has timed the candidates on its first batch).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     spec = weights if weights is not None else checkpoint["weights_spec"]
@@ -45,7 +57,8 @@ def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int 
         raise UserError(f"the backbone weights {recorded} now have fingerprint {fingerprint[:12]}, but the head was "
                         f"trained on features of {trained_on}; pass --weights with the backbone used for extraction")
     backbone.output = checkpoint.get("layer", "fc7")  # the layer the head was trained on
-    backbone = place_backbone(backbone, device, checkpoint.get("precision", "fp32"))
+    precision = live_precision(checkpoint, precision)
+    backbone = place_backbone(backbone, device, "fp32" if precision == AUTO else precision)
     return AlexNetClassifier(backbone, load_head(checkpoint).to(device)).eval()
 
 
@@ -103,9 +116,14 @@ def describe(checkpoint: dict, weights: str, where: str) -> str:
 class TorchClassifier:
     """The backbone + head of a checkpoint on torch: the reference every other runtime is measured against."""
 
-    def __init__(self, checkpoint: dict, *, weights: str | None = None, seed: int = 0, device: str = "cpu"):
+    def __init__(self, checkpoint: dict, *, weights: str | None = None, seed: int = 0, device: str = "cpu",
+                 precision: str | None = None):
+        """``precision``: None keeps the checkpoint's (extraction's); auto times the candidates on the first
+        batch predicted, at that batch's size (batch 1 and 64 can choose differently)."""
         device = resolve_device(device)
-        self.model = build_classifier(checkpoint, weights=weights, seed=seed, device=device)
+        self.model = build_classifier(checkpoint, weights=weights, seed=seed, device=device, precision=precision)
+        self.choose_precision = live_precision(checkpoint, precision) == AUTO
+        self.precision_record: dict | None = None  # auto's choice and measurements, once made
         self.preprocess = checkpoint_preprocess(checkpoint)
         spec = weights or checkpoint["weights_spec"]
         self.classes = ClassInfo(list(checkpoint["class_wnids"]), list(checkpoint["class_names"]),
@@ -113,7 +131,20 @@ class TorchClassifier:
         self.decode = torch_decoder()
 
     def predict(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        if self.choose_precision:
+            self._choose_precision(frames)
         return predict_frames(self.model, self.preprocess, frames).numpy()
+
+    def _choose_precision(self, frames: Sequence[np.ndarray]) -> None:
+        """--precision auto: time the candidates on this first batch, then cast the backbone once to the choice."""
+        from pipeline.common.precision_timing import choose_precision
+
+        device, backbone = self.model.head.weight.device, self.model.backbone
+        batch = _batch([as_tensor(frame) for frame in frames], device)
+        self.precision_record = choose_precision(backbone, lambda dtype: self.preprocess(batch, dtype),
+                                                 (backbone.output,), device)
+        self.model.backbone = place_backbone(backbone, device, self.precision_record["chosen"])
+        self.choose_precision = False
 
     def per_frame_bytes(self, width: int, height: int) -> int:
         return frame_bytes(self.preprocess, width, height)
