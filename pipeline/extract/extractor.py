@@ -1,4 +1,8 @@
-"""Stage one: run the frozen AlexNet once over train and val and store its layers in the HDF5 cache.
+"""Stage one: run the frozen backbone once over train and val and store its layers in the HDF5 cache.
+
+AlexNet (the default) runs its own fc7 cut (models.AlexNetLayers), bit for bit as before other backbones
+existed; any other torchvision classifier runs as ``pipeline.common.backbones`` plans it: torchvision's
+graph cut at the named nodes, each reduced to a vector (models.backbones.LayerFeatures).
 
 Data path: DataLoader workers read and decode whole batches of JPEGs (and on the CPU also resize and
 crop them, as uint8); the main process normalises on the device, runs the backbone in channels_last
@@ -38,7 +42,7 @@ from pipeline.common.hardware import available_memory, default_workers, log_prec
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.weights import weights_stamp
-from pipeline.extract.freshness import refresh_class_names, split_settings
+from pipeline.extract.freshness import preprocess_of, refresh_class_names, split_settings
 from pipeline.extract.results import ExtractResult, SplitResult
 
 __all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "resize_in_workers"]
@@ -99,6 +103,8 @@ class Run:
     weights_spec: str
     rank: int = 0
     world: int = 1
+    dims: dict = None  # {layer: width} of every layer the backbone computes
+    attrs: dict = None  # what a non-AlexNet cache records besides (weights_enum, weights_file, layers_json)
 
 
 def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
@@ -108,23 +114,23 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     indexed (saves indexing twice).
     """
     config.check()
-    preprocess = config.preprocess
-    if preprocess.image_size < MIN_IMAGE_SIZE:
+    preprocess = preprocess_of(config)
+    if config.is_alexnet and preprocess.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size {preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     rank, world, device = start_distributed(config.device)  # under torchrun: one GPU per rank, NCCL or gloo
     config = replace(config, precision=resolve_precision(config.precision, device))  # None: bf16 on CUDA, else fp32
     if rank == 0:
         log_precision_hint(device.type, config.precision)
-    batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
+    batch_size = config.batch_size or _default_batch_size(config.backbone, device)
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
-    backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
+    backbone, weights_spec, fingerprint, dims, attrs = _load(config, preprocess)
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
-    settings = {split: split_settings(dataset, split, config, fingerprint) for split in config.splits}
+    settings = {split: split_settings(dataset, split, config, fingerprint, preprocess) for split in config.splits}
     if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
         return result  # the full check reads only: no lock when nothing is to be written
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
@@ -134,13 +140,38 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
                 dist.barrier()  # nobody writes before rank 0 holds the lock
             backbone = place_backbone(backbone, device, config.precision)
             warm_up(backbone, preprocess, device, batch_size)  # CUDA start-up before the timed loop
-            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world)
+            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world, dims, attrs)
             for split in config.splits:
                 result.splits[split] = _extract_split(run, dataset, split, settings[split])
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return result
+
+
+def _default_batch_size(backbone: str, device: torch.device) -> int:
+    """AlexNet's as before (64 on the CPU, 256 on CUDA); other models' from their size and the free memory."""
+    if backbone == "alexnet":
+        return 256 if device.type == "cuda" else 64
+    from pipeline.common.backbones import default_batch_size
+
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return default_batch_size(backbone, device.type, free)
+
+
+def _load(config: ExtractConfig, preprocess: Preprocess) -> tuple[torch.nn.Module, str, str, dict, dict]:
+    """(the backbone, its recorded weights spec, its fingerprint, {layer: width}, extra cache attributes)."""
+    if config.is_alexnet:  # the fc7 cut: its fingerprint covers exactly the layers AlexNet caches compare
+        backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
+        return backbone, weights_spec, fingerprint, dict(LAYER_DIMS), {}
+    from pipeline.common.backbones import default_weights, hub_file, load_classifier, named_weights, plan_layers
+
+    loaded = load_classifier(config.backbone, config.weights, seed=config.seed, progress=config.progress)
+    module, specs = plan_layers(loaded.model, loaded.name, config.layers, image_size=preprocess.image_size)
+    weights = named_weights(loaded.name, loaded.weights_enum) if loaded.weights_enum else default_weights(loaded.name)
+    attrs = {"weights_enum": loaded.weights_enum or "", "weights_file": hub_file(weights).name,
+             "layers_json": json.dumps([spec.to_dict() for spec in specs])}
+    return module, loaded.weights, loaded.fingerprint, {spec.name: spec.dim for spec in specs}, attrs
 
 
 def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None, rank: int,
@@ -323,7 +354,11 @@ class _Forward:
             else:
                 images = images.to(self.run.device, non_blocking=True)
             backbone = self.run.backbone
-            outputs = backbone.forward_layers(self.normalize(images, backbone.dtype), self.layers)  # {layer: (B, dim)}
+            x = self.normalize(images, backbone.dtype)
+            if hasattr(backbone, "forward_layers"):  # AlexNet's cut: only the requested layers
+                outputs = backbone.forward_layers(x, self.layers)  # {layer: (B, dim)}
+            else:  # LayerFeatures: every planned layer in one pass; those being added are kept
+                outputs = {layer: rows for layer, rows in backbone(x).items() if layer in self.layers}
             for layer, rows in outputs.items():
                 acc["features"][layer].append(HostCopy(rows.to(self.storage)))  # on CUDA: pinned, without waiting
         acc["positions"].append(item["positions"])
@@ -332,7 +367,7 @@ class _Forward:
 
     def write(self, parts: Path, shard: int, acc: dict) -> None:
         features = {layer: np.concatenate([copy.numpy() for copy in rows]) if rows
-                    else np.zeros((0, LAYER_DIMS[layer]), self.run.config.dtype)
+                    else np.zeros((0, self.run.dims[layer]), self.run.config.dtype)
                     for layer, rows in acc["features"].items()}
         cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
 
@@ -341,23 +376,40 @@ def _assemble(run: Run, dataset: TinyImageNet, split: str, settings: cache.Cache
               layers: tuple[str, ...], kept: dict | None) -> dict:
     """Rank 0: the shards (and the layers kept from the file being extended) into ``<split>.h5``."""
     config = run.config
-    every_layer = network_order(set(layers) | set(cache.held_layers(kept) if kept is not None else ()))
-    main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
+    held = cache.held_layers(kept) if kept is not None else []
+    if config.is_alexnet:
+        every_layer = network_order(set(layers) | set(held))
+        main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
+    else:
+        every_layer = list(dict.fromkeys([*held, *layers]))
+        main = "penultimate" if "penultimate" in every_layer else every_layer[0]
     job = cache.Assembly(out=Path(config.out), split=split, settings=settings, num_shards=num_shards,
-                         layers={layer: LAYER_DIMS[layer] for layer in layers}, layer_order=tuple(every_layer),
+                         layers={layer: run.dims[layer] for layer in layers}, layer_order=tuple(every_layer),
                          main=main, compression=config.compression,
                          keep=cache.split_file(config.out, split) if kept is not None else None)
     rows = cache.SplitRows(
         paths=dataset.splits[split].paths, labels=dataset.splits[split].labels, wnids=dataset.wnids,
         names=dataset.names, skipped_before=list(dataset.splits[split].excluded),
-        attrs={"weights_spec": run.weights_spec, "weights_stamp": weights_stamp(run.weights_spec),
-               "batch_size": run.batch_size, "shard_size": config.shard_size, "dataset_root": str(dataset.root),
-               "versions": _versions(), "class_full_names": "\n".join(dataset.full_names), "world_size": run.world})
+        attrs={"weights_spec": run.weights_spec, "batch_size": run.batch_size, "shard_size": config.shard_size,
+               "dataset_root": str(dataset.root), "versions": _versions(),
+               "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
+               **_backbone_attrs(run, kept)})
     try:
         return cache.assemble(job, rows)
     except NoRows:
         raise UserError(f"{split} has no decodable images: all {len(rows.paths)} were skipped as undecodable; "
                         "replace them, or check them with --prepare-only") from None
+
+
+def _backbone_attrs(run: Run, kept: dict | None) -> dict:
+    """The weights stamp, and for a non-AlexNet backbone its exact weights enum, hub file and layer specs
+    (those of the file being extended first): absent ``layers_json`` means AlexNet's layers."""
+    if not run.attrs:
+        return {"weights_stamp": weights_stamp(run.weights_spec)}
+    specs = {spec["name"]: spec for spec in json.loads(kept.get("layers_json", "[]"))} if kept else {}
+    specs.update({spec["name"]: spec for spec in json.loads(run.attrs["layers_json"])})
+    return {**run.attrs, "weights_stamp": weights_stamp(run.weights_spec, run.attrs["weights_file"]),
+            "layers_json": json.dumps(list(specs.values()))}
 
 
 def _versions() -> str:
