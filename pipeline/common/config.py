@@ -134,10 +134,10 @@ class HeadConfig:
     table (pipeline.heads.grid).
     """
 
-    features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5
+    features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5; a comma list compares several caches
     out: Path = DEFAULT_HEAD  # run folder
     head: tuple[str, ...] = ("linear",)  # any of pipeline.heads.registry.HEADS
-    layers: tuple[str, ...] = ("fc7",)  # cached layers to train on: pool5, fc6, fc7
+    layers: tuple[str, ...] | None = None  # cached layers to train on; None: each cache's default (fc7 on AlexNet)
     shots: tuple[int | None, ...] = (None,)  # train images per class, drawn with `seed`; None: all of them
     lr: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
     # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY
@@ -165,9 +165,7 @@ class HeadConfig:
                              ("--layers", self.layers), ("--shots", self.shots), ("--k", self.k)):
             if values is not None and not values:
                 raise UserError(f"{name} needs at least one value")
-        unknown_layers = [layer for layer in self.layers if layer not in LAYERS]
-        if unknown_layers:
-            raise UserError(f"--layers {','.join(unknown_layers)}: use {', '.join(LAYERS)} (a comma list compares them)")
+        # the layer names are checked against each cache's backbone (pipeline.heads.sources)
         if any(shots is not None and shots < 1 for shots in self.shots):
             raise UserError(f"--shots must be a positive number of images per class or 'all', got "
                             f"{','.join('all' if s is None else str(s) for s in self.shots)}")

@@ -165,6 +165,7 @@ def open_cache(folder: Path, layer: str = "fc7") -> tuple[CachedSplit, CachedSpl
     if train.path.resolve() == val.path.resolve():
         raise CacheError(f"{train.path} and {val.path} are the same file; extract the val split too")
     checks = [("class_wnids", train.wnids, val.wnids, "different classes"),
+              ("backbone", train.attrs["backbone"], val.attrs["backbone"], "different backbones"),
               ("weights_fingerprint", train.attrs["weights_fingerprint"], val.attrs["weights_fingerprint"], "different weights"),
               ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
               ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),

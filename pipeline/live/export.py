@@ -112,6 +112,7 @@ def export_classifier(config: LiveConfig) -> Path:
             "opset": OPSET, "input": INPUT, "output": OUTPUT, "num_classes": len(checkpoint["class_wnids"]),
             "class_wnids": list(checkpoint["class_wnids"]), "class_names": list(checkpoint["class_names"]),
             "preprocess": describe_preprocess(preprocess), "layer": checkpoint.get("layer", "fc7"),
+            "backbone": checkpoint.get("backbone", "alexnet"),
             "weights_spec": config.weights or checkpoint["weights_spec"],
             "weights_fingerprint": checkpoint["weights_fingerprint"], "checkpoint": str(Path(config.checkpoint).resolve()),
             "checkpoint_epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics", {}),
