@@ -61,7 +61,8 @@ def file_sha256(path: Path) -> str:
 def describe_preprocess(preprocess: Preprocess) -> dict:
     """The recorded preprocessing, spelled out for a consumer that has never seen this project."""
     return {**preprocess.to_dict(), "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
-            "interpolation": "bilinear, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
+            "interpolation": preprocess.interpolation,  # read back by Preprocess.from_dict
+            "resize_filter": f"{preprocess.interpolation}, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
             "resize": ("the shorter side to resize_size, the longer int(resize_size * long / short)"
                        if preprocess.mode == "crop" else "the whole image to image_size x image_size"),
             "crop": "centre, image_size x image_size (top = round((height - image_size) / 2))",
@@ -98,6 +99,9 @@ def export_classifier(config: LiveConfig) -> Path:
     _require_exporter()
     checkpoint = read_checkpoint(config.checkpoint)
     preprocess = check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
+    if preprocess.interpolation != "bilinear":  # pipeline.live.numpy_preprocess resizes as PIL's bilinear only
+        raise UserError(f"{checkpoint.get('backbone', 'alexnet')}'s weights resize {preprocess.interpolation}, which the "
+                        "exported runtimes' preprocessing does not do; run this head on torch (--checkpoint, no --export)")
     fp32 = {**checkpoint, "precision": "fp32"}  # every runtime computes in fp32
     classifier = build_classifier(fp32, weights=config.weights, seed=config.seed, device="cpu")
     model = Probabilities(classifier.to(memory_format=torch.contiguous_format)).eval()
