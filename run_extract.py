@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "ResNet50_Weights.IMAGENET1K_V2), an exact X_Weights.MEMBER, random (for tests), or a "
                             "state_dict path")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
-    model.add_argument("--layers", type=comma_list, default=d.layers,
+    model.add_argument("--layers", type=comma_list, default=None,  # None: the backbone's default (ExtractConfig)
                        help="comma list of cached layers. AlexNet: pool5 (9216-d), fc6, fc7 (4096-d; the default); "
                             "other models: penultimate (the default: the input of the last Linear) or graph node "
                             "names (python -m pipeline.common.backbones NAME lists them). Layers missing from an "
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--resize-mode", choices=MODES, default=d.resize_mode,
                        help="crop: resize then centre-crop (AlexNet eval); resize: squash to image-size")
     run = p.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=d.out,
+    run.add_argument("--out", type=Path, default=None,  # None: the backbone's own folder (ExtractConfig)
                      help="cache folder for train.h5 and val.h5 (default runs/features; runs/features-NAME for "
                           "another --backbone)")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")

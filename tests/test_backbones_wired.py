@@ -98,6 +98,12 @@ def test_defaults_follow_the_backbone():
                                                                        preset.interpolation.value)
     assert preprocess_of(ExtractConfig(backbone="efficientnet_b1", image_size=200)).image_size == 200
     assert hub_name(ExtractConfig(backbone="resnet18")) == RESNET18_FILE  # the file the quick look stats
+    parser = run_extract.build_parser()
+    for argv, out, layers in ((["--backbone", "resnet50"], "runs/features-resnet50", ("penultimate",)),
+                              ([], "runs/features", ("fc7",))):
+        args = vars(parser.parse_args(argv))
+        config = ExtractConfig(**{**args, "image_size": None, "resize_size": None})  # as run_extract.main makes it
+        assert (config.out, config.layers) == (Path(out), layers)
 
 
 def test_a_rerun_is_up_to_date_and_an_unknown_backbone_or_layer_is_one_line(made, capsys, caplog, monkeypatch):

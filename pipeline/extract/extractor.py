@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from features import cache
 from features.errors import NoRows, describe_error
-from models.layers import LAYER_DIMS, MIN_IMAGE_SIZE, network_order
-from pipeline.common.backbone import (HostCopy, load_backbone, place_backbone, resolve_precision, start_distributed,
+from models.layers import MIN_IMAGE_SIZE, network_order
+from pipeline.common.backbone import (HostCopy, place_backbone, resolve_precision, start_distributed,
                                       warm_up)
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
@@ -41,8 +41,8 @@ from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers, log_precision_hint
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.weights import weights_stamp
 from pipeline.extract.freshness import preprocess_of, refresh_class_names, split_settings
+from pipeline.extract.loading import backbone_attrs, default_batch_size, load_for
 from pipeline.extract.results import ExtractResult, SplitResult
 
 __all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "resize_in_workers"]
@@ -122,11 +122,11 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     config = replace(config, precision=resolve_precision(config.precision, device))  # None: bf16 on CUDA, else fp32
     if rank == 0:
         log_precision_hint(device.type, config.precision)
-    batch_size = config.batch_size or _default_batch_size(config.backbone, device)
+    batch_size = config.batch_size or default_batch_size(config.backbone, device)
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
-    backbone, weights_spec, fingerprint, dims, attrs = _load(config, preprocess)
+    backbone, weights_spec, fingerprint, dims, attrs = load_for(config, preprocess)
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
@@ -147,31 +147,6 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return result
-
-
-def _default_batch_size(backbone: str, device: torch.device) -> int:
-    """AlexNet's as before (64 on the CPU, 256 on CUDA); other models' from their size and the free memory."""
-    if backbone == "alexnet":
-        return 256 if device.type == "cuda" else 64
-    from pipeline.common.backbones import default_batch_size
-
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    return default_batch_size(backbone, device.type, free)
-
-
-def _load(config: ExtractConfig, preprocess: Preprocess) -> tuple[torch.nn.Module, str, str, dict, dict]:
-    """(the backbone, its recorded weights spec, its fingerprint, {layer: width}, extra cache attributes)."""
-    if config.is_alexnet:  # the fc7 cut: its fingerprint covers exactly the layers AlexNet caches compare
-        backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
-        return backbone, weights_spec, fingerprint, dict(LAYER_DIMS), {}
-    from pipeline.common.backbones import default_weights, hub_file, load_classifier, named_weights, plan_layers
-
-    loaded = load_classifier(config.backbone, config.weights, seed=config.seed, progress=config.progress)
-    module, specs = plan_layers(loaded.model, loaded.name, config.layers, image_size=preprocess.image_size)
-    weights = named_weights(loaded.name, loaded.weights_enum) if loaded.weights_enum else default_weights(loaded.name)
-    attrs = {"weights_enum": loaded.weights_enum or "", "weights_file": hub_file(weights).name,
-             "layers_json": json.dumps([spec.to_dict() for spec in specs])}
-    return module, loaded.weights, loaded.fingerprint, {spec.name: spec.dim for spec in specs}, attrs
 
 
 def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None, rank: int,
@@ -393,23 +368,12 @@ def _assemble(run: Run, dataset: TinyImageNet, split: str, settings: cache.Cache
         attrs={"weights_spec": run.weights_spec, "batch_size": run.batch_size, "shard_size": config.shard_size,
                "dataset_root": str(dataset.root), "versions": _versions(),
                "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
-               **_backbone_attrs(run, kept)})
+               **backbone_attrs(run.weights_spec, run.attrs, kept)})
     try:
         return cache.assemble(job, rows)
     except NoRows:
         raise UserError(f"{split} has no decodable images: all {len(rows.paths)} were skipped as undecodable; "
                         "replace them, or check them with --prepare-only") from None
-
-
-def _backbone_attrs(run: Run, kept: dict | None) -> dict:
-    """The weights stamp, and for a non-AlexNet backbone its exact weights enum, hub file and layer specs
-    (those of the file being extended first): absent ``layers_json`` means AlexNet's layers."""
-    if not run.attrs:
-        return {"weights_stamp": weights_stamp(run.weights_spec)}
-    specs = {spec["name"]: spec for spec in json.loads(kept.get("layers_json", "[]"))} if kept else {}
-    specs.update({spec["name"]: spec for spec in json.loads(run.attrs["layers_json"])})
-    return {**run.attrs, "weights_stamp": weights_stamp(run.weights_spec, run.attrs["weights_file"]),
-            "layers_json": json.dumps(list(specs.values()))}
 
 
 def _versions() -> str:
