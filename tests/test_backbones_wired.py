@@ -187,3 +187,12 @@ def test_caches_of_different_datasets_are_refused_in_one_line(made, tmp_path, ca
     assert run_train_head.main([*CPU, "--features", f"{made['r18']},{feats}", "--out", str(out), "--head", "knn",
                                 "--no-progress"]) == 2
     assert "hold different datasets" in one_error_line(capsys) and not out.exists()
+
+
+def test_alexnet_refuses_another_models_weights_enum_in_one_line():
+    from pipeline.common.backbone import load_backbone
+    from pipeline.common.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_backbone("ResNet18_Weights.IMAGENET1K_V1")
+    assert "are not AlexNet's" in str(err.value) and "\n" not in str(err.value)
