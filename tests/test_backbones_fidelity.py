@@ -108,14 +108,14 @@ def test_mobilenet_v3_small_penultimate(image_files):
 
 
 def test_alexnet_layers_equal_the_fc7_backbone(image_files):
-    """AlexNet's DeCAF names through the generic module equal today's AlexNetFC7, bit for bit."""
-    from models import AlexNetFC7
+    """AlexNet's DeCAF names through the generic module equal today's AlexNetLayers, bit for bit."""
+    from models import AlexNetLayers
     from pipeline.common.preprocess import Preprocess
 
     assert preprocess_for("alexnet") == Preprocess()  # today's transform, and its record unchanged
     specs, vectors = ours("alexnet", ["pool5", "fc6", "fc7", "penultimate"], image_files)
     assert {name: spec.dim for name, spec in specs.items()} == {"pool5": 9216, "fc6": 4096, "fc7": 4096, "penultimate": 4096}
-    fc7_backbone = AlexNetFC7(random_backbone("alexnet").model)
+    fc7_backbone = AlexNetLayers(random_backbone("alexnet").model)
     with torch.inference_mode():
         today = fc7_backbone.forward_layers(Preprocess()([read_rgb(p) for p in image_files]), ("pool5", "fc6", "fc7"))
     for name in ("pool5", "fc6", "fc7"):
