@@ -126,7 +126,7 @@ def _run_all(config: HeadConfig, sources: dict[str | None, Source], train_rows: 
         train = FeatureReader(train_split, train_rows[source.label, shots])
         outcome = HEADS[head_settings.name].fit(train, FeatureReader(val_split), head_settings)
         for row in outcome.rows:
-            row.backbone = source.backbone
+            row.backbone = source.label or source.backbone  # two caches of one backbone: told apart by folder
         rows += outcome.rows
         outcomes.append(outcome)
     with_checkpoint = [r for r in rows if r.checkpoint is not None]

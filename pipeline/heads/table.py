@@ -57,10 +57,12 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
                   "copied to `best.pt`.", ""]
     if str(weights_spec).startswith("random"):
         lines += [f"Backbone weights: `{weights_spec}` (RANDOM: for testing only, accuracy is not meaningful).", ""]
-    lines += ["| backbone | layer | head | hyper-parameters | shots | val top-1 | val top-5 | train images | seconds |",
-              "|---|---|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['backbone']} | {r['layer']} | {r['head']} | {r['hyper_parameters']} | {r['shots']} | {r['val_top1']:.2f}% | "
-              f"{r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |" for r in records]
+    several = len({r.backbone for r in rows}) > 1  # a backbone column only where backbones are compared
+    lines += [("| backbone " if several else "") + "| layer | head | hyper-parameters | shots | val top-1 | val top-5 | "
+              "train images | seconds |", ("|---" if several else "") + "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [(f"| {r['backbone']} " if several else "") + f"| {r['layer']} | {r['head']} | {r['hyper_parameters']} | "
+              f"{r['shots']} | {r['val_top1']:.2f}% | {r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |"
+              for r in records]
     lines += ["", "Seconds include loading the features; the rows of one kNN run (one per k) share one search. "
               "Hyper-parameters (best epoch, weight decay, k) are picked on val, so val top-1 is slightly optimistic."]
     tmp = out / "experiments.md.tmp"
@@ -79,7 +81,8 @@ def plot_experiments(rows: list[Experiment], path: Path) -> None:
     ax.barh(positions, [r.val_top1 for r in rows], color=colours, label="val top-1")
     for y, r in zip(positions, rows):
         ax.text(r.val_top1 + 0.5, y, f"{r.val_top1:.1f}", va="center", fontsize=7)
-    ax.set_yticks(positions, [f"{r.backbone} {r.layer} {r.head} {r.shots} {r.params}" for r in rows], fontsize=7)
+    several = len({r.backbone for r in rows}) > 1
+    ax.set_yticks(positions, [f"{r.backbone + ' ' if several else ''}{r.layer} {r.head} {r.shots} {r.params}" for r in rows], fontsize=7)
     ax.set_xlabel("val accuracy (%)  (solid: top-1, pale: top-5)")
     ax.set_xlim(0, 100)
     ax.set_title("head experiments")
