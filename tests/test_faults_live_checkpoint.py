@@ -47,12 +47,12 @@ CASES = {  # case: (edits to the checkpoint, words of the one line)
     "zero std": (lambda g: _preprocess(g, std=[0.2, 0.0, 0.2]), "std is"),
     "head of wrong shape": (lambda g: {"head": {"weight": torch.zeros(5, 4096), "bias": torch.zeros(5)}}, "inconsistent"),
     "one-dimensional head": (lambda g: {"head": {"weight": torch.zeros(4096), "bias": torch.zeros(3)}}, "inconsistent"),
-    "class list as a number": (lambda g: {"class_wnids": 3}, "inconsistent"),
-    "metric as a string": (lambda g: {"metrics": {**g["metrics"], "val_top1": "41%"}}, "metrics val_top1 is '41%'"),
+    "class list as a number": (lambda g: {"class_wnids": 3}, "class_wnids' must be a list of strings"),
+    "metric as a string": (lambda g: {"metrics": {**g["metrics"], "val_top1": "41%"}}, "field 'metrics' must be a dict of numbers"),
     "weights spec abc": (lambda g: {"weights_spec": "abc"}, "weights_spec is 'abc'"),
-    "weights spec as a number": (lambda g: {"weights_spec": 5}, "weights_spec is int 5"),
+    "weights spec as a number": (lambda g: {"weights_spec": 5}, "field 'weights_spec' must be a string, got 5"),
     "zero classes": (lambda g: {"num_classes": 0, "class_wnids": [], "class_names": [],
-                                "head": {"weight": torch.zeros(0, 4096), "bias": torch.zeros(0)}}, "num_classes is 0"),
+                                "head": {"weight": torch.zeros(0, 4096), "bias": torch.zeros(0)}}, "field 'num_classes' must be a whole number of classes, at least 1, got 0"),
 }
 
 
