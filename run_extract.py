@@ -2,6 +2,9 @@
 
     python run_extract.py --device cuda                          # data/tiny-imagenet-200 -> runs/features
     python run_extract.py --device cuda --layers pool5,fc6,fc7   # DeCAF's three layers, one backbone pass
+    python run_extract.py --backbone resnet50                    # -> runs/features-resnet50 (penultimate layer)
+    python run_extract.py --backbone vit_b_16 --layers penultimate,encoder.layers.encoder_layer_6
+    python run_extract.py --list-backbones                       # every torchvision classifier name
     python run_extract.py --data tiny-imagenet-200.zip --weights alexnet-owt-7be5be79.pth
     python run_extract.py --download                             # fetch and check the official zip first
     python run_extract.py --data DIR --prepare-only --summary-json prep.json
@@ -42,26 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hard-link val images into val/<wnid>/images/ (the only option that writes to the dataset)")
     data.add_argument("--strict", action="store_true", help="an undecodable image is an error, not a listed skip")
     model = p.add_argument_group("backbone")
+    model.add_argument("--backbone", default=d.backbone,
+                       help="any torchvision classification model: alexnet (default), resnet50, vit_b_16, ...")
+    model.add_argument("--list-backbones", action="store_true", help="print every backbone name and stop")
     model.add_argument("--weights", default=d.weights,
-                       help="imagenet (torchvision IMAGENET1K_V1), random (for tests), or a state_dict path")
+                       help="imagenet (the model's DEFAULT weights, recorded by their exact enum, such as "
+                            "ResNet50_Weights.IMAGENET1K_V2), an exact X_Weights.MEMBER, random (for tests), or a "
+                            "state_dict path")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
-    model.add_argument("--layers", type=comma_list, default=d.layers,
-                       help="comma list of cached layers: pool5 (9216-d), fc6, fc7 (4096-d); layers missing from "
-                            "an existing cache are added, the others left as they are")
-    model.add_argument("--image-size", type=int, default=d.image_size, help="side of the network input")
-    model.add_argument("--resize-size", type=int, default=d.resize_size,
-                       help="shorter side before the centre crop (raised to --image-size if smaller)")
+    model.add_argument("--layers", type=comma_list, default=None,  # None: the backbone's default (ExtractConfig)
+                       help="comma list of cached layers. AlexNet: pool5 (9216-d), fc6, fc7 (4096-d; the default); "
+                            "other models: penultimate (the default: the input of the last Linear) or graph node "
+                            "names (python -m pipeline.common.backbones NAME lists them). Layers missing from an "
+                            "existing cache are added, the others left as they are")
+    model.add_argument("--image-size", type=int, default=224,
+                       help="side of the network input (default: the weights' own crop; AlexNet 224)")
+    model.add_argument("--resize-size", type=int, default=256,
+                       help="shorter side before the centre crop, raised to --image-size if smaller (default: the "
+                            "weights' own; AlexNet 256)")
     model.add_argument("--resize-mode", choices=MODES, default=d.resize_mode,
                        help="crop: resize then centre-crop (AlexNet eval); resize: squash to image-size")
     run = p.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=d.out, help="cache folder for train.h5 and val.h5")
+    run.add_argument("--out", type=Path, default=None,  # None: the backbone's own folder (ExtractConfig)
+                     help="cache folder for train.h5 and val.h5 (default runs/features; runs/features-NAME for "
+                          "another --backbone)")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--precision", choices=PRECISION_CHOICES, default=d.precision,
                      help="compute precision, the backbone's weights cast once (default auto: the fastest of fp32, bf16 "
                           "and fp16 on CUDA whose features stay at cosine >= 0.999 to fp32's, timed on the first batch)")
     run.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="storage dtype")
     run.add_argument("--batch-size", type=int, default=d.batch_size,
-                     help="images per forward pass (default 64 on CPU, 256 on CUDA)")
+                     help="images per forward pass (default per model: AlexNet 64 on CPU, 256 on CUDA; fewer "
+                          "for big models)")
     run.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (default 1 on CPU; on CUDA the usable CPUs per local rank less one, up to 16)")
     run.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per resumable shard")
     run.add_argument("--compression", choices=("gzip", "lzf"), default=d.compression, help="HDF5 compression of the features")
@@ -75,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.commands import run_extract
     from pipeline.common.config import ExtractConfig
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # the sizes the user gave, and only those, override the model's own (the defaults 224/256 are AlexNet's)
+    parser.set_defaults(image_size=None, resize_size=None)
+    given = parser.parse_args(argv)
+    args.image_size, args.resize_size = given.image_size, given.resize_size
     return run_main(lambda: run_extract(ExtractConfig(**vars(args))))
 
 

@@ -5,6 +5,7 @@
     python run_train_head.py --lr 0.1,0.01,0.001 --weight-decay 0,1e-4 --out runs/sweep
     python run_train_head.py --head logreg --layers fc6 --weight-decay 1e-2,1e-3,1e-4 --out runs/logreg
     python run_train_head.py --layers pool5,fc6,fc7 --head linear,logreg,knn --shots 5,all --out runs/grid
+    python run_train_head.py --features runs/features,runs/features-resnet50 --head logreg --out runs/backbones
 
 Heads: linear (SGD, the seed recipe), logreg (L-BFGS logistic regression, the best of the --weight-decay
 list by val top-1), knn (DINO's weighted kNN, every --k). Comma lists make a grid: one folder per
@@ -48,11 +49,13 @@ def shots_list(text: str) -> tuple[int | None, ...]:
 def build_parser() -> argparse.ArgumentParser:
     d = HeadConfig()  # every default comes from here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", type=Path, default=d.features, help="cache folder from run_extract.py")
+    p.add_argument("--features", type=Path, default=d.features,
+                   help="cache folder from run_extract.py; a comma list of caches of one dataset compares backbones")
     p.add_argument("--out", type=Path, default=d.out, help="run folder (best.pt, last.pt, plots, report)")
     p.add_argument("--head", type=name_list, default=d.head, help="linear | logreg | knn; a comma list compares them")
     p.add_argument("--layers", "--layer", dest="layers", type=name_list, default=d.layers,
-                   help="cached layer: pool5, fc6, fc7; a comma list compares them")
+                   help="cached layer (default: the cache's own, fc7 on AlexNet, penultimate elsewhere): pool5, fc6, "
+                        "fc7 on AlexNet, the --layers names of run_extract.py elsewhere; a comma list compares them")
     p.add_argument("--shots", type=shots_list, default=d.shots,
                    help="train images per class (drawn with --seed), or all; a comma list compares them")
     p.add_argument("--lr", type=float_list, default=d.lr, help="linear: learning rate; a comma list sweeps")

@@ -85,6 +85,7 @@ def child_project(args) -> dict:
     from features import cache
     from models import AlexNetLayers
     from pipeline.extract import extractor as extract_module
+    from pipeline.extract import loading as loading_module
     from pipeline.common.config import ExtractConfig
     from pipeline.common.dataset import index_dataset
 
@@ -104,7 +105,7 @@ def child_project(args) -> dict:
                 spans[key] += time.perf_counter() - start
         setattr(owner, name, wrapper)
 
-    timed(extract_module, "load_backbone", "backbone_load_s")
+    timed(loading_module, "load_backbone", "backbone_load_s")
     timed(cache, "assemble", "assembly_s")
     forward = AlexNetLayers.forward_layers  # extraction fills every requested layer in one call of this
     AlexNetLayers.forward_layers = lambda self, x, layers: (out := forward(self, x, layers),

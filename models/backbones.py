@@ -103,6 +103,25 @@ class LayerFeatures(nn.Module):
         outputs = self.extractor(x.to(self.dtype))
         return {name: reduce_to_vector(outputs[node], reduction) for name, (node, reduction) in self.layers.items()}
 
+    def forward_layers(self, x: torch.Tensor, layers: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+        """{layer: (B, dim)} for the requested layers (AlexNetLayers' interface; the graph computes them all)."""
+        return {name: rows for name, rows in self(x).items() if name in layers}
+
+
+class LayerClassifier(nn.Module):
+    """A frozen ``LayerFeatures`` and the head trained on one of its layers, as one network: the layer computed
+    in the backbone's dtype, as extraction computed it, then the head in fp32, as it ran on the cache."""
+
+    def __init__(self, features: LayerFeatures, layer: str, head: nn.Linear):
+        super().__init__()
+        if layer not in features.layers:
+            raise ValueError(f"layer {layer!r} is not one of the backbone's {sorted(features.layers)}")
+        self.backbone, self.layer, self.head = features, layer, head
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)[self.layer].float())  # (B, C) float32 logits
+
 
 def reduction_for(shape: tuple[int, ...], *, channels_last: bool = False, class_token: bool = False) -> str | None:
     """The reduction for a node output of ``shape`` (batch first), None when there is no sensible one.
@@ -126,5 +145,5 @@ def parameter_count(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters())
 
 
-__all__ = ["REDUCTIONS", "LayerFeatures", "graph_node_names", "last_linear_name", "node_extractor", "parameter_count", "penultimate_node",
+__all__ = ["REDUCTIONS", "LayerClassifier", "LayerFeatures", "graph_node_names", "last_linear_name", "node_extractor", "parameter_count", "penultimate_node",
            "reduce_to_vector", "reduction_for"]

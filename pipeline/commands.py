@@ -24,6 +24,15 @@ def warn_random(spec: str, what: str = "these features are for testing only") ->
 
 def run_extract(config: ExtractConfig) -> int:
     """``run_extract.py``: prepare only (``--prepare-only``), or prepare and extract."""
+    if config.list_backbones:
+        from pipeline.common.backbones import backbone_listing
+
+        print(backbone_listing())
+        return 0
+    if not config.is_alexnet:  # an unknown name is one line before any data is read
+        from pipeline.common.backbones import check_backbone
+
+        check_backbone(config.backbone)
     return prepare(config) if config.prepare_only else extract(config)
 
 
@@ -81,11 +90,11 @@ def train_head(config: HeadConfig) -> int:
     experiments = run_experiments(config)
     outcome = experiments.outcome
     if outcome is None or not outcome.runs:  # a grid, a logreg or a knn run: the experiments table
-        log.info("%-6s %-7s %-44s %-6s %8s %8s %7s %8s", "layer", "head", "hyper-parameters", "shots", "top-1", "top-5",
-                 "train", "seconds")
+        log.info("%-12s %-11s %-7s %-44s %-6s %8s %8s %7s %8s", "backbone", "layer", "head", "hyper-parameters", "shots",
+                 "top-1", "top-5", "train", "seconds")
         for r in experiments.rows:
-            log.info("%-6s %-7s %-44s %-6s %7.2f%% %7.2f%% %7d %8.1f", r.layer, r.head, r.params, r.shots, r.val_top1,
-                     r.val_top5, r.train_images, r.seconds)
+            log.info("%-12s %-11s %-7s %-44s %-6s %7.2f%% %7.2f%% %7d %8.1f", r.backbone, r.layer, r.head, r.params,
+                     r.shots, r.val_top1, r.val_top5, r.train_images, r.seconds)
         if experiments.best:
             log.info("best head: %s", experiments.best)
     else:  # a plain linear run or sweep: its heads, best first

@@ -14,7 +14,7 @@ from torchvision.models import AlexNet_Weights
 
 from models import AlexNetLayers, weights_fingerprint
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.weights import describe_weights
+from pipeline.common.weights import describe_weights, is_enum_spec
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,11 @@ def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetLayers, str, str]
     a recorded 'random:seed=S' / 'file:PATH', or a path to a torchvision AlexNet state_dict.
     """
     recorded = describe_weights(spec, seed)
+    if is_enum_spec(recorded):  # an exact torchvision enum: AlexNet has one
+        if recorded != f"{type(IMAGENET_WEIGHTS).__name__}.{IMAGENET_WEIGHTS.name}":
+            raise UserError(f"weights {recorded} are not AlexNet's; pass imagenet (AlexNet_Weights.IMAGENET1K_V1), "
+                            "random, or a state_dict file of torchvision's AlexNet")
+        recorded = "imagenet"
     if recorded.startswith("random:"):
         seed = int(recorded.split("=", 1)[1])
         torch.manual_seed(seed)

@@ -27,8 +27,14 @@ REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_nam
 def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch: int, cache_attrs: dict,
                     wnids: list[str], names: list[str], config: dict) -> dict:
     """The checkpoint of a head trained on the cache described by ``cache_attrs`` (train.h5's attributes)."""
+    extra = {}
+    if "layers_json" in cache_attrs:  # a non-AlexNet backbone: how to rebuild the layer from the model's graph
+        specs = {spec["name"]: spec for spec in json.loads(cache_attrs["layers_json"])}
+        extra = {"weights_enum": cache_attrs.get("weights_enum", ""), "weights_file": cache_attrs.get("weights_file", ""),
+                 "layer_spec": specs[cache_attrs["layer"]]}
     return {
         "format": CHECKPOINT_FORMAT,
+        **extra,
         "head": head_state,  # nn.Linear(feature_dim, num_classes) state on raw features
         "num_classes": len(wnids),
         "feature_dim": int(cache_attrs["feature_dim"]),  # LAYER_DIMS[layer]
@@ -90,11 +96,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if missing:
         raise UserError(f"{path} is incomplete: it lacks {', '.join(missing)}; retrain the head with run_train_head.py")
     check_fields(path, checkpoint)
-    layer = checkpoint.get("layer", "fc7")
-    if layer not in LAYER_DIMS:
-        raise UserError(f"{path} holds a head for an unknown layer {layer!r} (known: {', '.join(LAYER_DIMS)}); "
-                        "retrain the head with run_train_head.py")
-    head, classes, dim = checkpoint["head"], checkpoint["num_classes"], LAYER_DIMS[layer]
+    layer, dim = checkpoint.get("layer", "fc7"), layer_dim(path, checkpoint)
+    head, classes = checkpoint["head"], checkpoint["num_classes"]
     weight = head.get("weight") if isinstance(head, dict) else None
     bias = head.get("bias") if isinstance(head, dict) else None
     if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
@@ -116,6 +119,27 @@ def read_checkpoint(path: str | Path) -> dict:
     if checkpoint["preprocess"].get("color", "RGB") != "RGB":
         raise UserError(f"{path} expects {checkpoint['preprocess']['color']} input; the live runner feeds RGB")
     return checkpoint
+
+
+def checkpoint_backbone(checkpoint: dict) -> str:
+    """The backbone a head was trained on (checkpoints from before other backbones: alexnet)."""
+    return checkpoint.get("backbone", "alexnet")
+
+
+def layer_dim(path: Path, checkpoint: dict) -> int:
+    """The width of the layer the head reads: AlexNet's by name, any other backbone's from its ``layer_spec``."""
+    layer = checkpoint.get("layer", "fc7")
+    if checkpoint_backbone(checkpoint) == "alexnet":
+        if layer not in LAYER_DIMS:
+            raise UserError(f"{path} holds a head for an unknown layer {layer!r} (known: {', '.join(LAYER_DIMS)}); "
+                            "retrain the head with run_train_head.py")
+        return LAYER_DIMS[layer]
+    spec = checkpoint.get("layer_spec")
+    if not (isinstance(spec, dict) and all(isinstance(spec.get(k), str) for k in ("name", "node", "reduction"))
+            and _is_int(spec.get("dim")) and spec["dim"] > 0 and spec["name"] == layer):
+        raise UserError(f"{path} holds a {checkpoint_backbone(checkpoint)} head without a usable layer_spec for "
+                        f"{layer!r} (its graph node, reduction and width); retrain the head with run_train_head.py")
+    return spec["dim"]
 
 
 def _is_int(value) -> bool:
@@ -140,7 +164,8 @@ FIELD_CHECKS = {
     "weights_fingerprint": (lambda v: isinstance(v, str), "a string"),
     "preprocess": (lambda v: isinstance(v, dict), "a dict of preprocessing settings"),
     "layer": (lambda v: isinstance(v, str), "a layer name"),
-    "backbone": (lambda v: isinstance(v, str), "a string"),
+    "backbone": (lambda v: isinstance(v, str) and bool(v), "a backbone name"),
+    "weights_enum": (lambda v: isinstance(v, str), "a string"),
     "precision": (lambda v: isinstance(v, str), "a string"),
     "precision_auto": (lambda v: isinstance(v, bool), "true or false"),
     "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number, 0 or more"),

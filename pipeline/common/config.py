@@ -16,9 +16,15 @@ from pipeline.common.precision import AUTO, PRECISION_CHOICES
 from pipeline.common.preprocess import Preprocess
 
 
+ALEXNET = "alexnet"  # the default backbone, with its own extraction path and DeCAF layer names
 MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 MAX_BATCH_FRAMES = 256  # live --batch-frames: a pass over 8 frames already reads fc6/fc7 once for all of them
+
+
+def default_out(backbone: str) -> Path:
+    """Each backbone's own cache folder, so two caches never collide: AlexNet's stays runs/features."""
+    return DEFAULT_FEATURES if backbone == ALEXNET else DEFAULT_FEATURES.with_name(f"{DEFAULT_FEATURES.name}-{backbone}")
 
 
 def check_seed(seed: int) -> None:
@@ -40,16 +46,19 @@ class ExtractConfig:
     download: bool = False  # fetch the official zip first
     url: str = TINY_IMAGENET_URL
     md5: str | None = TINY_IMAGENET_MD5
-    out: Path = DEFAULT_FEATURES  # train.h5 and val.h5 go here
+    out: Path | None = None  # train.h5 and val.h5 go here; None: default_out(backbone)
+    backbone: str = "alexnet"  # any torchvision classification model (pipeline.common.backbones)
+    list_backbones: bool = False  # print every backbone name and stop
     weights: str = "imagenet"  # imagenet, random, or a state_dict path
     seed: int = 0  # for --weights random
     device: str = "auto"
     precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.common.precision), fp32, bf16 or fp16
     dtype: str = "float32"  # storage dtype of the features
-    batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
+    batch_size: int | None = None  # None: per backbone (AlexNet: 64 on CPU, 256 on CUDA)
     workers: int | None = None  # DataLoader workers; None: 1 on CPU; on CUDA the usable CPUs per local rank - 1, up to 16
-    image_size: int = 224  # the side of the network input
-    resize_size: int = 256  # "crop": the shorter side before the centre crop (raised to image_size if smaller)
+    image_size: int | None = None  # the side of the network input; None: the model's own (AlexNet 224)
+    resize_size: int | None = None  # "crop": the shorter side before the centre crop (raised to image_size if
+    # smaller); None: the model's own (AlexNet 256)
     resize_mode: str = "crop"  # "crop" (AlexNet eval transform) or "resize" (squash to image_size)
     shard_size: int = 2048  # rows per resumable shard
     compression: str | None = None  # None, "gzip" or "lzf"
@@ -58,25 +67,49 @@ class ExtractConfig:
     arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = True
-    layers: tuple[str, ...] = ("fc7",)  # cached layers: pool5, fc6, fc7 (one backbone pass fills them all)
+    layers: tuple[str, ...] | None = None  # cached layers (one pass fills them all); None: default_layers(backbone)
     prepare_only: bool = False  # prepare and check the data, log a summary, stop
     summary_json: Path | None = None  # also write the preparation summary here
 
+    def __post_init__(self):
+        if self.out is None:
+            self.out = default_out(self.backbone)
+        if self.layers is None:
+            self.layers = ("fc7",) if self.backbone == ALEXNET else ("penultimate",)
+
+    @property
+    def is_alexnet(self) -> bool:
+        """AlexNet keeps its own path (pipeline.common.backbone), bit for bit as before other backbones."""
+        return self.backbone == ALEXNET
+
     @property
     def preprocess(self) -> Preprocess:
-        """The one preprocessing definition these settings name (a resize below the input is raised to it)."""
+        """The one preprocessing definition these settings name (a resize below the input is raised to it).
+
+        Other backbones' preprocessing follows their weights (``pipeline.common.backbones.preprocess_for``,
+        which imports torchvision): this property only holds AlexNet's, torch-free."""
+        image_size = 224 if self.image_size is None else self.image_size
+        resize_size = 256 if self.resize_size is None else self.resize_size
         try:
-            return Preprocess(image_size=self.image_size, resize_size=max(self.resize_size, self.image_size),
-                              mode=self.resize_mode)
+            return Preprocess(image_size=image_size, resize_size=max(resize_size, image_size), mode=self.resize_mode)
         except ValueError as err:
             raise UserError(f"bad preprocessing options: {err}") from None
 
     def check(self) -> None:
-        unknown = [layer for layer in self.layers if layer not in LAYERS]  # the backbone knows its layers
-        if unknown or not self.layers:
-            raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
-        self.layers = tuple(network_order(set(self.layers)))  # network order, once each
+        if self.is_alexnet:
+            unknown = [layer for layer in self.layers if layer not in LAYERS]  # the backbone knows its layers
+            if unknown or not self.layers:
+                raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
+            self.layers = tuple(network_order(set(self.layers)))  # network order, once each
+        else:  # checked against the model's graph when it is built (pipeline.common.backbones.plan_layers)
+            bad = [layer for layer in self.layers if "/" in layer or layer in ("features", "labels", "paths")]
+            if bad or not self.layers:
+                raise UserError(f"--layers {','.join(self.layers)}: use a comma list of the model's node names "
+                                f"(list them with: python -m pipeline.common.backbones {self.backbone})")
+            self.layers = tuple(dict.fromkeys(self.layers))
         self.preprocess  # noqa: B018 - raises UserError for options no preprocessing can follow
+        for name, value in (("--image-size", self.image_size), ("--resize-size", self.resize_size)):
+            _positive(name, value)
         check_seed(self.seed)
         self.precision = self.precision or AUTO  # None: the default, as before auto existed
         if self.precision not in PRECISION_CHOICES:
@@ -104,10 +137,10 @@ class HeadConfig:
     table (pipeline.heads.grid).
     """
 
-    features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5
+    features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5; a comma list compares several caches
     out: Path = DEFAULT_HEAD  # run folder
     head: tuple[str, ...] = ("linear",)  # any of pipeline.heads.registry.HEADS
-    layers: tuple[str, ...] = ("fc7",)  # cached layers to train on: pool5, fc6, fc7
+    layers: tuple[str, ...] | None = None  # cached layers to train on; None: each cache's default (fc7 on AlexNet)
     shots: tuple[int | None, ...] = (None,)  # train images per class, drawn with `seed`; None: all of them
     lr: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
     # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY
@@ -135,9 +168,7 @@ class HeadConfig:
                              ("--layers", self.layers), ("--shots", self.shots), ("--k", self.k)):
             if values is not None and not values:
                 raise UserError(f"{name} needs at least one value")
-        unknown_layers = [layer for layer in self.layers if layer not in LAYERS]
-        if unknown_layers:
-            raise UserError(f"--layers {','.join(unknown_layers)}: use {', '.join(LAYERS)} (a comma list compares them)")
+        # the layer names are checked against each cache's backbone (pipeline.heads.sources)
         if any(shots is not None and shots < 1 for shots in self.shots):
             raise UserError(f"--shots must be a positive number of images per class or 'all', got "
                             f"{','.join('all' if s is None else str(s) for s in self.shots)}")

@@ -21,9 +21,14 @@ def describe_weights(spec: str, seed: int = 0) -> str:
         return "imagenet"
     if spec == "random":
         return f"random:seed={seed}"
-    if spec.startswith(("random:", "file:")):
+    if spec.startswith(("random:", "file:")) or is_enum_spec(spec):
         return spec
     return f"file:{Path(spec).resolve()}"
+
+
+def is_enum_spec(spec: str) -> bool:
+    """Whether a spec names torchvision weights exactly ('ResNet50_Weights.IMAGENET1K_V2'), not a file."""
+    return "_Weights." in spec and os.sep not in spec and not Path(spec).exists()
 
 
 def is_random(spec: str | None, seed: int = 0) -> bool:
@@ -37,16 +42,20 @@ def hub_dir() -> Path:
     return Path(os.path.expanduser(torch_home)) / "hub"
 
 
-def weights_file(recorded: str) -> Path | None:
-    """The file a recorded spec's weights are read from (the hub cache for imagenet); None for random weights."""
+def weights_file(recorded: str, hub_name: str = IMAGENET_FILE) -> Path | None:
+    """The file a recorded spec's weights are read from (the hub cache's ``hub_name`` for imagenet or an exact
+    enum: AlexNet's file unless said); None for random weights."""
     if recorded.startswith("random:"):
         return None
-    return hub_dir() / "checkpoints" / IMAGENET_FILE if recorded == "imagenet" else Path(recorded[5:])
+    if recorded == "imagenet" or is_enum_spec(recorded):
+        return hub_dir() / "checkpoints" / hub_name
+    return Path(recorded[5:])
 
 
-def weights_stamp(recorded: str) -> str:
-    """JSON naming what the weights of a recorded spec are read from, as it is now on disk."""
-    path = weights_file(recorded)
+def weights_stamp(recorded: str, hub_name: str = IMAGENET_FILE) -> str:
+    """JSON naming what the weights of a recorded spec are read from, as it is now on disk (``hub_name``: the
+    backbone's file in the hub cache, ``pipeline.common.backbones.hub_file``)."""
+    path = weights_file(recorded, hub_name)
     if path is None:
         return json.dumps({"torch": metadata.version("torch")})  # the seeded init may change between releases
     try:

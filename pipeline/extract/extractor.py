@@ -1,4 +1,8 @@
-"""Stage one: run the frozen AlexNet once over train and val and store its layers in the HDF5 cache.
+"""Stage one: run the frozen backbone once over train and val and store its layers in the HDF5 cache.
+
+AlexNet (the default) runs its own fc7 cut (models.AlexNetLayers), bit for bit as before other backbones
+existed; any other torchvision classifier runs as ``pipeline.common.backbones`` plans it: torchvision's
+graph cut at the named nodes, each reduced to a vector (models.backbones.LayerFeatures).
 
 Data path: DataLoader workers read and decode whole batches of JPEGs (and on the CPU also resize and
 crop them, as uint8); the main process normalises on the device, runs the backbone in channels_last
@@ -28,8 +32,8 @@ from tqdm import tqdm
 
 from features import cache
 from features.errors import NoRows, describe_error
-from models.layers import LAYER_DIMS, MIN_IMAGE_SIZE, network_order
-from pipeline.common.backbone import HostCopy, load_backbone, place_backbone, start_distributed, warm_up
+from models.layers import MIN_IMAGE_SIZE, network_order
+from pipeline.common.backbone import HostCopy, place_backbone, start_distributed, warm_up
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
@@ -37,8 +41,8 @@ from pipeline.common.hardware import available_memory, default_workers
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
 from pipeline.common.precision import AUTO, AUTO_ATTR, encode
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.weights import weights_stamp
-from pipeline.extract.freshness import refresh_class_names, split_settings
+from pipeline.extract.freshness import preprocess_of, refresh_class_names, split_settings
+from pipeline.extract.loading import backbone_attrs, default_batch_size, load_for
 from pipeline.extract.precision_choice import decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
 
@@ -101,6 +105,8 @@ class Run:
     rank: int = 0
     world: int = 1
     precision_record: dict | None = None  # --precision auto: its choice and measurements (recorded in the cache)
+    dims: dict = None  # {layer: width} of every layer the backbone computes
+    attrs: dict = None  # what a non-AlexNet cache records besides (weights_enum, weights_file, layers_json)
 
 
 def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
@@ -110,23 +116,23 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     indexed (saves indexing twice).
     """
     config.check()
-    preprocess = config.preprocess
-    if preprocess.image_size < MIN_IMAGE_SIZE:
+    preprocess = preprocess_of(config)
+    if config.is_alexnet and preprocess.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size {preprocess.image_size} is too small: AlexNet needs at least "
                         f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     rank, world, device = start_distributed(config.device)  # under torchrun: one GPU per rank, NCCL or gloo
-    batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
+    batch_size = config.batch_size or default_batch_size(config.backbone, device)
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
-    backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
+    backbone, weights_spec, fingerprint, dims, attrs = load_for(config, preprocess)
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
     auto = config.precision == AUTO  # precision hook: reused from the cache, or measured (pipeline.extract.precision_choice)
     config, record = decide_precision(config, dataset, backbone, device, batch_size, rank, world)
     settings = {split: split_settings(dataset, split, replace(config, precision=split_precision(config, auto, split)),
-                                      fingerprint) for split in config.splits}
+                                      fingerprint, preprocess) for split in config.splits}
     if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
         return result  # the full check reads only: no lock when nothing is to be written
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
@@ -136,7 +142,8 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
                 dist.barrier()  # nobody writes before rank 0 holds the lock
             backbone = place_backbone(backbone, device, config.precision)
             warm_up(backbone, preprocess, device, batch_size)  # CUDA start-up before the timed loop
-            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world, record)
+            run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world,
+                      precision_record=record, dims=dims, attrs=attrs)
             for split in config.splits:
                 result.splits[split] = _extract_split(run, dataset, split, settings[split])
     finally:
@@ -326,7 +333,8 @@ class _Forward:
             else:
                 images = images.to(self.run.device, non_blocking=True)
             backbone = self.run.backbone
-            outputs = backbone.forward_layers(self.normalize(images, backbone.dtype), self.layers)  # {layer: (B, dim)}
+            x = self.normalize(images, backbone.dtype)
+            outputs = backbone.forward_layers(x, self.layers)  # {layer: (B, dim)}, one pass (AlexNetLayers or LayerFeatures)
             for layer, rows in outputs.items():
                 acc["features"][layer].append(HostCopy(rows.to(self.storage)))  # on CUDA: pinned, without waiting
         acc["positions"].append(item["positions"])
@@ -335,7 +343,7 @@ class _Forward:
 
     def write(self, parts: Path, shard: int, acc: dict) -> None:
         features = {layer: np.concatenate([copy.numpy() for copy in rows]) if rows
-                    else np.zeros((0, LAYER_DIMS[layer]), self.run.config.dtype)
+                    else np.zeros((0, self.run.dims[layer]), self.run.config.dtype)
                     for layer, rows in acc["features"].items()}
         cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
 
@@ -344,19 +352,25 @@ def _assemble(run: Run, dataset: TinyImageNet, split: str, settings: cache.Cache
               layers: tuple[str, ...], kept: dict | None) -> dict:
     """Rank 0: the shards (and the layers kept from the file being extended) into ``<split>.h5``."""
     config = run.config
-    every_layer = network_order(set(layers) | set(cache.held_layers(kept) if kept is not None else ()))
-    main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
+    held = cache.held_layers(kept) if kept is not None else []
+    if config.is_alexnet:
+        every_layer = network_order(set(layers) | set(held))
+        main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
+    else:
+        every_layer = list(dict.fromkeys([*held, *layers]))
+        main = "penultimate" if "penultimate" in every_layer else every_layer[0]
     job = cache.Assembly(out=Path(config.out), split=split, settings=settings, num_shards=num_shards,
-                         layers={layer: LAYER_DIMS[layer] for layer in layers}, layer_order=tuple(every_layer),
+                         layers={layer: run.dims[layer] for layer in layers}, layer_order=tuple(every_layer),
                          main=main, compression=config.compression,
                          keep=cache.split_file(config.out, split) if kept is not None else None)
     rows = cache.SplitRows(
         paths=dataset.splits[split].paths, labels=dataset.splits[split].labels, wnids=dataset.wnids,
         names=dataset.names, skipped_before=list(dataset.splits[split].excluded),
-        attrs={"weights_spec": run.weights_spec, "weights_stamp": weights_stamp(run.weights_spec),
-               "batch_size": run.batch_size, "shard_size": config.shard_size, "dataset_root": str(dataset.root),
-               "versions": _versions(), "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
-               AUTO_ATTR: encode(run.precision_record) if run.precision_record else None})
+        attrs={"weights_spec": run.weights_spec, "batch_size": run.batch_size, "shard_size": config.shard_size,
+               "dataset_root": str(dataset.root), "versions": _versions(),
+               "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
+               AUTO_ATTR: encode(run.precision_record) if run.precision_record else None,
+               **backbone_attrs(run.weights_spec, run.attrs, kept)})
     try:
         return cache.assemble(job, rows)
     except NoRows:

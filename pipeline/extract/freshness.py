@@ -25,7 +25,8 @@ from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.errors import UserError
 from pipeline.common.precision import AUTO
-from pipeline.common.weights import describe_weights, weights_stamp
+from pipeline.common.preprocess import Preprocess
+from pipeline.common.weights import IMAGENET_FILE, describe_weights, weights_stamp
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,35 @@ def files_signature(root: Path, paths: list[str]) -> str:
     return digest.hexdigest()
 
 
+def preprocess_of(config: ExtractConfig) -> Preprocess:
+    """The preprocessing of this extraction: AlexNet's from the settings (torch-free); any other backbone's
+    from its weights' own ``transforms()``, with only the sizes the user gave replacing the model's."""
+    if config.is_alexnet:
+        return config.preprocess
+    from pipeline.common.backbones import named_weights, preprocess_for  # imports torchvision
+
+    preprocess = preprocess_for(config.backbone, named_weights(config.backbone, config.weights),
+                                image_size=config.image_size, resize_size=config.resize_size)
+    return replace(preprocess, mode=config.resize_mode)
+
+
+def hub_name(config: ExtractConfig) -> str:
+    """The basename of this backbone's pretrained weights in the torch hub cache (what the quick look stats)."""
+    if config.is_alexnet:
+        return IMAGENET_FILE
+    from pipeline.common.backbones import default_weights, hub_file, named_weights
+
+    return hub_file(named_weights(config.backbone, config.weights) or default_weights(config.backbone)).name
+
+
 def split_settings(dataset: TinyImageNet, split: str, config: ExtractConfig,
-                   weights_fingerprint: str | None) -> cache.CacheSettings:
-    """What decides the content of ``split``'s cache under ``config`` (fingerprint None: not known yet)."""
+                   weights_fingerprint: str | None, preprocess: Preprocess | None = None) -> cache.CacheSettings:
+    """What decides the content of ``split``'s cache under ``config`` (fingerprint None: not known yet;
+    ``preprocess``: already resolved by ``preprocess_of``)."""
+    preprocess = preprocess or preprocess_of(config)
     return cache.CacheSettings(
-        backbone="alexnet", weights_fingerprint=weights_fingerprint,
-        preprocess=config.preprocess.to_json(), dtype=config.dtype, precision=config.precision,
+        backbone=config.backbone, weights_fingerprint=weights_fingerprint,
+        preprocess=preprocess.to_json(), dtype=config.dtype, precision=config.precision,
         dataset_signature=dataset.signature(split),
         files_signature=files_signature(dataset.root, dataset.splits[split].paths))
 
@@ -81,14 +105,15 @@ def quick_up_to_date(config: ExtractConfig, dataset: TinyImageNet) -> dict[Path,
         return None
     auto = (config.precision or AUTO) == AUTO  # precision hook: any precision auto may choose is up to date
     spec = describe_weights(config.weights, config.seed)
+    preprocess, stamp = preprocess_of(config), weights_stamp(spec, hub_name(config))  # that backbone's hub file
     found = {}
     for split in config.splits:
-        settings = asdict(split_settings(dataset, split, config, None))
+        settings = asdict(split_settings(dataset, split, config, None, preprocess))
         del settings["weights_fingerprint"]  # stood in for by the spec and the stamp of its file
         del settings["layer"]  # not a setting: the file must hold config.layers
         if auto:  # the file's own precision is checked by the attribute reader: one auto may choose
             del settings["precision"]
-        expected = {**settings, "weights_spec": spec, "weights_stamp": weights_stamp(spec)}
+        expected = {**settings, "weights_spec": spec, "weights_stamp": stamp}
         path = cache.split_file(config.out, split)
         attrs = cache.quick_up_to_date(path, expected, config.layers)
         if attrs is None:

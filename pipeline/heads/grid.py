@@ -1,4 +1,7 @@
-"""Quick head experiments on the cache: layers x heads x shots (x hyper-parameters) in one command.
+"""Quick head experiments on the cache: (backbones x) layers x heads x shots (x hyper-parameters) in one command.
+
+Several caches of one dataset (``--features A,B``) compare backbones: their combinations' folders start with
+the backbone (``resnet18_penultimate_linear_all``) and the table's backbone column tells their rows apart.
 
 One combination is a plain run: its outputs go straight into ``--out`` (a plain linear run, or a linear
 lr x weight-decay sweep). Several make a grid: one folder per combination,
@@ -18,13 +21,13 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from features.cache import CachedSplit
 from pipeline.common.backbone import resolve_device
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.common.run_folder import MARKER, StagedRun, check_clashes, exclusive_run, refuse_foreign
 from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.readers import FeatureReader, open_cache
+from pipeline.heads.readers import FeatureReader
+from pipeline.heads.sources import Source, open_sources
 from pipeline.heads.registry import HEADS
 from pipeline.heads.shots import few_shot_rows, shots_name
 from pipeline.heads.staging import commit, config_record, final_path, prepare_out, write_config, writing
@@ -44,8 +47,9 @@ class ExperimentsResult:
     outcome: HeadOutcome | None = None  # a plain run (one combination): its head's own outcome
 
 
-def is_grid(config: HeadConfig) -> bool:
-    return len(config.layers) * len(config.head) * len(config.shots) > 1
+def is_grid(config: HeadConfig, sources: list[Source] | None = None) -> bool:
+    layers = sum(len(s.layers) for s in sources) if sources else len(config.layers or (None,))
+    return layers * len(config.head) * len(config.shots) > 1
 
 
 def own_names() -> set[str]:
@@ -60,38 +64,41 @@ def checked(config: HeadConfig) -> HeadConfig:
     if unknown:
         raise UserError(f"--head {','.join(unknown)}: use {', '.join(HEADS)} (a comma list compares them)")
     return replace(config, **{name: tuple(dict.fromkeys(getattr(config, name)))  # a repeated value runs once
-                              for name in ("layers", "head", "shots", "lr", "k")},
+                              for name in ("head", "shots", "lr", "k")},
+                   layers=config.layers and tuple(dict.fromkeys(config.layers)),
                    weight_decay=config.weight_decay and tuple(dict.fromkeys(config.weight_decay)))
 
 
-def _narrow(config: HeadConfig, layer: str, head: str, shots: int | None) -> HeadConfig:
-    return replace(config, layers=(layer,), head=(head,), shots=(shots,))
+def _narrow(config: HeadConfig, source: Source, layer: str, head: str, shots: int | None) -> HeadConfig:
+    return replace(config, features=source.folder, layers=(layer,), head=(head,), shots=(shots,))
 
 
 def run_experiments(config: HeadConfig) -> ExperimentsResult:
     """Run every (layer, head, shots) combination of ``config``; see the module docstring for the outputs."""
     config = checked(config)
     device = resolve_device(config.device)
-    splits = {layer: open_cache(Path(config.features), layer) for layer in config.layers}  # every layer there, first
-    train_split = splits[config.layers[0]][0]
+    sources = open_sources(config)  # every cache and layer there, first
+    train_split = sources[0].train
     if len(train_split.wnids) < 2:
         raise UserError(f"{train_split.path} holds {len(train_split.wnids)} class ({', '.join(train_split.wnids)}): a "
                         "classifier needs at least two; extract a dataset with two or more classes")
-    train_rows = {shots: None if shots is None else few_shot_rows(train_split.labels, shots, seed=config.seed,
-                                                                  wnids=train_split.wnids)
-                  for shots in config.shots}
+    train_rows = {(s.label, shots): None if shots is None else few_shot_rows(s.train.labels, shots, seed=config.seed,
+                                                                             wnids=s.train.wnids)
+                  for s in sources for shots in config.shots}  # per cache: one dataset, but its own skips
     out = Path(config.out)
     prepare_out(out)  # a --out that cannot be written is one line, before anything runs
     # every kind of run is one staged run under --out's lock, published whole with run.json: a rerun replaces
     # exactly the previous run's files, and a kill or a full disk before the publish leaves the previous run
     with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
         refuse_foreign(out, own_names())  # a folder the tool did not make is not the tool's to clean
-        settings = [HeadSettings(config=_narrow(config, layer, head, shots), stage=stage, device=device,
-                                 grid=is_grid(config)) for layer, head, shots in
-                    itertools.product(config.layers, config.head, config.shots)]
+        grid = is_grid(config, sources)
+        settings = [HeadSettings(config=_narrow(config, source, layer, head, shots), stage=stage, device=device,
+                                 grid=grid, source=source.label)
+                    for source in sources for layer, head, shots in
+                    itertools.product(source.layers, config.head, config.shots)]
         # a folder of the user's named like a combination or a sweep's head: one line now, not after the training
         check_clashes(out, [name for s in settings for name in HEADS[s.name].folders(s)])
-        result, run = _run_all(config, splits, train_rows, settings)
+        result, run = _run_all(config, {s.label: s for s in sources}, train_rows, settings)
         commit(stage, run, own_names())
     for row in result.rows:
         row.folder = final_path(stage, row.folder)
@@ -103,7 +110,7 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
     return result
 
 
-def _run_all(config: HeadConfig, splits: dict[str, tuple[CachedSplit, CachedSplit]], train_rows: dict,
+def _run_all(config: HeadConfig, sources: dict[str | None, Source], train_rows: dict,
              settings: list[HeadSettings]) -> tuple[ExperimentsResult, dict]:
     """Every combination's ``fit``, into the staging folder; returns the result (staged paths) and run.json's record."""
     stage, grid = settings[0].stage, settings[0].grid
@@ -112,15 +119,19 @@ def _run_all(config: HeadConfig, splits: dict[str, tuple[CachedSplit, CachedSpli
         write_config(stage, root, config_record(config))
     rows, outcomes = [], []
     for number, head_settings in enumerate(settings, 1):
-        layer, shots = head_settings.layer, head_settings.shots
-        log.info("[%d/%d] %s %s %s", number, len(settings), layer, head_settings.name, shots_name(shots))
-        train = FeatureReader(splits[layer][0], train_rows[shots])
-        outcome = HEADS[head_settings.name].fit(train, FeatureReader(splits[layer][1]), head_settings)
+        layer, shots, source = head_settings.layer, head_settings.shots, sources[head_settings.source]
+        log.info("[%d/%d] %s%s %s %s", number, len(settings), f"{source.label} " if source.label else "", layer,
+                 head_settings.name, shots_name(shots))
+        train_split, val_split = source.splits[layer]
+        train = FeatureReader(train_split, train_rows[source.label, shots])
+        outcome = HEADS[head_settings.name].fit(train, FeatureReader(val_split), head_settings)
+        for row in outcome.rows:
+            row.backbone = source.label or source.backbone  # two caches of one backbone: told apart by folder
         rows += outcome.rows
         outcomes.append(outcome)
     with_checkpoint = [r for r in rows if r.checkpoint is not None]
     best = max(with_checkpoint, key=lambda r: r.val_top1) if with_checkpoint else None  # max: the first of equals
-    weights_spec = splits[config.layers[0]][0].attrs["weights_spec"]
+    weights_spec = next(iter(sources.values())).train.attrs["weights_spec"]
     run = {"tool": "run_train_head.py", "kind": "grid" if grid else config.head[0], "features": str(config.features),
            "weights_spec": weights_spec}
     if not grid:

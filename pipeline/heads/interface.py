@@ -32,6 +32,7 @@ class HeadSettings:
     stage: StagedRun  # the run being staged, under --out's lock
     device: torch.device
     grid: bool  # part of a grid: each combination gets its own folder under ``root``
+    source: str | None = None  # the cache's label when several are compared (its folders start with it)
     notes: list[str] = field(default_factory=list)  # lines ending each report.md
 
     @property
@@ -56,7 +57,8 @@ class HeadSettings:
         folder; alone, the run folder itself."""
         if not self.grid:
             return self.root
-        return self.root / folder_name(layer=self.layer, head=self.name, shots=self.shots, **hyper)
+        name = folder_name(layer=self.layer, head=self.name, shots=self.shots, **hyper)
+        return self.root / (name if self.source is None else f"{self.source}_{name}")
 
     def title(self, folder: Path) -> Path:
         """The folder a report names: the published one, not the staging one."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from features.attrs import read_attrs
 from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
 from features.locking import writer_holding
 from pipeline.common.errors import UserError, first_line
@@ -161,10 +162,15 @@ def open_cache(folder: Path, layer: str = "fc7") -> tuple[CachedSplit, CachedSpl
     if holder:
         who = f"an extraction ({holder})" if holder.startswith("pid ") else f"another run ({holder})"
         raise UserError(f"{who} is writing the cache in {folder} right now; wait for it to finish, then rerun")
+    backbones = [(read_attrs(folder / f"{split}.h5") or {}).get("backbone") for split in ("train", "val")]
+    if None not in backbones and backbones[0] != backbones[1]:  # before the layer: each backbone names its own
+        raise UserError(f"train and val in {folder} were extracted with different backbones ({' and '.join(backbones)}); "
+                        "re-extract one of them with the same run_extract.py settings (--overwrite)")
     train, val = _open_checked(folder / "train.h5", "train", layer), _open_checked(folder / "val.h5", "val", layer)
     if train.path.resolve() == val.path.resolve():
         raise CacheError(f"{train.path} and {val.path} are the same file; extract the val split too")
     checks = [("class_wnids", train.wnids, val.wnids, "different classes"),
+              ("backbone", train.attrs["backbone"], val.attrs["backbone"], "different backbones"),
               ("weights_fingerprint", train.attrs["weights_fingerprint"], val.attrs["weights_fingerprint"], "different weights"),
               ("preprocess", train.attrs["preprocess"], val.attrs["preprocess"], "different preprocessing"),
               ("layer", train.attrs["layer"], val.attrs["layer"], "different layers"),

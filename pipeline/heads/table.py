@@ -12,7 +12,7 @@ from matplotlib.figure import Figure  # the object API, as pipeline.heads.report
 from features.atomic import write_atomic
 from pipeline.heads.report import shown
 
-COLUMNS = ["layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
+COLUMNS = ["backbone", "layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
 HEAD_COLOURS = {"linear": "tab:blue", "logreg": "tab:orange", "knn": "tab:green"}
 
 
@@ -30,9 +30,10 @@ class Experiment:
     seconds: float  # wall time of the run, loading the features included (a kNN run's k share one)
     folder: Path
     checkpoint: Path | None  # best.pt (linear, logreg); None for knn
+    backbone: str = "alexnet"  # the cache's backbone (set by the grid, which may compare several)
 
     def record(self, out: Path) -> dict:
-        return {"layer": self.layer, "head": self.head, "hyper_parameters": self.params, "shots": self.shots,
+        return {"backbone": self.backbone, "layer": self.layer, "head": self.head, "hyper_parameters": self.params, "shots": self.shots,
                 "val_top1": round(self.val_top1, 4), "val_top5": round(self.val_top5, 4),
                 "train_images": self.train_images, "seconds": round(self.seconds, 2),
                 "folder": os.path.relpath(self.folder, out)}
@@ -57,10 +58,12 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
                   "copied to `best.pt`.", ""]
     if str(weights_spec).startswith("random"):
         lines += [f"Backbone weights: `{weights_spec}` (RANDOM: for testing only, accuracy is not meaningful).", ""]
-    lines += ["| layer | head | hyper-parameters | shots | val top-1 | val top-5 | train images | seconds |",
-              "|---|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['layer']} | {r['head']} | {r['hyper_parameters']} | {r['shots']} | {r['val_top1']:.2f}% | "
-              f"{r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |" for r in records]
+    several = len({r.backbone for r in rows}) > 1  # a backbone column only where backbones are compared
+    lines += [("| backbone " if several else "") + "| layer | head | hyper-parameters | shots | val top-1 | val top-5 | "
+              "train images | seconds |", ("|---" if several else "") + "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [(f"| {r['backbone']} " if several else "") + f"| {r['layer']} | {r['head']} | {r['hyper_parameters']} | "
+              f"{r['shots']} | {r['val_top1']:.2f}% | {r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |"
+              for r in records]
     lines += ["", "Seconds include loading the features; the rows of one kNN run (one per k) share one search. "
               "Hyper-parameters (best epoch, weight decay, k) are picked on val, so val top-1 is slightly optimistic."]
     write_atomic(out / "experiments.md", "\n".join(lines) + "\n")
@@ -77,7 +80,8 @@ def plot_experiments(rows: list[Experiment], path: Path) -> None:
     ax.barh(positions, [r.val_top1 for r in rows], color=colours, label="val top-1")
     for y, r in zip(positions, rows):
         ax.text(r.val_top1 + 0.5, y, f"{r.val_top1:.1f}", va="center", fontsize=7)
-    ax.set_yticks(positions, [f"{r.layer} {r.head} {r.shots} {r.params}" for r in rows], fontsize=7)
+    several = len({r.backbone for r in rows}) > 1
+    ax.set_yticks(positions, [f"{r.backbone + ' ' if several else ''}{r.layer} {r.head} {r.shots} {r.params}" for r in rows], fontsize=7)
     ax.set_xlabel("val accuracy (%)  (solid: top-1, pale: top-5)")
     ax.set_xlim(0, 100)
     ax.set_title("head experiments")

@@ -87,7 +87,8 @@ def check_checkpoint_fields(checkpoint: dict, path, *, weights_given: bool = Fal
             raise UserError(f"{path}: {key} is {type(checkpoint[key]).__name__} {checkpoint[key]!r}, expected a "
                             f"string; {RETRAIN}")
     spec = checkpoint["weights_spec"]
-    if not weights_given and not (spec == "imagenet" or re.fullmatch(r"random:seed=\d+", spec) or spec.startswith("file:")):
+    if not weights_given and not (spec == "imagenet" or re.fullmatch(r"random:seed=\d+", spec) or spec.startswith("file:")
+                                  or re.fullmatch(r"\w+_Weights\.\w+", spec)):
         raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, random:seed=N or "
                         f"file:PATH); {RETRAIN}, or pass --weights with the backbone used for extraction")
     metrics = checkpoint.get("metrics", {})

@@ -54,7 +54,7 @@ def describe_preprocess(preprocess: Preprocess) -> dict:
     """The recorded preprocessing, spelled out for a consumer that has never seen this project."""
     return {**preprocess.to_dict(), "channel_order": "RGB", "layout": "NCHW", "dtype": "float32",
             "interpolation": preprocess.interpolation,  # read back by Preprocess.from_dict
-            "filter": f"{preprocess.interpolation}, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
+            "resize_filter": f"{preprocess.interpolation}, antialiased (PIL / torchvision antialias=True), on uint8 pixels",
             "resize": ("the shorter side to resize_size, the longer int(resize_size * long / short)"
                        if preprocess.mode == "crop" else "the whole image to image_size x image_size"),
             "crop": "centre, image_size x image_size (top = round((height - image_size) / 2))",
@@ -91,6 +91,9 @@ def export_classifier(config: LiveConfig) -> Path:
     _require_exporter()
     checkpoint = read_checkpoint(config.checkpoint)
     preprocess = check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
+    if preprocess.interpolation != "bilinear":  # pipeline.live.numpy_preprocess resizes as PIL's bilinear only
+        raise UserError(f"{checkpoint.get('backbone', 'alexnet')}'s weights resize {preprocess.interpolation}, which the "
+                        "exported runtimes' preprocessing does not do; run this head on torch (--checkpoint, no --export)")
     fp32 = {**checkpoint, "precision": "fp32"}  # every runtime computes in fp32
     classifier = build_classifier(fp32, weights=config.weights, seed=config.seed, device="cpu")
     model = Probabilities(classifier.to(memory_format=torch.contiguous_format)).eval()
@@ -105,6 +108,7 @@ def export_classifier(config: LiveConfig) -> Path:
             "opset": OPSET, "input": INPUT, "output": OUTPUT, "num_classes": len(checkpoint["class_wnids"]),
             "class_wnids": list(checkpoint["class_wnids"]), "class_names": list(checkpoint["class_names"]),
             "preprocess": describe_preprocess(preprocess), "layer": checkpoint.get("layer", "fc7"),
+            "backbone": checkpoint.get("backbone", "alexnet"),
             "weights_spec": config.weights or checkpoint["weights_spec"],
             "weights_fingerprint": checkpoint["weights_fingerprint"], "checkpoint": str(Path(config.checkpoint).resolve()),
             "checkpoint_epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics", {}),

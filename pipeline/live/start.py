@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError
-from pipeline.common.weights import describe_weights, weights_file
+from pipeline.common.weights import IMAGENET_FILE, describe_weights, weights_file
 from pipeline.live.classifier import Classifier
 from pipeline.live.overlay import check_output_paths
 
@@ -41,7 +41,8 @@ def torch_classifier(config: LiveConfig) -> Classifier:
 
     checkpoint = read_checkpoint(config.checkpoint)
     check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
-    weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed))
+    weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed),
+                           checkpoint.get("weights_file") or IMAGENET_FILE)  # that backbone's file in the hub cache
     check_outputs(config, {"--checkpoint": Path(config.checkpoint), "--weights": weights})
     return TorchClassifier(checkpoint, weights=config.weights, seed=config.seed, device=config.device,
                            precision=config.precision)

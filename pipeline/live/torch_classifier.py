@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from models import AlexNetClassifier
+from models.backbones import LayerClassifier
 from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
-from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
+from pipeline.common.checkpoint import checkpoint_backbone, checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
 from pipeline.common.images import stack_or_list
 from pipeline.common.precision import AUTO
@@ -48,6 +49,8 @@ def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int 
     """
     device = resolve_device(device) if isinstance(device, str) else device
     spec = weights if weights is not None else checkpoint["weights_spec"]
+    if checkpoint_backbone(checkpoint) != "alexnet":
+        return _layer_classifier(checkpoint, spec, weights is not None, seed, device)
     backbone, recorded, fingerprint = load_backbone(spec, seed=seed)
     if fingerprint != checkpoint["weights_fingerprint"]:
         trained_on = f"{checkpoint['weights_spec']!r} (fingerprint {checkpoint['weights_fingerprint'][:12]})"
@@ -60,6 +63,30 @@ def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int 
     precision = live_precision(checkpoint, precision)
     backbone = place_backbone(backbone, device, "fp32" if precision == AUTO else precision)
     return AlexNetClassifier(backbone, load_head(checkpoint).to(device)).eval()
+
+
+def _layer_classifier(checkpoint: dict, spec: str, weights_given: bool, seed: int, device: torch.device) -> LayerClassifier:
+    """Any other torchvision backbone, rebuilt from the checkpoint alone: its model and weights, the recorded
+    graph node and reduction of the head's layer, placed as extraction placed it."""
+    from pipeline.common.backbones import LayerSpec, layer_features
+    from pipeline.common.backbones import load_classifier as load_torchvision
+
+    name = checkpoint_backbone(checkpoint)
+    try:
+        loaded = load_torchvision(name, spec, seed=seed)
+    except UserError as err:
+        if not weights_given:
+            raise
+        raise UserError(f"--weights {spec} cannot be the {name} backbone this head was trained on ({err}); pass "
+                        f"the weights used for extraction, or drop --weights") from None
+    if loaded.fingerprint != checkpoint["weights_fingerprint"]:
+        trained_on = f"{name} {checkpoint['weights_spec']!r} (fingerprint {checkpoint['weights_fingerprint'][:12]})"
+        given = f"--weights {loaded.weights}" if weights_given else f"the backbone weights {loaded.weights}"
+        raise UserError(f"{given} give a {name} with fingerprint {loaded.fingerprint[:12]}, but the head was trained "
+                        f"on features of {trained_on}; pass --weights with the backbone used for extraction")
+    layer = LayerSpec(**checkpoint["layer_spec"])
+    features = place_backbone(layer_features(loaded.model, [layer]), device, checkpoint.get("precision", "fp32"))
+    return LayerClassifier(features, layer.name, load_head(checkpoint).to(device)).eval()
 
 
 def load_classifier(checkpoint_path: str | Path, weights: str | None = None, device: torch.device | str = "cpu", *,
