@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from features import cache

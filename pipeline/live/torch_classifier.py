@@ -168,8 +168,8 @@ class TorchClassifier:
 
         device, backbone = self.model.head.weight.device, self.model.backbone
         batch = _batch([as_tensor(frame) for frame in frames], device)
-        self.precision_record = choose_precision(backbone, lambda dtype: self.preprocess(batch, dtype),
-                                                 (backbone.output,), device)
+        layer = getattr(self.model, "layer", None) or backbone.output  # LayerClassifier's, else AlexNet's cut
+        self.precision_record = choose_precision(backbone, lambda dtype: self.preprocess(batch, dtype), (layer,), device)
         self.model.backbone = place_backbone(backbone, device, self.precision_record["chosen"])
         self.choose_precision = False
 
