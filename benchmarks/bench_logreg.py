@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.common.config import HeadConfig
-from pipeline.common.hardware import cpu_kind
+from pipeline.common.config import LOGREG_WEIGHT_DECAY
+from pipeline.common.hardware import cpu_kind, cpu_tag
 from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve, train_state
 from pipeline.heads.softmax import InMemorySoftmax
 
@@ -137,7 +136,31 @@ def sklearn_path(x, y, weight_decays, tol: float = 1e-4) -> dict:
     return {"tol": tol, "seconds": total, "cpu_seconds": total_cpu, "fits": fits}
 
 
-def main(argv=None) -> int:
+def measure_ours(args, train_x, train_y, val_x, val_y, weight_decays) -> tuple[dict, list[dict]]:
+    """Our default path, then each penalty tightly re-solved from our result (the reference optimum)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fit_logreg(train_x, train_y, val_x, val_y, num_classes=args.classes, weight_decays=weight_decays,
+                        tolerance_grad=args.tolerance_grad)
+    ours = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "tolerance_grad": args.tolerance_grad, "fits": [vars(f) for f in result.fits]}
+    print(f"ours: {ours['seconds']:.1f}s ({ours['cpu_seconds']:.1f} CPU-s)", flush=True)
+
+    # the reference: each penalty tightly re-solved from our result for it (the same warm-started path again)
+    weight, bias = torch.zeros(args.classes, args.dim), torch.zeros(args.classes)
+    reference = []
+    for fit in result.fits:
+        solve(InMemorySoftmax(train_x, train_y, args.classes, fit.weight_decay), weight, bias,
+              tolerance_grad=args.tolerance_grad)
+        best, grad_max = tight_solve(train_x, train_y, weight, bias, fit.weight_decay)
+        gap = (fit.objective - best) / abs(best)
+        reference.append({"weight_decay": fit.weight_decay, "objective": best, "grad_max": grad_max,
+                          "relative_gap": gap})
+        print(f"wd={fit.weight_decay:g}: ours {fit.objective:.7f} ({fit.iterations} it, {fit.evaluations} passes, "
+              f"{fit.seconds:.1f}s, {fit.stopped})  optimum {best:.7f}  relative gap {gap:.1e}", flush=True)
+    return ours, reference
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--val-rows", type=int, default=1000)
@@ -145,14 +168,18 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--dead", type=float, default=0.6, help="share of units that never fire")
     p.add_argument("--signal", type=float, default=0.5, help="prototype scale against unit noise")
-    p.add_argument("--weight-decays", default=",".join(map(str, HeadConfig().logreg_weight_decays)))
+    p.add_argument("--weight-decays", default=",".join(map(str, LOGREG_WEIGHT_DECAY)))
     p.add_argument("--tolerance-grad", type=float, default=TOLERANCE_GRAD, help="ours: stop at this max |grad|")
     p.add_argument("--no-sklearn", action="store_true")
     p.add_argument("--sklearn-tols", default="1e-4,1e-6,1e-8", help="tried loosest first until at the optimum")
     p.add_argument("--reuse", type=Path, help="a record of this benchmark: keep its own runs, redo scikit-learn")
     p.add_argument("--evaluations-only", action="store_true", help="only time one evaluation each way")
     p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     weight_decays = sorted((float(v) for v in args.weight_decays.split(",")), reverse=True)
     train_x, train_y = generate(args.rows, args.classes, args.dim, args.dead, args.signal, seed=1)
     val_x, val_y = generate(args.val_rows, args.classes, args.dim, args.dead, args.signal, seed=2)
@@ -165,25 +192,7 @@ def main(argv=None) -> int:
         record = json.loads(args.reuse.read_text())
         ours, reference = record["ours"], record["reference"]
     else:
-        start, cpu = time.perf_counter(), time.process_time()
-        result = fit_logreg(train_x, train_y, val_x, val_y, num_classes=args.classes, weight_decays=weight_decays,
-                            tolerance_grad=args.tolerance_grad)
-        ours = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                "tolerance_grad": args.tolerance_grad, "fits": [vars(f) for f in result.fits]}
-        print(f"ours: {ours['seconds']:.1f}s ({ours['cpu_seconds']:.1f} CPU-s)", flush=True)
-
-        # the reference: each penalty tightly re-solved from our result for it (the same warm-started path again)
-        weight, bias = torch.zeros(args.classes, args.dim), torch.zeros(args.classes)
-        reference = []
-        for fit in result.fits:
-            solve(InMemorySoftmax(train_x, train_y, args.classes, fit.weight_decay), weight, bias,
-                  tolerance_grad=args.tolerance_grad)
-            best, grad_max = tight_solve(train_x, train_y, weight, bias, fit.weight_decay)
-            gap = (fit.objective - best) / abs(best)
-            reference.append({"weight_decay": fit.weight_decay, "objective": best, "grad_max": grad_max,
-                              "relative_gap": gap})
-            print(f"wd={fit.weight_decay:g}: ours {fit.objective:.7f} ({fit.iterations} it, {fit.evaluations} passes, "
-                  f"{fit.seconds:.1f}s, {fit.stopped})  optimum {best:.7f}  relative gap {gap:.1e}", flush=True)
+        ours, reference = measure_ours(args, train_x, train_y, val_x, val_y, weight_decays)
         record = {"cpu": cpu_kind(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "shape": vars(args) | {"out": None}, "ours": ours, "reference": reference}
     if not args.no_sklearn:
@@ -200,8 +209,7 @@ def main(argv=None) -> int:
                             and record.get("time_ratio_vs_sklearn", float("inf")) <= 1 / 3)
     print(json.dumps({k: record.get(k) for k in ("time_ratio_vs_sklearn", "cpu_time_ratio_vs_sklearn", "target_met")}),
           flush=True)
-    cpu_name = re.sub(r"[^a-z0-9]+", "-", str(record["cpu"].get("model") or "cpu").lower()).strip("-")[:40]
-    out = args.out or RESULTS / f"logreg-{cpu_name}.json"
+    out = args.out or RESULTS / f"logreg-{cpu_tag(record['cpu'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return 0

@@ -2,7 +2,7 @@
 
 Train and val features are L2-normalised, so a dot product is a cosine similarity. Each val row takes
 its k most similar train rows; each of them votes for its own class with weight ``exp(similarity / T)``
-(T = 0.07 by default, HeadConfig.knn_temperature), and a class's score is the sum of its votes. Nothing is trained.
+(T = 0.07 by default, HeadConfig.temperature), and a class's score is the sum of its votes. Nothing is trained.
 
 Similarities are computed for ``chunk_rows`` val rows at a time, so beyond the features themselves the
 memory is one (chunk_rows, N) block, never (M, N). The top-k search runs once per chunk with the largest
