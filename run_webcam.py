@@ -13,6 +13,12 @@ Deploy without torch (pip install -r requirements-deploy.txt for the export and 
     python run_webcam.py --onnx classifier.onnx --runtime onnxruntime --source clip.mp4
     python run_webcam.py --onnx classifier.onnx --runtime opencv       # only opencv-python and numpy needed
 
+Teach it your own classes: collect frames per class from the camera (two or more runs, "bursts", per class),
+then extract and train on DIR as an ImageFolder dataset:
+
+    python run_webcam.py --collect mug --into data/desk            # camera 0: 60 frames, every 5th, after 3 s
+    python run_webcam.py --collect pen --into data/desk --source pen.mp4 --count 30 --every 2
+
 In the window, q or Esc quits; on still images any other key shows the next one.
 
 Video files, images and folders are classified --batch-frames frames per forward pass (default 8; a
@@ -26,7 +32,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import run_main
-from pipeline.common.config import RUNTIMES, LiveConfig
+from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, RUNTIMES, LiveConfig
 from pipeline.common.names import IMAGE_SUFFIXES
 from pipeline.common.precision import PRECISION_CHOICES
 
@@ -71,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--predictions", type=Path, default=d.predictions,
                      help="write one JSON line per frame here (latency_ms: its batch's model time / frames in it)")
     out.add_argument("--window", default=d.window, help="the window's title")
+    collect = p.add_argument_group("collect (teach it your own classes: no checkpoint, no torch)")
+    collect.add_argument("--collect", metavar="CLASS", default=d.collect,
+                         help="save frames of the source as images of CLASS instead of classifying them")
+    collect.add_argument("--into", type=Path, metavar="DIR", default=d.into,
+                         help="the image folder they go to, as DIR/CLASS/burst-..._00000.jpg (created if needed)")
+    collect.add_argument("--every", type=int, metavar="N", default=d.every,
+                         help=f"save every N-th frame (default {COLLECT_EVERY}: consecutive frames are near-duplicates)")
+    collect.add_argument("--count", type=int, metavar="K", default=d.count,
+                         help=f"stop after K saved frames (default {COLLECT_COUNT})")
+    collect.add_argument("--countdown", type=float, metavar="S", default=d.countdown,
+                         help=f"seconds before saving starts, to get in place (default {COLLECT_COUNTDOWN:g} on a "
+                              "camera, 0 on a video or folder)")
     return p
 
 

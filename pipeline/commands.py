@@ -1,7 +1,7 @@
 """The three commands, each composed of stages: the only place where one stage's output meets another's.
 
 ``run_extract.py`` = data (find, unpack or download) + extract; ``run_train_head.py`` = heads;
-``run_webcam.py`` = live. The stages never import each other; this module hands one's result to the next.
+``run_webcam.py`` = live (or collection). The stages never import each other; this module hands one's result to the next.
 """
 from __future__ import annotations
 
@@ -109,11 +109,17 @@ def train_head(config: HeadConfig) -> int:
 
 
 def live(config: LiveConfig) -> int:
-    """Stage three: export the classifier (--export), or run it live on the source; torch only when it runs on torch."""
+    """Stage three: collect frames of a class (--collect), export the classifier (--export), or run it live on the
+    source; torch only when it runs on torch."""
+    config.check()
+    if config.collect is not None:  # no checkpoint and no torch
+        from pipeline.live.collect import collect_frames
+
+        summary = collect_frames(config)
+        return 128 + 15 if summary.stopped_by == "SIGTERM" else 0
     from pipeline.live.runner import run_live
     from pipeline.live.start import open_classifier
 
-    config.check()
     if config.export is not None:
         from pipeline.live.export import export_classifier
 

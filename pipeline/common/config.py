@@ -20,6 +20,9 @@ ALEXNET = "alexnet"  # the default backbone, with its own extraction path and De
 MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 MAX_BATCH_FRAMES = 256  # live --batch-frames: a pass over 8 frames already reads fc6/fc7 once for all of them
+COLLECT_EVERY = 5  # live --collect: save every 5th frame (consecutive camera frames are near-duplicates)
+COLLECT_COUNT = 60  # live --collect: frames saved per burst
+COLLECT_COUNTDOWN = 3.0  # live --collect: seconds on a camera before saving starts (a video or folder: 0)
 
 
 def default_out(backbone: str) -> Path:
@@ -219,9 +222,15 @@ class LiveConfig:
     batch_frames: int | None = None  # frames per forward pass; None: 8 for files and folders, a camera always 1
     window: str = "fc7 live"
     precision: str = "auto"  # the torch runtime's backbone: auto (measured at its own batch size), fp32, bf16, fp16
+    collect: str | None = None  # collect frames of this class instead of classifying (pipeline.live.collect)
+    into: Path | None = None  # --collect: the ImageFolder the frames go to, as INTO/<collect>/
+    every: int | None = None  # --collect: save every N-th frame; None: COLLECT_EVERY
+    count: int | None = None  # --collect: stop after this many saved; None: COLLECT_COUNT
+    countdown: float | None = None  # --collect: seconds before saving starts; None: COLLECT_COUNTDOWN on a camera, else 0
 
     def check(self) -> None:
         check_seed(self.seed)
+        self.check_collect()
         for name, value in (("--top-k", self.top_k), ("--smooth", self.smooth), ("--max-frames", self.max_frames),
                             ("--batch-frames", self.batch_frames)):
             if value is not None and value < 1:
@@ -243,3 +252,24 @@ class LiveConfig:
             raise UserError("--export writes an .onnx from --checkpoint; drop --onnx")
         if self.export is not None and Path(self.export).suffix.lower() != ".onnx":
             raise UserError(f"--export {self.export}: name the file *.onnx (its sidecar .json goes beside it)")
+
+    def check_collect(self) -> None:
+        """--collect's flags: needed together, meaningless with a classifier's outputs."""
+        given = [flag for flag, value in (("--into", self.into), ("--every", self.every), ("--count", self.count),
+                                          ("--countdown", self.countdown)) if value is not None]
+        if self.collect is None:
+            if given:
+                raise UserError(f"{', '.join(given)} only apply to --collect CLASS; add --collect, or drop them")
+            return
+        if self.into is None:
+            raise UserError(f"--collect {self.collect} needs --into DIR: the folder its frames go to (DIR/<class>/)")
+        clash = [flag for flag, value in (("--export", self.export), ("--onnx", self.onnx), ("--output", self.output),
+                                          ("--predictions", self.predictions)) if value is not None]
+        if clash:
+            raise UserError(f"--collect saves frames and classifies nothing; drop {', '.join(clash)} "
+                            "(or run those without --collect)")
+        for name, value in (("--every", self.every), ("--count", self.count)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.countdown is not None and not (0 <= self.countdown <= 3600):
+            raise UserError(f"--countdown must be from 0 to 3600 seconds, got {self.countdown}")

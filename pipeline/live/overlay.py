@@ -40,12 +40,19 @@ def view(bgr: np.ndarray, min_side: int = MIN_VIEW_SIDE) -> np.ndarray:
 def annotate(bgr: np.ndarray, topk: list[dict], fps: float | None, warning: str | None = None) -> np.ndarray:
     """Draw the top-k names with probabilities, the FPS and an optional warning line on ``bgr`` (in place) over
     a dark box; return it."""
+    lines = [f"{i}. {t['name'][:32]}  {100 * t['prob']:5.1f}%" for i, t in enumerate(topk, 1)]
+    lines.append(f"FPS {fps:5.1f}" if fps else "FPS   -")
+    return draw_lines(bgr, lines, warning)
+
+
+def draw_lines(bgr: np.ndarray, lines: list[str], warning: str | None = None) -> np.ndarray:
+    """Draw ``lines`` (white) and an optional last ``warning`` line (orange) top left on ``bgr`` (in place) over
+    a dark box; return it."""
     h, w = bgr.shape[:2]
     scale = max(0.45, min(h, w) / 800)
     thickness = 1 if scale < 0.7 else 2
     font = cv2.FONT_HERSHEY_SIMPLEX
-    lines = [f"{i}. {t['name'][:32]}  {100 * t['prob']:5.1f}%" for i, t in enumerate(topk, 1)]
-    lines.append(f"FPS {fps:5.1f}" if fps else "FPS   -")
+    lines = list(lines)
     if warning:
         lines.append(warning)
     sizes = [cv2.getTextSize(line, font, scale, thickness) for line in lines]
