@@ -98,7 +98,7 @@ class Collector:
                  f"every {self.every} frame{'s' if self.every > 1 else ''}; q/Esc stops"]
         warning = f"starting in {int(remaining) + 1} s" if remaining > 0 else None
         self.display.show(draw_lines(view(bgr), lines, warning))  # drawn after the frame was saved
-        if self.display.key(0 if self.source.still else 1) in QUIT_KEYS or self.display.closed():
+        if self.display.key(1) in QUIT_KEYS or self.display.closed():  # still images too: no key per image
             self.summary.stopped_by = "quit"
             return False
         return True
