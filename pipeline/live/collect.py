@@ -149,8 +149,7 @@ def collect_frames(config: LiveConfig, *, source: FrameSource | None = None,
             stack.callback(collector.display.close)
         log.info("collecting %d frames of %s into %s (every %d, burst %s%s%s)", collector.count, config.collect,
                  folder, collector.every, collector.summary.burst,
-                 f", named to fall in {collector.steered}: the class's bursts so far are all in "
-                 f"{'val' if collector.steered == 'train' else 'train'}" if collector.steered else "",
+                 f", named to fall in {collector.steered}" if collector.steered else "",
                  f", after a {collector.countdown:g} s countdown" if collector.countdown else "")
         try:
             for frame in source:

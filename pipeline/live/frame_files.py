@@ -99,25 +99,32 @@ def burst_in_val(name: str, burst: str, fraction: float = VAL_FRACTION) -> bool:
 
 
 def pick_burst(folder: Path, name: str) -> tuple[str, str | None]:
-    """A new burst name for class ``name`` that none of ``folder``'s files starts with, and the side it was
-    steered to (None: left to the hash).
+    """A new burst name for class ``name`` that none of ``folder``'s files starts with, and why it was steered
+    to its side of the split (None: left to the hash).
 
     A burst goes to val whole, one in five at the default fraction: left to chance, two bursts leave val (or
-    train) empty 2 times in 3. So while the class's bursts are all on one side, the new burst's random digits
-    are drawn until it falls on the other, with a margin (val below STEER_VAL_BELOW, train at STEER_TRAIN_FROM
-    or above), so that it holds for any --val-fraction between them. The split stays a function of the names.
+    train) empty 2 times in 3. So a class's first burst is named to fall in train, and while its bursts are all
+    on one side, the next one's random digits are drawn until it falls on the other; with a margin (val below
+    STEER_VAL_BELOW, train from STEER_TRAIN_FROM), so that two bursts are one train and one val at any
+    --val-fraction between them. Later bursts are left to the hash. The split stays a function of the names.
     """
     taken = Counter(burst_of(p.name) for p in folder.iterdir()) if folder.is_dir() else Counter()
     taken.pop(None, None)
     sides = {burst_in_val(name, burst) for burst in taken}
-    want = None if len(sides) != 1 else ("train" if True in sides else "val")
+    if not sides:
+        want, why = "train", "train, as the class's first burst"
+    elif len(sides) == 1:
+        want = "train" if True in sides else "val"
+        why = f"{want}: the class's bursts so far are all in {'val' if want == 'train' else 'train'}"
+    else:
+        want = why = None
     for _ in range(10_000):  # about 20 draws for val, 2 for train
         burst = new_burst()
         if burst in taken:
             continue
         if (want is None or (want == "val" and burst_in_val(name, burst, STEER_VAL_BELOW))
                 or (want == "train" and not burst_in_val(name, burst, STEER_TRAIN_FROM))):
-            return burst, want
+            return burst, why
     raise AssertionError("no burst name fell on the wanted side in 10000 draws")  # 0.95**10000: never
 
 
