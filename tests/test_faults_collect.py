@@ -71,6 +71,7 @@ REFUSALS = {
     "dot dot": (lambda d: (d, ".."), "not a folder name"),
     "hidden": (lambda d: (d, ".mug"), "starts with '.'"),
     "control": (lambda d: (d, "mu\ng"), "control characters"),
+    "too long": (lambda d: (d, "m" * 256), "too long"),
 }
 
 

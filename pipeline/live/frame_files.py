@@ -47,7 +47,7 @@ def check_class_name(name: str) -> None:
         raise UserError(f"--collect {shown} starts with '.': a hidden folder is not read as a class; drop the dot")
     if name != name.strip() or any(ord(c) < 32 or c == "\x7f" for c in name):
         raise UserError(f"--collect {shown} has spaces at its ends or control characters; use a plain name")
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES - 40:  # room for nothing else: a burst is 40
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         raise UserError(f"--collect {shown[:40]}... is too long for a folder name; use a shorter one")
 
 
