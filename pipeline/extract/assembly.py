@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,14 +17,11 @@ from pipeline.common.precision import AUTO_ATTR, encode
 from pipeline.extract.incremental import Reuse
 from pipeline.extract.loading import backbone_attrs
 
-if TYPE_CHECKING:
-    from pipeline.extract.extractor import Run
 
-
-def assemble_split(run: "Run", dataset: TinyImageNet, split: str, settings: cache.CacheSettings, num_shards: int,
+def assemble_split(run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings, num_shards: int,
                    layers: tuple[str, ...], kept: dict | None, reuse: Reuse | None, stamps: np.ndarray) -> dict:
     """Rank 0: the shards (and the layers kept from the file being extended, or the rows reused from the file
-    being updated) into ``<split>.h5``. ``stamps``: each image's (size, mtime_ns), by dataset position."""
+    being updated) into ``<split>.h5``. ``run``: the extractor's ``Run``. ``stamps``: each image's (size, mtime_ns), by dataset position."""
     config = run.config
     held = cache.held_layers(kept) if kept is not None else []
     if config.is_alexnet:
