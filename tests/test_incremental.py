@@ -212,3 +212,24 @@ def test_under_torchrun_the_update_is_one_line(copy):
     attrs = cache.read_attrs(path)
     with pytest.raises(UserError, match="without torchrun"):
         plan_reuse(path, attrs, ("fc7",), copy["old"]["train"]["paths"], copy["old"]["train"]["stamps"], world=2)
+
+
+def test_new_rows_of_another_backbone_cover_every_layer_of_the_file(base, tmp_path, caplog):
+    """resnet18's cache of two layers, updated by a run that asks for one: the new rows hold both."""
+    data, out = tmp_path / "ds", tmp_path / "features"
+    shutil.copytree(base["data"], data)
+    two = ("--backbone", "resnet18", "--layers", "penultimate,layer3")
+    assert run(data, out, *two) == 0
+    copy = {"data": data, "out": out, "old": {split: read(out / f"{split}.h5") for split in SPLITS}}
+    add_train_images(data, "n01443537", 0, range(10, 12))
+    assert update(copy, caplog, "--backbone", "resnet18") == {"train": (12, 2, 0)}
+    fresh = tmp_path / "fresh"
+    assert run(data, fresh, *two) == 0
+    got, want = read(out / "train.h5"), read(fresh / "train.h5")
+    assert got["paths"] == want["paths"] and got["attrs"]["layers_json"] == want["attrs"]["layers_json"]
+    for layer in ("penultimate", "layer3"):
+        np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-5)
+        old = dict(zip(copy["old"]["train"]["paths"], copy["old"]["train"][layer]))
+        for path, row in zip(got["paths"], got[layer]):
+            if path in old:
+                assert np.array_equal(row, old[path]), (layer, path)

@@ -42,7 +42,7 @@ from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_polic
 from pipeline.common.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
-from pipeline.extract.freshness import file_stamps, preprocess_of, refresh_class_names, split_settings
+from pipeline.extract.freshness import file_stamps, files_signature, preprocess_of, refresh_class_names, split_settings
 from pipeline.extract.incremental import Reuse, plan_reuse, plan_split
 from pipeline.extract.loading import default_batch_size, load_for
 from pipeline.extract.precision_choice import complete_attrs, decide_precision, keep_record, split_precision
@@ -127,14 +127,14 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
-    backbone, weights_spec, fingerprint, dims, attrs = load_for(replace(config, layers=_layers_to_plan(config)),
-                                                                preprocess)
+    stamps = {split: file_stamps(dataset.root, dataset.splits[split].paths) for split in config.splits}
+    backbone, weights_spec, fingerprint, dims, attrs = load_for(
+        replace(config, layers=_layers_to_plan(config, dataset, stamps)), preprocess)
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
     auto = config.precision == AUTO  # precision hook: reused from the cache, or measured (pipeline.extract.precision_choice)
     config, record = decide_precision(config, dataset, backbone, device, batch_size, rank, world)
-    stamps = {split: file_stamps(dataset.root, dataset.splits[split].paths) for split in config.splits}
     settings = {split: split_settings(dataset, split, replace(config, precision=split_precision(config, auto, split)),
                                       fingerprint, preprocess, stamps[split]) for split in config.splits}
     if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
@@ -186,11 +186,17 @@ def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict
     return True
 
 
-def _layers_to_plan(config: ExtractConfig) -> tuple[str, ...]:
-    """The requested layers, and those the complete files hold: new rows of an incremental update cover every
-    layer of the file they join (AlexNet's cut computes any of its layers; other backbones are planned for these)."""
-    held = [] if config.overwrite or config.is_alexnet else \
-        [layer for split in config.splits for layer in cache.held_layers(complete_attrs(config, split) or {"layers": "[]"})]
+def _layers_to_plan(config: ExtractConfig, dataset: TinyImageNet, stamps: dict) -> tuple[str, ...]:
+    """The requested layers, and for a non-AlexNet backbone those held by a complete file whose dataset changed:
+    new rows of an incremental update cover every layer of the file they join (AlexNet's cut computes any)."""
+    if config.overwrite or config.is_alexnet:
+        return config.layers
+    held = []
+    for split in config.splits:
+        attrs = complete_attrs(config, split)
+        now = (dataset.signature(split), files_signature(dataset.root, dataset.splits[split].paths, stamps[split]))
+        if attrs is not None and (attrs.get("dataset_signature"), attrs.get("files_signature")) != now:
+            held += cache.held_layers(attrs)
     return tuple(dict.fromkeys([*config.layers, *held]))
 
 
