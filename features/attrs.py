@@ -17,7 +17,8 @@ from features.errors import CacheDamaged
 from features.settings import DTYPES, PRECISIONS
 
 FORMAT_VERSION = 1
-NOT_LAYERS = ("labels", "paths", "class_wnids", "class_names", "features")  # every other dataset is a layer
+NOT_LAYERS = ("labels", "paths", "stamps", "class_wnids", "class_names", "features")  # every other dataset is a layer
+STAMPS = "stamps"  # (N, 2) int64: each row's image file size and mtime_ns when it was read (absent in older files)
 # what a complete file must record (older files may lack the others; ``layers`` then is ``layer``)
 REQUIRED = ("complete", "format_version", "split", "num_rows", "num_classes", "feature_dim", "dtype", "backbone",
             "layer", "weights_spec", "weights_fingerprint", "preprocess", "precision")
@@ -133,6 +134,25 @@ def check_layers(path: Path, f: h5py.File, attrs: dict) -> None:
         raise CacheDamaged(f"{path}: attribute layer is {attrs['layer']!r}, not one of its layers {recorded}")
 
 
+def check_stamps(path: Path, f: h5py.File, attrs: dict) -> None:
+    """A complete file's ``stamps`` (where present: older files have none) holds one (size, mtime_ns) per row."""
+    if STAMPS not in f:
+        return
+    stamps = f[STAMPS]
+    if not isinstance(stamps, h5py.Dataset) or stamps.shape != (attrs["num_rows"], 2) or stamps.dtype.kind not in "iu":
+        shape = getattr(stamps, "shape", None)
+        raise CacheDamaged(f"{path}: dataset stamps has shape {shape} and dtype {getattr(stamps, 'dtype', None)}, "
+                           f"expected ({attrs['num_rows']}, 2) integers (one size and mtime per row)")
+
+
+def read_row_identity(path: Path) -> tuple[list[str], np.ndarray | None]:
+    """(each row's image path, its (size, mtime_ns) stamp or None for a file made before stamps were recorded)."""
+    with h5py.File(path, "r") as f:
+        paths = list(f["paths"].asstr()[:])
+        stamps = f[STAMPS][:].astype(np.int64) if STAMPS in f else None
+    return paths, stamps
+
+
 def read_attrs(path: Path) -> dict | None:
     """The checked attributes of a cache file, or None when there is no file."""
     path = Path(path)
@@ -143,6 +163,7 @@ def read_attrs(path: Path) -> dict | None:
             attrs = check_attrs(path, {key: _plain(value) for key, value in f.attrs.items()})
             if attrs.get("complete") is True:
                 check_layers(path, f, attrs)
+                check_stamps(path, f, attrs)
     except OSError as err:
         raise CacheDamaged(f"{path} is not a readable HDF5 file ({err})") from None
     return attrs

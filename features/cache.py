@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features.attrs import FORMAT_VERSION, held_layers, read_attrs
+from features.attrs import FORMAT_VERSION, held_layers, read_attrs, read_row_identity
 from features.errors import CacheBusy, CacheDamaged, CacheError, CacheIncomplete, CacheMissing, LayerMissing
 from features.locking import exclusive_writer, writer_holding
 from features.settings import CacheSettings
@@ -24,7 +24,7 @@ from features.writer import (ROW_CHUNK, STR, Assembly, SplitRows, _write_isolate
 
 __all__ = ["FORMAT_VERSION", "ROW_CHUNK", "STR", "Assembly", "CacheError", "CacheSettings", "CachedSplit", "SplitRows", "assemble", "check_split",
            "discard", "discard_trash", "done_shards", "exclusive_writer", "held_layers", "open_split",
-           "parts_digest", "parts_folder", "quick_up_to_date", "read_attrs", "rewrite_class_names", "shard_file",
+           "parts_digest", "parts_folder", "quick_up_to_date", "read_attrs", "read_row_identity", "rewrite_class_names", "shard_file",
            "split_file", "start_parts", "write_shard", "writer_holding"]
 
 

@@ -85,14 +85,20 @@ def done_shards(parts: Path) -> set[int]:
 
 
 def write_shard(parts: Path, shard: int, layers: dict[str, np.ndarray], positions: np.ndarray,
-                skipped: list[dict]) -> None:
+                skipped: list[dict], reused: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Atomically write one shard: rows ``layers`` ({layer: (n, dim)}) for dataset ``positions``, plus its
-    skipped images. Plain numpy I/O: a full disk is a clean OSError here."""
+    skipped images. Plain numpy I/O: a full disk is a clean OSError here.
+
+    ``reused``: (dataset positions, rows of the file being updated) of the shard's rows that are copied from
+    that file at assembly (an incremental update): referenced here, not copied.
+    """
     digest = parts_digest(parts)
     if digest is None:
         raise CacheIncomplete(f"{parts} has no settings file")
     final = shard_file(parts, shard, digest)
     arrays = {f"layer_{name}": np.ascontiguousarray(rows) for name, rows in layers.items()}
+    if reused is not None:
+        arrays["reused_positions"], arrays["reused_rows"] = (np.asarray(a, dtype=np.int64) for a in reused)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -110,5 +116,8 @@ def read_shard(path: Path, digest: str) -> dict:
         if str(shard["digest"]) != digest:
             path.unlink()
             raise CacheIncomplete(f"{path} was made under other settings and is discarded")
+        none = np.zeros(0, np.int64)
         return {"positions": shard["positions"], "skipped": json.loads(str(shard["skipped"])),
-                "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")}}
+                "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")},
+                "reused_positions": shard["reused_positions"] if "reused_positions" in shard.files else none,
+                "reused_rows": shard["reused_rows"] if "reused_rows" in shard.files else none}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ import h5py
 import numpy as np
 
 from features.atomic import write_atomic
-from features.attrs import FORMAT_VERSION, NOT_LAYERS, held_layers, read_attrs
+from features.attrs import FORMAT_VERSION, NOT_LAYERS, STAMPS, held_layers, read_attrs
 from features.errors import CacheDamaged, CacheIncomplete, CacheUnwritable, NoRows, describe_error
 from features.locking import lock_shared_with_child
 from features.settings import CacheSettings
@@ -44,6 +45,7 @@ class SplitRows:
     names: list[str]
     attrs: dict  # recorded as they are (weights spec, versions, ...)
     skipped_before: list[dict] = field(default_factory=list)  # left out before extraction, listed with the shards' skips
+    stamps: np.ndarray | None = None  # (len(paths), 2) int64 by dataset position: each image's size and mtime_ns
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Assembly:
     main: str  # the layer ``features`` links to and ``layer``/``feature_dim`` describe
     compression: str | None = None
     keep: Path | None = None  # a complete file with equal settings: its other layers are copied bit for bit
+    reuse: Path | None = None  # the file being updated (incremental): the shards' reused rows are copied from it
 
 
 def assemble(job: Assembly, rows: SplitRows) -> dict:
@@ -72,6 +75,8 @@ def assemble(job: Assembly, rows: SplitRows) -> dict:
     if len(order) == 0:
         raise NoRows(f"cannot assemble {job.split}: every image was skipped, no rows are left")
     kept = _kept_layers(job, [rows.paths[p] for p in order])
+    if job.reuse is not None and not set(job.layers) <= set(held_layers(read_attrs(job.reuse) or {"layers": "[]"})):
+        raise CacheIncomplete(f"cannot assemble {job.split}: {job.reuse} lacks layers of the rows it is to give")
     dims = {**job.layers, **{name: dim for name, (_, dim) in kept.items()}}
     missing = [name for name in job.layer_order if name not in dims]
     if missing:
@@ -96,7 +101,7 @@ def _gather_shards(parts: Path, digest: str | None, num_shards: int, split: str)
     positions, skipped = [], []
     for path in shards:
         shard = read_shard(path, digest)
-        positions.append(shard["positions"])
+        positions.append(np.sort(np.concatenate([shard["positions"], shard["reused_positions"]])))
         skipped += shard["skipped"]
     order = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     return shards, order, skipped
@@ -138,18 +143,21 @@ def _filler(job: Assembly, rows: SplitRows, shards: list[Path], digest: str, kep
                     for name, dim in job.layers.items()}
         out_labels = f.create_dataset("labels", shape=(num_rows,), dtype=np.int64)
         out_paths = f.create_dataset("paths", shape=(num_rows,), dtype=STR)
+        out_stamps = f.create_dataset(STAMPS, shape=(num_rows, 2), dtype=np.int64) if rows.stamps is not None else None
         f.create_dataset("class_wnids", data=np.array(rows.wnids, dtype=object), dtype=STR)
         f.create_dataset("class_names", data=np.array(rows.names, dtype=object), dtype=STR)
         row = 0
-        for path in shards:
-            shard = read_shard(path, digest)
-            positions = shard["positions"]
-            n = len(positions)
-            for name, dataset in datasets.items():
-                dataset[row:row + n] = shard["layers"][name]
-            out_labels[row:row + n] = labels[positions]
-            out_paths[row:row + n] = np.array([rows.paths[p] for p in positions], dtype=object)
-            row += n
+        with h5py.File(job.reuse, "r") if job.reuse is not None else nullcontext() as old:
+            for path in shards:
+                positions, layers = _shard_rows(read_shard(path, digest), old)
+                n = len(positions)
+                for name, dataset in datasets.items():
+                    dataset[row:row + n] = layers[name]
+                out_labels[row:row + n] = labels[positions]
+                out_paths[row:row + n] = np.array([rows.paths[p] for p in positions], dtype=object)
+                if out_stamps is not None:
+                    out_stamps[row:row + n] = rows.stamps[positions]
+                row += n
         if kept:
             with h5py.File(job.keep, "r") as old:
                 for name, (source, _) in kept.items():
@@ -160,6 +168,33 @@ def _filler(job: Assembly, rows: SplitRows, shards: list[Path], digest: str, kep
         f.attrs["complete"] = True  # written last: only a fully written file says so
 
     return fill
+
+
+def _shard_rows(shard: dict, old: h5py.File | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(dataset positions in order, {layer: rows}) of one shard: its computed rows merged by position with
+    the rows it reuses from the file being updated (``old``), which are copied bit for bit."""
+    reused = shard["reused_positions"]
+    if not len(reused):
+        return shard["positions"], shard["layers"]
+    positions = np.concatenate([shard["positions"], reused])
+    order = np.argsort(positions, kind="stable")
+    layers = {}
+    for name, computed in shard["layers"].items():
+        source = old[name] if name in old else old["features"]  # a file from before layers: fc7 as ``features``
+        layers[name] = np.concatenate([computed, read_rows(source, shard["reused_rows"])])[order]
+    return positions[order], layers
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for any row indices: one contiguous read where they are close together (the usual
+    case: kept rows keep their order), else a read of the distinct rows in increasing order."""
+    if not len(rows):
+        return np.zeros((0, *dataset.shape[1:]), dataset.dtype)
+    low, high = int(rows.min()), int(rows.max()) + 1
+    if high - low <= 2 * len(rows) + ROW_CHUNK:
+        return dataset[low:high][rows - low]
+    distinct, inverse = np.unique(rows, return_inverse=True)
+    return dataset[distinct][inverse]
 
 
 def _write_isolated(path: Path, fill: Callable[[h5py.File], None]) -> None:

@@ -31,19 +31,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features import cache
-from features.errors import NoRows, describe_error
-from models.layers import MIN_IMAGE_SIZE, network_order
+from features.errors import describe_error
+from models.layers import MIN_IMAGE_SIZE
 from pipeline.common.backbone import HostCopy, place_backbone, start_distributed, warm_up
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
-from pipeline.common.precision import AUTO, AUTO_ATTR, encode
+from pipeline.common.precision import AUTO
 from pipeline.common.preprocess import Preprocess
-from pipeline.extract.freshness import preprocess_of, refresh_class_names, split_settings
-from pipeline.extract.loading import backbone_attrs, default_batch_size, load_for
-from pipeline.extract.precision_choice import decide_precision, keep_record, split_precision
+from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
+from pipeline.extract.freshness import file_stamps, files_signature, preprocess_of, refresh_class_names, split_settings
+from pipeline.extract.incremental import Reuse, plan_reuse, plan_split
+from pipeline.extract.loading import default_batch_size, load_for
+from pipeline.extract.precision_choice import complete_attrs, decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
 
 __all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "resize_in_workers"]
@@ -125,14 +127,16 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
-    backbone, weights_spec, fingerprint, dims, attrs = load_for(config, preprocess)
+    stamps = {split: file_stamps(dataset.root, dataset.splits[split].paths) for split in config.splits}
+    backbone, weights_spec, fingerprint, dims, attrs = load_for(
+        replace(config, layers=_layers_to_plan(config, dataset, stamps)), preprocess)
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
     auto = config.precision == AUTO  # precision hook: reused from the cache, or measured (pipeline.extract.precision_choice)
     config, record = decide_precision(config, dataset, backbone, device, batch_size, rank, world)
     settings = {split: split_settings(dataset, split, replace(config, precision=split_precision(config, auto, split)),
-                                      fingerprint, preprocess) for split in config.splits}
+                                      fingerprint, preprocess, stamps[split]) for split in config.splits}
     if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
         return result  # the full check reads only: no lock when nothing is to be written
     lock = cache.exclusive_writer(out) if rank == 0 else nullcontext()
@@ -145,7 +149,7 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
             run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world,
                       precision_record=record, dims=dims, attrs=attrs)
             for split in config.splits:
-                result.splits[split] = _extract_split(run, dataset, split, settings[split])
+                result.splits[split] = _extract_split(run, dataset, split, settings[split], stamps[split])
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -169,15 +173,31 @@ def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyIma
 
 def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict, result: ExtractResult) -> bool:
     """Whether every split's file is complete with these settings and layers (then ``result`` says so)."""
-    plans = {split: _plan(cache.split_file(config.out, split), settings[split], config.layers, False)
-             for split in config.splits}
-    if not all(attrs is not None and not todo for attrs, todo in plans.values()):
-        return False
+    plans = {}
+    for split in config.splits:
+        plan = plan_split(cache.split_file(config.out, split), settings[split], config.layers, False)
+        if plan.kept is None or plan.layers:
+            return False
+        plans[split] = (plan.kept, plan.layers)
     refresh_class_names(Path(config.out), {cache.split_file(config.out, s): a for s, (a, _) in plans.items()}, dataset)
     for split, (attrs, _) in plans.items():
         result.splits[split] = SplitResult(split, cache.split_file(config.out, split), attrs["num_rows"],
                                            json.loads(attrs["skipped"]), up_to_date=True)
     return True
+
+
+def _layers_to_plan(config: ExtractConfig, dataset: TinyImageNet, stamps: dict) -> tuple[str, ...]:
+    """The requested layers, and for a non-AlexNet backbone those held by a complete file whose dataset changed:
+    new rows of an incremental update cover every layer of the file they join (AlexNet's cut computes any)."""
+    if config.overwrite or config.is_alexnet:
+        return config.layers
+    held = []
+    for split in config.splits:
+        attrs = complete_attrs(config, split)
+        now = (dataset.signature(split), files_signature(dataset.root, dataset.splits[split].paths, stamps[split]))
+        if attrs is not None and (attrs.get("dataset_signature"), attrs.get("files_signature")) != now:
+            held += cache.held_layers(attrs)
+    return tuple(dict.fromkeys([*config.layers, *held]))
 
 
 def _check_batch_memory(preprocess: Preprocess, batch_size: int) -> None:
@@ -191,31 +211,6 @@ def _check_batch_memory(preprocess: Preprocess, batch_size: int) -> None:
                         "224/256) or --batch-size")
 
 
-def _plan(path: Path, settings: cache.CacheSettings, layers: tuple[str, ...],
-          overwrite: bool) -> tuple[dict | None, tuple[str, ...]]:
-    """(attributes of the complete file at ``path`` to build on, or None; the layers to compute).
-
-    Nothing to compute: up to date. A file with equal settings that lacks layers gains them; any other
-    file is an error, unless ``overwrite`` (which always re-extracts every requested layer, whatever is there).
-    """
-    if overwrite:
-        return None, layers
-    attrs = cache.read_attrs(path)  # checked: a damaged or edited file is one line here
-    if attrs is None:
-        return None, layers
-    existing = cache.CacheSettings.from_attrs(attrs) if attrs.get("complete") is True else None
-    if existing == settings:
-        held = cache.held_layers(attrs)
-        return attrs, tuple(layer for layer in layers if layer not in held)
-    changed = ", ".join(existing.differences(settings)) if existing else "it is incomplete"
-    why = ""
-    if existing and changed == "files_signature":
-        why = (" (made before image sizes and times were recorded)" if existing.files_signature is None
-               else " (an image changed since: its size or modification time)")
-    raise UserError(f"{path} was extracted with other settings ({changed}){why}; "
-                    "pass --overwrite to replace it, or another --out")
-
-
 def device_detail(device: torch.device) -> dict:
     """What, besides the settings, decides the last bits of the features: the GPU model and cuDNN, or the
     CPU's vector instructions; and torch. Resumed shards must come from the same."""
@@ -225,11 +220,14 @@ def device_detail(device: torch.device) -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings) -> SplitResult:
-    """One split: up to date, or its missing layers computed shard by shard and assembled into its file."""
-    config = run.config
+def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings,
+                   stamps: np.ndarray) -> SplitResult:
+    """One split: up to date, or its missing layers, or its new and changed images (an incremental update, see
+    pipeline.extract.incremental) computed shard by shard and assembled into its file."""
+    config, paths = run.config, dataset.splits[split].paths
     final = cache.split_file(config.out, split)
-    kept, layers = _plan(final, settings, config.layers, config.overwrite)
+    plan = plan_split(final, settings, config.layers, config.overwrite)
+    kept, layers = plan.kept, plan.layers
     if kept is not None and not layers:
         if run.rank == 0:
             refresh_class_names(Path(config.out), {final: kept}, dataset, locked=True)
@@ -237,27 +235,30 @@ def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.
     if kept is not None and run.rank == 0:
         log.info("%s: adding %s to %s (its %s stay as they are)", split, ", ".join(layers), final,
                  ", ".join(cache.held_layers(kept)))
+    reuse = plan_reuse(final, plan.update, config.layers, paths, stamps, run.world) if plan.update else None
     if dataset.splits[split].excluded:  # names the cache cannot store: skipped and listed, or an error with --strict
         enforce_skip_policy([Skipped(**item) for item in dataset.splits[split].excluded], strict=config.strict)
-    shards = _shards(len(dataset.splits[split].paths), config.shard_size)
+    shards = _shards(len(paths), config.shard_size)
     parts = _start_parts(run, split, settings, layers, num_rows=len(shards) and shards[-1].stop,
-                         replace_old=kept is None)
+                         replace_old=plan.replace_old, reuse=reuse.identity(plan.update) if reuse else None)
     start = time.perf_counter()
-    computed = _compute_shards(run, dataset, split, parts, shards, layers)
+    computed = _compute_shards(run, dataset, split, parts, shards, layers, reuse)
     seconds = time.perf_counter() - start
     if run.world > 1:
         dist.barrier()  # every rank's shards are on disk
     if run.rank != 0:
         return SplitResult(split, final, computed, assembled=False, seconds=round(seconds, 2), computed=computed)
-    record = _assemble(run, dataset, split, settings, len(shards), layers, kept)
+    record = _assemble(run, dataset, split, settings, len(shards), layers, kept, reuse, stamps)
     return SplitResult(split, final, record["num_rows"], json.loads(record["skipped"]), seconds=round(seconds, 2),
                        images_per_s=round(computed / seconds, 1) if computed and seconds > 0 else None,
-                       computed=computed)
+                       computed=computed, reused=reuse.reused if reuse else None,
+                       dropped=reuse.dropped if reuse else None)
 
 
 def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tuple[str, ...], *, num_rows: int,
-                 replace_old: bool) -> Path:
-    """The parts folder for this split's shards, made (or kept, to resume) on rank 0."""
+                 replace_old: bool, reuse: dict | None = None) -> Path:
+    """The parts folder for this split's shards, made (or kept, to resume) on rank 0. ``reuse``: the identity
+    of the file an incremental update takes rows from (its shards are tied to it)."""
     out, final = Path(run.config.out), cache.split_file(run.config.out, split)
     parts = cache.parts_folder(out, split)
     if run.world > 1:
@@ -266,10 +267,11 @@ def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tu
         if replace_old and final.exists():  # --overwrite: the old file and any partial work are replaced
             final.unlink()
             cache.discard(parts)
-        # shards from another batch size, device or set of layers would not match: they are discarded
+        # shards from another batch size, device, set of layers or update would not match: they are discarded
+        layout = {"reuse": reuse} if reuse is not None else {}
         cache.start_parts(parts, settings, batch_size=run.batch_size, shard_size=run.config.shard_size,
                           num_rows=num_rows, device=run.device.type,
-                          device_detail=device_detail(run.device), layers=list(layers))
+                          device_detail=device_detail(run.device), layers=list(layers), **layout)
         keep_record(parts, run.precision_record)  # precision hook: a resumed run reuses auto's choice
     if run.world > 1:
         dist.barrier()
@@ -277,19 +279,25 @@ def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tu
 
 
 def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, shards: list[range],
-                    layers: tuple[str, ...]) -> int:
-    """Compute this rank's unfinished shards and write each as it fills. Returns the images this run read."""
+                    layers: tuple[str, ...], reuse: Reuse | None = None) -> int:
+    """Compute this rank's unfinished shards and write each as it fills. Returns the images this run read.
+
+    ``reuse``: an incremental update, where only the positions it does not reuse are read; a shard whose rows
+    are all reused is written at once, referencing them."""
     config, paths = run.config, dataset.splits[split].paths
+    work = [reuse.to_compute(shard) if reuse else np.arange(shard.start, shard.stop) for shard in shards]
     done = cache.done_shards(parts)
     mine = [i for i in range(len(shards)) if i % run.world == run.rank and i not in done]
-    batches = [(i, np.arange(b, min(b + run.batch_size, shards[i].stop)))
-               for i in mine for b in range(shards[i].start, shards[i].stop, run.batch_size)]
+    batches = [(i, work[i][b:b + run.batch_size]) for i in mine for b in range(0, len(work[i]), run.batch_size)]
     in_workers = resize_in_workers(run.device)
+    forward = _Forward(run, layers, run.preprocess.normalize if in_workers else run.preprocess, reuse, shards)
+    for i in mine:
+        if not len(work[i]):
+            forward.write(parts, i, forward.empty())
     reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None)
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=run.workers,
                         pin_memory=run.device.type == "cuda", persistent_workers=False)
-    forward = _Forward(run, layers, run.preprocess.normalize if in_workers else run.preprocess)
-    bar = tqdm(total=len(paths), initial=sum(len(shards[i]) for i in done), desc=f"extract {split}", unit="img",
+    bar = tqdm(total=sum(map(len, work)), initial=sum(len(work[i]) for i in done), desc=f"extract {split}", unit="img",
                dynamic_ncols=True, disable=not config.progress or run.rank != 0, smoothing=0.1)
     pending: dict[int, dict] = {}  # shard -> rows gathered so far
     processed = 0
@@ -300,14 +308,13 @@ def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, sh
                 raise UserError(f"cannot read {dataset.root / error['path']}: {error['reason']}; fix the drive or the "
                                 "file's permissions and rerun (finished shards are kept; this one is read again)")
             shard = item["shard"]
-            acc = pending.setdefault(shard, {"features": {layer: [] for layer in layers}, "positions": [],
-                                             "skipped": [], "seen": 0})
+            acc = pending.setdefault(shard, forward.empty())
             forward.add(item, acc)
             processed += item["count"]
-            if acc["seen"] == len(shards[shard]):
+            if acc["seen"] == len(work[shard]):
                 forward.write(parts, shard, pending.pop(shard))
                 if run.world > 1:  # rank 0 shows everyone's progress: count the finished shards on disk
-                    bar.n = sum(len(shards[i]) for i in cache.done_shards(parts))
+                    bar.n = sum(len(work[i]) for i in cache.done_shards(parts))
                     bar.refresh()
             if run.world == 1:
                 bar.update(item["count"])
@@ -318,9 +325,14 @@ def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, sh
 class _Forward:
     """The backbone pass over one loaded batch, and a finished shard's rows written to its file."""
 
-    def __init__(self, run: Run, layers: tuple[str, ...], normalize: Callable):
-        self.run, self.layers, self.normalize = run, layers, normalize
+    def __init__(self, run: Run, layers: tuple[str, ...], normalize: Callable, reuse: Reuse | None = None,
+                 shards: list[range] = ()):
+        self.run, self.layers, self.normalize, self.reuse, self.shards = run, layers, normalize, reuse, shards
         self.storage = getattr(torch, run.config.dtype)
+
+    def empty(self) -> dict:
+        """A shard's rows before any batch: none yet."""
+        return {"features": {layer: [] for layer in self.layers}, "positions": [], "skipped": [], "seen": 0}
 
     def add(self, item: dict, acc: dict) -> None:
         """Run one batch (its skips listed, or an error with --strict) and keep its rows in ``acc``."""
@@ -345,41 +357,6 @@ class _Forward:
         features = {layer: np.concatenate([copy.numpy() for copy in rows]) if rows
                     else np.zeros((0, self.run.dims[layer]), self.run.config.dtype)
                     for layer, rows in acc["features"].items()}
-        cache.write_shard(parts, shard, features, np.concatenate(acc["positions"]), acc["skipped"])
-
-
-def _assemble(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings, num_shards: int,
-              layers: tuple[str, ...], kept: dict | None) -> dict:
-    """Rank 0: the shards (and the layers kept from the file being extended) into ``<split>.h5``."""
-    config = run.config
-    held = cache.held_layers(kept) if kept is not None else []
-    if config.is_alexnet:
-        every_layer = network_order(set(layers) | set(held))
-        main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
-    else:
-        every_layer = list(dict.fromkeys([*held, *layers]))
-        main = "penultimate" if "penultimate" in every_layer else every_layer[0]
-    job = cache.Assembly(out=Path(config.out), split=split, settings=settings, num_shards=num_shards,
-                         layers={layer: run.dims[layer] for layer in layers}, layer_order=tuple(every_layer),
-                         main=main, compression=config.compression,
-                         keep=cache.split_file(config.out, split) if kept is not None else None)
-    rows = cache.SplitRows(
-        paths=dataset.splits[split].paths, labels=dataset.splits[split].labels, wnids=dataset.wnids,
-        names=dataset.names, skipped_before=list(dataset.splits[split].excluded),
-        attrs={"weights_spec": run.weights_spec, "batch_size": run.batch_size, "shard_size": config.shard_size,
-               "dataset_root": str(dataset.root), "versions": _versions(),
-               "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
-               AUTO_ATTR: encode(run.precision_record) if run.precision_record else None,
-               **backbone_attrs(run.weights_spec, run.attrs, kept)})
-    try:
-        return cache.assemble(job, rows)
-    except NoRows:
-        raise UserError(f"{split} has no decodable images: all {len(rows.paths)} were skipped as undecodable; "
-                        "replace them, or check them with --prepare-only") from None
-
-
-def _versions() -> str:
-    import h5py
-    import torchvision
-    return json.dumps({"torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "h5py": h5py.__version__, "numpy": np.__version__})
+        positions = np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64)
+        reused = self.reuse.reused_in(self.shards[shard]) if self.reuse is not None else None
+        cache.write_shard(parts, shard, features, positions, acc["skipped"], reused)

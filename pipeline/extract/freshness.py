@@ -20,6 +20,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 from features import cache
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
@@ -31,30 +33,40 @@ from pipeline.common.weights import IMAGENET_FILE, describe_weights, weights_sta
 log = logging.getLogger(__name__)
 
 
-def files_signature(root: Path, paths: list[str]) -> str:
-    """sha256 over each image's (path, size, mtime_ns): a file changed in place changes it.
+def file_stamps(root: Path, paths: list[str]) -> np.ndarray:
+    """(len(paths), 2) int64: each image's (size, mtime_ns); (-1, errno) where it cannot be stat-ed (reading it
+    will then report why). What a cache row records to be matched later (an incremental update).
 
     Each folder is opened once and its files are stat-ed relative to it (about 30% faster than full paths).
-    A file that cannot be stat-ed is recorded as such; reading it will then report why.
     """
-    digest = hashlib.sha256()
+    stamps = np.empty((len(paths), 2), np.int64)
     folders: dict[str, int] = {}
     try:
-        for rel in paths:
+        for i, rel in enumerate(paths):
             folder, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
             fd = folders.get(folder)
             if fd is None:
                 fd = folders[folder] = os.open(os.path.join(root, folder), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 st = os.stat(name, dir_fd=fd)
-                digest.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+                stamps[i] = (st.st_size, st.st_mtime_ns)
             except OSError as err:
-                digest.update(f"\n{rel}\terror {err.errno}".encode())
+                stamps[i] = (-1, err.errno or 0)
     except OSError as err:
         raise UserError(f"cannot list {err.filename}: {err.strerror}; check the dataset folder") from None
     finally:
         for fd in folders.values():
             os.close(fd)
+    return stamps
+
+
+def files_signature(root: Path, paths: list[str], stamps: np.ndarray | None = None) -> str:
+    """sha256 over each image's (path, size, mtime_ns): a file changed in place changes it (``stamps``: from
+    ``file_stamps``, already taken)."""
+    stamps = file_stamps(root, paths) if stamps is None else stamps
+    digest = hashlib.sha256()
+    for rel, (size, mtime) in zip(paths, stamps.tolist()):
+        digest.update((f"\n{rel}\t{size}\t{mtime}" if size >= 0 else f"\n{rel}\terror {mtime}").encode())
     return digest.hexdigest()
 
 
@@ -79,16 +91,16 @@ def hub_name(config: ExtractConfig) -> str:
     return hub_file(named_weights(config.backbone, config.weights) or default_weights(config.backbone)).name
 
 
-def split_settings(dataset: TinyImageNet, split: str, config: ExtractConfig,
-                   weights_fingerprint: str | None, preprocess: Preprocess | None = None) -> cache.CacheSettings:
+def split_settings(dataset: TinyImageNet, split: str, config: ExtractConfig, weights_fingerprint: str | None,
+                   preprocess: Preprocess | None = None, stamps: np.ndarray | None = None) -> cache.CacheSettings:
     """What decides the content of ``split``'s cache under ``config`` (fingerprint None: not known yet;
-    ``preprocess``: already resolved by ``preprocess_of``)."""
+    ``preprocess``: already resolved by ``preprocess_of``; ``stamps``: the split's ``file_stamps``, taken)."""
     preprocess = preprocess or preprocess_of(config)
     return cache.CacheSettings(
         backbone=config.backbone, weights_fingerprint=weights_fingerprint,
         preprocess=preprocess.to_json(), dtype=config.dtype, precision=config.precision,
         dataset_signature=dataset.signature(split),
-        files_signature=files_signature(dataset.root, dataset.splits[split].paths))
+        files_signature=files_signature(dataset.root, dataset.splits[split].paths, stamps))
 
 
 def quick_look_applies(config: ExtractConfig) -> bool:

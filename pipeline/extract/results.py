@@ -23,6 +23,8 @@ class SplitResult:
     seconds: float | None = None
     images_per_s: float | None = None  # None: no image was computed by this run (all resumed)
     computed: int | None = None  # images this run computed (the rest came from an interrupted run's shards)
+    reused: int | None = None  # an incremental update: rows taken from the file it updated (else None)
+    dropped: int | None = None  # an incremental update: rows of that file whose image is gone or changed
 
     def log(self) -> None:
         if self.up_to_date:
