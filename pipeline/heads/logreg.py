@@ -33,7 +33,7 @@ from pipeline.heads.readers import FeatureReader, InMemoryFeatures
 from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
 from pipeline.heads.table import Experiment
 from pipeline.heads.lbfgs import HISTORY_SIZE, Solved, minimize_lbfgs  # noqa: F401 (HISTORY_SIZE re-exported)
-from pipeline.heads.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta
+from pipeline.heads.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta, threads
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,10 @@ def solve(problem, weight: torch.Tensor, bias: torch.Tensor, *, max_iter: int = 
     theta = torch.cat([weight.detach().flatten(), bias.detach()]).float()
     bar = tqdm(desc=f"L-BFGS wd={problem.weight_decay:g}", unit="it", leave=False, disable=not progress)
     try:
-        solved = minimize_lbfgs(problem, theta, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                                tolerance_gap=tolerance_gap, convexity=problem.weight_decay, max_seconds=max_seconds,
-                                on_iteration=bar.update)
+        with threads(1 if getattr(problem, "small", False) else torch.get_num_threads()):
+            solved = minimize_lbfgs(problem, theta, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                                    tolerance_gap=tolerance_gap, convexity=problem.weight_decay,
+                                    max_seconds=max_seconds, on_iteration=bar.update)
     finally:
         bar.close()
     new_weight, new_bias = split_theta(theta, len(bias))
@@ -150,19 +151,57 @@ def train_state(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: to
     return train_state_chunks([(x, y)], weight, bias, weight_decay)
 
 
+def live_columns(x: torch.Tensor, rows: int = SCORE_ROWS) -> torch.Tensor | None:
+    """Indices of the columns of ``x`` that are nonzero in some row, or None when all are.
+
+    A column that is zero in every train row (a dead unit, standardized) gets weight 0 at every optimum:
+    its gradient is weight_decay x its weight, 0 from the zero start. So the solve can leave it out.
+    """
+    live = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    for start in range(0, len(x), rows):
+        live |= x[start:start + rows].ne(0).any(0)
+    return None if bool(live.all()) else live.nonzero()[:, 0]
+
+
+def keep_columns(x: torch.Tensor, columns: torch.Tensor, *, overwrite: bool, rows: int = SCORE_ROWS) -> torch.Tensor:
+    """``x[:, columns]``: a copy, or with ``overwrite`` written over x's first columns in row blocks and
+    returned as a view with x's row stride (no second copy of the features; matmuls read it in place)."""
+    if not overwrite:
+        return x[:, columns]
+    for start in range(0, len(x), rows):
+        block = x[start:start + rows]
+        block[:, :len(columns)] = block[:, columns]  # the right side is gathered first
+    return x[:, :len(columns)]
+
+
 def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
                num_classes: int, weight_decays: tuple[float, ...], max_iter: int = MAX_ITER, progress: bool = False,
-               on_fit=None, tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None) -> LogregResult:
+               on_fit=None, tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None,
+               overwrite: bool = False) -> LogregResult:
     """Solve for each penalty, strongest first, warm-starting each from the previous optimum.
 
     ``train_x``/``val_x``: (N, D) / (M, D) float32 standardized features on one device; ``on_fit`` is
     called with each PenaltyFit as it finishes. The start is zero, so results depend on nothing random.
     ``max_iter`` / ``max_seconds``: the budget per penalty; a solve that runs out says so.
+    Columns zero in every train row are left out of the solve (their weight is 0); ``overwrite``: train_x
+    is the caller's to give up, and those columns are squeezed out in place instead of copied.
     """
-    return fit_path(lambda wd: InMemorySoftmax(train_x, train_y, num_classes, wd), row_blocks(train_x, train_y),
-                    row_blocks(val_x, val_y), num_classes=num_classes, dim=train_x.shape[1], device=train_x.device,
-                    weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                    max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+    dim, live = train_x.shape[1], live_columns(train_x)
+    val_chunks = row_blocks(val_x, val_y)
+    if live is not None:
+        log.info("logreg: %d of %d feature columns are 0 in every train row (dead units): solving on the other %d",
+                 dim - len(live), dim, len(live))
+        train_x = keep_columns(train_x, live, overwrite=overwrite)
+        val_chunks = (lambda blocks: lambda: ((x[:, live], y) for x, y in blocks()))(val_chunks)
+    result = fit_path(lambda wd: InMemorySoftmax(train_x, train_y, num_classes, wd), row_blocks(train_x, train_y),
+                      val_chunks, num_classes=num_classes, dim=train_x.shape[1], device=train_x.device,
+                      weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                      max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+    if live is not None:
+        weight = torch.zeros(num_classes, dim, device=result.weight.device)
+        weight[:, live] = result.weight
+        result = replace(result, weight=weight)
+    return result
 
 
 def fit_logreg_streamed(train_chunks: Chunks, val_chunks: Chunks, *, num_classes: int, dim: int,
@@ -246,7 +285,7 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
             append_csv(folder / "path.csv", asdict(penalty_fit))
 
     fitted = fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes, weight_decays=weight_decays,
-                        max_iter=config.max_iter, progress=config.progress, on_fit=on_fit)
+                        max_iter=config.max_iter, progress=config.progress, on_fit=on_fit, overwrite=True)
     best = fitted.fits[fitted.best]
     head = nn.Linear(dim, num_classes).to(device)
     with torch.no_grad():
