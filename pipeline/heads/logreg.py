@@ -25,11 +25,11 @@ from tqdm import tqdm
 from pipeline.common.checkpoint import make_checkpoint, save_checkpoint
 from pipeline.common.config import LOGREG_MAX_ITER, LOGREG_WEIGHT_DECAY
 from pipeline.common.errors import UserError
-from pipeline.heads import report
+from pipeline.heads import readers, report
 from pipeline.heads.interface import HeadOutcome, HeadSettings
 from pipeline.heads.linear import Standardizer
 from pipeline.heads.naming import number, shots_name
-from pipeline.heads.readers import FeatureReader, InMemoryFeatures
+from pipeline.heads.readers import FeatureReader, InMemoryFeatures, StreamedFeatures
 from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
 from pipeline.heads.table import Experiment
 from pipeline.heads.lbfgs import HISTORY_SIZE, Solved, minimize_lbfgs  # noqa: F401 (HISTORY_SIZE re-exported)
@@ -263,29 +263,66 @@ def folders(settings: HeadSettings) -> list[str]:
     return [settings.folder().name] if settings.grid else []
 
 
-def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
-    """Standardize, solve the penalty path, keep the best by val top-1: best.pt, path.csv and the report."""
-    start = time.perf_counter()
-    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
-    weight_decays = config.weight_decays(LOGREG_WEIGHT_DECAY)
-    record = config_record(replace(config, weight_decay=weight_decays), device=str(device),
-                           features_weights=train.split.attrs["weights_spec"])
-    write_config(stage, folder, record)
-    num_classes = len(train.split.wnids)
-    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=4 * train.num_rows * num_classes * 4)
+def _fit_in_memory(train: FeatureReader, val: FeatureReader, settings: HeadSettings, **path):
+    """The path on features held in memory: (LogregResult, Standardizer, val top-1 predictions)."""
+    config, device = settings.config, settings.device
+    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=logits_bytes(train))
     dim = train_x.shape[1]
     standardizer = (Standardizer.fit(InMemoryFeatures(train_x, train_y), device) if config.standardize
                     else Standardizer.identity(dim, device))
     train_x.sub_(standardizer.mean).mul_(standardizer.inv_std)  # in place: one copy of the features
     val_x, val_y = val.load_float32(device, config.progress)
     val_x.sub_(standardizer.mean).mul_(standardizer.inv_std)
+    fitted = fit_logreg(train_x, train_y, val_x, val_y, overwrite=True, **path)  # dead columns squeezed in place
+    with torch.no_grad():
+        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1)
+    return fitted, standardizer, predictions
+
+
+def _fit_streamed(train: FeatureReader, val: FeatureReader, settings: HeadSettings, **path):
+    """The path over chunks read from disk on every pass (one pass per L-BFGS evaluation): (LogregResult,
+    Standardizer, val top-1 predictions). Memory: one chunk, the parameters and the L-BFGS history."""
+    config, device = settings.config, settings.device
+    dim = train.split.feature_dim
+    source = (train.source(device, True, config.progress) if train.rows is not None  # few-shot: small, in memory
+              else StreamedFeatures(train.split, block_rows=readers.STREAM_ROWS))
+    standardizer = Standardizer.fit(source, device) if config.standardize else Standardizer.identity(dim, device)
+    train_chunks, val_chunks = train.chunks(device, transform=standardizer), val.chunks(device, transform=standardizer)
+    fitted = fit_logreg_streamed(train_chunks, val_chunks, dim=dim, device=device, **path)
+    with torch.no_grad():
+        predictions = torch.cat([torch.addmm(fitted.bias, x, fitted.weight.T).argmax(1) for x, _ in val_chunks()])
+    return fitted, standardizer, predictions
+
+
+def logits_bytes(train: FeatureReader) -> int:
+    """The in-memory solve's (N, C) float32 buffers beside the features."""
+    return 4 * train.num_rows * len(train.split.wnids) * 4
+
+
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
+    """Standardize, solve the penalty path, keep the best by val top-1: best.pt, path.csv and the report.
+
+    In memory when the features fit, else (or with --stream) streamed from the cache: the same path.
+    """
+    start = time.perf_counter()
+    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
+    weight_decays = config.weight_decays(LOGREG_WEIGHT_DECAY)
+    record = config_record(replace(config, weight_decay=weight_decays), device=str(device),
+                           features_weights=train.split.attrs["weights_spec"])
+    write_config(stage, folder, record)
+    num_classes, dim = len(train.split.wnids), train.split.feature_dim
 
     def on_fit(penalty_fit) -> None:
         with writing(stage, folder / "path.csv"):
             append_csv(folder / "path.csv", asdict(penalty_fit))
 
-    fitted = fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes, weight_decays=weight_decays,
-                        max_iter=config.max_iter, progress=config.progress, on_fit=on_fit, overwrite=True)
+    streamed = bool(config.stream) or not train.fits_float32(device, logits_bytes(train))
+    if streamed and not config.stream:
+        log.info("logreg: %s (%d rows, %.1f GiB as float32) does not fit in memory: streaming it, one pass per "
+                 "L-BFGS evaluation", train.split.path, train.num_rows, train.float32_bytes() / 2**30)
+    fitted, standardizer, predictions = (_fit_streamed if streamed else _fit_in_memory)(
+        train, val, settings, num_classes=num_classes, weight_decays=weight_decays, max_iter=config.max_iter,
+        progress=config.progress, on_fit=on_fit)
     best = fitted.fits[fitted.best]
     head = nn.Linear(dim, num_classes).to(device)
     with torch.no_grad():
@@ -296,8 +333,7 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
         save_checkpoint(make_checkpoint(standardizer.fold_into(head), metrics=metrics, epoch=best.iterations,
                                         cache_attrs=layer_attrs(train.split), wnids=train.split.wnids,
                                         names=train.split.names, config=record), folder / "best.pt")
-    with torch.no_grad():
-        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
+    predictions = predictions.cpu().numpy()
     penalties = ",".join(number(f.weight_decay) for f in fitted.fits)
     with writing(stage, folder / "report.md"):
         report.write_class_report(
@@ -307,11 +343,12 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
             title=settings.title(folder),
             summary=f"Logistic regression (L-BFGS), weight decay {number(best.weight_decay)} (best of {penalties}), "
                     f"{best.iterations} iterations:",
-            extra=[f"Trained on {settings.drawn(len(train_y))}; val untouched. The penalty path is in path.csv."])
+            extra=[f"Trained on {settings.drawn(train.num_rows)}{' (streamed)' if streamed else ''}; val untouched. "
+                   "The penalty path is in path.csv."])
     row = Experiment(layer=settings.layer, head=settings.name,
                      params=f"wd={number(best.weight_decay)} (best of {penalties}), {best.iterations} it.",
                      shots=shots_name(settings.shots), val_top1=best.val_top1, val_top5=best.val_top5,
-                     train_images=len(train_y), seconds=time.perf_counter() - start, folder=folder,
+                     train_images=train.num_rows, seconds=time.perf_counter() - start, folder=folder,
                      checkpoint=folder / "best.pt")
     return HeadOutcome(rows=[row], names=[settings.name], best=row, best_name=settings.title(folder).name
                        if settings.grid else ".")
