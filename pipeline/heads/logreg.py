@@ -159,7 +159,7 @@ def live_columns(x: torch.Tensor, rows: int = SCORE_ROWS) -> torch.Tensor | None
     """
     live = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     for start in range(0, len(x), rows):
-        live |= x[start:start + rows].ne(0).any(0)
+        live |= x[start:start + rows].any(0)  # nonzero anywhere (no (rows, D) bool temporary)
     return None if bool(live.all()) else live.nonzero()[:, 0]
 
 
