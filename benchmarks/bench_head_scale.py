@@ -10,20 +10,24 @@ child process, so each peak RSS (VmHWM) is that head's alone:
 - linear (streamed): one SGD epoch of ``fit_head`` (batch 100) over ``StreamedFeatures``, page cache cold
   (``posix_fadvise(DONTNEED)`` on the file first) and warm (the file read just before);
 - linear (in memory): the same epoch over ``InMemoryFeatures`` (load time reported apart), where it fits;
-- logreg (streamed): one L-BFGS evaluation (objective and gradient, one pass of ``StreamedSoftmax``);
-- knn (streamed): ``knn_predict_streamed`` for 1,000 val rows over every train row (k = 20).
+- logreg (streamed): one L-BFGS evaluation (objective and gradient, one pass of ``StreamedSoftmax``) over
+  the head's own chunks (``FeatureReader.chunks``, STREAM_ROWS rows each, standardized), cold and warm;
+- knn (streamed): ``knn_predict_streamed`` for 1,000 val rows over every train row (k = 20), over the head's
+  own chunks (L2-normalised), cold and warm.
+
+Warm runs read the whole file first; above ``--warm-max-rows`` only cold runs are made (a 10.5 GB file read
+before each run would flush the page cache of everyone sharing the machine).
 
 ``--limit-rows`` caps the rows one measurement reads (the SGD epoch stops early, the logreg and kNN passes
 read a prefix); the epoch time is then rows / measured throughput, and the record says so (measured_rows).
 The standardization statistics come from the first 20,000 rows (a real run makes one more streamed pass).
-Writes benchmarks/results/head-scale-<cpu>.json. The cache files are deleted afterwards.
+Writes benchmarks/results/head-scale-<cpu tag>.json (``hardware.cpu_tag``). The cache files are deleted afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +55,7 @@ def write_cache(folder: Path, split: str, rows: int, seed: int) -> Path:
     settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="0" * 64, preprocess="{}",
                                    dtype="float16", precision="fp32", dataset_signature=f"scale-{split}-{rows}")
     parts = cache.parts_folder(folder, split)
-    cache.start_parts(parts, settings, rows=rows)
+    cache.start_parts(parts, settings, batch_size=64, shard_size=SHARD_ROWS, num_rows=rows)
     prototypes = np.random.default_rng(1234).standard_normal((CLASSES, DIM), dtype=np.float32)
     rng = np.random.default_rng(seed)
     labels = np.minimum(np.arange(rows) * CLASSES // rows, CLASSES - 1)  # class order, balanced
@@ -61,13 +65,15 @@ def write_cache(folder: Path, split: str, rows: int, seed: int) -> Path:
         block = rng.standard_normal((n, DIM), dtype=np.float32)
         block += 0.5 * prototypes[labels[start:start + n]]
         np.maximum(block, 0, out=block)
-        cache.write_shard(parts, i, block.astype(np.float16), np.arange(start, start + n), [])
+        cache.write_shard(parts, i, {"fc7": block.astype(np.float16)}, np.arange(start, start + n), [])
     wnids = [f"n{i:08d}" for i in range(CLASSES)]
-    cache.assemble(folder, split, settings=settings, num_shards=len(starts), paths=[f"{i}.JPEG" for i in range(rows)],
-                   labels=labels.tolist(), wnids=wnids, names=wnids, compression=None,
-                   attrs={"weights_spec": "random:seed=0", "feature_dim": DIM, "batch_size": 64,
-                          "shard_size": SHARD_ROWS, "dataset_root": "/synthetic", "versions": "{}",
-                          "class_full_names": "\n".join(wnids), "world_size": 1})
+    cache.assemble(cache.Assembly(folder, split, settings, num_shards=len(starts), layers={"fc7": DIM},
+                                  layer_order=("fc7",), main="fc7"),
+                   cache.SplitRows(paths=[f"{i}.JPEG" for i in range(rows)], labels=labels.tolist(), wnids=wnids,
+                                   names=wnids, attrs={"weights_spec": "random:seed=0", "batch_size": 64,
+                                                       "shard_size": SHARD_ROWS, "dataset_root": "/synthetic",
+                                                       "versions": "{}", "class_full_names": "\n".join(wnids),
+                                                       "world_size": 1}))
     return cache.split_file(folder, split)
 
 
@@ -119,7 +125,7 @@ def child(args) -> dict:
     from pipeline.heads import knn
     from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
     from features.cache import open_split
-    from pipeline.heads.readers import LOAD_ROWS, StreamedFeatures
+    from pipeline.heads.readers import STREAM_ROWS, FeatureReader, StreamedFeatures
     from pipeline.heads.softmax import StreamedSoftmax
 
     split = open_split(args.cache)
@@ -127,15 +133,20 @@ def child(args) -> dict:
     sample = torch.from_numpy(split.read_features(0, STATS_ROWS)).float()
     standardizer = Standardizer(sample.mean(0), torch.where(sample.std(0) > 1e-6, 1 / sample.std(0), torch.ones(DIM)))
     del sample
-    out = {"head": args.child, "rows": split.num_rows}
+    out = {"head": args.child, "rows": split.num_rows, "chunk_rows": STREAM_ROWS, "threads": torch.get_num_threads()}
 
-    def chunks():  # (x float32 standardized or unit rows, y) over the first ``limit`` rows, plain order
-        seen = 0
-        for x, y in StreamedFeatures(split).batches(LOAD_ROWS, None):
-            if seen >= limit:
+    transform = knn.normalize_rows if args.child == "knn" else standardizer
+    factory = FeatureReader(split).chunks(torch.device("cpu"), transform=transform)  # what the heads stream
+
+    read = [0]  # rows the last pass read
+
+    def chunks():  # the heads' chunks over the first ``limit`` rows
+        read[0] = 0
+        for x, y in factory():
+            if read[0] >= limit:
                 return
-            seen += len(y)
-            yield (knn.normalize_rows(x.float()) if args.child == "knn" else standardizer(x)), y
+            read[0] += len(y)
+            yield x, y
 
     start = time.perf_counter()
     if args.child in ("linear-streamed", "linear-memory"):
@@ -154,11 +165,11 @@ def child(args) -> dict:
         problem = StreamedSoftmax(chunks, CLASSES, 0.001)
         theta = torch.zeros(CLASSES * (DIM + 1))
         problem.evaluate(theta)
-        measured = min(limit, split.num_rows)
+        measured = read[0]
     else:
         queries = knn.normalize_rows(torch.rand(KNN_QUERIES, DIM))
         knn.knn_predict_streamed(chunks, queries, ks=(20,), num_classes=CLASSES, temperature=0.07, chunk_rows=256)
-        measured = min(limit, split.num_rows)
+        measured = read[0]
     seconds = time.perf_counter() - start
     return {**out, "measured_rows": measured, "measured_seconds": seconds, "rows_per_second": measured / seconds,
             "epoch_seconds": split.num_rows * seconds / measured, "peak_rss_bytes": peak_rss()}
@@ -186,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit-rows", type=int, help="rows one measurement reads (default: all)")
     p.add_argument("--heads", default="linear-streamed,linear-memory,logreg,knn")
     p.add_argument("--memory-max-rows", type=int, default=400_000, help="the in-memory linear head up to this size")
+    p.add_argument("--warm-max-rows", type=int, default=400_000, help="warm page-cache runs up to this size")
     p.add_argument("--folder", type=Path, help="where the caches go (default: a temporary folder; it needs the file sizes free)")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -195,11 +207,10 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
 
-    from pipeline.common.hardware import cpu_kind
+    from pipeline.common.hardware import cpu_kind, cpu_tag
 
     kind = cpu_kind()
-    cpu_name = re.sub(r"[^a-z0-9]+", "-", str(kind.get("model") or "cpu").lower()).strip("-")[:40]
-    out = args.out or RESULTS / f"head-scale-{cpu_name}.json"
+    out = args.out or RESULTS / f"head-scale-{cpu_tag(kind)}.json"
     record = {"cpu": kind, "classes": CLASSES, "dim": DIM, "dtype": "float16", "limit_rows": args.limit_rows,
               "cores": os.cpu_count(), "load_average": os.getloadavg(), "sizes": []}
     heads = args.heads.split(",")
@@ -214,7 +225,9 @@ def main(argv=None) -> int:
             for head in heads:
                 if head == "linear-memory" and rows > args.memory_max_rows:
                     continue
-                temperatures = ("cold", "warm") if head == "linear-streamed" else ("warm",)
+                temperatures = ("warm",) if head == "linear-memory" else ("cold", "warm")
+                if rows > args.warm_max_rows:
+                    temperatures = ("cold",)
                 for page_cache in temperatures:
                     size["runs"].append(run_child(path, head, args.limit_rows, page_cache))
             record["sizes"].append(size)

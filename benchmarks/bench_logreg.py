@@ -2,6 +2,11 @@
 
     python -m benchmarks.bench_logreg                       # 40 classes, 4,000 x 4,096, the default path
     python -m benchmarks.bench_logreg --rows 1000 --dim 512 --no-sklearn     # a quick look
+    python -m benchmarks.bench_logreg --threads 1           # ours and scikit-learn on one thread each
+
+scikit-learn is not a project dependency: install it for the benchmark only, in a throwaway place, e.g.
+``pip install --target /tmp/skl scikit-learn`` (then delete /tmp/skl/numpy*, so the project's numpy is
+used) and run with ``PYTHONPATH=/tmp/skl``.
 
 The features are clustered and sparse like a random backbone's post-ReLU fc7: each class has a Gaussian
 prototype, a row is ReLU(signal x prototype + noise - offset), and ``--dead`` of the units never fire
@@ -15,7 +20,9 @@ prototype, a row is ReLU(signal x prototype + noise - offset), and ``--dead`` of
   same path), timed, in this process, only here: scikit-learn is not a project dependency.
 
 Target: every penalty's objective within 1e-4 relative of the reference, in at most 1/3 of scikit-learn's
-time. Writes benchmarks/results/logreg-<cpu>.json.
+time (CPU time: ``time.process_time``, and wall). ``--threads`` caps both sides' threads (torch's intra-op
+threads for ours, threadpoolctl's BLAS and OpenMP limit for scikit-learn); on a machine shared with other
+work, threads waiting on descheduled siblings inflate both. Writes benchmarks/results/logreg-<cpu>[-<tag>].json.
 """
 from __future__ import annotations
 
@@ -116,7 +123,9 @@ def sklearn_at_optimum(x, y, weight_decays, reference: list[dict], tols: list[fl
 
 def sklearn_path(x, y, weight_decays, tol: float = 1e-4) -> dict:
     from sklearn.linear_model import LogisticRegression  # benchmark only
+    from threadpoolctl import threadpool_limits
 
+    limits = threadpool_limits(torch.get_num_threads())  # the same cap as ours
     x64, labels = x.double().numpy(), y.numpy()
     model = LogisticRegression(solver="lbfgs", max_iter=10_000, warm_start=True, tol=tol)
     fits, total, total_cpu = [], 0.0, 0.0
@@ -133,6 +142,7 @@ def sklearn_path(x, y, weight_decays, tol: float = 1e-4) -> dict:
         fits.append({"weight_decay": weight_decay, "objective": value, "seconds": seconds,
                      "iterations": int(model.n_iter_.max())})
         print(f"sklearn tol={tol:g} wd={weight_decay:g}: objective {value:.7f}  {int(model.n_iter_.max())} it  {seconds:.1f}s", flush=True)
+    limits.restore_original_limits()
     return {"tol": tol, "seconds": total, "cpu_seconds": total_cpu, "fits": fits}
 
 
@@ -174,12 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sklearn-tols", default="1e-4,1e-6,1e-8", help="tried loosest first until at the optimum")
     p.add_argument("--reuse", type=Path, help="a record of this benchmark: keep its own runs, redo scikit-learn")
     p.add_argument("--evaluations-only", action="store_true", help="only time one evaluation each way")
+    p.add_argument("--threads", type=int, help="torch and BLAS threads for both sides (default: torch's)")
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     p.add_argument("--out", type=Path)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     weight_decays = sorted((float(v) for v in args.weight_decays.split(",")), reverse=True)
     train_x, train_y = generate(args.rows, args.classes, args.dim, args.dead, args.signal, seed=1)
     val_x, val_y = generate(args.val_rows, args.classes, args.dim, args.dead, args.signal, seed=2)
@@ -204,12 +219,13 @@ def main(argv=None) -> int:
         if same:
             record["time_ratio_vs_sklearn"] = ours["seconds"] / same["seconds"]
             record["cpu_time_ratio_vs_sklearn"] = ours["cpu_seconds"] / same["cpu_seconds"]
-    record["load_average"] = os.getloadavg()
+    record["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    record["threads"] = torch.get_num_threads()
     record["target_met"] = (all(abs(r["relative_gap"]) <= 1e-4 for r in reference)
                             and record.get("time_ratio_vs_sklearn", float("inf")) <= 1 / 3)
     print(json.dumps({k: record.get(k) for k in ("time_ratio_vs_sklearn", "cpu_time_ratio_vs_sklearn", "target_met")}),
           flush=True)
-    out = args.out or RESULTS / f"logreg-{cpu_tag(record['cpu'])}.json"
+    out = args.out or RESULTS / f"logreg-{cpu_tag(record['cpu'])}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return 0

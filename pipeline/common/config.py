@@ -159,7 +159,8 @@ class HeadConfig:
     seed: int = 0  # head init and batch order
     device: str = "auto"
     standardize: bool = True  # z-score with train statistics, folded into the saved layer
-    stream: bool | None = None  # None (or False): stream only when the features do not fit in memory
+    # linear, logreg, knn: stream from the cache even if the features fit; None (or False): only when they do not
+    stream: bool | None = None
     progress: bool = True
 
     def weight_decays(self, default: tuple[float, ...]) -> tuple[float, ...]:

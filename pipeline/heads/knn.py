@@ -10,8 +10,9 @@ k; a smaller k reuses the first k of those neighbours (they come sorted by simil
 
 ``fit`` is this head's entry point (pipeline.heads.interface): one search answering every --k, one table row per k.
 
-``knn_predict_streamed`` does the same search when the train features do not fit in memory: it reads them
-once, in row chunks, and keeps a running top-k of every val row: (M, k) similarities and labels.
+``knn_predict_streamed`` does the same search when the train features do not fit in memory (or with
+--stream): it reads them once, in row chunks, and keeps a running top-k of every val row: (M, k)
+similarities and labels. ``fit`` takes it then; the result equals the in-memory one up to exact ties.
 """
 from __future__ import annotations
 
@@ -140,17 +141,24 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
     config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
     write_config(stage, folder, config_record(config, device=str(device), features_weights=train.split.attrs["weights_spec"]))
     count = train.num_rows
-    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=config.knn_chunk_rows * count * 4 * 2)
     val_x, val_y = val.load_float32(device, config.progress)
-    normalize_rows(train_x)
     normalize_rows(val_x)
     used = {k: min(k, count) for k in config.k}
     for k, k_used in used.items():
         if k_used < k:
             log.warning("knn: k=%d is more than the %d train images; it uses all %d", k, count, count)
-    ranked = knn_predict(train_x, train_y, val_x, ks=tuple(sorted(set(used.values()))),
-                         num_classes=len(train.split.wnids), temperature=config.temperature,
-                         chunk_rows=config.knn_chunk_rows, progress=config.progress)
+    search = dict(ks=tuple(sorted(set(used.values()))), num_classes=len(train.split.wnids),
+                  temperature=config.temperature, chunk_rows=config.knn_chunk_rows, progress=config.progress)
+    extra = config.knn_chunk_rows * count * 4 * 2  # one (chunk, N) similarity block and its top-k work
+    streamed = bool(config.stream) or not train.fits_float32(device, extra)
+    if streamed:
+        if not config.stream:
+            log.info("knn: %s (%d rows, %.1f GiB as float32) does not fit in memory: streaming it, one pass with "
+                     "a running top-%d", train.split.path, count, train.float32_bytes() / 2**30, max(used.values()))
+        ranked = knn_predict_streamed(train.chunks(device, transform=normalize_rows), val_x, **search)
+    else:
+        train_x, train_y = train.load_float32(device, config.progress, extra_bytes=extra)
+        ranked = knn_predict(normalize_rows(train_x), train_y, val_x, **search)
     results = {k: accuracy(ranked[used[k]], val_y) for k in config.k}
     seconds = time.perf_counter() - start
     with writing(stage, folder / "knn.csv"):
@@ -167,7 +175,8 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
             weights_spec=train.split.attrs["weights_spec"], title=settings.title(folder),
             summary=f"Weighted kNN (DINO), k={best_k} (best of {','.join(map(str, config.k))}), "
                     f"T={config.temperature:g}:",
-            extra=["", *lines, "", f"Neighbours from {settings.drawn(count)}; val untouched."])
+            extra=["", *lines, "", f"Neighbours from {settings.drawn(count)}{' (streamed)' if streamed else ''}; "
+                   "val untouched."])
     rows = [Experiment(layer=settings.layer, head=settings.name, params=f"k={shown[k]} T={config.temperature:g}",
                        shots=shots_name(settings.shots), val_top1=results[k]["val_top1"],
                        val_top5=results[k]["val_top5"], train_images=count, seconds=seconds, folder=folder,

@@ -25,15 +25,15 @@ from tqdm import tqdm
 from pipeline.common.checkpoint import make_checkpoint, save_checkpoint
 from pipeline.common.config import LOGREG_MAX_ITER, LOGREG_WEIGHT_DECAY
 from pipeline.common.errors import UserError
-from pipeline.heads import report
+from pipeline.heads import readers, report
 from pipeline.heads.interface import HeadOutcome, HeadSettings
 from pipeline.heads.linear import Standardizer
 from pipeline.heads.naming import number, shots_name
-from pipeline.heads.readers import FeatureReader, InMemoryFeatures
+from pipeline.heads.readers import FeatureReader, InMemoryFeatures, StreamedFeatures
 from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
 from pipeline.heads.table import Experiment
 from pipeline.heads.lbfgs import HISTORY_SIZE, Solved, minimize_lbfgs  # noqa: F401 (HISTORY_SIZE re-exported)
-from pipeline.heads.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta
+from pipeline.heads.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta, threads
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,10 @@ def solve(problem, weight: torch.Tensor, bias: torch.Tensor, *, max_iter: int = 
     theta = torch.cat([weight.detach().flatten(), bias.detach()]).float()
     bar = tqdm(desc=f"L-BFGS wd={problem.weight_decay:g}", unit="it", leave=False, disable=not progress)
     try:
-        solved = minimize_lbfgs(problem, theta, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                                tolerance_gap=tolerance_gap, convexity=problem.weight_decay, max_seconds=max_seconds,
-                                on_iteration=bar.update)
+        with threads(1 if getattr(problem, "small", False) else torch.get_num_threads()):
+            solved = minimize_lbfgs(problem, theta, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                                    tolerance_gap=tolerance_gap, convexity=problem.weight_decay,
+                                    max_seconds=max_seconds, on_iteration=bar.update)
     finally:
         bar.close()
     new_weight, new_bias = split_theta(theta, len(bias))
@@ -150,19 +151,57 @@ def train_state(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: to
     return train_state_chunks([(x, y)], weight, bias, weight_decay)
 
 
+def live_columns(x: torch.Tensor, rows: int = SCORE_ROWS) -> torch.Tensor | None:
+    """Indices of the columns of ``x`` that are nonzero in some row, or None when all are.
+
+    A column that is zero in every train row (a dead unit, standardized) gets weight 0 at every optimum:
+    its gradient is weight_decay x its weight, 0 from the zero start. So the solve can leave it out.
+    """
+    live = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    for start in range(0, len(x), rows):
+        live |= x[start:start + rows].any(0)  # nonzero anywhere (no (rows, D) bool temporary)
+    return None if bool(live.all()) else live.nonzero()[:, 0]
+
+
+def keep_columns(x: torch.Tensor, columns: torch.Tensor, *, overwrite: bool, rows: int = SCORE_ROWS) -> torch.Tensor:
+    """``x[:, columns]``: a copy, or with ``overwrite`` written over x's first columns in row blocks and
+    returned as a view with x's row stride (no second copy of the features; matmuls read it in place)."""
+    if not overwrite:
+        return x[:, columns]
+    for start in range(0, len(x), rows):
+        block = x[start:start + rows]
+        block[:, :len(columns)] = block[:, columns]  # the right side is gathered first
+    return x[:, :len(columns)]
+
+
 def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
                num_classes: int, weight_decays: tuple[float, ...], max_iter: int = MAX_ITER, progress: bool = False,
-               on_fit=None, tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None) -> LogregResult:
+               on_fit=None, tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None,
+               overwrite: bool = False) -> LogregResult:
     """Solve for each penalty, strongest first, warm-starting each from the previous optimum.
 
     ``train_x``/``val_x``: (N, D) / (M, D) float32 standardized features on one device; ``on_fit`` is
     called with each PenaltyFit as it finishes. The start is zero, so results depend on nothing random.
     ``max_iter`` / ``max_seconds``: the budget per penalty; a solve that runs out says so.
+    Columns zero in every train row are left out of the solve (their weight is 0); ``overwrite``: train_x
+    is the caller's to give up, and those columns are squeezed out in place instead of copied.
     """
-    return fit_path(lambda wd: InMemorySoftmax(train_x, train_y, num_classes, wd), row_blocks(train_x, train_y),
-                    row_blocks(val_x, val_y), num_classes=num_classes, dim=train_x.shape[1], device=train_x.device,
-                    weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                    max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+    dim, live = train_x.shape[1], live_columns(train_x)
+    val_chunks = row_blocks(val_x, val_y)
+    if live is not None:
+        log.info("logreg: %d of %d feature columns are 0 in every train row (dead units): solving on the other %d",
+                 dim - len(live), dim, len(live))
+        train_x = keep_columns(train_x, live, overwrite=overwrite)
+        val_chunks = (lambda blocks: lambda: ((x[:, live], y) for x, y in blocks()))(val_chunks)
+    result = fit_path(lambda wd: InMemorySoftmax(train_x, train_y, num_classes, wd), row_blocks(train_x, train_y),
+                      val_chunks, num_classes=num_classes, dim=train_x.shape[1], device=train_x.device,
+                      weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                      max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+    if live is not None:
+        weight = torch.zeros(num_classes, dim, device=result.weight.device)
+        weight[:, live] = result.weight
+        result = replace(result, weight=weight)
+    return result
 
 
 def fit_logreg_streamed(train_chunks: Chunks, val_chunks: Chunks, *, num_classes: int, dim: int,
@@ -224,29 +263,66 @@ def folders(settings: HeadSettings) -> list[str]:
     return [settings.folder().name] if settings.grid else []
 
 
-def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
-    """Standardize, solve the penalty path, keep the best by val top-1: best.pt, path.csv and the report."""
-    start = time.perf_counter()
-    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
-    weight_decays = config.weight_decays(LOGREG_WEIGHT_DECAY)
-    record = config_record(replace(config, weight_decay=weight_decays), device=str(device),
-                           features_weights=train.split.attrs["weights_spec"])
-    write_config(stage, folder, record)
-    num_classes = len(train.split.wnids)
-    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=4 * train.num_rows * num_classes * 4)
+def _fit_in_memory(train: FeatureReader, val: FeatureReader, settings: HeadSettings, **path):
+    """The path on features held in memory: (LogregResult, Standardizer, val top-1 predictions)."""
+    config, device = settings.config, settings.device
+    train_x, train_y = train.load_float32(device, config.progress, extra_bytes=logits_bytes(train))
     dim = train_x.shape[1]
     standardizer = (Standardizer.fit(InMemoryFeatures(train_x, train_y), device) if config.standardize
                     else Standardizer.identity(dim, device))
     train_x.sub_(standardizer.mean).mul_(standardizer.inv_std)  # in place: one copy of the features
     val_x, val_y = val.load_float32(device, config.progress)
     val_x.sub_(standardizer.mean).mul_(standardizer.inv_std)
+    fitted = fit_logreg(train_x, train_y, val_x, val_y, overwrite=True, **path)  # dead columns squeezed in place
+    with torch.no_grad():
+        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1)
+    return fitted, standardizer, predictions
+
+
+def _fit_streamed(train: FeatureReader, val: FeatureReader, settings: HeadSettings, **path):
+    """The path over chunks read from disk on every pass (one pass per L-BFGS evaluation): (LogregResult,
+    Standardizer, val top-1 predictions). Memory: one chunk, the parameters and the L-BFGS history."""
+    config, device = settings.config, settings.device
+    dim = train.split.feature_dim
+    source = (train.source(device, True, config.progress) if train.rows is not None  # few-shot: small, in memory
+              else StreamedFeatures(train.split, block_rows=readers.STREAM_ROWS))
+    standardizer = Standardizer.fit(source, device) if config.standardize else Standardizer.identity(dim, device)
+    train_chunks, val_chunks = train.chunks(device, transform=standardizer), val.chunks(device, transform=standardizer)
+    fitted = fit_logreg_streamed(train_chunks, val_chunks, dim=dim, device=device, **path)
+    with torch.no_grad():
+        predictions = torch.cat([torch.addmm(fitted.bias, x, fitted.weight.T).argmax(1) for x, _ in val_chunks()])
+    return fitted, standardizer, predictions
+
+
+def logits_bytes(train: FeatureReader) -> int:
+    """The in-memory solve's (N, C) float32 buffers beside the features."""
+    return 4 * train.num_rows * len(train.split.wnids) * 4
+
+
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
+    """Standardize, solve the penalty path, keep the best by val top-1: best.pt, path.csv and the report.
+
+    In memory when the features fit, else (or with --stream) streamed from the cache: the same path.
+    """
+    start = time.perf_counter()
+    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
+    weight_decays = config.weight_decays(LOGREG_WEIGHT_DECAY)
+    record = config_record(replace(config, weight_decay=weight_decays), device=str(device),
+                           features_weights=train.split.attrs["weights_spec"])
+    write_config(stage, folder, record)
+    num_classes, dim = len(train.split.wnids), train.split.feature_dim
 
     def on_fit(penalty_fit) -> None:
         with writing(stage, folder / "path.csv"):
             append_csv(folder / "path.csv", asdict(penalty_fit))
 
-    fitted = fit_logreg(train_x, train_y, val_x, val_y, num_classes=num_classes, weight_decays=weight_decays,
-                        max_iter=config.max_iter, progress=config.progress, on_fit=on_fit)
+    streamed = bool(config.stream) or not train.fits_float32(device, logits_bytes(train))
+    if streamed and not config.stream:
+        log.info("logreg: %s (%d rows, %.1f GiB as float32) does not fit in memory: streaming it, one pass per "
+                 "L-BFGS evaluation", train.split.path, train.num_rows, train.float32_bytes() / 2**30)
+    fitted, standardizer, predictions = (_fit_streamed if streamed else _fit_in_memory)(
+        train, val, settings, num_classes=num_classes, weight_decays=weight_decays, max_iter=config.max_iter,
+        progress=config.progress, on_fit=on_fit)
     best = fitted.fits[fitted.best]
     head = nn.Linear(dim, num_classes).to(device)
     with torch.no_grad():
@@ -257,8 +333,7 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
         save_checkpoint(make_checkpoint(standardizer.fold_into(head), metrics=metrics, epoch=best.iterations,
                                         cache_attrs=layer_attrs(train.split), wnids=train.split.wnids,
                                         names=train.split.names, config=record), folder / "best.pt")
-    with torch.no_grad():
-        predictions = torch.addmm(fitted.bias, val_x, fitted.weight.T).argmax(1).cpu().numpy()
+    predictions = predictions.cpu().numpy()
     penalties = ",".join(number(f.weight_decay) for f in fitted.fits)
     with writing(stage, folder / "report.md"):
         report.write_class_report(
@@ -268,11 +343,12 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
             title=settings.title(folder),
             summary=f"Logistic regression (L-BFGS), weight decay {number(best.weight_decay)} (best of {penalties}), "
                     f"{best.iterations} iterations:",
-            extra=[f"Trained on {settings.drawn(len(train_y))}; val untouched. The penalty path is in path.csv."])
+            extra=[f"Trained on {settings.drawn(train.num_rows)}{' (streamed)' if streamed else ''}; val untouched. "
+                   "The penalty path is in path.csv."])
     row = Experiment(layer=settings.layer, head=settings.name,
                      params=f"wd={number(best.weight_decay)} (best of {penalties}), {best.iterations} it.",
                      shots=shots_name(settings.shots), val_top1=best.val_top1, val_top5=best.val_top5,
-                     train_images=len(train_y), seconds=time.perf_counter() - start, folder=folder,
+                     train_images=train.num_rows, seconds=time.perf_counter() - start, folder=folder,
                      checkpoint=folder / "best.pt")
     return HeadOutcome(rows=[row], names=[settings.name], best=row, best_name=settings.title(folder).name
                        if settings.grid else ".")

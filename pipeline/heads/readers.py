@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import logging
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import h5py
 import numpy as np
@@ -25,6 +25,7 @@ from pipeline.common.hardware import available_memory  # noqa: F401 (also import
 log = logging.getLogger(__name__)
 
 LOAD_ROWS = 16384  # rows read from HDF5 at a time
+STREAM_ROWS = 8192  # rows per chunk of a streamed logreg or kNN pass: 128 MiB of float32 at 4,096 columns
 
 
 class FeatureSource(Protocol):
@@ -216,7 +217,8 @@ class FeatureReader:
     """One split of the checked cache and the rows a head uses (None: all): what every head's ``fit`` gets.
 
     A head opens it the way it needs: ``source`` streams from disk when the rows do not fit in memory;
-    ``load_float32`` holds them as one tensor, refused with one line when that would not fit.
+    ``load_float32`` holds them as one tensor, refused with one line when that would not fit (``fits_float32``
+    says so first); ``chunks`` reads them afresh on each pass, a bounded block at a time.
     """
 
     split: CachedSplit
@@ -231,15 +233,40 @@ class FeatureReader:
             return InMemoryFeatures.load(self.split, device, progress, rows=self.rows)
         return load_source(self.split, device, True if stream else None, progress)
 
+    def float32_bytes(self, extra_bytes: int = 0) -> int:
+        return self.num_rows * self.split.feature_dim * 4 + extra_bytes
+
+    def fits_float32(self, device: torch.device, extra_bytes: int = 0) -> bool:
+        """Whether ``load_float32`` (with ``extra_bytes`` more beside it) fits in MEMORY_SHARE of what is free."""
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+        return free is None or self.float32_bytes(extra_bytes) <= MEMORY_SHARE * free
+
     def load_float32(self, device: torch.device, progress: bool, extra_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D) float32, labels (N,)) on ``device``; refused if they would not fit."""
         count, split = self.num_rows, self.split
-        need = count * split.feature_dim * 4 + extra_bytes
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
-        if free is not None and need > MEMORY_SHARE * free:
-            raise UserError(f"{split.path} ({split.layer}, {count} rows) needs {need / 2**30:.1f} GiB in memory for "
-                            f"logreg or knn, but {free / 2**30:.1f} GiB is free on {device}; use --shots, or the "
-                            "linear head (it streams)")
+        if not self.fits_float32(device, extra_bytes):
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+            raise UserError(f"{split.path} ({split.layer}, {count} rows) needs "
+                            f"{self.float32_bytes(extra_bytes) / 2**30:.1f} GiB in memory, but {free / 2**30:.1f} "
+                            f"GiB is free on {device}; use --shots, or --stream")
         source = InMemoryFeatures.load(split, device, progress, rows=self.rows)
         features = source.features if source.features.dtype == torch.float32 else source.features.float()
         return features, source.labels
+
+    def chunks(self, device: torch.device, rows: int | None = None, transform=None) -> Callable[[], Iterator]:
+        """A chunk factory: each call is a fresh pass over the rows in file order, as (x (B, D) float32 on
+        ``device``, y (B,)) with B <= ``rows``, ``transform`` applied to x. Each block is read from disk and
+        checked for NaN/Inf as it comes (few-shot rows, a small selection, are read once and kept).
+        ``rows``: STREAM_ROWS by default."""
+        rows = rows or STREAM_ROWS
+        if self.rows is not None:
+            source = InMemoryFeatures.load(self.split, torch.device("cpu"), False, rows=self.rows)
+        else:
+            source = StreamedFeatures(self.split, block_rows=rows)
+
+        def chunks():
+            for x, y in source.batches(rows, None):
+                x = x.to(device, torch.float32)
+                yield (x if transform is None else transform(x)), y.to(device)
+
+        return chunks
