@@ -19,5 +19,5 @@ DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
 DEFAULT_HEAD = Path("runs/head")  # a head's run folder
 DEFAULT_CHECKPOINT = DEFAULT_HEAD / "best.pt"
 
-VERSION = "0.6.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
+VERSION = "0.7.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
 ONNX_FORMAT = "fc7-onnx-classifier/1"  # the sidecar JSON of an exported graph (pipeline.live.export)
