@@ -6,10 +6,12 @@ The session fixtures are read-only: a test that changes a cache or a run folder 
 """
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import run_train_head
 from pipeline.data.synthetic import make_tiny_imagenet
@@ -69,6 +71,44 @@ def tiny_head(tiny_cache, tmp_path_factory) -> Path:
     assert run_train_head.main([*CPU_ARGS, "--features", str(tiny_cache), "--out", str(out), "--epochs", "2",
                                 "--no-progress"]) == 0
     return out
+
+
+_RANDOM_ALEXNETS: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reuse_random_alexnets():
+    """Each seeded random AlexNet is built once per session, and every later load gets a fresh copy of it.
+
+    ``load_backbone('random', seed=S)`` is a pure function of S, and it costs about 2 s of CPU (61 M random
+    numbers and the SHA-256 fingerprint of 244 MB) in each of the suite's many in-process extractions and live
+    runs. A load here returns a deep copy (callers cast it in place), the same spec and fingerprint, the same
+    warning, and leaves the global RNG where the real load leaves it. tests/test_backbone.py calls the real
+    function; other specs (imagenet, files) and subprocesses are not affected.
+    """
+    from pipeline.common import backbone
+    from pipeline.extract import loading
+    from pipeline.live import torch_classifier
+
+    real = backbone.load_backbone
+
+    def load_backbone(spec: str, *, seed: int = 0):
+        key = f"random:seed={seed}" if spec == "random" else spec
+        if not key.startswith("random:seed="):
+            return real(spec, seed=seed)
+        if key in _RANDOM_ALEXNETS:
+            backbone.log.warning("backbone has RANDOM weights (seed %d): features are not ImageNet features",
+                                 int(key.split("=", 1)[1]))
+        else:
+            _RANDOM_ALEXNETS[key] = (*real(spec, seed=seed), torch.get_rng_state())
+        model, recorded, fingerprint, rng_after = _RANDOM_ALEXNETS[key]
+        torch.set_rng_state(rng_after)
+        return copy.deepcopy(model), recorded, fingerprint
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (loading, torch_classifier):
+            patch.setattr(module, "load_backbone", load_backbone)
+        yield
 
 
 def pytest_configure(config):

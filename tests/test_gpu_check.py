@@ -1,11 +1,20 @@
 """The CPU kind, the worker count, and the GPU check's dry run on the CPU."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 import pipeline.common.hardware as hardware
+import run_extract
+import run_train_head
+import run_webcam
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,9 +53,40 @@ def test_cpu_kind_reads_native_bf16(monkeypatch):
 # The GPU check's dry run
 
 
-def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+ENTRY_SCRIPTS = {"run_extract.py": run_extract, "run_train_head.py": run_train_head, "run_webcam.py": run_webcam}
+
+
+def in_this_process(real_run):
+    """gpu_check.run, but ``python run_*.py ARGS`` runs as ``run_*.main(ARGS)`` in this process, its stdout, stderr
+    and log lines captured as the subprocess's output would be. Six of the dry run's seven extractions, trainings
+    and live runs then pay no interpreter and torch start-up, and share the session's random backbone; torchrun
+    (and anything else) still runs as a real subprocess through ``real_run``."""
+
+    def run(command: list[str], timeout: float, **kwargs) -> tuple[int, str, float]:
+        script = ENTRY_SCRIPTS.get(Path(command[1]).name) if command[0] == sys.executable else None
+        if script is None:
+            return real_run(command, timeout, **kwargs)
+        start, output = time.perf_counter(), io.StringIO()
+        handler, root = logging.StreamHandler(output), logging.getLogger()
+        level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                code = script.main(command[2:])
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(level)
+        return code, output.getvalue(), time.perf_counter() - start
+
+    return run
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path, monkeypatch):
     out = tmp_path / "results"
     from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "run", in_this_process(gpu_check.run))
 
     code = gpu_check.main(["--device", "cpu", "--images", "22", "--classes", "2", "--small", "6", "--real", "generated",
                            "--skip-tests", "--image-size", "64", "--resize-size", "72", "--live-frames", "4",
