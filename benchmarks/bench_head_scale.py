@@ -126,7 +126,7 @@ def child(args) -> dict:
     from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
     from features.cache import open_split
     from pipeline.heads.readers import STREAM_ROWS, FeatureReader, StreamedFeatures
-    from pipeline.heads.softmax import StreamedSoftmax
+    from pipeline.heads.solvers.softmax import StreamedSoftmax
 
     split = open_split(args.cache)
     limit = args.limit_rows or split.num_rows

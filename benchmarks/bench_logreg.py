@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pipeline.common.config import LOGREG_WEIGHT_DECAY
 from pipeline.common.hardware import cpu_kind, cpu_tag
 from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve, train_state
-from pipeline.heads.softmax import InMemorySoftmax
+from pipeline.heads.solvers.softmax import InMemorySoftmax
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,7 +82,7 @@ def tight_solve(x, y, weight, bias, weight_decay: float) -> tuple[float, float]:
 def time_evaluations(x, y, classes: int, repeats: int = 5) -> dict:
     """CPU seconds of one objective + gradient: autograd (the old closure), fused by hand, and one in-memory
     line-search trial (no matmul), at a random point."""
-    from pipeline.heads.softmax import chunked_loss_and_grad
+    from pipeline.heads.solvers.softmax import chunked_loss_and_grad
 
     weight = torch.randn(classes, x.shape[1], generator=torch.Generator().manual_seed(0)) * 0.01
     bias = torch.zeros(classes)

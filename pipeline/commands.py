@@ -85,7 +85,7 @@ def extract(config: ExtractConfig) -> int:
 
 def train_head(config: HeadConfig) -> int:
     """Stage two: train the heads of ``config`` on the cache (one run, or a grid) and log the results table."""
-    from pipeline.heads.grid import run_experiments
+    from pipeline.heads.experiments.grid import run_experiments
 
     experiments = run_experiments(config)
     outcome = experiments.outcome

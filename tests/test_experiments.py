@@ -1,4 +1,4 @@
-"""Head experiments (pipeline.heads.grid, logreg, knn, shots): the optimum, the votes, the draw, the table, fc6 live.
+"""Head experiments (pipeline.heads.experiments.grid, logreg, knn, shots): the optimum, the votes, the draw, the table, fc6 live.
 
 Multi-layer caches are written here with h5py: the fc7 cache as extraction writes it (``features``), plus
 ``pool5``/``fc6`` datasets named after their layer, which is what ``open_split(path, layer)`` reads.
@@ -22,11 +22,11 @@ from features.cache import open_split
 from pipeline.heads import knn
 from pipeline.common.backbone import load_backbone, place_backbone
 from pipeline.common.checkpoint import read_checkpoint
-from pipeline.heads.table import COLUMNS
+from pipeline.heads.experiments.table import COLUMNS
 from pipeline.common.images import read_rgb
 from pipeline.heads.logreg import fit_logreg, objective
 from pipeline.common.preprocess import Preprocess
-from pipeline.heads.shots import few_shot_rows
+from pipeline.heads.experiments.shots import few_shot_rows
 from pipeline.heads.linear import InMemoryFeatures, Standardizer
 from tests.helpers import CPU_ARGS, one_error_line, read_csv, write_synthetic_cache
 from tests.test_train_head import PNG_MAGIC, RUN_FILES

@@ -297,7 +297,7 @@ def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_r
 @pytest.mark.parametrize("previous", ["linear", "grid"])
 @pytest.mark.parametrize("where", ["second combination", "table", "disk full at the table"])
 def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, monkeypatch, capsys, previous, where):
-    from pipeline.heads import grid as experiments
+    from pipeline.heads.experiments import grid as experiments
     from pipeline.heads import logreg
 
     out = tmp_path / "head"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.heads import knn
 from pipeline.heads.logreg import fit_logreg, fit_logreg_streamed, minimize, objective, row_blocks
-from pipeline.heads.softmax import chunked_loss_and_grad
+from pipeline.heads.solvers.softmax import chunked_loss_and_grad
 
 CLASSES, DIM = 5, 40
 

@@ -137,7 +137,7 @@ class HeadConfig:
 
     Each field is named as its run_train_head.py flag (``lr`` is ``--lr``). One head is today's run. Several
     layers, heads, shots, learning rates or weight decays make a grid: one folder per combination and one
-    table (pipeline.heads.grid).
+    table (pipeline.heads.experiments.grid).
     """
 
     features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5; a comma list compares several caches

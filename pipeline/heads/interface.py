@@ -7,7 +7,7 @@ A head is one module of pipeline.heads with
 - ``fit(train, val, settings) -> HeadOutcome``: train (or index) on the train reader, score on val, write
   its files under ``settings.root``.
 
-pipeline.heads.registry lists them; pipeline.heads.grid loops over it. A fourth head is one new module.
+pipeline.heads.registry lists them; pipeline.heads.experiments.grid loops over it. A fourth head is one new module.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 
 from pipeline.common.config import HeadConfig
 from pipeline.common.run_folder import StagedRun
-from pipeline.heads.naming import folder_name
+from pipeline.heads.experiments.naming import folder_name
 from pipeline.heads.staging import final_path
-from pipeline.heads.table import Experiment
+from pipeline.heads.experiments.table import Experiment
 
 
 @dataclass

@@ -31,11 +31,11 @@ from pipeline.common.checkpoint import load_head, make_checkpoint, save_checkpoi
 from pipeline.common.config import LINEAR_WEIGHT_DECAY, HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.naming import folder_name, number, shots_name
+from pipeline.heads.experiments.naming import folder_name, number, shots_name
 from pipeline.heads.readers import (LOAD_ROWS, FeatureReader, FeatureSource, InMemoryFeatures,  # noqa: F401 (public here)
                                     StreamedFeatures, available_memory, batch_order)
 from pipeline.heads.staging import append_csv, config_record, layer_attrs, writing, write_config
-from pipeline.heads.table import Experiment
+from pipeline.heads.experiments.table import Experiment
 
 log = logging.getLogger(__name__)
 
