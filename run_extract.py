@@ -29,7 +29,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.common.config import ExtractConfig
     from pipeline.common.names import DTYPES
-    from pipeline.common.precision import PRECISION_CHOICES
+    from pipeline.common.backbones.precision import PRECISION_CHOICES
     from pipeline.common.preprocess import MODES
 
     d = ExtractConfig()  # every default comes from here
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--layers", type=comma_list, default=None,  # None: the backbone's default (ExtractConfig)
                        help="comma list of cached layers. AlexNet: pool5 (9216-d), fc6, fc7 (4096-d; the default); "
                             "other models: penultimate (the default: the input of the last Linear) or graph node "
-                            "names (python -m pipeline.common.backbones NAME lists them). Layers missing from an "
+                            "names (python -m pipeline.common.backbones.catalog NAME lists them). Layers missing from an "
                             "existing cache are added, the others left as they are")
     model.add_argument("--image-size", type=int, default=224,
                        help="side of the network input (default: the weights' own crop; AlexNet 224)")

@@ -59,12 +59,12 @@ def bare_forward(name: str, batch: int, image_size: int, batches: int = 2) -> fl
     import torch
 
     if name == "alexnet":
-        from pipeline.common.backbone import load_backbone
+        from pipeline.common.backbones.loading import load_backbone
 
         module = load_backbone("random")[0]
         run = lambda x: module.forward_layers(x, ("fc7",))  # noqa: E731
     else:
-        from pipeline.common.backbones import load_classifier, plan_layers
+        from pipeline.common.backbones.catalog import load_classifier, plan_layers
 
         loaded = load_classifier(name, "random")
         module, _ = plan_layers(loaded.model, name, image_size=image_size)
@@ -80,7 +80,7 @@ def bare_forward(name: str, batch: int, image_size: int, batches: int = 2) -> fl
 
 
 def measure(name: str, images: int, tmp: Path) -> dict:
-    from pipeline.common.backbones import default_batch_size, default_weights, preprocess_for
+    from pipeline.common.backbones.catalog import default_batch_size, default_weights, preprocess_for
     from pipeline.data.synthetic import make_tiny_imagenet
 
     classes = 2

@@ -76,7 +76,7 @@ def _table(kind: str, measured: dict) -> None:
 
 def compare_runtimes(args, camera, video, make_checkpoint) -> int:
     """Export once, measure every runtime in ``args.runtimes`` quiet (and with ``args.load`` loaded); write JSON."""
-    from pipeline.common.backbone import load_backbone
+    from pipeline.common.backbones.loading import load_backbone
     from pipeline.live.export import export_classifier
 
     logging.getLogger().setLevel(logging.WARNING)

@@ -46,7 +46,7 @@ from torch import nn
 
 from models import FC7_DIM, AlexNetClassifier
 from pipeline.common import sources
-from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
 from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint
 from pipeline.common.config import LiveConfig
 from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.common.config import ExtractConfig, HeadConfig, LiveConfig
-from pipeline.common.weights import describe_weights, is_random
+from pipeline.common.backbones.weights import describe_weights, is_random
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,12 @@ def warn_random(spec: str, what: str = "these features are for testing only") ->
 def run_extract(config: ExtractConfig) -> int:
     """``run_extract.py``: prepare only (``--prepare-only``), or prepare and extract."""
     if config.list_backbones:
-        from pipeline.common.backbones import backbone_listing
+        from pipeline.common.backbones.catalog import backbone_listing
 
         print(backbone_listing())
         return 0
     if not config.is_alexnet:  # an unknown name is one line before any data is read
-        from pipeline.common.backbones import check_backbone
+        from pipeline.common.backbones.catalog import check_backbone
 
         check_backbone(config.backbone)
     return prepare(config) if config.prepare_only else extract(config)

@@ -86,7 +86,7 @@ def reuse_random_alexnets():
     warning, and leaves the global RNG where the real load leaves it. tests/test_backbone.py calls the real
     function; other specs (imagenet, files) and subprocesses are not affected.
     """
-    from pipeline.common import backbone
+    from pipeline.common.backbones import loading as backbone
     from pipeline.extract import loading
     from pipeline.live import torch_classifier
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torchvision
 
-import pipeline.common.backbone as backbone_module
+import pipeline.common.backbones.loading as backbone_module
 import run_extract
 from models import FC7_DIM, AlexNetClassifier, AlexNetLayers, LinearHead, weights_fingerprint
-from pipeline.common.backbone import imagenet_cache_file, load_backbone, resolve_device
+from pipeline.common.backbones.loading import imagenet_cache_file, load_backbone, resolve_device
 from pipeline.common.errors import UserError
 from tests.helpers import SMALL_INPUT_ARGS, error_line
 

@@ -15,8 +15,8 @@ import torch
 import torchvision
 
 from models import weights_fingerprint
-from pipeline.common import backbones
-from pipeline.common.backbones import (LayerSpec, check_backbone, default_batch_size, default_layers, hub_file,
+from pipeline.common.backbones import catalog as backbones
+from pipeline.common.backbones.catalog import (LayerSpec, check_backbone, default_batch_size, default_layers, hub_file,
                                        load_classifier, plan_layers, preprocess_for, skeleton)
 from pipeline.common.errors import UserError
 
@@ -81,7 +81,7 @@ def test_unknown_node_is_one_line_with_the_nearest_nodes():
     with pytest.raises(UserError) as err:
         plan_layers(meta_model("alexnet"), "alexnet", ["fc8"])
     message = one_line(err)
-    assert "no layer 'fc8'" in message and "fc7" in message and "python -m pipeline.common.backbones alexnet" in message
+    assert "no layer 'fc8'" in message and "fc7" in message and "python -m pipeline.common.backbones.catalog alexnet" in message
     with pytest.raises(UserError) as err:
         plan_layers(meta_model("resnet18"), "resnet18", ["layer5"])
     assert "layer4" in one_line(err)

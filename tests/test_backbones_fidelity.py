@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline.common.backbones import default_weights, load_classifier, plan_layers, preprocess_for
+from pipeline.common.backbones.catalog import default_weights, load_classifier, plan_layers, preprocess_for
 from pipeline.common.images import read_rgb
 from pipeline.data.synthetic import class_image
 

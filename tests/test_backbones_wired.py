@@ -21,7 +21,7 @@ import run_train_head
 import run_webcam
 from features.cache import open_split
 from models import weights_fingerprint
-from pipeline.common.backbones import plan_layers
+from pipeline.common.backbones.catalog import plan_layers
 from pipeline.common.config import ExtractConfig
 from pipeline.common.images import read_rgb
 from pipeline.common.preprocess import Preprocess
@@ -190,7 +190,7 @@ def test_caches_of_different_datasets_are_refused_in_one_line(made, tmp_path, ca
 
 
 def test_alexnet_refuses_another_models_weights_enum_in_one_line():
-    from pipeline.common.backbone import load_backbone
+    from pipeline.common.backbones.loading import load_backbone
     from pipeline.common.errors import UserError
 
     with pytest.raises(UserError) as err:

@@ -20,7 +20,7 @@ import run_train_head
 import run_webcam
 from features.cache import open_split
 from pipeline.heads import knn
-from pipeline.common.backbone import load_backbone, place_backbone
+from pipeline.common.backbones.loading import load_backbone, place_backbone
 from pipeline.common.checkpoint import read_checkpoint
 from pipeline.heads.experiments.table import COLUMNS
 from pipeline.common.images import read_rgb

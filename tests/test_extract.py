@@ -25,7 +25,7 @@ from torchvision import transforms
 import run_extract
 from features import cache
 from features.cache import CacheError, exclusive_writer, open_split
-from pipeline.common.backbone import load_backbone
+from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.dataset import index_dataset
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.synthetic import make_tiny_imagenet
@@ -191,7 +191,7 @@ def test_touched_weights_file_gets_the_full_check(dataset, tmp_path, caplog):
 
 
 def test_imagenet_file_name_is_torchvision_s():
-    from pipeline.common.weights import IMAGENET_FILE
+    from pipeline.common.backbones.weights import IMAGENET_FILE
     assert IMAGENET_FILE == os.path.basename(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)
 
 

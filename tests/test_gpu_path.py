@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from torchvision.transforms.v2 import functional as F
 
-import pipeline.common.backbone as backbone_module
+import pipeline.common.backbones.loading as backbone_module
 import pipeline.common.preprocess as preprocess_module
 import run_extract
 from models import AlexNetLayers
-from pipeline.common.backbone import DIST_TIMEOUT, HostCopy, set_precision, start_distributed
+from pipeline.common.backbones.loading import DIST_TIMEOUT, HostCopy, set_precision, start_distributed
 from pipeline.common.errors import UserError
 from pipeline.extract.extractor import BatchReader
 from pipeline.common.preprocess import Preprocess

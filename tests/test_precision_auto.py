@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.common.precision as precision
-import pipeline.common.precision_timing as timing
+import pipeline.common.backbones.precision as precision
+import pipeline.common.backbones.precision_timing as timing
 import pipeline.extract.extractor as extractor
 import pipeline.extract.precision_choice as choice
 import run_extract
-from pipeline.common.backbone import load_backbone
+from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import index_dataset
 from pipeline.common.errors import UserError

@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from models.backbones import LayerFeatures, reduction_for
-from pipeline.common.backbones import load_classifier, plan_layers
+from pipeline.common.backbones.catalog import load_classifier, plan_layers
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import class_image
 

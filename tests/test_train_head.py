@@ -21,7 +21,7 @@ import run_extract
 import run_train_head
 from features.cache import open_split
 from pipeline.heads import linear as train_head
-from pipeline.common.backbone import load_backbone
+from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import WORDS
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from features.cache import open_split
-from pipeline.common.backbone import load_backbone
+from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.dataset import index_dataset
 from pipeline.common.images import read_rgb
 from pipeline.common.preprocess import Preprocess

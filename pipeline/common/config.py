@@ -12,7 +12,7 @@ from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
-from pipeline.common.precision import AUTO, PRECISION_CHOICES
+from pipeline.common.backbones.precision import AUTO, PRECISION_CHOICES
 from pipeline.common.preprocess import Preprocess
 
 
@@ -50,12 +50,12 @@ class ExtractConfig:
     url: str = TINY_IMAGENET_URL
     md5: str | None = TINY_IMAGENET_MD5
     out: Path | None = None  # train.h5 and val.h5 go here; None: default_out(backbone)
-    backbone: str = "alexnet"  # any torchvision classification model (pipeline.common.backbones)
+    backbone: str = "alexnet"  # any torchvision classification model (pipeline.common.backbones.catalog)
     list_backbones: bool = False  # print every backbone name and stop
     weights: str = "imagenet"  # imagenet, random, or a state_dict path
     seed: int = 0  # for --weights random
     device: str = "auto"
-    precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.common.precision), fp32, bf16 or fp16
+    precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.common.backbones.precision), fp32, bf16 or fp16
     dtype: str = "float32"  # storage dtype of the features
     batch_size: int | None = None  # None: per backbone (AlexNet: 64 on CPU, 256 on CUDA)
     workers: int | None = None  # DataLoader workers; None: 1 on CPU; on CUDA the usable CPUs per local rank - 1, up to 16
@@ -82,14 +82,14 @@ class ExtractConfig:
 
     @property
     def is_alexnet(self) -> bool:
-        """AlexNet keeps its own path (pipeline.common.backbone), bit for bit as before other backbones."""
+        """AlexNet keeps its own path (pipeline.common.backbones.loading), bit for bit as before other backbones."""
         return self.backbone == ALEXNET
 
     @property
     def preprocess(self) -> Preprocess:
         """The one preprocessing definition these settings name (a resize below the input is raised to it).
 
-        Other backbones' preprocessing follows their weights (``pipeline.common.backbones.preprocess_for``,
+        Other backbones' preprocessing follows their weights (``pipeline.common.backbones.catalog.preprocess_for``,
         which imports torchvision): this property only holds AlexNet's, torch-free."""
         image_size = 224 if self.image_size is None else self.image_size
         resize_size = 256 if self.resize_size is None else self.resize_size
@@ -104,11 +104,11 @@ class ExtractConfig:
             if unknown or not self.layers:
                 raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
             self.layers = tuple(network_order(set(self.layers)))  # network order, once each
-        else:  # checked against the model's graph when it is built (pipeline.common.backbones.plan_layers)
+        else:  # checked against the model's graph when it is built (pipeline.common.backbones.catalog.plan_layers)
             bad = [layer for layer in self.layers if "/" in layer or layer in ("features", "labels", "paths")]
             if bad or not self.layers:
                 raise UserError(f"--layers {','.join(self.layers)}: use a comma list of the model's node names "
-                                f"(list them with: python -m pipeline.common.backbones {self.backbone})")
+                                f"(list them with: python -m pipeline.common.backbones.catalog {self.backbone})")
             self.layers = tuple(dict.fromkeys(self.layers))
         self.preprocess  # noqa: B018 - raises UserError for options no preprocessing can follow
         for name, value in (("--image-size", self.image_size), ("--resize-size", self.resize_size)):

@@ -13,7 +13,7 @@ from features.errors import NoRows
 from models.layers import network_order
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.errors import UserError
-from pipeline.common.precision import AUTO_ATTR, encode
+from pipeline.common.backbones.precision import AUTO_ATTR, encode
 from pipeline.extract.incremental import Reuse
 from pipeline.extract.loading import backbone_attrs
 

@@ -1,7 +1,7 @@
 """Stage one: run the frozen backbone once over train and val and store its layers in the HDF5 cache.
 
 AlexNet (the default) runs its own fc7 cut (models.AlexNetLayers), bit for bit as before other backbones
-existed; any other torchvision classifier runs as ``pipeline.common.backbones`` plans it: torchvision's
+existed; any other torchvision classifier runs as ``pipeline.common.backbones.catalog`` plans it: torchvision's
 graph cut at the named nodes, each reduced to a vector (models.backbones.LayerFeatures).
 
 Data path: DataLoader workers read and decode whole batches of JPEGs (and on the CPU also resize and
@@ -33,13 +33,13 @@ from tqdm import tqdm
 from features import cache
 from features.errors import describe_error
 from models.layers import MIN_IMAGE_SIZE
-from pipeline.common.backbone import HostCopy, place_backbone, start_distributed, warm_up
+from pipeline.common.backbones.loading import HostCopy, place_backbone, start_distributed, warm_up
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
 from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
-from pipeline.common.precision import AUTO
+from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
 from pipeline.extract.freshness import file_stamps, files_signature, preprocess_of, refresh_class_names, split_settings

@@ -26,9 +26,9 @@ from features import cache
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.errors import UserError
-from pipeline.common.precision import AUTO
+from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.weights import IMAGENET_FILE, describe_weights, weights_stamp
+from pipeline.common.backbones.weights import IMAGENET_FILE, describe_weights, weights_stamp
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def preprocess_of(config: ExtractConfig) -> Preprocess:
     from its weights' own ``transforms()``, with only the sizes the user gave replacing the model's."""
     if config.is_alexnet:
         return config.preprocess
-    from pipeline.common.backbones import named_weights, preprocess_for  # imports torchvision
+    from pipeline.common.backbones.catalog import named_weights, preprocess_for  # imports torchvision
 
     preprocess = preprocess_for(config.backbone, named_weights(config.backbone, config.weights),
                                 image_size=config.image_size, resize_size=config.resize_size)
@@ -86,7 +86,7 @@ def hub_name(config: ExtractConfig) -> str:
     """The basename of this backbone's pretrained weights in the torch hub cache (what the quick look stats)."""
     if config.is_alexnet:
         return IMAGENET_FILE
-    from pipeline.common.backbones import default_weights, hub_file, named_weights
+    from pipeline.common.backbones.catalog import default_weights, hub_file, named_weights
 
     return hub_file(named_weights(config.backbone, config.weights) or default_weights(config.backbone)).name
 

@@ -1,5 +1,5 @@
 """The backbone an extraction runs: AlexNet's fc7 cut (as before other backbones), or any torchvision
-classifier planned by ``pipeline.common.backbones``; its default batch size, and what its cache records."""
+classifier planned by ``pipeline.common.backbones.catalog``; its default batch size, and what its cache records."""
 from __future__ import annotations
 
 import json
@@ -7,17 +7,17 @@ import json
 import torch
 
 from models.layers import LAYER_DIMS
-from pipeline.common.backbone import load_backbone
+from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.config import ExtractConfig
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.weights import weights_stamp
+from pipeline.common.backbones.weights import weights_stamp
 
 
 def default_batch_size(backbone: str, device: torch.device) -> int:
     """AlexNet's as before (64 on the CPU, 256 on CUDA); other models' from their size and the free memory."""
     if backbone == "alexnet":
         return 256 if device.type == "cuda" else 64
-    from pipeline.common.backbones import default_batch_size as by_model
+    from pipeline.common.backbones.catalog import default_batch_size as by_model
 
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     return by_model(backbone, device.type, free)
@@ -28,7 +28,7 @@ def load_for(config: ExtractConfig, preprocess: Preprocess) -> tuple[torch.nn.Mo
     if config.is_alexnet:  # the fc7 cut: its fingerprint covers exactly the layers AlexNet caches compare
         backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
         return backbone, weights_spec, fingerprint, dict(LAYER_DIMS), {}
-    from pipeline.common.backbones import default_weights, hub_file, load_classifier, named_weights, plan_layers
+    from pipeline.common.backbones.catalog import default_weights, hub_file, load_classifier, named_weights, plan_layers
 
     loaded = load_classifier(config.backbone, config.weights, seed=config.seed, progress=config.progress)
     module, specs = plan_layers(loaded.model, loaded.name, config.layers, image_size=preprocess.image_size)

@@ -3,7 +3,7 @@
 A run continues an earlier one when the cache folder holds a complete split file (an added layer, a rerun)
 or a partial extraction (resume): the precision recorded there is reused, untimed, so the rows of one file
 never mix precisions. Otherwise rank 0 times the candidates on the first images of the first split and
-the other torchrun ranks follow its choice. The rules are in pipeline.common.precision.
+the other torchrun ranks follow its choice. The rules are in pipeline.common.backbones.precision.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import torch.distributed as dist
 from features import cache
 from features.atomic import write_atomic
 from features.errors import CacheError
-from pipeline.common.backbone import place_backbone
+from pipeline.common.backbones.loading import place_backbone
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.images import ImageDecodeError, read_rgb, stack_or_list
-from pipeline.common.precision import AUTO, AUTO_ATTR, CPU_SUB_BATCH, decode, describe, reused
-from pipeline.common.precision_timing import choose_precision
+from pipeline.common.backbones.precision import AUTO, AUTO_ATTR, CPU_SUB_BATCH, decode, describe, reused
+from pipeline.common.backbones.precision_timing import choose_precision
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.heads.readers import open_cache
 
-ALEXNET_DEFAULT, OTHER_DEFAULT = "fc7", "penultimate"  # pipeline.common.backbones.default_layers, torch-free
+ALEXNET_DEFAULT, OTHER_DEFAULT = "fc7", "penultimate"  # pipeline.common.backbones.catalog.default_layers, torch-free
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError
-from pipeline.common.weights import IMAGENET_FILE, describe_weights, weights_file
+from pipeline.common.backbones.weights import IMAGENET_FILE, describe_weights, weights_file
 from pipeline.live.classifier import Classifier
 from pipeline.live.overlay import check_output_paths
 

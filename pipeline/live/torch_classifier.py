@@ -17,11 +17,11 @@ import torch
 
 from models import AlexNetClassifier
 from models.backbones import LayerClassifier
-from pipeline.common.backbone import load_backbone, place_backbone, resolve_device
+from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
 from pipeline.common.checkpoint import checkpoint_backbone, checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
 from pipeline.common.images import stack_or_list
-from pipeline.common.precision import AUTO
+from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import torch_decoder
 from pipeline.live.checks import frame_bytes
@@ -68,8 +68,8 @@ def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int 
 def _layer_classifier(checkpoint: dict, spec: str, weights_given: bool, seed: int, device: torch.device) -> LayerClassifier:
     """Any other torchvision backbone, rebuilt from the checkpoint alone: its model and weights, the recorded
     graph node and reduction of the head's layer, placed as extraction placed it."""
-    from pipeline.common.backbones import LayerSpec, layer_features
-    from pipeline.common.backbones import load_classifier as load_torchvision
+    from pipeline.common.backbones.catalog import LayerSpec, layer_features
+    from pipeline.common.backbones.catalog import load_classifier as load_torchvision
 
     name = checkpoint_backbone(checkpoint)
     try:
@@ -164,7 +164,7 @@ class TorchClassifier:
 
     def _choose_precision(self, frames: Sequence[np.ndarray]) -> None:
         """--precision auto: time the candidates on this first batch, then cast the backbone once to the choice."""
-        from pipeline.common.precision_timing import choose_precision
+        from pipeline.common.backbones.precision_timing import choose_precision
 
         device, backbone = self.model.head.weight.device, self.model.backbone
         batch = _batch([as_tensor(frame) for frame in frames], device)

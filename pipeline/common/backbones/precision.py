@@ -1,7 +1,7 @@
 """``--precision auto``: the rules, torch-free (the quick rerun check needs them without importing torch).
 
 auto times the candidate precisions on the first real batch and keeps the fastest whose features stay at
-cosine >= FIDELITY to fp32's (pipeline.common.precision_timing). Which precision wins depends on the
+cosine >= FIDELITY to fp32's (pipeline.common.backbones.precision_timing). Which precision wins depends on the
 machine (bf16 was 0.6x fp32 on one AVX512-BF16 Xeon and 2.1x on an EPYC with the same flag), so:
 
 - the rerun rule: a cache made at any precision auto may choose is up to date for auto, whichever

@@ -14,7 +14,7 @@ from torchvision.models import AlexNet_Weights
 
 from models import AlexNetLayers, weights_fingerprint
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.weights import describe_weights, is_enum_spec
+from pipeline.common.backbones.weights import describe_weights, is_enum_spec
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ Everything comes from torchvision's own registry (``list_models``, ``get_model``
 its weights API (``weights.get_state_dict``, ``weights.transforms()``) and its graph-based feature
 extraction; nothing here knows a model by hand except AlexNet's DeCAF layer names (pool5, fc6, fc7).
 
-    python -m pipeline.common.backbones            # lists every backbone name
-    python -m pipeline.common.backbones resnet50   # lists resnet50's layer names
+    python -m pipeline.common.backbones.catalog            # lists every backbone name
+    python -m pipeline.common.backbones.catalog resnet50   # lists resnet50's layer names
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from models import weights_fingerprint
 from models.backbones import LayerFeatures, graph_node_names, node_extractor, penultimate_node, reduce_to_vector, reduction_for
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.weights import describe_weights
+from pipeline.common.backbones.weights import describe_weights
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "alexnet"
-LIST_BACKBONES = "python -m pipeline.common.backbones"  # how a user lists them all (see the module docstring)
+LIST_BACKBONES = "python -m pipeline.common.backbones.catalog"  # how a user lists them all (see the module docstring)
 PENULTIMATE = "penultimate"
 # AlexNet's DeCAF names: (graph node, reduction). pool5 is the flattened avgpool output, fc6/fc7 post-ReLU
 ALEXNET_LAYERS = {"pool5": ("avgpool", "flatten"), "fc6": ("classifier.2", "none"), "fc7": ("classifier.5", "none")}

@@ -54,7 +54,7 @@ def weights_file(recorded: str, hub_name: str = IMAGENET_FILE) -> Path | None:
 
 def weights_stamp(recorded: str, hub_name: str = IMAGENET_FILE) -> str:
     """JSON naming what the weights of a recorded spec are read from, as it is now on disk (``hub_name``: the
-    backbone's file in the hub cache, ``pipeline.common.backbones.hub_file``)."""
+    backbone's file in the hub cache, ``pipeline.common.backbones.catalog.hub_file``)."""
     path = weights_file(recorded, hub_name)
     if path is None:
         return json.dumps({"torch": metadata.version("torch")})  # the seeded init may change between releases

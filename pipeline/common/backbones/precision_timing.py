@@ -3,7 +3,7 @@
 Each candidate is a copy of the fp32 backbone with its weights cast once (as ``place_backbone`` casts them);
 it runs once untimed (oneDNN and cuDNN pick their kernels), then is timed; its features must keep cosine >=
 FIDELITY to fp32's on the same images, row by row and layer by layer. On a 2-core CPU, 16 images cost about
-80 ms per fp32 forward, so the whole choice stays well under 2 s. The rules live in pipeline.common.precision.
+80 ms per fp32 forward, so the whole choice stays well under 2 s. The rules live in pipeline.common.backbones.precision.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from pipeline.common.backbone import compute_dtype, set_precision
-from pipeline.common.precision import FIDELITY, candidates, describe
+from pipeline.common.backbones.loading import compute_dtype, set_precision
+from pipeline.common.backbones.precision import FIDELITY, candidates, describe
 
 log = logging.getLogger(__name__)
 
