@@ -91,16 +91,21 @@ def _kept_taps(in_size: int, out_size: int, interpolation: str, start: int, coun
 
 
 def _pass(image: np.ndarray, indices: np.ndarray, weights: np.ndarray, precision: int) -> np.ndarray:
-    """One separable pass over the columns of a 2-D uint8 image (a row pass is one on its transpose) -> uint8.
+    """The horizontal pass over a (rows, width x channels) uint8 image -> (rows, kept x channels) uint8.
 
     A loop over the few taps (2 x the shrink factor + 1), each one gather and one integer multiply-add over the
     kept pixels: exact int32 arithmetic, as ATen's; far cheaper than a dense product over a whole row.
     """
     acc = np.full((image.shape[0], indices.shape[1]), 1 << (precision - 1), dtype=np.int32)
+    term = np.empty_like(acc)
     for k in range(indices.shape[0]):
-        acc += image[:, indices[k]] * weights[k]
+        acc += np.multiply(np.take(image, indices[k], axis=1), weights[k], out=term)
+    return _to_uint8(acc, precision)
+
+
+def _to_uint8(acc: np.ndarray, precision: int) -> np.ndarray:
     acc >>= precision  # arithmetic shift: floor, as C's >> on the int32 sum
-    return np.clip(acc, 0, 255).astype(np.uint8)
+    return np.clip(acc, 0, 255, out=acc).astype(np.uint8)
 
 
 def resized_size(preprocess: Preprocess, height: int, width: int) -> tuple[int, int]:
@@ -131,10 +136,10 @@ def resize_crop(preprocess: Preprocess, rgb: np.ndarray) -> np.ndarray:
         wide = np.ascontiguousarray(image[:, left:left + side]).reshape(image.shape[0], -1)
     if out_h != height:  # the vertical pass: rows are gathered whole, each scaled by its own weight
         acc = np.full((side, wide.shape[1]), 1 << (row_precision - 1), dtype=np.int32)
+        term = np.empty_like(acc)
         for k in range(rows.shape[0]):
-            acc += wide[rows[k] - first] * row_weights[k][:, None]
-        acc >>= row_precision
-        wide = np.clip(acc, 0, 255).astype(np.uint8)
+            acc += np.multiply(wide[rows[k] - first], row_weights[k][:, None], out=term)
+        wide = _to_uint8(acc, row_precision)
     return wide.reshape(side, side, 3)
 
 
