@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,8 @@ from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import decode_with_opencv, torch_decoder
 from pipeline.live.numpy_preprocess import preprocess_frames
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 FRAMES = {"640x480": (480, 640), "64x64": (64, 64)}
 
 
@@ -72,9 +75,8 @@ def _predictions(path: Path) -> dict[str, dict[str, float]]:
 
 
 def _run(args: list[str]) -> None:
-    import run_webcam
-
-    if run_webcam.main(args) != 0:
+    """run_webcam.py as a user runs it, in its own process."""
+    if subprocess.run([sys.executable, str(ROOT / "run_webcam.py"), *args]).returncode != 0:
         raise SystemExit(f"run_webcam.py {' '.join(args)} failed")
 
 
