@@ -164,7 +164,7 @@ def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyIma
         shared = [str(root) if root else None]
         dist.broadcast_object_list(shared, src=0)
         root = Path(shared[0])
-    return index_dataset(root)
+    return index_dataset(root, config.val_fraction)
 
 
 def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict, result: ExtractResult) -> bool:
