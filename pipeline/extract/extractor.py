@@ -38,7 +38,8 @@ from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
-from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.common.images import (ImageDecodeError, Skipped, decode_floor, enforce_skip_policy, read_rgb,
+                                    stack_or_list)
 from pipeline.common.precision import AUTO, AUTO_ATTR, encode
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.freshness import preprocess_of, refresh_class_names, split_settings
@@ -54,8 +55,10 @@ log = logging.getLogger(__name__)
 class BatchReader(Dataset):
     """Item i is the i-th batch of the work list: its shard, positions, uint8 images and skips."""
 
-    def __init__(self, root: Path, paths: list[str], batches: list[tuple[int, np.ndarray]], preprocess: Preprocess | None):
+    def __init__(self, root: Path, paths: list[str], batches: list[tuple[int, np.ndarray]], preprocess: Preprocess | None,
+                 min_side: int | None = None):
         self.root, self.paths, self.batches, self.preprocess = root, paths, batches, preprocess
+        self.min_side = min_side  # a large JPEG is decoded reduced, to no less than this (images.decode_floor)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -65,7 +68,7 @@ class BatchReader(Dataset):
         images, kept, skipped = [], [], []
         for position in positions:
             try:
-                images.append(read_rgb(self.root / self.paths[position]))
+                images.append(read_rgb(self.root / self.paths[position], min_side=self.min_side))
                 kept.append(position)
             except ImageDecodeError as err:  # bad content: a listed skip
                 skipped.append(Skipped(self.paths[position], str(err)).to_dict())
@@ -285,7 +288,8 @@ def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, sh
     batches = [(i, np.arange(b, min(b + run.batch_size, shards[i].stop)))
                for i in mine for b in range(shards[i].start, shards[i].stop, run.batch_size)]
     in_workers = resize_in_workers(run.device)
-    reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None)
+    reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None,
+                         min_side=decode_floor(run.preprocess))
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=run.workers,
                         pin_memory=run.device.type == "cuda", persistent_workers=False)
     forward = _Forward(run, layers, run.preprocess.normalize if in_workers else run.preprocess)
