@@ -83,7 +83,8 @@ def decode_rgb(data: torch.Tensor, *, min_side: int | None = None) -> torch.Tens
         if "truncated" in reason.lower() or "premature" in reason.lower():
             raise ImageDecodeError(f"truncated image ({reason})") from None
         if "unsupported image file" in reason.lower():
-            raise ImageDecodeError("not a format the decoder reads (JPEG, PNG, WebP, GIF); convert it to JPEG") from None
+            raise ImageDecodeError("cannot decode (not a format the decoder reads: JPEG, PNG, WebP, GIF; "
+                                   "convert it to JPEG)") from None
         raise ImageDecodeError(f"cannot decode ({reason})") from None
     if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
         if image.shape[0] == 0:
