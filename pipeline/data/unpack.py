@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from features.atomic import write_atomic
+from pipeline.common.dataset import find_root, index_dataset
 from pipeline.common.errors import UserError, first_line
+from pipeline.common.indexing import is_image
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,10 @@ def inspect_zip(zip_path: Path) -> ZipContents:
         raise UserError(f"{zip_path} uses a compression method Python cannot unpack "
                         f"({METHOD_NAMES.get(method, f'method {method}')}, first in {unsupported[0].filename!r}); "
                         "unpack it with another tool (e.g. 7z x) and pass the folder with --data")
-    if not any(m.filename == "wnids.txt" or m.filename.endswith("/wnids.txt") for m in members):
-        raise UserError(f"{zip_path} is not a Tiny ImageNet zip: it has no wnids.txt; pass the official tiny-imagenet-200.zip")
+    if not any(m.filename == "wnids.txt" or m.filename.endswith("/wnids.txt") or is_image(m.filename.rsplit("/", 1)[-1])
+               for m in members):
+        raise UserError(f"{zip_path} holds no dataset: no wnids.txt and no images; pass the official "
+                        "tiny-imagenet-200.zip or a zip of an ImageFolder dataset (<class>/ folders of images)")
     unpacked = sum(m.file_size for m in members)
     if unpacked > MAX_UNPACKED_BYTES or len(members) > MAX_MEMBERS:
         raise UserError(f"{zip_path} would unpack to {unpacked / 1e9:.1f} GB in {len(members)} files, far more than "
@@ -126,7 +130,13 @@ def _write_marker(folder: Path, identity: dict) -> None:
 
 
 def _is_dataset(folder: Path) -> bool:
-    return (folder / "wnids.txt").is_file() or len(list(folder.glob("*/wnids.txt"))) == 1
+    if (folder / "wnids.txt").is_file() or len(list(folder.glob("*/wnids.txt"))) == 1:
+        return True
+    try:  # an ImageFolder dataset (or a folder holding one) whose class folders hold images
+        index_dataset(find_root(folder))
+    except UserError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:
