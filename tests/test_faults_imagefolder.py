@@ -149,3 +149,9 @@ def test_photos_the_decoder_cannot_read_are_listed_skips_and_strict_refuses_them
                 recorded[item["path"]] = split
     assert recorded == {rel: "val" if in_val(rel, 0.2) else "train" for rel in [*unread, "dog/broken.jpg"]}
     assert tree_hash(root) == before  # the user's folder is only read
+
+
+def test_a_fraction_that_leaves_a_split_empty_is_one_line(tmp_path, capsys):
+    root = make_flat(tmp_path / "desk", per_class=2)
+    line = prepare_error(capsys, root, "--val-fraction", "0.001")
+    assert "--val-fraction 0.001 puts none of the 6 images" in line and "in val; raise it" in line

@@ -96,6 +96,10 @@ def index_image_folder(root: Path, layout: str, val_fraction: float = 0.2) -> Da
             split.labels.append(label)
         for item in every.excluded:
             splits["val" if in_val(item["path"], val_fraction) else "train"].excluded.append(item)
+        for name, split in splits.items():
+            if not split.paths:
+                raise UserError(f"--val-fraction {val_fraction} puts none of the {len(every)} images of {root} in "
+                                f"{name}; {'raise' if name == 'val' else 'lower'} it, or add images")
         _warn_missing(splits, classes, f"get no val image from --val-fraction {val_fraction}")
     log_index(ignored, splits)
     return Dataset(root=root, wnids=classes, names=list(classes), full_names=list(classes), splits=splits,
