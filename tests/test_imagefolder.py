@@ -94,17 +94,19 @@ def test_suffixes_in_any_case_webp_png_and_subfolders_are_images(tmp_path, capsy
     assert summary["splits"]["train"]["images"] + summary["splits"]["val"]["images"] == 8
 
 
-def test_a_zip_of_an_imagefolder_is_unpacked_and_detected(tmp_path, capsys):
-    root = make_splits(tmp_path / "src" / "pets")
+@pytest.mark.parametrize("top_folder", [True, False])
+def test_a_zip_of_an_imagefolder_is_unpacked_and_detected(tmp_path, capsys, top_folder):
+    root = make_splits(tmp_path / "src" / "pets") if top_folder else make_flat(tmp_path / "src" / "pets")
     zip_path = tmp_path / "pets.zip"
-    with zipfile.ZipFile(zip_path, "w") as archive:  # one top folder, as zipping a folder makes
+    with zipfile.ZipFile(zip_path, "w") as archive:  # with one top folder (as zipping a folder makes), or without
         for path in sorted(root.rglob("*")):
-            archive.write(path, path.relative_to(root.parent))
+            archive.write(path, path.relative_to(root.parent if top_folder else root))
     shutil.rmtree(tmp_path / "src")
     rc, summary, err = prepare(capsys, zip_path)
     assert rc == 0, err
-    assert summary["layout"] == "imagefolder-splits" and summary["splits"]["train"]["images"] == 12
-    assert summary["root"] == str(tmp_path / "pets" / "pets")
+    assert summary["layout"] == ("imagefolder-splits" if top_folder else "imagefolder")
+    assert summary["root"] == str(tmp_path / "pets" / "pets" if top_folder else tmp_path / "pets")
+    assert sum(split["images"] for split in summary["splits"].values()) == (18 if top_folder else 30)
 
 
 @pytest.mark.parametrize("layout", ["imagefolder", "imagefolder-splits"])
