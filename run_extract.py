@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = ExtractConfig()  # every default comes from here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=d.data, help="Tiny ImageNet folder or its zip (default: data/tiny-imagenet-200)")
+    data.add_argument("--data", default=d.data,
+                      help="dataset folder or its zip: Tiny ImageNet, ImageFolder with splits (ROOT/train/<class>/, "
+                           "ROOT/val/<class>/) or one ImageFolder (ROOT/<class>/) (default: data/tiny-imagenet-200)")
+    data.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                      help="one ImageFolder (ROOT/<class>/): the share of each class held out for val, chosen by a "
+                           "hash of each image's path so an image never changes split as others are added "
+                           f"(default {d.val_fraction})")
     data.add_argument("--download", action="store_true", help="download the official zip (md5-checked) and unpack it")
     data.add_argument("--url", default=d.url, help="download address (a mirror)")
     data.add_argument("--md5", default=d.md5, help="expected md5 of the downloaded zip")

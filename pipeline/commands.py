@@ -41,8 +41,9 @@ def prepare(config: ExtractConfig) -> int:
     from pipeline.data.prepare import prepare_dataset
 
     summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
-                              arrange=config.arrange_val, strict=config.strict, progress=config.progress)
-    log.info("%s: %d classes", summary["root"], summary["num_classes"])
+                              arrange=config.arrange_val, strict=config.strict, progress=config.progress,
+                              val_fraction=config.val_fraction)
+    log.info("%s: %s layout, %d classes", summary["root"], summary["layout"], summary["num_classes"])
     for name, split in summary["splits"].items():
         log.info("  %-5s %6d images, %d-%d per class, %d skipped", name, split["images"],
                  split["per_class_min"], split["per_class_max"], split["skipped"])
@@ -66,7 +67,7 @@ def extract(config: ExtractConfig) -> int:
                      progress=config.progress)
     dataset = None
     if quick_look_applies(config):
-        dataset = index_dataset(locate())
+        dataset = index_dataset(locate(), config.val_fraction)
         found = quick_up_to_date(config, dataset)  # torch-free: a rerun onto a finished cache answers at once
         if found:
             refresh_class_names(config.out, found, dataset)  # names are no setting: rewritten in place

@@ -110,10 +110,10 @@ def test_read_error_stops_the_run_naming_the_file_and_the_rerun_reads_it(data, r
                                                                           capfd, workers):
     read_rgb = extract_module.read_rgb
 
-    def failing_read(path):
+    def failing_read(path, **options):  # options: the reader's min_side (reduced decoding of large JPEGs)
         if str(path).endswith(BAD):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-        return read_rgb(path)
+        return read_rgb(path, **options)
 
     before = dataset_state(data)
     out = tmp_path / "features"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
+from pipeline.common.layouts import check_val_fraction
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
 from pipeline.common.backbones.precision import AUTO, PRECISION_CHOICES
@@ -68,6 +69,7 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False  # an undecodable image is an error instead of a listed skip
     arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
+    val_fraction: float = 0.2  # one ImageFolder (ROOT/<class>/*): the share held out for val, by a hash of each path
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = True
     layers: tuple[str, ...] | None = None  # cached layers (one pass fills them all); None: default_layers(backbone)
@@ -114,6 +116,7 @@ class ExtractConfig:
         for name, value in (("--image-size", self.image_size), ("--resize-size", self.resize_size)):
             _positive(name, value)
         check_seed(self.seed)
+        check_val_fraction(self.val_fraction)
         self.precision = self.precision or AUTO  # None: the default, as before auto existed
         if self.precision not in PRECISION_CHOICES:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISION_CHOICES)}")

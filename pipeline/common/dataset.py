@@ -1,6 +1,7 @@
-"""Tiny ImageNet layout: read wnids, words and the splits, index every labelled image, arrange val by class.
+"""The dataset behind --data: its layout found, and indexed. Tiny ImageNet's layout is read here; the
+ImageFolder layouts in pipeline.common.layouts; the indexed model in pipeline.common.indexing.
 
-The source folder is only read. Supported layouts (below the folder holding ``wnids.txt``):
+Tiny ImageNet (below the folder holding ``wnids.txt``); the source folder is only read:
 
     wnids.txt, words.txt
     train/<wnid>/images/*.JPEG          (or train/<wnid>/*.JPEG)
@@ -10,64 +11,33 @@ The source folder is only read. Supported layouts (below the folder holding ``wn
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.common.errors import UserError
-from pipeline.common.names import IMAGE_SUFFIXES
+from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, TINY_IMAGENET, Dataset, Split,
+                                      examples, list_images, log_index, read_lines, shown, subfolders)
+from pipeline.common.layouts import check_val_fraction, detect_layout, find_image_folder, index_image_folder
+
+__all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGENET", "Dataset", "Split",
+           "TinyImageNet", "arrange_val", "check_val_fraction", "find_root", "index_dataset", "layout_of",
+           "read_class_names", "read_lines", "shown"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-MAX_EXAMPLES = 3  # how many offending names an error message quotes
-
-
-@dataclass
-class Split:
-    """The labelled images of one split, in a fixed order (class, then file name)."""
-
-    paths: list[str] = field(default_factory=list)  # relative to the dataset root, with '/'
-    labels: list[int] = field(default_factory=list)
-    # images that cannot be indexed (a file name that is not UTF-8), as [{"path", "reason"}]: skips, listed
-    excluded: list[dict] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass
-class TinyImageNet:
-    """An indexed dataset. A label is a class's position in the sorted ``wnids``."""
-
-    root: Path
-    wnids: list[str]
-    names: list[str]  # short names: the first synonym in words.txt ("goldfish")
-    full_names: list[str]  # the whole words.txt entry
-    splits: dict[str, Split]
-    ignored: list[str] = field(default_factory=list)  # stray files that are not images
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.wnids)
-
-    def signature(self, split: str) -> str:
-        """sha256 over the class order and one split's (path, label) list: what a cache was made from."""
-        digest = hashlib.sha256()
-        digest.update("\n".join(self.wnids).encode())
-        for path, label in zip(self.splits[split].paths, self.splits[split].labels):
-            digest.update(f"\n{path}\t{label}".encode())
-        return digest.hexdigest()
+TinyImageNet = Dataset  # the name the indexed dataset had when Tiny ImageNet was the only layout
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the layout
+# Finding the layout
 
 
 def find_root(path: Path) -> Path:
-    """The folder itself if it holds wnids.txt, else its single sub-folder that does (as an absolute path)."""
+    """The dataset folder at ``path`` (as an absolute path): the folder itself if it holds wnids.txt, else its
+    single sub-folder that does; else an ImageFolder dataset there (or in its one sub-folder, as a zip
+    unpacks). Anything else is one line saying what was found and what is expected."""
     path = Path(path).resolve()
     if (path / "wnids.txt").is_file():
         return path
@@ -76,92 +46,41 @@ def find_root(path: Path) -> Path:
         return candidates[0]
     if candidates:
         raise UserError(f"{path} holds several datasets ({', '.join(map(str, candidates))}); pass one of them with --data")
-    raise UserError(f"{path} is not Tiny ImageNet: no wnids.txt in it or in a sub-folder; pass the folder that holds wnids.txt")
+    return find_image_folder(path)[0]
 
 
+def layout_of(root: Path) -> str:
+    """The layout of the dataset folder ``root`` (found by find_root): one of LAYOUTS."""
+    return TINY_IMAGENET if (Path(root) / "wnids.txt").is_file() else detect_layout(Path(root))
 
 
-def read_lines(path: Path) -> list[str]:
-    """Non-blank lines without their line ending or trailing blanks; CRLF, a missing final newline and a
-    byte-order mark all work."""
-    try:
-        with open(path, encoding="utf-8-sig", newline=None) as f:
-            return [line.rstrip() for line in f if line.strip()]
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path} ({err.strerror or err}); check the drive and permissions, then rerun") from None
+def index_dataset(root: Path, val_fraction: float = 0.2) -> Dataset:
+    """Index the dataset at ``root`` (found by find_root) in its layout. Reads no image.
+
+    ``val_fraction``: the one ImageFolder layout only; the share of each class held out for val, by a hash
+    of each path (pipeline.common.holdout)."""
+    root = Path(root)
+    layout = layout_of(root)
+    if layout != TINY_IMAGENET:
+        return index_image_folder(root, layout, val_fraction)
+    return index_tiny_imagenet(root)
 
 
-def shown(name: str) -> str:
-    """A path or name as text that can always be printed and stored: bytes that are not UTF-8 as \\xNN."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # os.scandir hands undecodable bytes over as lone surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
-
-
-def _scan(folder: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(entries, key=lambda e: e.name)
-    except OSError as err:
-        raise UserError(f"cannot list {folder} ({err.strerror or err}); check the drive and permissions, then rerun") from None
-
-
-def _list_images(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
-    """Image files in the folder ``root/rel``, sorted, as paths relative to ``root`` (strings: pathlib would
-    cost more than the listing on 110,000 files). Anything else (.DS_Store, *_boxes.txt, ...) is noted as
-    ignored, an image whose name is not UTF-8 (it cannot be stored in the cache) as excluded."""
-    images = []
-    for entry in _scan(root / rel):
-        name, path = entry.name, f"{rel}/{entry.name}"
-        if entry.is_file() and _is_image(name):
-            if _is_utf8(name):
-                images.append(path)
-            else:
-                excluded.append({"path": shown(path), "reason": f"file name {os.fsencode(name)!r} is not valid "
-                                 "UTF-8 and cannot be stored in the cache; rename the file to use it"})
-        elif entry.is_symlink() and _is_image(name) and not entry.is_dir():
-            # a link whose target is gone (a vanished drive): a read failure, never a silent omission
-            raise UserError(f"cannot read {root / path} (a link to {os.readlink(root / path)}, which does not "
-                            "exist); reconnect the drive or fix the link, then rerun")
-        elif not (name == "images" and entry.is_dir()):
-            ignored.append(path)
-    return images
+# ---------------------------------------------------------------------------------------------
+# Tiny ImageNet
 
 
 def _class_images(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
     """Images of one class folder: <class>/images/*.JPEG, or <class>/*.JPEG (relative to ``root``)."""
-    images = _list_images(root, rel, ignored, excluded)
+    images = list_images(root, rel, ignored, excluded)
     if (root / rel / "images").is_dir():
-        images += _list_images(root, f"{rel}/images", ignored, excluded)
+        images += list_images(root, f"{rel}/images", ignored, excluded)
     return images
-
-
-def _subfolders(folder: Path) -> list[str]:
-    return [e.name for e in _scan(folder) if e.is_dir() and not e.name.startswith(".")]
-
-
-def _examples(items) -> str:
-    """The first few names, each as repr: two names that differ only in invisible characters look different."""
-    items = [repr(item) for item in items]
-    more = f", ... ({len(items)} in all)" if len(items) > MAX_EXAMPLES else ""
-    return ", ".join(items[:MAX_EXAMPLES]) + more
 
 
 def _warn_empty(folder: Path, empty: list[str]) -> None:
     if empty:
-        log.warning("%d class folders under %s hold no images: %s", len(empty), folder, _examples(empty))
+        log.warning("%d class folders under %s hold no images: %s", len(empty), folder, examples(empty))
 
 
 def read_class_names(root: Path, wnids: list[str]) -> tuple[list[str], list[str]]:
@@ -178,7 +97,7 @@ def read_class_names(root: Path, wnids: list[str]) -> tuple[list[str], list[str]
             words[wnid] = entry.strip()
     missing = [w for w in wnids if w not in words]
     if missing:
-        log.warning("words.txt has no entry for %s; those classes are named by their wnid", _examples(missing))
+        log.warning("words.txt has no entry for %s; those classes are named by their wnid", examples(missing))
     full = [words.get(w, w) for w in wnids]
     return [name.split(",")[0].strip() for name in full], full
 
@@ -195,8 +114,8 @@ def _add_class_folders(split: Split, root: Path, split_name: str, wnids: list[st
     _warn_empty(root / split_name, empty)
 
 
-def index_dataset(root: Path) -> TinyImageNet:
-    """Read and check the layout under ``root`` (the folder with wnids.txt). Reads no image."""
+def index_tiny_imagenet(root: Path) -> Dataset:
+    """Read and check the Tiny ImageNet layout under ``root`` (the folder with wnids.txt). Reads no image."""
     root = Path(root)
     if not (root / "wnids.txt").is_file():
         raise UserError(f"{root / 'wnids.txt'} not found; pass the Tiny ImageNet folder that holds it")
@@ -212,15 +131,15 @@ def index_dataset(root: Path) -> TinyImageNet:
     if not train_dir.is_dir():
         what = "is not a folder" if train_dir.exists() else "not found"
         raise UserError(f"{train_dir} {what}; the dataset needs train/<wnid>/images/")
-    folders = _subfolders(train_dir)
+    folders = subfolders(train_dir)
     unlisted = sorted(set(folders) - set(wnids))
     missing = sorted(set(wnids) - set(folders))
     if unlisted or missing:
         parts = []
         if unlisted:
-            parts.append(f"folders not in wnids.txt: {_examples(unlisted)}")
+            parts.append(f"folders not in wnids.txt: {examples(unlisted)}")
         if missing:
-            parts.append(f"wnids with no folder: {_examples(missing)}")
+            parts.append(f"wnids with no folder: {examples(missing)}")
         raise UserError(f"{train_dir} disagrees with wnids.txt ({'; '.join(parts)}); fix the folders or wnids.txt")
     train = Split()
     _add_class_folders(train, root, "train", wnids, label_of, ignored)
@@ -229,12 +148,8 @@ def index_dataset(root: Path) -> TinyImageNet:
     for split_name, split in splits.items():
         if not split.paths:
             raise UserError(f"{root / split_name} holds no images")
-    if ignored:
-        log.info("ignored %d files that are not images (first: %s)", len(ignored), _examples(ignored))
-    for split in splits.values():
-        for item in split.excluded:
-            log.warning("skipping %s: %s", item["path"], item["reason"])
-    return TinyImageNet(root=root, wnids=wnids, names=names, full_names=full_names, splits=splits, ignored=ignored)
+    log_index(ignored, splits)
+    return Dataset(root=root, wnids=wnids, names=names, full_names=full_names, splits=splits, ignored=ignored)
 
 
 def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: list[str]) -> Split:
@@ -259,16 +174,16 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
             if wnid not in label_of:
                 unknown.append(f"{filename}:{wnid}")
             wnid_of[filename] = wnid
-        on_disk = {path.rsplit("/", 1)[1] for path in _list_images(root, "val/images", ignored, val.excluded)}
+        on_disk = {path.rsplit("/", 1)[1] for path in list_images(root, "val/images", ignored, val.excluded)}
         missing_files = sorted(set(wnid_of) - on_disk)
         unannotated = sorted(on_disk - set(wnid_of))
         problems = []
         if unknown:
-            problems.append(f"{len(unknown)} annotations name an unknown wnid ({_examples(unknown)})")
+            problems.append(f"{len(unknown)} annotations name an unknown wnid ({examples(unknown)})")
         if missing_files:
-            problems.append(f"{len(missing_files)} annotated files are missing ({_examples(missing_files)})")
+            problems.append(f"{len(missing_files)} annotated files are missing ({examples(missing_files)})")
         if unannotated:
-            problems.append(f"{len(unannotated)} images have no annotation ({_examples(unannotated)})")
+            problems.append(f"{len(unannotated)} images have no annotation ({examples(unannotated)})")
         if problems:
             raise UserError(f"{annotations} disagrees with {images_dir}: {'; '.join(problems)}")
         for filename in sorted(wnid_of, key=lambda f: (label_of[wnid_of[f]], f)):
@@ -276,10 +191,10 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
             val.labels.append(label_of[wnid_of[filename]])
         return val
     # val already arranged into class folders
-    folders = [f for f in _subfolders(val_dir) if f != "images"]
+    folders = [f for f in subfolders(val_dir) if f != "images"]
     unknown = sorted(set(folders) - set(wnids))
     if unknown:
-        raise UserError(f"{val_dir} has class folders not in wnids.txt: {_examples(unknown)}; fix the folders or wnids.txt")
+        raise UserError(f"{val_dir} has class folders not in wnids.txt: {examples(unknown)}; fix the folders or wnids.txt")
     if not folders:
         if annotations.is_file():  # the annotations are there, the images folder is not
             raise UserError(f"{images_dir} not found and {val_dir} has no class folders; restore val/images/")
@@ -288,7 +203,7 @@ def _index_val(root: Path, wnids: list[str], label_of: dict[str, int], ignored: 
     return val
 
 
-def arrange_val(dataset: TinyImageNet) -> int:
+def arrange_val(dataset: Dataset) -> int:
     """Arrange val into val/<wnid>/images/ as the old script did, but without moving anything.
 
     Each image gets a hard link (a copy where links are not possible) under its class folder;

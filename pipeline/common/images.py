@@ -7,14 +7,21 @@ Two kinds of failure, kept apart on purpose:
 - ``ImageReadError`` (an ``OSError``): the file could not be read at all (I/O error, permission denied,
   vanished file or drive). That says nothing about the image, so it is never a skip: callers stop with
   ``unreadable(path, err)``, and a rerun after the fault is fixed reads the file again.
+
+Real photos: the EXIF orientation is applied (a phone photo taken upright decodes upright), and a large
+JPEG is downscaled while it is decoded (libjpeg's 1/2, 1/4, 1/8 scaling, through PIL's ``draft``), but only
+to a size still at least twice what the preprocessing resizes to (``min_side``), so features stay at cosine
+>= 0.999 to a full decode. A small image (Tiny ImageNet's 64x64) is decoded in full, exactly as before.
 """
 from __future__ import annotations
 
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
@@ -56,21 +63,28 @@ def read_bytes(path: str | Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 RGB from encoded bytes, whatever the suffix says.
+def decode_rgb(data: torch.Tensor, *, min_side: int | None = None) -> torch.Tensor:
+    """(3, H, W) uint8 RGB from encoded bytes, whatever the suffix says, turned as its EXIF orientation says.
 
     JPEG (also grayscale or CMYK), PNG (also 16-bit: scaled to 8 bits as torchvision's to_dtype does, by
     dropping the low byte), WebP and GIF (an animation gives its first frame). Anything else raises
-    ImageDecodeError with the reason.
+    ImageDecodeError with the reason. ``min_side``: a JPEG whose shorter side is at least twice this is
+    decoded at 1/2, 1/4 or 1/8 scale, the smallest whose shorter side is still >= ``min_side``.
     """
     if data.numel() == 0:
         raise ImageDecodeError("empty file")
+    scale = reduction(jpeg_size(data), min_side) if min_side else 1
+    if scale > 1:
+        return _decode_reduced(data, scale)
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:
         reason = first_line(err, last=True)
         if "truncated" in reason.lower() or "premature" in reason.lower():
             raise ImageDecodeError(f"truncated image ({reason})") from None
+        if "unsupported image file" in reason.lower():
+            raise ImageDecodeError("cannot decode (not a format the decoder reads: JPEG, PNG, WebP, GIF; "
+                                   "convert it to JPEG)") from None
         raise ImageDecodeError(f"cannot decode ({reason})") from None
     if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
         if image.shape[0] == 0:
@@ -83,9 +97,73 @@ def decode_rgb(data: torch.Tensor) -> torch.Tensor:
     return image  # as decoded: JPEG comes channels-last in memory, the layout the resize is fastest in
 
 
-def read_rgb(path: str | Path) -> torch.Tensor:
-    """(3, H, W) uint8 RGB from an image file. ImageDecodeError: a skip; ImageReadError (OSError): stop."""
-    return decode_rgb(read_bytes(path))
+def read_rgb(path: str | Path, *, min_side: int | None = None) -> torch.Tensor:
+    """(3, H, W) uint8 RGB from an image file. ImageDecodeError: a skip; ImageReadError (OSError): stop.
+
+    ``min_side``: decode a large JPEG reduced, to no less than this shorter side (decode_rgb)."""
+    return decode_rgb(read_bytes(path), min_side=min_side)
+
+
+def decode_floor(preprocess) -> int:
+    """The smallest shorter side a reduced decode may give for ``preprocess`` (a Preprocess): twice the side
+    the resize makes (the shorter side in "crop" mode, the whole square in "resize" mode)."""
+    return 2 * (preprocess.resize_size if preprocess.mode == "crop" else preprocess.image_size)
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; its value -> the PIL transpose that undoes it (as ImageOps.exif_transpose)
+EXIF_TURNS = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2,
+# ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6 (Image.Transpose values)
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame: they carry the size
+
+
+def jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None when ``data`` is not a JPEG (or has none)."""
+    head = data[:2].tolist()
+    if head != [0xFF, 0xD8]:
+        return None
+    raw = data.numpy()
+    position, end = 2, len(raw) - 9
+    while position < end:
+        if raw[position] != 0xFF:
+            return None
+        marker = int(raw[position + 1])
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        length = (int(raw[position + 2]) << 8) | int(raw[position + 3])
+        if marker in SOF_MARKERS:
+            height = (int(raw[position + 5]) << 8) | int(raw[position + 6])
+            width = (int(raw[position + 7]) << 8) | int(raw[position + 8])
+            return (width, height) if width and height else None
+        position += 2 + length
+    return None
+
+
+def reduction(size: tuple[int, int] | None, min_side: int) -> int:
+    """The largest JPEG scale-down (8, 4, 2, or 1: none) that keeps the shorter side >= ``min_side``."""
+    if size is None:
+        return 1
+    shorter = min(size)
+    return next((scale for scale in (8, 4, 2) if -(-shorter // scale) >= min_side), 1)
+
+
+def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
+    """A JPEG decoded at 1/``scale`` by libjpeg (PIL's draft), turned as its EXIF orientation says."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            width, height = image.size
+            image.draft("RGB", (-(-width // scale), -(-height // scale)))
+            turn = EXIF_TURNS.get(image.getexif().get(EXIF_ORIENTATION, 1))
+            rgb = image.convert("RGB")
+            array = np.asarray(rgb.transpose(turn) if turn is not None else rgb)  # (H, W, 3)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL says "truncated", "broken data stream", ...
+        reason = first_line(err, last=True)
+        if "truncated" in reason.lower() or "premature" in reason.lower():
+            raise ImageDecodeError(f"truncated image ({reason})") from None
+        raise ImageDecodeError(f"cannot decode ({reason})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last in memory, as decode_jpeg gives
 
 
 def stack_or_list(images: list[torch.Tensor], *, channels_last: bool = False) -> torch.Tensor | list[torch.Tensor]:
@@ -100,10 +178,10 @@ def stack_or_list(images: list[torch.Tensor], *, channels_last: bool = False) ->
     return torch.stack(images)
 
 
-def check_image(root: Path, rel: str) -> Skipped | None:
+def check_image(root: Path, rel: str, min_side: int | None = None) -> Skipped | None:
     """None when the image decodes, a Skipped when its content does not; a read error stops (UserError)."""
     try:
-        read_rgb(root / rel)
+        read_rgb(root / rel, min_side=min_side)
     except ImageDecodeError as err:
         return Skipped(rel, str(err))
     except OSError as err:

@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from features.settings import DTYPES, PRECISIONS  # noqa: F401 - defined where the cache records them
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")  # what is indexed as an image, in datasets and live folders (what the decoder reads)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp", ".gif")  # what is indexed as an image, in datasets and live
+# folders (what the decoder reads); matched without regard to case (.JPG, .Jpeg)
+UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".tif", ".tiff", ".bmp", ".jxl", ".dng")  # photos the decoder
+# cannot read: in a dataset, counted and listed skips (never silently ignored)
 CHECKPOINT_FORMAT = "linear-head/1"  # a head checkpoint: an nn.Linear on one cached layer (any head that saves one)
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"

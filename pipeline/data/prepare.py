@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 from pipeline.data import unpack
-from pipeline.common.dataset import TinyImageNet, arrange_val, find_root, index_dataset
+from pipeline.common.dataset import (IMAGEFOLDER, Dataset, arrange_val, check_val_fraction, find_root,
+                                     index_dataset)
 from pipeline.common.errors import UserError
 from pipeline.common.names import DEFAULT_DATA, TINY_IMAGENET_MD5, TINY_IMAGENET_URL
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def resolve_data(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
                  md5: str | None = TINY_IMAGENET_MD5, progress: bool | None = None) -> Path:
-    """Turn ``--data`` (a folder or the official zip, whatever its name) into the folder that holds ``wnids.txt``."""
+    """Turn ``--data`` (a folder or the official zip, whatever its name) into the dataset folder (the one
+    that holds ``wnids.txt``, or an ImageFolder's root: pipeline.common.dataset.find_root)."""
     if data:
         check_recordable(Path(data))  # before anything is unpacked or downloaded
     if download:
@@ -54,7 +56,7 @@ def _resolve_local(data: str | os.PathLike | None, progress: bool | None) -> Pat
             raise UserError(f"cannot read {path} ({err.strerror or err}); check the drive and permissions, then rerun") from None
         if not zipfile.is_zipfile(path):  # by content: .ZIP, .zip.1 (wget) and no suffix are zips too
             raise UserError(f"{path} is a file but not a zip (or an incomplete download); "
-                            "pass the Tiny ImageNet folder or its zip")
+                            "pass the dataset folder or its zip")
         path = unpack_zip(path, progress=progress)
     return find_root(path)
 
@@ -100,19 +102,20 @@ def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | N
 
 def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
                     md5: str | None = TINY_IMAGENET_MD5, arrange: bool = False, strict: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, val_fraction: float = 0.2) -> dict:
     """--prepare-only: find, index and (optionally) arrange the dataset, decode every image once,
     apply the skip policy, and return the summary."""
     from pipeline.common.images import Skipped, enforce_skip_policy, verify_images  # imports torch
 
-    dataset = index_dataset(resolve_data(data, download=download, url=url, md5=md5, progress=progress))
+    check_val_fraction(val_fraction)  # before anything is unpacked or downloaded
+    dataset = index_dataset(resolve_data(data, download=download, url=url, md5=md5, progress=progress), val_fraction)
     if arrange:
         log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(dataset), dataset.root)
     # images the index could not take (a name that is not UTF-8) are skips too, listed first
     skipped = {name: [Skipped(**item) for item in split.excluded] + verify_images(dataset.root, split.paths, progress=progress)
                for name, split in dataset.splits.items()}
     enforce_skip_policy([s for found in skipped.values() for s in found], strict=strict)
-    summary = prepare_summary(dataset, skipped)
+    summary = prepare_summary(dataset, skipped, val_fraction)
     for name, split in summary["splits"].items():  # extraction could store nothing for this split
         if split["indexed"] and not split["images"]:
             raise UserError(f"{name} has no decodable images: all {split['indexed']} in {dataset.root} were skipped "
@@ -125,7 +128,7 @@ def summary_first_skip(summary: dict, split: str) -> str:
     return f"{first['path']}: {first['reason']}" if first else "none listed"
 
 
-def prepare_summary(dataset: TinyImageNet, skipped: dict[str, list]) -> dict:
+def prepare_summary(dataset: Dataset, skipped: dict[str, list], val_fraction: float | None = None) -> dict:
     """The --prepare-only summary (its JSON shape is read by other tools: keep these keys)."""
     splits = {}
     for name, split in dataset.splits.items():
@@ -136,7 +139,10 @@ def prepare_summary(dataset: TinyImageNet, skipped: dict[str, list]) -> dict:
         bad = len(bad_paths & set(split.paths))
         splits[name] = {"images": len(split) - bad, "indexed": len(split), "skipped": len(skipped.get(name, [])),
                         "per_class_min": min(counts), "per_class_max": max(counts)}
-    return {"root": str(dataset.root), "num_classes": dataset.num_classes, "splits": splits,
+    layout = {"layout": dataset.layout}
+    if dataset.layout == IMAGEFOLDER and val_fraction is not None:
+        layout["val_fraction"] = val_fraction  # val is held out by a hash of each path (pipeline.common.holdout)
+    return {"root": str(dataset.root), **layout, "num_classes": dataset.num_classes, "splits": splits,
             "skipped": [s.to_dict() for name in dataset.splits for s in skipped.get(name, [])],
             "ignored_files": len(dataset.ignored),
             "classes": [{"wnid": w, "name": n} for w, n in zip(dataset.wnids, dataset.names)]}

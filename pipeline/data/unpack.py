@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from features.atomic import write_atomic
+from pipeline.common.dataset import find_root, index_dataset
 from pipeline.common.errors import UserError, first_line
+from pipeline.common.indexing import is_image
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ def zip_stem(zip_path: Path) -> str:
     return match["stem"] if match else zip_path.name
 
 
+def _holds_class_folders(members: list[zipfile.ZipInfo]) -> bool:
+    """Whether some image in the zip sits in a class folder (below the one top folder, when there is one)."""
+    names = [m.filename for m in members if not m.filename.startswith("__MACOSX/")]
+    tops = {name.split("/", 1)[0] for name in names}
+    top_folder = len(tops) == 1 and all("/" in name for name in names)
+    return any(is_image(name.rsplit("/", 1)[-1]) and name.count("/") >= 1 + top_folder for name in names)
+
+
 def _stat_identity(zip_path: Path) -> dict:
     st = zip_path.stat()
     return {"zip": str(zip_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -80,8 +90,10 @@ def inspect_zip(zip_path: Path) -> ZipContents:
         raise UserError(f"{zip_path} uses a compression method Python cannot unpack "
                         f"({METHOD_NAMES.get(method, f'method {method}')}, first in {unsupported[0].filename!r}); "
                         "unpack it with another tool (e.g. 7z x) and pass the folder with --data")
-    if not any(m.filename == "wnids.txt" or m.filename.endswith("/wnids.txt") for m in members):
-        raise UserError(f"{zip_path} is not a Tiny ImageNet zip: it has no wnids.txt; pass the official tiny-imagenet-200.zip")
+    if not any(m.filename == "wnids.txt" or m.filename.endswith("/wnids.txt") for m in members) \
+            and not _holds_class_folders(members):
+        raise UserError(f"{zip_path} holds no dataset: no wnids.txt and no <class>/ folders of images; pass the "
+                        "official tiny-imagenet-200.zip or a zip of an ImageFolder dataset")
     unpacked = sum(m.file_size for m in members)
     if unpacked > MAX_UNPACKED_BYTES or len(members) > MAX_MEMBERS:
         raise UserError(f"{zip_path} would unpack to {unpacked / 1e9:.1f} GB in {len(members)} files, far more than "
@@ -126,7 +138,13 @@ def _write_marker(folder: Path, identity: dict) -> None:
 
 
 def _is_dataset(folder: Path) -> bool:
-    return (folder / "wnids.txt").is_file() or len(list(folder.glob("*/wnids.txt"))) == 1
+    if (folder / "wnids.txt").is_file() or len(list(folder.glob("*/wnids.txt"))) == 1:
+        return True
+    try:  # an ImageFolder dataset (or a folder holding one) whose class folders hold images
+        index_dataset(find_root(folder))
+    except UserError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -38,7 +38,8 @@ from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
-from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.common.images import (ImageDecodeError, Skipped, decode_floor, enforce_skip_policy, read_rgb,
+                                    stack_or_list)
 from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
@@ -56,8 +57,10 @@ log = logging.getLogger(__name__)
 class BatchReader(Dataset):
     """Item i is the i-th batch of the work list: its shard, positions, uint8 images and skips."""
 
-    def __init__(self, root: Path, paths: list[str], batches: list[tuple[int, np.ndarray]], preprocess: Preprocess | None):
+    def __init__(self, root: Path, paths: list[str], batches: list[tuple[int, np.ndarray]], preprocess: Preprocess | None,
+                 min_side: int | None = None):
         self.root, self.paths, self.batches, self.preprocess = root, paths, batches, preprocess
+        self.min_side = min_side  # a large JPEG is decoded reduced, to no less than this (images.decode_floor)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -67,7 +70,7 @@ class BatchReader(Dataset):
         images, kept, skipped = [], [], []
         for position in positions:
             try:
-                images.append(read_rgb(self.root / self.paths[position]))
+                images.append(read_rgb(self.root / self.paths[position], min_side=self.min_side))
                 kept.append(position)
             except ImageDecodeError as err:  # bad content: a listed skip
                 skipped.append(Skipped(self.paths[position], str(err)).to_dict())
@@ -168,7 +171,7 @@ def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyIma
         shared = [str(root) if root else None]
         dist.broadcast_object_list(shared, src=0)
         root = Path(shared[0])
-    return index_dataset(root)
+    return index_dataset(root, config.val_fraction)
 
 
 def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict, result: ExtractResult) -> bool:
@@ -294,7 +297,8 @@ def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, sh
     for i in mine:
         if not len(work[i]):
             forward.write(parts, i, forward.empty())
-    reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None)
+    reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None,
+                         min_side=decode_floor(run.preprocess))
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=run.workers,
                         pin_memory=run.device.type == "cuda", persistent_workers=False)
     bar = tqdm(total=sum(map(len, work)), initial=sum(len(work[i]) for i in done), desc=f"extract {split}", unit="img",
