@@ -10,6 +10,7 @@ from pathlib import Path
 
 from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
+from pipeline.common.holdout import VAL_FRACTION
 from pipeline.common.layouts import check_val_fraction
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
@@ -69,7 +70,7 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False  # an undecodable image is an error instead of a listed skip
     arrange_val: bool = False  # hard-link val images into val/<wnid>/images/ first (writes into the dataset)
-    val_fraction: float = 0.2  # one ImageFolder (ROOT/<class>/*): the share held out for val, by a hash of each path
+    val_fraction: float = VAL_FRACTION  # one ImageFolder (ROOT/<class>/*): the share held out for val, by a hash of each path
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = True
     layers: tuple[str, ...] | None = None  # cached layers (one pass fills them all); None: default_layers(backbone)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from pipeline.common.errors import UserError
+from pipeline.common.holdout import VAL_FRACTION
 from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, TINY_IMAGENET, Dataset, Split,
                                       examples, list_images, log_index, read_lines, shown, subfolders)
 from pipeline.common.layouts import check_val_fraction, detect_layout, find_image_folder, index_image_folder
@@ -54,7 +55,7 @@ def layout_of(root: Path) -> str:
     return TINY_IMAGENET if (Path(root) / "wnids.txt").is_file() else detect_layout(Path(root))
 
 
-def index_dataset(root: Path, val_fraction: float = 0.2) -> Dataset:
+def index_dataset(root: Path, val_fraction: float = VAL_FRACTION) -> Dataset:
     """Index the dataset at ``root`` (found by find_root) in its layout. Reads no image.
 
     ``val_fraction``: the one ImageFolder layout only; the share of each class held out for val, by a hash

@@ -14,6 +14,7 @@ import os
 import re
 import time
 
+VAL_FRACTION = 0.2  # the share of a one-folder ImageFolder held out for val (run_extract.py --val-fraction)
 BURST_PATTERN = re.compile(r"^(burst-\d{8}-\d{6}-[0-9a-f]{4})_\d+\.jpg$")
 FRAME_DIGITS = 5
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import in_val
+from pipeline.common.holdout import VAL_FRACTION, in_val
 from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, Dataset, Split, examples, is_image,
                                       is_unread_image, is_utf8, list_images, log_index, scan, shown, subfolders,
                                       suffix)
@@ -68,7 +68,7 @@ def find_image_folder(path: Path) -> tuple[Path, str]:
     return path, detect_layout(path)
 
 
-def index_image_folder(root: Path, layout: str, val_fraction: float = 0.2) -> Dataset:
+def index_image_folder(root: Path, layout: str, val_fraction: float = VAL_FRACTION) -> Dataset:
     """Index an ImageFolder dataset (``layout`` from detect_layout); reads no image."""
     root = Path(root)
     ignored: list[str] = []

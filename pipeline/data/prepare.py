@@ -14,6 +14,7 @@ from pipeline.data import unpack
 from pipeline.common.dataset import (IMAGEFOLDER, Dataset, arrange_val, check_val_fraction, find_root,
                                      index_dataset)
 from pipeline.common.errors import UserError
+from pipeline.common.holdout import VAL_FRACTION
 from pipeline.common.names import DEFAULT_DATA, TINY_IMAGENET_MD5, TINY_IMAGENET_URL
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | N
 
 def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
                     md5: str | None = TINY_IMAGENET_MD5, arrange: bool = False, strict: bool = False,
-                    progress: bool = True, val_fraction: float = 0.2) -> dict:
+                    progress: bool = True, val_fraction: float = VAL_FRACTION) -> dict:
     """--prepare-only: find, index and (optionally) arrange the dataset, decode every image once,
     apply the skip policy, and return the summary."""
     from pipeline.common.images import Skipped, enforce_skip_policy, verify_images  # imports torch

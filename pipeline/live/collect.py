@@ -20,7 +20,8 @@ import numpy as np
 from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, LiveConfig
 from pipeline.common.errors import UserError
 from pipeline.common.sources import FrameSource, decode_with_opencv, open_source
-from pipeline.live.frame_files import (VAL_FRACTION, check_class_name, check_into, count_classes, pick_burst,
+from pipeline.common.holdout import VAL_FRACTION
+from pipeline.live.frame_files import (check_class_name, check_into, count_classes, pick_burst,
                                        remove_stale_partials, save_jpeg, sync_folder)
 from pipeline.live.overlay import Display, draw_lines, view
 from pipeline.live.runner import QUIT_KEYS, STATUS_SECONDS, _stop_on_sigterm, _wants_window

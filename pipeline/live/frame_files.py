@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import burst_of, frame_name, in_val, new_burst
+from pipeline.common.holdout import VAL_FRACTION, burst_of, frame_name, in_val, new_burst
 from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ PHOTO_SUFFIXES = (*IMAGE_SUFFIXES, ".webp", ".bmp", ".gif", ".tif", ".tiff", ".h
 PARTIAL_PATTERN = re.compile(r"^\.burst-\d{8}-\d{6}-[0-9a-f]{4}_\d+\.jpg\.partial$")
 STALE_PARTIAL_SECONDS = 60  # a partial file older than this was left by a killed collection (a save takes ms)
 MAX_NAME_BYTES = 255  # a file name on every common file system
-VAL_FRACTION = 0.2  # run_extract.py's default --val-fraction (issue 20): what the split advice assumes
 STEER_VAL_BELOW = 0.05  # a burst steered to val is in val at any --val-fraction from 0.05
 STEER_TRAIN_FROM = 0.5  # a burst steered to train is in train at any --val-fraction up to 0.5
 
