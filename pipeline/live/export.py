@@ -25,6 +25,7 @@ from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import ONNX_FORMAT, VERSION
 from pipeline.common.preprocess import Preprocess
 from pipeline.live.checks import check_checkpoint_fields
+from pipeline.live.numpy_preprocess import TAPS
 from pipeline.live.onnx_runtimes import file_sha256
 from pipeline.live.torch_classifier import build_classifier
 
@@ -91,7 +92,7 @@ def export_classifier(config: LiveConfig) -> Path:
     _require_exporter()
     checkpoint = read_checkpoint(config.checkpoint)
     preprocess = check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
-    if preprocess.interpolation != "bilinear":  # pipeline.live.numpy_preprocess resizes as PIL's bilinear only
+    if preprocess.interpolation not in TAPS:  # what pipeline.live.numpy_preprocess ports bit for bit
         raise UserError(f"{checkpoint.get('backbone', 'alexnet')}'s weights resize {preprocess.interpolation}, which the "
                         "exported runtimes' preprocessing does not do; run this head on torch (--checkpoint, no --export)")
     fp32 = {**checkpoint, "precision": "fp32"}  # every runtime computes in fp32

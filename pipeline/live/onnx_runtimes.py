@@ -22,7 +22,7 @@ from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import decode_with_opencv, quiet_opencv
 from pipeline.live.checks import check_memory, frame_bytes
 from pipeline.live.classifier import ClassInfo
-from pipeline.live.numpy_preprocess import preprocess_frames
+from pipeline.live.numpy_preprocess import TAPS, preprocess_frames
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def sidecar_preprocess(meta: dict, path: Path) -> Preprocess:
         raise UserError(f"{path}: unusable preprocessing ({first_line(err)}); {EXPORT}") from None
     if not ok:
         raise UserError(f"{path}: unusable preprocessing {d!r}; {EXPORT}")
-    if preprocess.interpolation != "bilinear":  # the numpy port (pipeline.live.numpy_preprocess) is bilinear only
+    if preprocess.interpolation not in TAPS:  # what the numpy port (pipeline.live.numpy_preprocess) resizes
         raise UserError(f"{path}: {preprocess.interpolation} resizing is not ported to the torch-free runtimes yet; "
                         "run this head with --checkpoint on torch")
     check_memory(preprocess, str(path))
