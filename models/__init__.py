@@ -11,6 +11,9 @@ __all__ = ["FC7_DIM", "LAYER_DIMS", "LAYERS", "MIN_IMAGE_SIZE", "network_order",
 
 
 def __getattr__(name: str):
+    if name == "LinearHead":  # torch only: stage two imports no torchvision
+        from models.head import LinearHead
+        return LinearHead
     if name in _NETWORKS:
         from models import alexnet
         return getattr(alexnet, name)

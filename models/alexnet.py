@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torchvision.models import AlexNet
 
-from models.layers import FC7_DIM, LAYER_DIMS, LAYERS
+from models.head import LinearHead  # noqa: F401 - re-exported
+from models.layers import LAYER_DIMS, LAYERS
 
 
 class AlexNetLayers(nn.Module):
@@ -54,15 +55,6 @@ class AlexNetLayers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_layers(x, (self.output,))[self.output]  # (B, dim) of the output layer
-
-
-class LinearHead(nn.Linear):
-    """Linear layer to train on top of frozen fc7 features (DINO's LinearClassifier init)."""
-
-    def __init__(self, num_classes: int, in_features: int = FC7_DIM):
-        super().__init__(in_features, num_classes)
-        nn.init.normal_(self.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(self.bias)
 
 
 class AlexNetClassifier(nn.Module):

@@ -14,6 +14,7 @@ from torchvision.models import AlexNet_Weights
 
 from models import AlexNetLayers, weights_fingerprint
 from pipeline.common.errors import UserError, first_line
+from pipeline.common.hardware import resolve_device  # noqa: F401 - re-exported: where callers have always found it
 from pipeline.common.backbones.weights import describe_weights, is_enum_spec
 
 log = logging.getLogger(__name__)
@@ -104,24 +105,6 @@ def load_backbone(spec: str, *, seed: int = 0) -> tuple[AlexNetLayers, str, str]
         alexnet.load_state_dict({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}, assign=True)
     backbone = AlexNetLayers(alexnet)
     return backbone, recorded, weights_fingerprint(backbone)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto', 'cpu', 'cuda' or 'cuda:N' -> a usable torch.device, or a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices are visible")
-    elif device.type != "cpu":
-        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def start_distributed(device_name: str) -> tuple[int, int, torch.device]:

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.common.backbones.loading import resolve_device
+from pipeline.common.hardware import resolve_device
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.common.run_folder import MARKER, StagedRun, check_clashes, exclusive_run, refuse_foreign
