@@ -39,3 +39,17 @@ def write_atomic(path: Path, data: str | bytes | None = None, *, write: Callable
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush the folder's new names to disk (where the platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from features.atomic import write_atomic
+from features.atomic import sync_folder, write_atomic
 from features.locking import hold_lock
 from pipeline.common.errors import UserError
 
@@ -46,19 +46,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(aside)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -240,7 +227,7 @@ def publish(out: Path, staging: Path) -> list[str]:
     for name in files:
         if (staging / name).exists():
             _move_in(out, staging, name)
-    _fsync_dir(out)
+    sync_folder(out)
     _write_json(out / MARKER, {**manifest["run"], "files": sorted(files + [MARKER]), "contents": contents,
                                "published": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     shutil.rmtree(staging, ignore_errors=True)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from features.atomic import sync_folder
 from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, LiveConfig
 from pipeline.common.errors import UserError
 from pipeline.common.sources import FrameSource, decode_with_opencv, open_source
 from pipeline.common.holdout import VAL_FRACTION
 from pipeline.live.frame_files import (check_class_name, check_into, count_classes, pick_burst,
-                                       remove_stale_partials, save_jpeg, sync_folder)
+                                       remove_stale_partials, save_jpeg)
 from pipeline.live.overlay import Display, draw_lines, view
 from pipeline.live.runner import QUIT_KEYS, STATUS_SECONDS, _stop_on_sigterm, _wants_window
 

@@ -199,20 +199,6 @@ def _discard(partial: Path) -> None:
         pass
 
 
-def sync_folder(folder: Path) -> None:
-    """Flush the folder's new names to disk (where the platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class ClassCount:
     """One class folder of the image folder: its images, bursts, and images held out at a val fraction."""
