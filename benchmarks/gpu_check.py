@@ -60,7 +60,7 @@ def run(command: list[str], timeout: float, **kwargs) -> tuple[int, str, float]:
     return code, output, time.perf_counter() - start
 
 
-def tail(output: str, lines: int = 8) -> str:
+def tail(output: str, lines: int = 15) -> str:
     return "\n".join(output.strip().splitlines()[-lines:])
 
 

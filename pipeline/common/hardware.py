@@ -118,6 +118,17 @@ def available_memory() -> int | None:
         return None
 
 
+def free_memory(device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or ``available_memory()`` on the CPU.
+    A bare ``cuda`` (no index) means the current GPU: ``torch.cuda.mem_get_info`` refuses it without one."""
+    if device.type != "cuda":
+        return available_memory()
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.mem_get_info(index)[0]
+
+
 def resolve_device(name: str):
     """'auto', 'cpu', 'cuda' or 'cuda:N' -> a usable torch.device, or a clear error. Imports torch, not torchvision
     (which costs seconds more): stage two needs no torchvision."""

@@ -9,6 +9,7 @@ import torch
 from models.layers import LAYER_DIMS
 from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.config import ExtractConfig
+from pipeline.common.hardware import free_memory
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.backbones.weights import weights_stamp
 
@@ -19,7 +20,7 @@ def default_batch_size(backbone: str, device: torch.device) -> int:
         return 256 if device.type == "cuda" else 64
     from pipeline.common.backbones.catalog import default_batch_size as by_model
 
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = free_memory(device) if device.type == "cuda" else None
     return by_model(backbone, device.type, free)
 
 

@@ -20,7 +20,7 @@ from features.attrs import read_attrs
 from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
 from features.locking import writer_holding
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.hardware import available_memory  # noqa: F401 (also imported from here)
+from pipeline.common.hardware import available_memory, free_memory  # noqa: F401 (available_memory: also imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,7 @@ def open_cache(folder: Path, layer: str = "fc7") -> tuple[CachedSplit, CachedSpl
 
 def _fits_in_memory(num_bytes: int, device: torch.device) -> bool:
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return num_bytes < 0.8 * free
+        return num_bytes < 0.8 * free_memory(device)
     available = available_memory()
     return available is None or num_bytes < 0.7 * available
 
@@ -238,14 +237,14 @@ class FeatureReader:
 
     def fits_float32(self, device: torch.device, extra_bytes: int = 0) -> bool:
         """Whether ``load_float32`` (with ``extra_bytes`` more beside it) fits in MEMORY_SHARE of what is free."""
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+        free = free_memory(device)
         return free is None or self.float32_bytes(extra_bytes) <= MEMORY_SHARE * free
 
     def load_float32(self, device: torch.device, progress: bool, extra_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D) float32, labels (N,)) on ``device``; refused if they would not fit."""
         count, split = self.num_rows, self.split
         if not self.fits_float32(device, extra_bytes):
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+            free = free_memory(device)
             raise UserError(f"{split.path} ({split.layer}, {count} rows) needs "
                             f"{self.float32_bytes(extra_bytes) / 2**30:.1f} GiB in memory, but {free / 2**30:.1f} "
                             f"GiB is free on {device}; use --shots, or --stream")
