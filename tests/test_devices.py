@@ -46,3 +46,13 @@ def test_head_and_extraction_memory_checks_take_a_bare_cuda_device(fake_cuda):
     assert not _fits_in_memory(7 * 2**30, torch.device("cuda"))
     assert default_batch_size("resnet18", torch.device("cuda")) > 0
     assert fake_cuda and set(fake_cuda) == {3}
+
+
+def test_a_bare_cuda_resolves_to_the_current_gpu_with_its_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert hardware.resolve_device("cuda") == torch.device("cuda", 2)
+    assert hardware.resolve_device("auto") == torch.device("cuda", 2)
+    assert hardware.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert hardware.resolve_device("cpu") == torch.device("cpu")

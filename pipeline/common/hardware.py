@@ -137,7 +137,7 @@ def resolve_device(name: str):
     from pipeline.common.errors import UserError
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -147,6 +147,8 @@ def resolve_device(name: str):
             raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available here; use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices are visible")
+        if device.index is None:  # torch.cuda.set_device, mem_get_info and others refuse a GPU without its index
+            device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
