@@ -19,8 +19,10 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+TEST_WORKERS ?= auto      # pytest-xdist workers (auto: one per core); 0 runs the suite in one process
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(strip $(TEST_WORKERS)) tests
 
 # the data: DATA= if given; else data/tiny-imagenet-200 (folder or zip); else fetch it there (md5-checked, progress bar)
 DATA_ARGS = $(if $(strip $(DATA)),--data $(strip $(DATA)),$(if $(wildcard data/tiny-imagenet-200 data/tiny-imagenet-200.zip),,--download))

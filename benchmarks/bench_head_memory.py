@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features import cache
+from benchmarks.synthetic_cache import write_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -27,24 +27,9 @@ SHARD_ROWS = 10_000
 
 
 def write_cache(folder: Path, split: str, rows: int, classes: int, rng: np.random.Generator) -> None:
-    settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="0" * 64, preprocess="{}",
-                                   dtype="float32", precision="fp32", dataset_signature=split)
-    parts = cache.parts_folder(folder, split)
-    cache.start_parts(parts, settings, rows=rows)
     labels = rng.integers(0, classes, rows)
-    shards = range(0, rows, SHARD_ROWS)
-    for i, start in enumerate(shards):
-        n = min(SHARD_ROWS, rows - start)
-        features = np.maximum(rng.standard_normal((n, 4096), dtype=np.float32), 0)  # post-ReLU-like
-        cache.write_shard(parts, i, {"fc7": features}, np.arange(start, start + n), [])
-    wnids = [f"n{i:08d}" for i in range(classes)]
-    cache.assemble(cache.Assembly(folder, split, settings, num_shards=len(shards), layers={"fc7": 4096},
-                                  layer_order=("fc7",), main="fc7"),
-                   cache.SplitRows(paths=[f"{i}.JPEG" for i in range(rows)], labels=labels.tolist(), wnids=wnids,
-                                   names=wnids, attrs={"weights_spec": "random:seed=0", "batch_size": 64,
-                                                       "shard_size": SHARD_ROWS, "dataset_root": "/synthetic",
-                                                       "versions": "{}", "class_full_names": "\n".join(wnids),
-                                                       "world_size": 1}))
+    write_synthetic_cache(folder, split, labels, lambda start, n: np.maximum(rng.standard_normal((n, 4096), dtype=np.float32), 0),
+                          shard_rows=SHARD_ROWS, classes=classes)  # post-ReLU-like rows
 
 
 def main(argv=None) -> int:

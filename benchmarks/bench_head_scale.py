@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features import cache
+from benchmarks.synthetic_cache import write_synthetic_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES, DIM = 1000, 4096
@@ -52,29 +52,17 @@ KNN_QUERIES = 1000
 
 def write_cache(folder: Path, split: str, rows: int, seed: int) -> Path:
     """A complete float16 cache file of ``rows`` clustered rows in class order; returns its path."""
-    settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="0" * 64, preprocess="{}",
-                                   dtype="float16", precision="fp32", dataset_signature=f"scale-{split}-{rows}")
-    parts = cache.parts_folder(folder, split)
-    cache.start_parts(parts, settings, batch_size=64, shard_size=SHARD_ROWS, num_rows=rows)
     prototypes = np.random.default_rng(1234).standard_normal((CLASSES, DIM), dtype=np.float32)
     rng = np.random.default_rng(seed)
     labels = np.minimum(np.arange(rows) * CLASSES // rows, CLASSES - 1)  # class order, balanced
-    starts = range(0, rows, SHARD_ROWS)
-    for i, start in enumerate(starts):
-        n = min(SHARD_ROWS, rows - start)
-        block = rng.standard_normal((n, DIM), dtype=np.float32)
-        block += 0.5 * prototypes[labels[start:start + n]]
-        np.maximum(block, 0, out=block)
-        cache.write_shard(parts, i, {"fc7": block.astype(np.float16)}, np.arange(start, start + n), [])
-    wnids = [f"n{i:08d}" for i in range(CLASSES)]
-    cache.assemble(cache.Assembly(folder, split, settings, num_shards=len(starts), layers={"fc7": DIM},
-                                  layer_order=("fc7",), main="fc7"),
-                   cache.SplitRows(paths=[f"{i}.JPEG" for i in range(rows)], labels=labels.tolist(), wnids=wnids,
-                                   names=wnids, attrs={"weights_spec": "random:seed=0", "batch_size": 64,
-                                                       "shard_size": SHARD_ROWS, "dataset_root": "/synthetic",
-                                                       "versions": "{}", "class_full_names": "\n".join(wnids),
-                                                       "world_size": 1}))
-    return cache.split_file(folder, split)
+
+    def block(start: int, n: int) -> np.ndarray:
+        rows_ = rng.standard_normal((n, DIM), dtype=np.float32)
+        rows_ += 0.5 * prototypes[labels[start:start + n]]
+        return np.maximum(rows_, 0, out=rows_)
+
+    return write_synthetic_cache(folder, split, labels, block, dtype="float16", shard_rows=SHARD_ROWS, dim=DIM,
+                                 classes=CLASSES)
 
 
 def drop_page_cache(path: Path) -> None:

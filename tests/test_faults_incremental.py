@@ -18,7 +18,7 @@ import run_extract
 from features import cache
 from features.locking import exclusive_writer
 from tests.helpers import TINY_SHARD_ARGS, extract_args, file_hash, one_error_line
-from tests.test_incremental import SPLITS, add_train_images, assert_equals_fresh, read
+from tests.test_incremental import SPLITS, add_train_images, assert_equals_fresh, copy_base, read
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_WNID = "n02669723"  # the fourth class of the generated dataset's word list: its shards come last
@@ -43,10 +43,7 @@ def base(generated_dataset, tmp_path_factory) -> dict:
 
 @pytest.fixture
 def copy(base, tmp_path) -> dict:
-    data, out = tmp_path / "ds", tmp_path / "features"
-    shutil.copytree(base["data"], data)
-    shutil.copytree(base["out"], out)
-    return {"data": data, "out": out, "old": {split: read(out / f"{split}.h5") for split in SPLITS}}
+    return copy_base(base, tmp_path)
 
 
 def add_class(data: Path, count: int) -> None:

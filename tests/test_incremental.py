@@ -52,13 +52,18 @@ def base(tmp_path_factory) -> dict:
     return {"data": data, "out": out}
 
 
-@pytest.fixture
-def copy(base, tmp_path) -> dict:
-    """This test's copies (sizes and mtimes kept: the copied cache is up to date for the copied dataset)."""
+def copy_base(base: dict, tmp_path: Path) -> dict:
+    """This test's copies of ``base`` (sizes and mtimes kept: the copied cache is up to date for the copied
+    dataset), with the cache's rows as they were ("old")."""
     data, out = tmp_path / "ds", tmp_path / "features"
     shutil.copytree(base["data"], data)
     shutil.copytree(base["out"], out)
     return {"data": data, "out": out, "old": {split: read(out / f"{split}.h5") for split in SPLITS}}
+
+
+@pytest.fixture
+def copy(base, tmp_path) -> dict:
+    return copy_base(base, tmp_path)
 
 
 def add_train_images(data: Path, wnid: str, label: int, indices: range) -> None:

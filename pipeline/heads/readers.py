@@ -20,7 +20,7 @@ from features.attrs import read_attrs
 from features.cache import ROW_CHUNK, CacheError, CachedSplit, check_split, open_split
 from features.locking import writer_holding
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.hardware import available_memory, free_memory  # noqa: F401 (available_memory: also imported from here)
+from pipeline.common.hardware import available_memory, free_memory
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,11 @@ def open_cache(folder: Path, layer: str = "fc7") -> tuple[CachedSplit, CachedSpl
 # In memory or streamed
 
 
+def _free(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (this module's ``available_memory`` on the CPU, which tests narrow)."""
+    return free_memory(device) if device.type == "cuda" else available_memory()
+
+
 def _fits_in_memory(num_bytes: int, device: torch.device) -> bool:
     if device.type == "cuda":
         return num_bytes < 0.8 * free_memory(device)
@@ -237,14 +242,14 @@ class FeatureReader:
 
     def fits_float32(self, device: torch.device, extra_bytes: int = 0) -> bool:
         """Whether ``load_float32`` (with ``extra_bytes`` more beside it) fits in MEMORY_SHARE of what is free."""
-        free = free_memory(device)
+        free = _free(device)
         return free is None or self.float32_bytes(extra_bytes) <= MEMORY_SHARE * free
 
     def load_float32(self, device: torch.device, progress: bool, extra_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N, D) float32, labels (N,)) on ``device``; refused if they would not fit."""
         count, split = self.num_rows, self.split
         if not self.fits_float32(device, extra_bytes):
-            free = free_memory(device)
+            free = _free(device)
             raise UserError(f"{split.path} ({split.layer}, {count} rows) needs "
                             f"{self.float32_bytes(extra_bytes) / 2**30:.1f} GiB in memory, but {free / 2**30:.1f} "
                             f"GiB is free on {device}; use --shots, or --stream")
