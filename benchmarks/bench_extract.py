@@ -7,7 +7,9 @@ Whole processes (each its own Python process, start-up included, on the same fir
 (a) the plain pipeline: PIL decode + Resize/CenterCrop/ToTensor/Normalize per sample, a DataLoader,
     fp32 AlexNet (NCHW), fc7 = classifier[:6];
 (b) the project's extraction (pipeline.extract.extractor) in fp32 and in bf16, with its phases timed: imports,
-    indexing, start-up to the first batch (backbone, fingerprint, workers), steady state, assembly.
+    indexing, start-up to the first batch (backbone, fingerprint, workers), steady state, assembly;
+(b') a bare whole process: import torch and torchvision, build the fc7 cut, forward over ready tensors, as many
+    images (issue 21's reference: the project's fp32 whole process should reach >= 0.93x of it).
 The limits, in this process on ready-made input tensors at the same batch size:
 (c) the bare fc7 forward: fp32 channels_last; bf16 with the weights cast once; bf16 autocast (fp32 weights);
 (d) head epochs: the project's trainer against a bare SGD loop on an in-memory tensor;
@@ -78,6 +80,26 @@ def child_plain(args) -> dict:
         features = torch.cat([model(x) for x in loader])
     np.save(args.out, features.numpy())
     return {"images": len(features)}
+
+
+def child_bare(args) -> dict:
+    """A bare whole process: import torch and torchvision, build AlexNet's fc7 cut, run it over as many ready
+    tensors as the dataset has train images (one batch of random input, reused: no decoding, no writing)."""
+    import torch
+    import torchvision
+
+    from pipeline.common.dataset import index_dataset
+
+    images = len(index_dataset(Path(args.data)).splits["train"].paths)
+    torch.manual_seed(0)
+    alexnet = torchvision.models.alexnet(weights=None).eval()
+    model = torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6])
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, 224, 224).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for start in range(0, images, args.batch_size):
+            model(x[:min(args.batch_size, images - start)])
+    return {"images": images}
 
 
 def child_project(args) -> dict:
@@ -250,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON file (default results/extract-<cpu tag>.json)")
     p.add_argument("--phases", action="store_true",
                    help="only the per-image CPU time of each phase and the fixed cost (benchmarks.extract_phases)")
-    p.add_argument("--child", choices=("plain", "project"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("plain", "bare", "project"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
     return p
@@ -288,6 +310,7 @@ def measure(args, results: dict, tmp: Path, device, batch: int, workers: int) ->
     for path in paths:
         (full.root / path).read_bytes()
     runs = results["whole_process"] = {"plain": whole_process("plain", subset, tmp / "plain.npy", str(device), batch, workers)}
+    runs["bare_fp32"] = whole_process("bare", subset, tmp / "bare", str(device), batch, workers)
     for precision in ("fp32", "bf16"):
         runs[f"project_{precision}"] = whole_process("project", subset, tmp / f"cache-{precision}", str(device),
                                                      batch, workers, precision)
@@ -352,7 +375,7 @@ def measure_phases(args, results: dict, out_json: Path) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
-        print(json.dumps((child_plain if args.child == "plain" else child_project)(args)))
+        print(json.dumps({"plain": child_plain, "bare": child_bare, "project": child_project}[args.child](args)))
         return 0
 
     import torch

@@ -14,6 +14,10 @@ def ratios(results: dict) -> dict:
         "project_fp32_over_plain_whole": ratio(r["plain"]["whole_s"], r["project_fp32"]["whole_s"]),
         "project_bf16_over_plain_whole": ratio(r["plain"]["whole_s"], r["project_bf16"]["whole_s"]),
         "project_fp32_whole_over_bare_fp32": ratio(r["project_fp32"]["whole_img_s"], bare["fp32"]),
+        "project_fp32_whole_over_bare_whole_process": ratio(r["bare_fp32"]["whole_s"], r["project_fp32"]["whole_s"])
+        if "bare_fp32" in r else None,
+        "project_fp32_whole_minus_bare_whole_s": r["project_fp32"]["whole_s"] - r["bare_fp32"]["whole_s"]
+        if "bare_fp32" in r else None,
         "project_fp32_steady_over_bare_fp32": ratio(r["project_fp32"]["steady_img_s"], bare["fp32"]),
         "project_bf16_whole_over_bare_bf16_cast": ratio(r["project_bf16"]["whole_img_s"], bare["bf16_cast"]),
         "project_bf16_steady_over_bare_bf16_cast": ratio(r["project_bf16"]["steady_img_s"], bare["bf16_cast"]),
