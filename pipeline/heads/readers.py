@@ -114,27 +114,38 @@ class StreamedFeatures:
         self.num_rows = split.num_rows
 
     def batches(self, batch_size, generator):
-        if generator is None:  # evaluation and statistics: plain order
-            for start in range(0, self.num_rows, self.block_rows):
-                block = torch.from_numpy(self.split.read_features(start, start + self.block_rows))
-                check_finite(block, self.split.path, start)
-                for idx in batch_order(len(block), batch_size, None):
-                    yield block[idx], self.labels[start:start + len(block)][idx]
-            return
-        chunks = torch.arange(0, self.num_rows, self.chunk_rows)
-        chunks = chunks[torch.randperm(len(chunks), generator=generator)]
-        per_block = max(1, self.block_rows // self.chunk_rows)
+        """Each block is read into one buffer, reused for the next block (a batch is a gathered copy), so the
+        memory is one block whatever the rows: no list of pieces, no concatenated copy, no second block."""
         with h5py.File(self.split.path, "r") as f:
             features = f[self.split.dataset]
+            if generator is None:  # evaluation and statistics: plain order
+                buffer = np.empty((min(self.block_rows, self.num_rows), features.shape[1]), features.dtype)
+                for start in range(0, self.num_rows, self.block_rows):
+                    block = self._read(features, buffer, [start], min(self.block_rows, self.num_rows - start))
+                    labels = self.labels[start:start + len(block)]
+                    for idx in batch_order(len(block), batch_size, None):
+                        yield block[idx], labels[idx]
+                return
+            chunks = torch.arange(0, self.num_rows, self.chunk_rows)
+            chunks = chunks[torch.randperm(len(chunks), generator=generator)]
+            per_block = max(1, self.block_rows // self.chunk_rows)
+            buffer = np.empty((min(per_block * self.chunk_rows, self.num_rows), features.shape[1]), features.dtype)
             for group in chunks.split(per_block):
                 starts = sorted(group.tolist())  # read in file order
-                pieces = [torch.from_numpy(features[s:s + self.chunk_rows]) for s in starts]
-                for s, piece in zip(starts, pieces):
-                    check_finite(piece, self.split.path, s)
-                block = torch.cat(pieces)
+                block = self._read(features, buffer, starts, self.chunk_rows)
                 labels = torch.cat([self.labels[s:s + self.chunk_rows] for s in starts])
                 for idx in batch_order(len(block), batch_size, generator):
                     yield block[idx], labels[idx]
+
+    def _read(self, features: h5py.Dataset, buffer: np.ndarray, starts: list[int], rows: int) -> torch.Tensor:
+        """Rows ``s:s + rows`` for each start, one after another into ``buffer``, each checked for NaN/Inf."""
+        filled = 0
+        for s in starts:
+            n = min(rows, self.num_rows - s)
+            features.read_direct(buffer, np.s_[s:s + n], np.s_[filled:filled + n])
+            check_finite(torch.from_numpy(buffer[filled:filled + n]), self.split.path, s)
+            filled += n
+        return torch.from_numpy(buffer[:filled])
 
 
 # ---------------------------------------------------------------------------------------------
