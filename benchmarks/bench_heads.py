@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.synthetic_cache import add_shape_args
 from pipeline.common.config import LOGREG_WEIGHT_DECAY, HeadConfig
 from pipeline.heads import knn
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
@@ -128,11 +129,7 @@ def bench_knn(train: InMemoryFeatures, val: InMemoryFeatures, classes: int, conf
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-rows", type=int, default=100_000)
-    p.add_argument("--val-rows", type=int, default=10_000)
-    p.add_argument("--classes", type=int, default=200)
-    p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--signal", type=float, default=0.08, help="prototype scale against unit noise")
+    add_shape_args(p, rows_flag="--train-rows", rows=100_000, val_rows=10_000, classes=200, signal=0.08)
     p.add_argument("--heads", default="sgd,logreg,knn")
     p.add_argument("--out", type=Path, default=RESULTS / "heads.json")
     args = p.parse_args(argv)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.synthetic_cache import add_shape_args
 from pipeline.common.config import LOGREG_WEIGHT_DECAY
 from pipeline.common.hardware import cpu_kind, cpu_tag
 from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve, train_state
@@ -172,12 +173,8 @@ def measure_ours(args, train_x, train_y, val_x, val_y, weight_decays) -> tuple[d
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=4000)
-    p.add_argument("--val-rows", type=int, default=1000)
-    p.add_argument("--classes", type=int, default=40)
-    p.add_argument("--dim", type=int, default=4096)
+    add_shape_args(p, rows_flag="--rows", rows=4000, val_rows=1000, classes=40, signal=0.5)
     p.add_argument("--dead", type=float, default=0.6, help="share of units that never fire")
-    p.add_argument("--signal", type=float, default=0.5, help="prototype scale against unit noise")
     p.add_argument("--weight-decays", default=",".join(map(str, LOGREG_WEIGHT_DECAY)))
     p.add_argument("--tolerance-grad", type=float, default=TOLERANCE_GRAD, help="ours: stop at this max |grad|")
     p.add_argument("--no-sklearn", action="store_true")

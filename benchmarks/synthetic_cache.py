@@ -34,3 +34,13 @@ def write_synthetic_cache(folder: Path, split: str, labels: np.ndarray, block: C
                                                        "versions": "{}", "class_full_names": "\n".join(wnids),
                                                        "world_size": 1}))
     return cache.split_file(folder, split)
+
+
+def add_shape_args(parser, *, rows_flag: str, rows: int, val_rows: int, classes: int, signal: float) -> None:
+    """The generated features' shape flags, shared by the head benchmarks: train rows (``rows_flag``), val rows,
+    classes, width, and how far the class prototypes stand out of the unit noise."""
+    parser.add_argument(rows_flag, type=int, default=rows, help="train rows")
+    parser.add_argument("--val-rows", type=int, default=val_rows)
+    parser.add_argument("--classes", type=int, default=classes)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--signal", type=float, default=signal, help="prototype scale against unit noise")
