@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=d.batch_size,
                      help="images per forward pass (default per model: AlexNet 64 on CPU, 256 on CUDA; fewer "
                           "for big models)")
-    run.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (default 1 on CPU; on CUDA the usable CPUs per local rank less one, up to 16)")
+    run.add_argument("--workers", type=int, default=d.workers, help="image readers: threads on the CPU (default 1; 0 reads in the main thread), DataLoader worker processes on CUDA (default: the usable CPUs per local rank less one, up to 16)")
     run.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per resumable shard")
     run.add_argument("--compression", choices=("gzip", "lzf"), default=d.compression, help="HDF5 compression of the features")
     run.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")

@@ -96,10 +96,14 @@ def child_bare(args) -> dict:
     model = torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6])
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(args.batch_size, 3, 224, 224).to(memory_format=torch.channels_last)
+    stamps = []  # after each batch, as the project child stamps its forwards
     with torch.inference_mode():
         for start in range(0, images, args.batch_size):
             model(x[:min(args.batch_size, images - start)])
-    return {"images": images}
+            stamps.append((time.perf_counter(), min(args.batch_size, images - start)))
+    first, last = stamps[0][0], stamps[-1][0]
+    steady = sum(n for _, n in stamps[1:]) / (last - first) if last > first else None
+    return {"images": images, "steady_img_s": steady, "in_process_s": time.perf_counter() - STARTED}
 
 
 def child_project(args) -> dict:

@@ -7,7 +7,8 @@ same images, in this process, with its CPU time (``time.process_time``: all thre
   OpenCV's SIMD ``cv2.resize`` + crop where it could stand in: upscales in bilinear, checked within one level
   of the recorded pixels and at cosine >= 0.9999 on fc7; downscaling is checked separately (INTER_AREA and
   INTER_LINEAR are not PIL's antialiased bilinear);
-- transfer: a worker's uint8 batch through a one-worker DataLoader to the main process, plus ``normalize``;
+- transfer: a reader thread's uint8 batch handed to the main thread (``read_ahead``), plus ``normalize``
+  into reused buffers, as the extractor does on the CPU;
 - forward: the fp32 fc7 forward at the batch size (and the bare forward's img/s);
 - write: the shard write (``features.cache.write_shard``) of the fc7 rows.
 The fixed cost: a whole ``run_extract.py`` on a few images minus images / bare rate, against a bare
@@ -75,13 +76,13 @@ def phase_times(root: Path, paths: list[str], batch: int = 64) -> dict:
     import numpy as np
     import torch
     import torchvision
-    from torch.utils.data import DataLoader
 
     from features import cache
     from features.settings import CacheSettings
     from models import AlexNetLayers
     from pipeline.common.images import read_rgb
     from pipeline.common.preprocess import Preprocess
+    from pipeline.extract.extractor import read_ahead
 
     preprocess = Preprocess()
     torch.manual_seed(0)
@@ -94,10 +95,12 @@ def phase_times(root: Path, paths: list[str], batch: int = 64) -> dict:
     out["preprocess"] = _cpu_ms_per_image(lambda: [preprocess.resize_crop(b) for b in batches], len(images))
     ready = [preprocess.resize_crop(b) for b in batches]
 
-    def transfer():
-        for x in DataLoader(ready, batch_size=None, num_workers=1):
-            preprocess.normalize(x)
-    out["transfer"] = _cpu_ms_per_image(transfer, len(images), repeats=1)  # this process only: the worker is apart
+    reuse: dict = {}
+
+    def transfer():  # the extractor's CPU hand-off: a reader thread's batches, normalised into reused buffers
+        for x in read_ahead(ready, threads=1):
+            preprocess.normalize(x, reuse=reuse)
+    out["transfer"] = _cpu_ms_per_image(transfer, len(images), repeats=1)
     inputs = [preprocess.normalize(x) for x in ready]
     with torch.inference_mode():
         backbone.forward_layers(inputs[0], ("fc7",))

@@ -4,6 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def fixed_s(run: dict) -> float | None:
+    """Seconds of a whole process not spent at its steady rate: start-up, imports, the first batch, assembly, exit."""
+    if not run.get("steady_img_s"):
+        return None
+    return run["whole_s"] - run["images"] / run["steady_img_s"]
+
+
 def ratios(results: dict) -> dict:
     r, bare = results["whole_process"], results["bare_img_s"]
 
@@ -19,6 +26,12 @@ def ratios(results: dict) -> dict:
         "project_fp32_whole_minus_bare_whole_s": r["project_fp32"]["whole_s"] - r["bare_fp32"]["whole_s"]
         if "bare_fp32" in r else None,
         "project_fp32_steady_over_bare_fp32": ratio(r["project_fp32"]["steady_img_s"], bare["fp32"]),
+        # the same, against the bare whole process's own steady rate (its batches, in its own process)
+        "project_fp32_steady_over_bare_process_steady": ratio(r["project_fp32"]["steady_img_s"],
+                                                              r.get("bare_fp32", {}).get("steady_img_s")),
+        # fixed cost: the whole process less its images at its own steady rate; the project's over the bare's
+        "project_fp32_fixed_s": fixed_s(r["project_fp32"]),
+        "bare_fp32_fixed_s": fixed_s(r.get("bare_fp32", {})),
         "project_bf16_whole_over_bare_bf16_cast": ratio(r["project_bf16"]["whole_img_s"], bare["bf16_cast"]),
         "project_bf16_steady_over_bare_bf16_cast": ratio(r["project_bf16"]["steady_img_s"], bare["bf16_cast"]),
         "bf16_cast_over_autocast": ratio(bare["bf16_cast"], bare["bf16_autocast"]),

@@ -199,8 +199,25 @@ def test_normalisation_constants_are_made_once_per_device(monkeypatch):
         out = p.normalize(images)
     assert made == []  # no host-to-device copy per batch
     assert torch.equal(out, reference_normalize(images, p))  # bit for bit what the CPU cache holds
-    assert preprocess_module._constants(p.mean, p.std, torch.device("cpu"))[0] is \
-        preprocess_module._constants(p.mean, p.std, torch.device("cpu"))[0]
+    assert preprocess_module._row_constants(p.mean, p.std, 64, 64)[0] is \
+        preprocess_module._row_constants(p.mean, p.std, 64, 64)[0]
+
+
+def test_normalising_into_reused_buffers_keeps_every_bit():
+    """Extraction on the CPU normalises each batch into the same buffers: any batch size (a shard's last batch
+    is smaller), layout or dtype gives the reference's bits, and no buffer is allocated once they are made."""
+    p = Preprocess(image_size=64, resize_size=72)
+    reuse: dict = {}
+    first = p.normalize(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), reuse=reuse)
+    buffer = reuse[torch.float32]
+    for batch, layout in ((4, torch.channels_last), (3, torch.contiguous_format), (1, torch.channels_last)):
+        images = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8).contiguous(memory_format=layout)
+        out = p.normalize(images, reuse=reuse)
+        assert torch.equal(out, reference_normalize(images, p)) and out.is_contiguous(memory_format=torch.channels_last)
+        assert out.data_ptr() == buffer.data_ptr() and reuse[torch.float32] is buffer
+        low = p.normalize(images, torch.bfloat16, reuse=reuse)
+        assert torch.equal(low, reference_normalize(images, p).to(torch.bfloat16)) and low.dtype == torch.bfloat16
+    assert first.data_ptr() == buffer.data_ptr()  # overwritten by the next call, as documented
 
 
 def test_normalising_into_the_compute_dtype_equals_the_backbone_cast():

@@ -90,9 +90,9 @@ def usable_cpus() -> int:
 
 
 def default_workers(device_type: str, local_world: int | None = None, cpus: int | None = None) -> int:
-    """DataLoader workers when --workers is not given.
+    """Image readers when --workers is not given: threads on the CPU, DataLoader worker processes on CUDA.
 
-    CPU: 1 (the main process's threads run the backbone; one worker decodes and resizes beside it).
+    CPU: 1 (the main process's threads run the backbone; one thread decodes and resizes beside it).
     CUDA: the usable CPUs shared among the ranks on this node (LOCAL_WORLD_SIZE), one left for each rank's
     main process, capped at MAX_CUDA_WORKERS: under torchrun x 8 on 16 cores that is 1 each, not 8.
     """

@@ -72,7 +72,9 @@ class Preprocess:
         if isinstance(images, (list, tuple)):
             from pipeline.common.images import stack_or_list
 
-            batch = stack_or_list(list(images))
+            # stacked straight into channels_last (decoded JPEGs are interleaved in memory already): one copy, not
+            # a planar stack and then a second copy into the layout below (0.17 -> 0.10 core-ms per 64 px image)
+            batch = stack_or_list(list(images), channels_last=True)
             if isinstance(batch, list):  # mixed sizes: rare
                 return torch.cat([self.resize_crop(image[None]) for image in batch])
             return self.resize_crop(batch)
@@ -85,22 +87,26 @@ class Preprocess:
         images = F.resize(images, [self.resize_size], interpolation=mode, antialias=True)
         return F.center_crop(images, [self.image_size, self.image_size])
 
-    def normalize(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype | None = None, *,
+                  reuse: dict | None = None) -> torch.Tensor:
         """(B, 3, S, S) uint8 (or float holding 0..255) -> (B, 3, S, S) in ``dtype`` (float32 by default),
         ImageNet-normalised, channels_last.
 
         The arithmetic is float32 whatever ``dtype`` is (the result is rounded to it once, as the backbone's
         own cast would), with the constants made once per device: no host-to-device copy per batch.
+
+        ``reuse`` (CPU only): a dict the caller keeps between batches; the result is written into buffers held
+        there, so it is overwritten by the next call with the same dict. Without it, each call allocates.
         """
         import torch
 
         dtype = dtype or torch.float32
+        if images.device.type == "cpu":
+            return _normalize_cpu(images, self.mean, self.std, dtype, reuse)
         mean, std = _constants(self.mean, self.std, images.device)
-        if images.device.type == "cpu":  # convert, then in place: the fastest on the CPU
-            out = images.to(dtype=torch.float32, memory_format=torch.channels_last).sub_(mean)
-        else:  # uint8 - float32 is computed in float32 in one pass on the GPU: no separate conversion
-            out = torch.sub(images, mean, out=torch.empty(images.shape, device=images.device,
-                                                          memory_format=torch.channels_last))
+        # uint8 - float32 is computed in float32 in one pass on the GPU: no separate conversion
+        out = torch.sub(images, mean, out=torch.empty(images.shape, device=images.device,
+                                                      memory_format=torch.channels_last))
         if dtype == torch.float32:
             return out.div_(std)
         return torch.div(out, std, out=torch.empty(out.shape, dtype=dtype, device=images.device,
@@ -152,4 +158,53 @@ def _constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.de
     with torch.inference_mode(False):  # ordinary tensors, usable inside and outside inference mode
         mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
         std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return mean_t, std_t
+
+
+def _normalize_cpu(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                   reuse: dict | None) -> torch.Tensor:
+    """normalize() on the CPU: each image as one row of interleaved pixels (RGBRGB..., what channels_last
+    holds), converted with a plain copy and then shifted and scaled by constants laid out the same way.
+
+    Every loop is a contiguous vector loop over one dtype: converting while subtracting a broadcast (1, 3, 1, 1)
+    was ~7x slower (0.86 against 0.12 core-ms per 224 px image, with the buffers reused; a fresh 38 MB buffer
+    per batch of 64 costs about 0.5 core-ms per image in page faults alone). The operations per element are the
+    same (float(v) - mean, then / std, rounded to ``dtype`` once), so the bits are the same.
+    """
+    import torch
+
+    batch, channels, height, width = images.shape
+    mean_row, std_row = _row_constants(mean, std, height, width)
+    work = _scratch(reuse, torch.float32, batch, mean_row.numel())
+    work.view(batch, height, width, channels).copy_(images.permute(0, 2, 3, 1))  # uint8 -> float32
+    work.sub_(mean_row)
+    if dtype == torch.float32:
+        out = work.div_(std_row)
+    else:
+        out = torch.div(work, std_row, out=_scratch(reuse, dtype, batch, mean_row.numel()))
+    return out.view(batch, height, width, channels).permute(0, 3, 1, 2)  # NCHW sizes, channels_last strides
+
+
+def _scratch(reuse: dict | None, dtype: torch.dtype, rows: int, width: int) -> torch.Tensor:
+    """A (rows, width) buffer: fresh, or the one kept in ``reuse`` for this dtype (grown when too small)."""
+    import torch
+
+    if reuse is None:
+        return torch.empty(rows, width, dtype=dtype)
+    buffer = reuse.get(dtype)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != width:
+        buffer = reuse[dtype] = torch.empty(rows, width, dtype=dtype)
+    return buffer[:rows]
+
+
+@functools.lru_cache(maxsize=8)
+def _row_constants(mean: tuple[float, ...], std: tuple[float, ...], height: int,
+                   width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean * 255, std * 255) repeated for every pixel of a height x width image, as flat float32 rows
+    laid out as channels_last holds the pixels."""
+    import torch
+
+    with torch.inference_mode(False):
+        mean_t = (torch.tensor(mean, dtype=torch.float32) * 255).repeat(height * width)
+        std_t = (torch.tensor(std, dtype=torch.float32) * 255).repeat(height * width)
     return mean_t, std_t

@@ -4,8 +4,9 @@ AlexNet (the default) runs its own fc7 cut (models.AlexNetLayers), bit for bit a
 existed; any other torchvision classifier runs as ``pipeline.common.backbones.catalog`` plans it: torchvision's
 graph cut at the named nodes, each reduced to a vector (models.backbones.LayerFeatures).
 
-Data path: DataLoader workers read and decode whole batches of JPEGs (and on the CPU also resize and
-crop them, as uint8); the main process normalises on the device, runs the backbone in channels_last
+Data path: whole batches of JPEGs are read and decoded ahead of the backbone, on the CPU by threads of this
+process that also resize and crop them as uint8 (read_ahead), on CUDA by DataLoader worker processes; the
+main process normalises on the device, runs the backbone in channels_last
 with its weights cast once to the compute precision (one pass fills every requested layer), and writes
 one shard file per ``shard_size`` rows (features.cache). Under torchrun each rank takes every
 world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
@@ -16,13 +17,16 @@ written, so a rerun after the fault is fixed reads it again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,7 +53,7 @@ from pipeline.extract.loading import default_batch_size, load_for
 from pipeline.extract.precision_choice import complete_attrs, decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
 
-__all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "resize_in_workers"]
+__all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "read_ahead", "resize_in_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,30 @@ class BatchReader(Dataset):
             batch = stack_or_list(images)  # (B, 3, H, W) uint8, or mixed sizes resized on the device one by one
         return {"shard": shard, "positions": np.asarray(kept, dtype=np.int64), "images": batch,
                 "skipped": skipped, "count": len(positions), "read_error": None}
+
+
+def read_ahead(reader: BatchReader, threads: int, ahead: int = 2) -> Iterator[dict]:
+    """``reader``'s batches in order, each read by one of ``threads`` threads of this process while the
+    backbone runs (``ahead`` batches besides the one in use); ``threads`` 0: in the calling thread.
+
+    The CPU data path. Threads, not DataLoader worker processes: decoding and the uint8 resize release the GIL,
+    and a batch needs no hand-off through shared memory (a fresh 9.6 MB mapping per batch of 64, faulted in
+    page by page in both processes). Measured on 2 cores, paired with the bare forward in one process: worker
+    process 0.91x, one thread 0.94x (benchmarks/bench_extract.py has the whole-process figures)."""
+    if threads == 0:
+        yield from (reader[i] for i in range(len(reader)))
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="extract-read")
+    pending: deque = deque()
+    try:
+        for i in range(len(reader)):
+            pending.append(pool.submit(reader.__getitem__, i))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # stopped early (an error, a skip under --strict): what has not started is dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def resize_in_workers(device: torch.device) -> bool:
@@ -293,14 +321,20 @@ def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, sh
     mine = [i for i in range(len(shards)) if i % run.world == run.rank and i not in done]
     batches = [(i, work[i][b:b + run.batch_size]) for i in mine for b in range(0, len(work[i]), run.batch_size)]
     in_workers = resize_in_workers(run.device)
-    forward = _Forward(run, layers, run.preprocess.normalize if in_workers else run.preprocess, reuse, shards)
+    # on the CPU the normalised batch is written into the same buffers each time (the forward is done with it
+    # before the next batch): no fresh 38 MB per batch to fault in
+    normalize = functools.partial(run.preprocess.normalize, reuse={}) if in_workers else run.preprocess
+    forward = _Forward(run, layers, normalize, reuse, shards)
     for i in mine:
         if not len(work[i]):
             forward.write(parts, i, forward.empty())
     reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None,
                          min_side=decode_floor(run.preprocess))
-    loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=run.workers,
-                        pin_memory=run.device.type == "cuda", persistent_workers=False)
+    if run.device.type == "cpu":  # threads beside the backbone's; on CUDA worker processes feed the GPU
+        loader = read_ahead(reader, run.workers)
+    else:
+        loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=run.workers, pin_memory=True,
+                            persistent_workers=False)
     bar = tqdm(total=sum(map(len, work)), initial=sum(len(work[i]) for i in done), desc=f"extract {split}", unit="img",
                dynamic_ncols=True, disable=not config.progress or run.rank != 0, smoothing=0.1)
     pending: dict[int, dict] = {}  # shard -> rows gathered so far
