@@ -30,7 +30,7 @@ SMALL_INPUT_ARGS = ("--no-progress", "--image-size", "64", "--resize-size", "72"
 # --precision fp32: bit-for-bit comparisons hold on every machine (auto may choose bf16 where it is faster;
 # tests/test_precision_auto.py covers auto).
 FAST_EXTRACT_ARGS = ("--weights", "random", "--seed", "0", *SMALL_INPUT_ARGS, "--precision", "fp32")
-# Extraction in this process (no worker processes), and in many tiny shards (many resumable units).
+# Extraction reading in the main thread (no reader threads or worker processes), and in many tiny shards.
 NO_WORKERS_ARGS = ("--workers", "0")
 TINY_SHARD_ARGS = ("--shard-size", "2", "--batch-size", "2", *NO_WORKERS_ARGS)
 # Head training on a tiny cache: batches of 10 so a few rows still make several steps.
