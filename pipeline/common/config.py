@@ -268,8 +268,14 @@ class LiveConfig:
             return
         if self.into is None:
             raise UserError(f"--collect {self.collect} needs --into DIR: the folder its frames go to (DIR/<class>/)")
+        default = LiveConfig()
         clash = [flag for flag, value in (("--export", self.export), ("--onnx", self.onnx), ("--output", self.output),
-                                          ("--predictions", self.predictions)) if value is not None]
+                                          ("--predictions", self.predictions), ("--weights", self.weights),
+                                          ("--runtime", self.runtime), ("--batch-frames", self.batch_frames))
+                 if value is not None]
+        clash += [flag for flag, field in (("--checkpoint", "checkpoint"), ("--seed", "seed"), ("--device", "device"),
+                                           ("--precision", "precision"), ("--top-k", "top_k"), ("--smooth", "smooth"))
+                  if getattr(self, field) != getattr(default, field)]  # the classifier's settings: nothing runs one
         if clash:
             raise UserError(f"--collect saves frames and classifies nothing; drop {', '.join(clash)} "
                             "(or run those without --collect)")
