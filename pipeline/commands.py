@@ -38,11 +38,13 @@ def run_extract(config: ExtractConfig) -> int:
 
 def prepare(config: ExtractConfig) -> int:
     """Find, index and check the dataset; log the summary (and write it to ``config.summary_json``)."""
+    from pipeline.common.images import decode_floor
     from pipeline.data.prepare import prepare_dataset
+    from pipeline.extract.freshness import preprocess_of
 
     summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
                               arrange=config.arrange_val, strict=config.strict, progress=config.progress,
-                              val_fraction=config.val_fraction)
+                              val_fraction=config.val_fraction, min_side=decode_floor(preprocess_of(config)))
     log.info("%s: %s layout, %d classes", summary["root"], summary["layout"], summary["num_classes"])
     for name, split in summary["splits"].items():
         log.info("  %-5s %6d images, %d-%d per class, %d skipped", name, split["images"],

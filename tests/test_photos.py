@@ -3,6 +3,7 @@ images (Tiny ImageNet's 64x64) decoded exactly as before."""
 from __future__ import annotations
 
 import io
+import json
 
 import h5py
 import numpy as np
@@ -143,3 +144,26 @@ def test_webp_is_read(tmp_path):
     pixels = class_image(1, 0)
     Image.fromarray(pixels).save(tmp_path / "x.webp", lossless=True)
     assert torch.equal(read_rgb(tmp_path / "x.webp").permute(1, 2, 0), torch.from_numpy(pixels))
+
+
+def test_prepare_only_decodes_large_photos_reduced_as_extraction_will(tmp_path, monkeypatch, capsys):
+    """--prepare-only checks each image the way the extractor reads it: a 1200x900 photo at 1/4 for
+    --resize-size 72, not a full decode; a truncated one is listed as a skip all the same."""
+    from pipeline.common import images
+
+    root = tmp_path / "photos"
+    for label, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        save_jpeg(photo_array(1200, 900, seed=label), root / name / "big.jpg")
+        Image.fromarray(class_image(label, 0)).save(root / name / "small.jpg", quality=90)
+    whole = (root / "b" / "big.jpg").read_bytes()
+    (root / "b" / "big.jpg").write_bytes(whole[:len(whole) // 2])  # cut in half: no longer decodes
+    reduced = []
+    real = images._decode_reduced
+    monkeypatch.setattr(images, "_decode_reduced", lambda data, scale: (reduced.append(scale), real(data, scale))[1])
+    summary = tmp_path / "summary.json"
+    assert run_extract.main(["--data", str(root), "--prepare-only", "--image-size", "64", "--resize-size", "72",
+                             "--val-fraction", "0.5", "--no-progress", "--summary-json", str(summary)]) == 0
+    assert reduced == [4, 4]  # both photos, at 1/4; the small images decode in full
+    skipped = json.loads(summary.read_text())["skipped"]
+    assert [item["path"] for item in skipped] == ["b/big.jpg"] and "truncated" in skipped[0]["reason"]

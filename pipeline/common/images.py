@@ -189,13 +189,14 @@ def check_image(root: Path, rel: str, min_side: int | None = None) -> Skipped | 
     return None
 
 
-def verify_images(root: Path, paths: list[str], *, workers: int = 4, progress: bool = True) -> list[Skipped]:
-    """Decode every image once; return the ones that fail, in order."""
+def verify_images(root: Path, paths: list[str], *, workers: int = 4, progress: bool = True,
+                  min_side: int | None = None) -> list[Skipped]:
+    """Decode every image once (a large JPEG reduced to ``min_side``, as read_rgb); return the ones that fail, in order."""
     from tqdm import tqdm
 
     pool = ThreadPoolExecutor(max(1, workers))  # decoding releases the GIL
     try:
-        results = pool.map(lambda rel: check_image(root, rel), paths, chunksize=64)
+        results = pool.map(lambda rel: check_image(root, rel, min_side), paths, chunksize=64)
         return [r for r in tqdm(results, total=len(paths), desc="checking images", unit="img",
                                 disable=not progress, leave=False) if r is not None]
     finally:

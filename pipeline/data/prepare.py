@@ -103,9 +103,12 @@ def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | N
 
 def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
                     md5: str | None = TINY_IMAGENET_MD5, arrange: bool = False, strict: bool = False,
-                    progress: bool = True, val_fraction: float = VAL_FRACTION) -> dict:
+                    progress: bool = True, val_fraction: float = VAL_FRACTION, min_side: int | None = None) -> dict:
     """--prepare-only: find, index and (optionally) arrange the dataset, decode every image once,
-    apply the skip policy, and return the summary."""
+    apply the skip policy, and return the summary.
+
+    ``min_side``: decode a large JPEG reduced, as extraction will (images.decode_floor): the check then skips
+    what extraction would skip, and a 12 MP photo costs a fraction of a full decode."""
     from pipeline.common.images import Skipped, enforce_skip_policy, verify_images  # imports torch
 
     check_val_fraction(val_fraction)  # before anything is unpacked or downloaded
@@ -113,7 +116,8 @@ def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, u
     if arrange:
         log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(dataset), dataset.root)
     # images the index could not take (a name that is not UTF-8) are skips too, listed first
-    skipped = {name: [Skipped(**item) for item in split.excluded] + verify_images(dataset.root, split.paths, progress=progress)
+    skipped = {name: [Skipped(**item) for item in split.excluded]
+               + verify_images(dataset.root, split.paths, progress=progress, min_side=min_side)
                for name, split in dataset.splits.items()}
     enforce_skip_policy([s for found in skipped.values() for s in found], strict=strict)
     summary = prepare_summary(dataset, skipped, val_fraction)
