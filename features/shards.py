@@ -111,13 +111,15 @@ def write_shard(parts: Path, shard: int, layers: dict[str, np.ndarray], position
         raise CacheUnwritable(f"cannot write {final}: {describe_error(err)}") from None
 
 
-def read_shard(path: Path, digest: str) -> dict:
+def read_shard(path: Path, digest: str, *, layers: bool = True) -> dict:
+    """One shard's positions, skips and reused rows, and (``layers``) its feature rows: without them, only the
+    small arrays are read from the file."""
     with np.load(path, allow_pickle=False) as shard:
         if str(shard["digest"]) != digest:
             path.unlink()
             raise CacheIncomplete(f"{path} was made under other settings and is discarded")
         none = np.zeros(0, np.int64)
         return {"positions": shard["positions"], "skipped": json.loads(str(shard["skipped"])),
-                "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")},
+                "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")} if layers else {},
                 "reused_positions": shard["reused_positions"] if "reused_positions" in shard.files else none,
                 "reused_rows": shard["reused_rows"] if "reused_rows" in shard.files else none}

@@ -100,7 +100,7 @@ def _gather_shards(parts: Path, digest: str | None, num_shards: int, split: str)
     shards = [shard_file(parts, i, digest) for i in range(num_shards)]
     positions, skipped = [], []
     for path in shards:
-        shard = read_shard(path, digest)
+        shard = read_shard(path, digest, layers=False)  # the rows are read once, by the writer
         positions.append(np.sort(np.concatenate([shard["positions"], shard["reused_positions"]])))
         skipped += shard["skipped"]
     order = np.concatenate(positions) if positions else np.zeros(0, np.int64)
