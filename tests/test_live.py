@@ -280,6 +280,26 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path):
         assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
 
 
+def test_a_large_photo_is_classified_from_the_pixels_extraction_reads(trained, tmp_path):
+    """A 1200x900 JPEG in a folder: live decodes it reduced as extraction would (the checkpoint's preprocessing
+    sets the floor), so its prediction is the one the cached row's would be, not a full decode's."""
+    from pipeline.common.images import decode_floor
+    from pipeline.data.photos import photo_array, save_jpeg
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    big = save_jpeg(photo_array(1200, 900, seed=3), folder / "big.jpg")
+    model, _, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
+    floor = decode_floor(preprocess)
+    classifier = torch_classifier.TorchClassifier(trained["checkpoint"], device="cpu", precision="fp32")
+    decoded = classifier.decode(big)
+    assert decoded.shape[:2] == tuple(read_rgb(big, min_side=floor).shape[1:]) != (900, 1200)  # reduced
+    [line] = predictions(trained, folder, tmp_path / "preds.jsonl", "--precision", "fp32")
+    expected = torch_classifier.predict_frame(model, preprocess, read_rgb(big, min_side=floor))
+    wnids = trained["checkpoint"]["class_wnids"]
+    assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cameras (faked) and errors
 

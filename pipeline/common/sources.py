@@ -58,13 +58,16 @@ def decode_with_opencv(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def torch_decoder() -> Decoder:
-    """torchvision's decoder, exactly as extraction decodes (imports torch: for the torch runtime only)."""
+def torch_decoder(min_side: int | None = None) -> Decoder:
+    """torchvision's decoder, exactly as extraction decodes (imports torch: for the torch runtime only).
+
+    ``min_side``: a large JPEG is decoded reduced to no less than this, as extraction does for the same
+    preprocessing (images.decode_floor); the classifier then sees the pixels the cache was made from."""
     from pipeline.common.images import ImageDecodeError, read_rgb
 
     def decode(path: Path) -> np.ndarray:
         try:
-            rgb = read_rgb(path)  # (3, H, W) uint8
+            rgb = read_rgb(path, min_side=min_side)  # (3, H, W) uint8
         except ImageDecodeError as err:
             raise DecodeError(str(err)) from None
         return np.ascontiguousarray(rgb.permute(1, 2, 0).numpy())

@@ -20,7 +20,7 @@ from models.backbones import LayerClassifier
 from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
 from pipeline.common.checkpoint import checkpoint_backbone, checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
-from pipeline.common.images import stack_or_list
+from pipeline.common.images import decode_floor, stack_or_list
 from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import torch_decoder
@@ -155,7 +155,7 @@ class TorchClassifier:
         spec = weights or checkpoint["weights_spec"]
         self.classes = ClassInfo(list(checkpoint["class_wnids"]), list(checkpoint["class_names"]),
                                  describe(checkpoint, spec, str(device)), spec)
-        self.decode = torch_decoder()
+        self.decode = torch_decoder(min_side=decode_floor(self.preprocess))  # a large JPEG as extraction read it
 
     def predict(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         if self.choose_precision:
