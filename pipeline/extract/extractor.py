@@ -115,8 +115,8 @@ def read_ahead(reader: BatchReader, threads: int, ahead: int = 2) -> Iterator[di
 
 
 def resize_in_workers(device: torch.device) -> bool:
-    """Where the uint8 resize and crop run: in the CPU workers for CPU extraction; on the GPU otherwise,
-    so the workers only decode and small 64x64 images cross the bus."""
+    """Where the uint8 resize and crop run: in the reader threads for CPU extraction (read_ahead); on the GPU
+    otherwise, so the DataLoader workers only decode and small 64x64 images cross the bus."""
     return device.type == "cpu"
 
 
