@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pipeline.common.hardware import cpu_kind, cpu_tag
-from pipeline.common.images import decode_floor, read_rgb
+from pipeline.common.images import read_rgb
+from pipeline.common.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.photos import PHOTO_SIZE, photo_array, save_jpeg
 

@@ -38,7 +38,7 @@ def run_extract(config: ExtractConfig) -> int:
 
 def prepare(config: ExtractConfig) -> int:
     """Find, index and check the dataset; log the summary (and write it to ``config.summary_json``)."""
-    from pipeline.common.images import decode_floor
+    from pipeline.common.jpeg import decode_floor
     from pipeline.data.prepare import prepare_dataset
     from pipeline.extract.freshness import preprocess_of
 

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 import run_webcam
+from pipeline.common.images import read_rgb
+from pipeline.common.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
+from pipeline.common.sources import opencv_decoder
+from pipeline.data.photos import photo_array, save_jpeg
 from pipeline.live import export, onnx_runtimes
 from pipeline.live.numpy_preprocess import preprocess_frames, resize_crop
 from tests.conftest import CPU, one_error_line
@@ -83,6 +87,35 @@ def test_shrinking_is_antialiased_unlike_a_plain_cv2_resize():
     plain = cv2.resize(board, (224, 224), interpolation=cv2.INTER_LINEAR).astype(int)
     assert abs(ported.mean() - 127.5) < 2 and ported.std() < 2
     assert plain.std() > 20
+
+
+# (width, height, EXIF orientation) at a floor of 144: 1/4 (turned), 1/8, 1/8 asked on odd sides (PIL's draft takes
+# 1/4 there), 1/4 on a portrait photo, 1/2 asked where PIL's draft decodes in full, a small one
+LARGE_JPEGS = [(1200, 900, 6), (1160, 1208, None), (1161, 1213, 3), (600, 800, 8), (287, 400, None), (64, 64, None)]
+
+
+def test_opencv_decodes_a_large_jpeg_to_the_pixels_extraction_reads(tmp_path):
+    """The torch-free runtimes read a large photo reduced by libjpeg at extraction's scale: byte for byte what
+    extraction (and the torch runtime) decode, turned by its EXIF tag; a small one in full."""
+    preprocess = Preprocess(image_size=64, resize_size=72)  # the floor is 144
+    decode = opencv_decoder(min_side=decode_floor(preprocess))
+    shapes = []
+    for i, (width, height, orientation) in enumerate(LARGE_JPEGS):
+        path = save_jpeg(photo_array(width, height, seed=i), tmp_path / f"{i}.jpg", orientation=orientation)
+        mine, theirs = decode(path), read_rgb(path, min_side=144).permute(1, 2, 0).numpy()
+        assert mine.shape == theirs.shape and np.array_equal(mine, theirs), (width, height, orientation)
+        shapes.append(mine.shape[:2])
+    assert shapes == [(300, 225), (151, 145), (304, 291), (150, 200), (400, 287), (64, 64)]
+
+
+def test_an_onnx_classifier_reads_image_files_as_extraction_did(tmp_path):
+    """The exported classifier's decoder takes its floor from the sidecar's preprocessing: at 64 px (resize 72,
+    floor 144) a 1200x900 photo is read at 1/4, as extraction read it for that cache."""
+    meta = {"class_wnids": ["a", "b"], "class_names": ["a", "b"], "num_classes": 2, "weights_spec": "random"}
+    classifier = onnx_runtimes.OnnxClassifier(tmp_path / "c.onnx", meta, Preprocess(image_size=64, resize_size=72))
+    path = save_jpeg(photo_array(1200, 900, seed=1), tmp_path / "big.jpg")
+    assert classifier.decode(path).shape == (225, 300, 3)
+    assert np.array_equal(classifier.decode(path), read_rgb(path, min_side=144).permute(1, 2, 0).numpy())
 
 
 def test_runtime_onnxruntime_without_it_says_how_to_install(tmp_path, monkeypatch, capsys):

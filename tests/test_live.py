@@ -283,7 +283,7 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path):
 def test_a_large_photo_is_classified_from_the_pixels_extraction_reads(trained, tmp_path):
     """A 1200x900 JPEG in a folder: live decodes it reduced as extraction would (the checkpoint's preprocessing
     sets the floor), so its prediction is the one the cached row's would be, not a full decode's."""
-    from pipeline.common.images import decode_floor
+    from pipeline.common.jpeg import decode_floor
     from pipeline.data.photos import photo_array, save_jpeg
 
     folder = tmp_path / "photos"

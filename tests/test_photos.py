@@ -14,7 +14,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 import run_extract
 from pipeline.common.backbones.loading import load_backbone
-from pipeline.common.images import decode_floor, decode_rgb, jpeg_size, read_bytes, read_rgb, reduction
+from pipeline.common.images import decode_rgb, read_bytes, read_rgb
+from pipeline.common.jpeg import decode_floor, jpeg_size, reduction
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.photos import photo_array, save_jpeg
 from pipeline.data.synthetic import class_image
@@ -118,7 +119,7 @@ def test_small_images_decode_exactly_as_a_plain_full_decode(tmp_path, size):
         if not min_side or reduction((width, height), min_side) == 1:
             assert torch.equal(decode_rgb(data, min_side=min_side), plain)
     assert reduction((64, 64), 144) == 1 and reduction((286, 400), 144) == 1  # 286 / 2 = 143 < 144
-    assert reduction((287, 400), 144) == 2  # ceil(287 / 2) = 144, the size libjpeg decodes it to
+    assert reduction((287, 400), 144) == 2  # ceil(287 / 2) = 144 (PIL's draft then decodes it in full: draft_scale)
     assert reduction((300, 500), 144) == 2 and reduction((2000, 1200), 144) == 8
 
 
@@ -134,10 +135,10 @@ def test_jpeg_size_reads_the_frame_header_and_ignores_other_formats(tmp_path):
     for options in ({}, {"progressive": True}, {"exif": Image.Exif().tobytes()}):
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, "JPEG", **options)
-        assert jpeg_size(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)) == (333, 222)
+        assert jpeg_size(buffer.getvalue()) == (333, 222)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
-    assert jpeg_size(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)) is None
+    assert jpeg_size(buffer.getvalue()) is None
 
 
 def test_webp_is_read(tmp_path):

@@ -26,6 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.common.errors import UserError, first_line
+from pipeline.common.jpeg import jpeg_size, reduction
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def decode_rgb(data: torch.Tensor, *, min_side: int | None = None) -> torch.Tens
     """
     if data.numel() == 0:
         raise ImageDecodeError("empty file")
-    scale = reduction(jpeg_size(data), min_side) if min_side else 1
+    scale = reduction(jpeg_size(data.numpy()), min_side) if min_side else 1
     if scale > 1:
         return _decode_reduced(data, scale)
     try:
@@ -104,49 +105,9 @@ def read_rgb(path: str | Path, *, min_side: int | None = None) -> torch.Tensor:
     return decode_rgb(read_bytes(path), min_side=min_side)
 
 
-def decode_floor(preprocess) -> int:
-    """The smallest shorter side a reduced decode may give for ``preprocess`` (a Preprocess): twice the side
-    the resize makes (the shorter side in "crop" mode, the whole square in "resize" mode)."""
-    return 2 * (preprocess.resize_size if preprocess.mode == "crop" else preprocess.image_size)
-
-
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; its value -> the PIL transpose that undoes it (as ImageOps.exif_transpose)
 EXIF_TURNS = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2,
 # ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6 (Image.Transpose values)
-SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame: they carry the size
-
-
-def jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, or None when ``data`` is not a JPEG (or has none)."""
-    head = data[:2].tolist()
-    if head != [0xFF, 0xD8]:
-        return None
-    raw = data.numpy()
-    position, end = 2, len(raw) - 9
-    while position < end:
-        if raw[position] != 0xFF:
-            return None
-        marker = int(raw[position + 1])
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        length = (int(raw[position + 2]) << 8) | int(raw[position + 3])
-        if marker in SOF_MARKERS:
-            height = (int(raw[position + 5]) << 8) | int(raw[position + 6])
-            width = (int(raw[position + 7]) << 8) | int(raw[position + 8])
-            return (width, height) if width and height else None
-        position += 2 + length
-    return None
-
-
-def reduction(size: tuple[int, int] | None, min_side: int) -> int:
-    """The largest JPEG scale-down (8, 4, 2, or 1: none) that keeps the shorter side >= ``min_side``."""
-    if size is None:
-        return 1
-    shorter = min(size)
-    return next((scale for scale in (8, 4, 2) if -(-shorter // scale) >= min_side), 1)
-
-
 def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
     """A JPEG decoded at 1/``scale`` by libjpeg (PIL's draft), turned as its EXIF orientation says."""
     from PIL import Image
@@ -154,6 +115,8 @@ def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             width, height = image.size
+            # PIL takes the largest scale fitting both sides into this: where ``scale`` does not divide a side, the
+            # next smaller one (jpeg.draft_scale, which the OpenCV runtimes follow)
             image.draft("RGB", (-(-width // scale), -(-height // scale)))
             turn = EXIF_TURNS.get(image.getexif().get(EXIF_ORIENTATION, 1))
             rgb = image.convert("RGB")

@@ -2,7 +2,8 @@
 
 Camera and video frames come from OpenCV as BGR and are converted to RGB. Image files are decoded by the
 ``decode`` function a source is given: the torch runtime passes ``torch_decoder()`` (torchvision, exactly
-as extraction decodes them), the torch-free runtimes ``decode_with_opencv``.
+as extraction decodes them), the torch-free runtimes ``opencv_decoder()`` (OpenCV; a large JPEG reduced by
+libjpeg at the scale extraction uses, as ``torch_decoder`` does).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError, first_line
+from pipeline.common.jpeg import draft_scale, jpeg_size
 from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -45,17 +47,31 @@ def cannot_read(path: str | Path, err: OSError) -> UserError:
                      "permissions, then rerun")
 
 
-def decode_with_opencv(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with OpenCV alone (the torch-free runtimes). 16-bit images are scaled to 8 bits."""
-    with open(path, "rb") as f:  # an OSError here is a read failure, not a bad image
-        data = f.read()
-    if not data:
-        raise DecodeError("empty file")
-    with quiet_opencv():
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DecodeError("cannot decode (not an image OpenCV can read, or damaged)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def opencv_decoder(min_side: int | None = None) -> Decoder:
+    """OpenCV alone (the torch-free runtimes): an image file -> (H, W, 3) uint8 RGB, turned as its EXIF
+    orientation says; 16-bit images are scaled to 8 bits.
+
+    ``min_side``: a large JPEG is decoded reduced, at the scale extraction's decode takes for the same floor
+    (jpeg.draft_scale, jpeg.decode_floor). libjpeg does the scaling for OpenCV's ``IMREAD_REDUCED_*`` as it does
+    for PIL's ``draft``, so the runtime sees the pixels the cached row was made from, not a full decode's."""
+    def decode(path: Path) -> np.ndarray:
+        with open(path, "rb") as f:  # an OSError here is a read failure, not a bad image
+            data = f.read()
+        if not data:
+            raise DecodeError("empty file")
+        scale = draft_scale(jpeg_size(data), min_side) if min_side else 1
+        with quiet_opencv():
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_COLOR[scale])
+        if bgr is None:
+            raise DecodeError("cannot decode (not an image OpenCV can read, or damaged)")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    return decode
+
+
+REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}
+decode_with_opencv = opencv_decoder()  # full size: what --collect saves, and frames from files by default
 
 
 def torch_decoder(min_side: int | None = None) -> Decoder:

@@ -42,8 +42,8 @@ from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
-from pipeline.common.images import (ImageDecodeError, Skipped, decode_floor, enforce_skip_policy, read_rgb,
-                                    stack_or_list)
+from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.common.jpeg import decode_floor
 from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly

@@ -2,7 +2,7 @@
 
 Both read ``classifier.onnx`` and its sidecar ``classifier.json`` (pipeline.live.export), preprocess frames
 with the numpy port of the recorded preprocessing (pipeline.live.numpy_preprocess) and decode image files
-with OpenCV. Nothing here imports torch: ``--runtime opencv`` needs only opencv-python and numpy.
+with OpenCV (a large JPEG reduced as extraction decoded it). Nothing here imports torch: ``--runtime opencv`` needs only opencv-python and numpy.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import numpy as np
 
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import ONNX_FORMAT
+from pipeline.common.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.sources import decode_with_opencv, quiet_opencv
+from pipeline.common.sources import opencv_decoder, quiet_opencv
 from pipeline.live.checks import check_memory, frame_bytes
 from pipeline.live.classifier import ClassInfo
 from pipeline.live.numpy_preprocess import TAPS, preprocess_frames
@@ -102,7 +103,7 @@ class OnnxClassifier:
                                  f"{self.path.name}: {meta['num_classes']} classes, val top-1 "
                                  f"{f'{top1:.2f}%' if isinstance(top1, (int, float)) else '?'}; exported backbone "
                                  f"{meta['weights_spec']}, on {self.runtime}", meta["weights_spec"])
-        self.decode = decode_with_opencv
+        self.decode = opencv_decoder(min_side=decode_floor(preprocess))  # a large JPEG as extraction read it
 
     def per_frame_bytes(self, width: int, height: int) -> int:
         return frame_bytes(self.preprocess, width, height)

@@ -20,7 +20,8 @@ from models.backbones import LayerClassifier
 from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
 from pipeline.common.checkpoint import checkpoint_backbone, checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
-from pipeline.common.images import decode_floor, stack_or_list
+from pipeline.common.images import stack_or_list
+from pipeline.common.jpeg import decode_floor
 from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import torch_decoder
