@@ -47,6 +47,10 @@ def cannot_read(path: str | Path, err: OSError) -> UserError:
                      "permissions, then rerun")
 
 
+REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 def opencv_decoder(min_side: int | None = None) -> Decoder:
     """OpenCV alone (the torch-free runtimes): an image file -> (H, W, 3) uint8 RGB, turned as its EXIF
     orientation says; 16-bit images are scaled to 8 bits.
@@ -69,8 +73,6 @@ def opencv_decoder(min_side: int | None = None) -> Decoder:
     return decode
 
 
-REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                 8: cv2.IMREAD_REDUCED_COLOR_8}
 decode_with_opencv = opencv_decoder()  # full size: what --collect saves, and frames from files by default
 
 
@@ -78,7 +80,7 @@ def torch_decoder(min_side: int | None = None) -> Decoder:
     """torchvision's decoder, exactly as extraction decodes (imports torch: for the torch runtime only).
 
     ``min_side``: a large JPEG is decoded reduced to no less than this, as extraction does for the same
-    preprocessing (images.decode_floor); the classifier then sees the pixels the cache was made from."""
+    preprocessing (jpeg.decode_floor); the classifier then sees the pixels the cache was made from."""
     from pipeline.common.images import ImageDecodeError, read_rgb
 
     def decode(path: Path) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Both read ``classifier.onnx`` and its sidecar ``classifier.json`` (pipeline.live.export), preprocess frames
 with the numpy port of the recorded preprocessing (pipeline.live.numpy_preprocess) and decode image files
-with OpenCV (a large JPEG reduced as extraction decoded it). Nothing here imports torch: ``--runtime opencv`` needs only opencv-python and numpy.
+with OpenCV (a large JPEG reduced as extraction decoded it). Nothing here imports torch: ``--runtime opencv``
+needs only opencv-python and numpy.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.names import ONNX_FORMAT
 from pipeline.common.jpeg import decode_floor
+from pipeline.common.names import ONNX_FORMAT
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import opencv_decoder, quiet_opencv
 from pipeline.live.checks import check_memory, frame_bytes
