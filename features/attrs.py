@@ -7,6 +7,7 @@ A file this run did not just write may have been edited, damaged or made by some
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,12 @@ from features.settings import DTYPES, PRECISIONS
 FORMAT_VERSION = 1
 NOT_LAYERS = ("labels", "paths", "stamps", "class_wnids", "class_names", "features")  # every other dataset is a layer
 STAMPS = "stamps"  # (N, 2) int64: each row's image file size and mtime_ns when it was read (absent in older files)
+# A group (older readers see no layer in it): each row's image inode and ctime_ns, beside ``stamps``, and the
+# sha256 of the bytes its row was computed from. Absent in files made before 0.8: their rows are matched on
+# (path, size, mtime) alone, and get both at their next update.
+IDENTITY = "identity"
+INODE_CTIME = f"{IDENTITY}/inode_ctime"  # (N, 2) int64
+SHA256 = f"{IDENTITY}/sha256"  # (N, 32) uint8
 # what a complete file must record (older files may lack the others; ``layers`` then is ``layer``)
 REQUIRED = ("complete", "format_version", "split", "num_rows", "num_classes", "feature_dim", "dtype", "backbone",
             "layer", "weights_spec", "weights_fingerprint", "preprocess", "precision")
@@ -72,6 +79,7 @@ SCHEMA: dict[str, tuple[type, Callable, str]] = {
     "preprocess": (str, _json(dict), "a JSON object"),
     "dataset_signature": (str, _text, "a sha256"),
     "files_signature": (str, _text, "a sha256"),
+    "files_identity": (str, _text, "a sha256"),
     "versions": (str, _json(dict), "a JSON object"),
     "batch_size": (int, _at_least(1), "a batch size >= 1"),
     "shard_size": (int, _at_least(1), "a shard size >= 1"),
@@ -135,22 +143,43 @@ def check_layers(path: Path, f: h5py.File, attrs: dict) -> None:
 
 
 def check_stamps(path: Path, f: h5py.File, attrs: dict) -> None:
-    """A complete file's ``stamps`` (where present: older files have none) holds one (size, mtime_ns) per row."""
-    if STAMPS not in f:
-        return
-    stamps = f[STAMPS]
-    if not isinstance(stamps, h5py.Dataset) or stamps.shape != (attrs["num_rows"], 2) or stamps.dtype.kind not in "iu":
-        shape = getattr(stamps, "shape", None)
-        raise CacheDamaged(f"{path}: dataset stamps has shape {shape} and dtype {getattr(stamps, 'dtype', None)}, "
-                           f"expected ({attrs['num_rows']}, 2) integers (one size and mtime per row)")
+    """A complete file's ``stamps`` (where present: older files have none) holds one (size, mtime_ns) per row, and
+    its ``identity`` group (where present) one (inode, ctime_ns) and one sha256 per row."""
+    rows = attrs["num_rows"]
+    expected = {STAMPS: ((rows, 2), "iu", "integers (one size and mtime per row)"),
+                INODE_CTIME: ((rows, 2), "iu", "integers (one inode and ctime per row)"),
+                SHA256: ((rows, 32), "u", "bytes (one sha256 per row)")}
+    if IDENTITY in f and not isinstance(f[IDENTITY], h5py.Group) or (IDENTITY in f) != (INODE_CTIME in f and SHA256 in f):
+        raise CacheDamaged(f"{path}: {IDENTITY} is not a group holding {INODE_CTIME} and {SHA256}")
+    for name, (shape, kinds, what) in expected.items():
+        if name not in f:
+            continue
+        data = f[name]
+        if not isinstance(data, h5py.Dataset) or data.shape != shape or data.dtype.kind not in kinds:
+            raise CacheDamaged(f"{path}: dataset {name} has shape {getattr(data, 'shape', None)} and dtype "
+                               f"{getattr(data, 'dtype', None)}, expected {shape} {what}")
+    if IDENTITY in f and STAMPS not in f:
+        raise CacheDamaged(f"{path} has {IDENTITY} but no {STAMPS}")
 
 
-def read_row_identity(path: Path) -> tuple[list[str], np.ndarray | None]:
-    """(each row's image path, its (size, mtime_ns) stamp or None for a file made before stamps were recorded)."""
+@dataclass(frozen=True)
+class RowIdentity:
+    """What a file records of each row's image, to match it to the images of a later run."""
+
+    paths: list[str]  # relative to the dataset root
+    stamps: np.ndarray | None  # (N, 2) int64 (size, mtime_ns); None: a file made before stamps were recorded
+    inode_ctime: np.ndarray | None = None  # (N, 2) int64; None: a file made before 0.8
+    sha256: np.ndarray | None = None  # (N, 32) uint8: the digest of the bytes each row was computed from
+
+
+def read_row_identity(path: Path) -> RowIdentity:
+    """Each row's image path and what the file recorded of it (None where an older version recorded nothing)."""
     with h5py.File(path, "r") as f:
         paths = list(f["paths"].asstr()[:])
         stamps = f[STAMPS][:].astype(np.int64) if STAMPS in f else None
-    return paths, stamps
+        if IDENTITY in f and stamps is not None:
+            return RowIdentity(paths, stamps, f[INODE_CTIME][:].astype(np.int64), f[SHA256][:].astype(np.uint8))
+    return RowIdentity(paths, stamps)
 
 
 def read_attrs(path: Path) -> dict | None:

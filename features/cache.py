@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from features.attrs import FORMAT_VERSION, held_layers, read_attrs, read_row_identity
+from features.attrs import FORMAT_VERSION, RowIdentity, held_layers, read_attrs, read_row_identity
 from features.errors import CacheBusy, CacheDamaged, CacheError, CacheIncomplete, CacheMissing, LayerMissing
 from features.locking import exclusive_writer, writer_holding
 from features.settings import CacheSettings
@@ -24,13 +24,15 @@ from features.writer import (ROW_CHUNK, STR, Assembly, SplitRows, _write_isolate
 
 __all__ = ["FORMAT_VERSION", "ROW_CHUNK", "STR", "Assembly", "CacheError", "CacheSettings", "CachedSplit", "SplitRows", "assemble", "check_split",
            "discard", "discard_trash", "done_shards", "exclusive_writer", "held_layers", "open_split",
-           "parts_digest", "parts_folder", "quick_up_to_date", "read_attrs", "read_row_identity", "rewrite_class_names", "shard_file",
+           "parts_digest", "parts_folder", "quick_up_to_date", "read_attrs", "read_row_identity", "RowIdentity", "rewrite_class_names", "shard_file",
            "split_file", "start_parts", "write_shard", "writer_holding"]
 
 
-def quick_up_to_date(path: Path, expected: dict, layers: tuple[str, ...] | list[str] = ()) -> dict | None:
+def quick_up_to_date(path: Path, expected: dict, layers: tuple[str, ...] | list[str] = (),
+                     unrecorded: tuple[str, ...] = ()) -> dict | None:
     """The attributes of ``path`` when it is complete, records exactly ``expected`` and holds ``layers``;
-    else None.
+    else None. ``unrecorded``: keys of ``expected`` that a file made before they existed may lack (then they
+    are not compared).
 
     A torch-free first look for reruns: ``expected`` holds the settings, and the weights spec and stamp
     in place of the fingerprint. None only means "look properly", never "out of date".
@@ -43,7 +45,8 @@ def quick_up_to_date(path: Path, expected: dict, layers: tuple[str, ...] | list[
         return None
     if not set(layers) <= set(held_layers(attrs)):
         return None
-    return attrs if all(attrs.get(key) == value for key, value in expected.items()) else None
+    return attrs if all(attrs.get(key) == value for key, value in expected.items()
+                        if key in attrs or key not in unrecorded) else None
 
 
 def _absent_hint(path: Path) -> str:

@@ -20,12 +20,19 @@ class CacheSettings:
     dtype: str  # "float32" or "float16", as stored
     precision: str  # compute precision: fp32, bf16 or fp16
     dataset_signature: str  # sha256 of the class order and the split's (path, label) list
-    files_signature: str | None = None  # sha256 of each image's size and mtime: an image changed in place
+    files_signature: str | None = None  # sha256 of each image's path, size and mtime
     layer: str = field(default="fc7", compare=False)  # the layer ``features`` links to (see features.writer)
+    # sha256 of each image's path, size, mtime, inode and ctime: a swap of two names, or an edit with the mtime
+    # kept, changes it. Files made before it was recorded (None) are compared on ``files_signature`` alone.
+    files_identity: str | None = field(default=None, compare=False)
 
     def differences(self, other: "CacheSettings") -> list[str]:
+        """The fields in which ``other`` (this run's) differs from these (a file's recorded settings)."""
         mine, theirs = asdict(self), asdict(other)
-        return [f.name for f in fields(self) if f.compare and mine[f.name] != theirs[f.name]]
+        changed = [f.name for f in fields(self) if f.compare and mine[f.name] != theirs[f.name]]
+        if self.files_identity is not None and self.files_identity != other.files_identity:
+            changed.append("files_identity")
+        return changed
 
     @classmethod
     def from_attrs(cls, attrs) -> "CacheSettings":

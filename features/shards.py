@@ -85,12 +85,14 @@ def done_shards(parts: Path) -> set[int]:
 
 
 def write_shard(parts: Path, shard: int, layers: dict[str, np.ndarray], positions: np.ndarray,
-                skipped: list[dict], reused: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                skipped: list[dict], reused: tuple[np.ndarray, ...] | None = None,
+                sha256: np.ndarray | None = None) -> None:
     """Atomically write one shard: rows ``layers`` ({layer: (n, dim)}) for dataset ``positions``, plus its
     skipped images. Plain numpy I/O: a full disk is a clean OSError here.
 
-    ``reused``: (dataset positions, rows of the file being updated) of the shard's rows that are copied from
-    that file at assembly (an incremental update): referenced here, not copied.
+    ``reused``: (dataset positions, rows of the file being updated[, (k, 32) uint8 content digests]) of the
+    shard's rows that are copied from that file at assembly (an incremental update): referenced here, not copied.
+    ``sha256``: (n, 32) uint8, the digest of the bytes each computed row was made from.
     """
     digest = parts_digest(parts)
     if digest is None:
@@ -98,7 +100,11 @@ def write_shard(parts: Path, shard: int, layers: dict[str, np.ndarray], position
     final = shard_file(parts, shard, digest)
     arrays = {f"layer_{name}": np.ascontiguousarray(rows) for name, rows in layers.items()}
     if reused is not None:
-        arrays["reused_positions"], arrays["reused_rows"] = (np.asarray(a, dtype=np.int64) for a in reused)
+        arrays["reused_positions"], arrays["reused_rows"] = (np.asarray(a, dtype=np.int64) for a in reused[:2])
+        if len(reused) > 2:
+            arrays["reused_sha256"] = np.asarray(reused[2], dtype=np.uint8).reshape(-1, 32)
+    if sha256 is not None:
+        arrays["sha256"] = np.asarray(sha256, dtype=np.uint8).reshape(-1, 32)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -119,7 +125,12 @@ def read_shard(path: Path, digest: str, *, layers: bool = True) -> dict:
             path.unlink()
             raise CacheIncomplete(f"{path} was made under other settings and is discarded")
         none = np.zeros(0, np.int64)
+        reused = shard["reused_positions"] if "reused_positions" in shard.files else none
         return {"positions": shard["positions"], "skipped": json.loads(str(shard["skipped"])),
                 "layers": {key[6:]: shard[key] for key in shard.files if key.startswith("layer_")} if layers else {},
-                "reused_positions": shard["reused_positions"] if "reused_positions" in shard.files else none,
-                "reused_rows": shard["reused_rows"] if "reused_rows" in shard.files else none}
+                "reused_positions": reused,
+                "reused_rows": shard["reused_rows"] if "reused_rows" in shard.files else none,
+                "sha256": shard["sha256"] if "sha256" in shard.files else None,
+                # no reused rows: nothing to give a digest for
+                "reused_sha256": shard["reused_sha256"] if "reused_sha256" in shard.files
+                else (np.zeros((0, 32), np.uint8) if not len(reused) else None)}

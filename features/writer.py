@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from features.atomic import write_atomic
-from features.attrs import FORMAT_VERSION, NOT_LAYERS, STAMPS, held_layers, read_attrs
+from features.attrs import FORMAT_VERSION, INODE_CTIME, NOT_LAYERS, SHA256, STAMPS, held_layers, read_attrs
 from features.errors import CacheDamaged, CacheIncomplete, CacheUnwritable, NoRows, describe_error
 from features.locking import lock_shared_with_child
 from features.settings import CacheSettings
@@ -45,7 +45,9 @@ class SplitRows:
     names: list[str]
     attrs: dict  # recorded as they are (weights spec, versions, ...)
     skipped_before: list[dict] = field(default_factory=list)  # left out before extraction, listed with the shards' skips
-    stamps: np.ndarray | None = None  # (len(paths), 2) int64 by dataset position: each image's size and mtime_ns
+    # (len(paths), 4) int64 by dataset position: each image's size, mtime_ns, inode and ctime_ns, as stat-ed before
+    # it was read ((len(paths), 2): size and mtime only, no ``identity`` group; None: neither)
+    stamps: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def assemble(job: Assembly, rows: SplitRows) -> dict:
         raise ValueError(f"bad layer names {bad or job.layer_order} (main {job.main!r})")
     parts = parts_folder(job.out, job.split)
     digest = parts_digest(parts)
-    shards, order, skipped = _gather_shards(parts, digest, job.num_shards, job.split)
+    shards, order, skipped, digests = _gather_shards(parts, digest, job.num_shards, job.split)
     if len(order) == 0:
         raise NoRows(f"cannot assemble {job.split}: every image was skipped, no rows are left")
     kept = _kept_layers(job, [rows.paths[p] for p in order])
@@ -85,26 +87,32 @@ def assemble(job: Assembly, rows: SplitRows) -> dict:
         need = len(order) * (sum(dims.values()) * np.dtype(job.settings.dtype).itemsize + 256) + 2**20
         _check_space(Path(job.out), need)
     record = _record(job, rows, dims, num_rows=len(order), skipped=rows.skipped_before + skipped)
-    fill = _filler(job, rows, shards, digest, kept, record)
+    identity = digests and rows.stamps is not None and rows.stamps.shape[1] == 4  # else rows match on size, mtime
+    if not identity:
+        record.pop("files_identity", None)  # what a file records is what a later run can check against
+    fill = _filler(job, rows, shards, digest, kept, record, identity)
     write_atomic(split_file(job.out, job.split), write=lambda tmp: _write_isolated(tmp, fill))
     discard(parts)
     discard_trash(parts)
     return record
 
 
-def _gather_shards(parts: Path, digest: str | None, num_shards: int, split: str) -> tuple[list[Path], np.ndarray, list]:
-    """(the shard files in order, the dataset position of each row, the images the shards skipped)."""
+def _gather_shards(parts: Path, digest: str | None, num_shards: int,
+                   split: str) -> tuple[list[Path], np.ndarray, list, bool]:
+    """(the shard files in order, the dataset position of each row, the images the shards skipped, whether every
+    shard gives each of its rows a content digest)."""
     missing = sorted(set(range(num_shards)) - done_shards(parts))
     if digest is None or missing:
         raise CacheIncomplete(f"cannot assemble {split}: shards {missing[:5]} are missing in {parts}")
     shards = [shard_file(parts, i, digest) for i in range(num_shards)]
-    positions, skipped = [], []
+    positions, skipped, digests = [], [], True
     for path in shards:
         shard = read_shard(path, digest, layers=False)  # the rows are read once, by the writer
         positions.append(np.sort(np.concatenate([shard["positions"], shard["reused_positions"]])))
         skipped += shard["skipped"]
+        digests &= shard["sha256"] is not None and shard["reused_sha256"] is not None
     order = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    return shards, order, skipped
+    return shards, order, skipped, digests
 
 
 def _kept_layers(job: Assembly, paths_in_order: list[str]) -> dict[str, tuple[str, int]]:
@@ -131,8 +139,10 @@ def _record(job: Assembly, rows: SplitRows, dims: dict[str, int], *, num_rows: i
     return {key: value for key, value in record.items() if value is not None}
 
 
-def _filler(job: Assembly, rows: SplitRows, shards: list[Path], digest: str, kept: dict, record: dict):
-    """The function that writes the whole file into an open h5py.File (run in the isolated child)."""
+def _filler(job: Assembly, rows: SplitRows, shards: list[Path], digest: str, kept: dict, record: dict,
+            identity: bool):
+    """The function that writes the whole file into an open h5py.File (run in the isolated child). ``identity``:
+    the rows' inodes, ctimes and content digests are recorded (the ``identity`` group)."""
     labels = np.asarray(rows.labels)
     num_rows = record["num_rows"]
 
@@ -144,19 +154,24 @@ def _filler(job: Assembly, rows: SplitRows, shards: list[Path], digest: str, kep
         out_labels = f.create_dataset("labels", shape=(num_rows,), dtype=np.int64)
         out_paths = f.create_dataset("paths", shape=(num_rows,), dtype=STR)
         out_stamps = f.create_dataset(STAMPS, shape=(num_rows, 2), dtype=np.int64) if rows.stamps is not None else None
+        out_inodes = f.create_dataset(INODE_CTIME, shape=(num_rows, 2), dtype=np.int64) if identity else None
+        out_sha = f.create_dataset(SHA256, shape=(num_rows, 32), dtype=np.uint8) if identity else None
         f.create_dataset("class_wnids", data=np.array(rows.wnids, dtype=object), dtype=STR)
         f.create_dataset("class_names", data=np.array(rows.names, dtype=object), dtype=STR)
         row = 0
         with h5py.File(job.reuse, "r") if job.reuse is not None else nullcontext() as old:
             for path in shards:
-                positions, layers = _shard_rows(read_shard(path, digest), old)
+                positions, layers, sha = _shard_rows(read_shard(path, digest), old)
                 n = len(positions)
                 for name, dataset in datasets.items():
                     dataset[row:row + n] = layers[name]
                 out_labels[row:row + n] = labels[positions]
                 out_paths[row:row + n] = np.array([rows.paths[p] for p in positions], dtype=object)
                 if out_stamps is not None:
-                    out_stamps[row:row + n] = rows.stamps[positions]
+                    out_stamps[row:row + n] = rows.stamps[positions, :2]
+                if out_sha is not None:
+                    out_inodes[row:row + n] = rows.stamps[positions, 2:]
+                    out_sha[row:row + n] = sha
                 row += n
         if kept:
             with h5py.File(job.keep, "r") as old:
@@ -170,19 +185,21 @@ def _filler(job: Assembly, rows: SplitRows, shards: list[Path], digest: str, kep
     return fill
 
 
-def _shard_rows(shard: dict, old: h5py.File | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(dataset positions in order, {layer: rows}) of one shard: its computed rows merged by position with
-    the rows it reuses from the file being updated (``old``), which are copied bit for bit."""
+def _shard_rows(shard: dict, old: h5py.File | None) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+    """(dataset positions in order, {layer: rows}, (n, 32) content digests or None) of one shard: its computed
+    rows merged by position with the rows it reuses from the file being updated (``old``), copied bit for bit."""
     reused = shard["reused_positions"]
     if not len(reused):
-        return shard["positions"], shard["layers"]
+        return shard["positions"], shard["layers"], shard["sha256"]
     positions = np.concatenate([shard["positions"], reused])
     order = np.argsort(positions, kind="stable")
     layers = {}
     for name, computed in shard["layers"].items():
         source = old[name] if name in old else old["features"]  # a file from before layers: fc7 as ``features``
         layers[name] = np.concatenate([computed, read_rows(source, shard["reused_rows"])])[order]
-    return positions[order], layers
+    has_sha = shard["sha256"] is not None and shard["reused_sha256"] is not None
+    sha = np.concatenate([shard["sha256"], shard["reused_sha256"]])[order] if has_sha else None
+    return positions[order], layers, sha
 
 
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 import run_extract
@@ -54,6 +55,15 @@ def extract_into(folder: Path, data: Path, *extra: str) -> Path:
 def train_quick_head(features: Path, out: Path, *extra: str) -> int:
     """run_train_head.py with QUICK_HEAD_ARGS; later options (``extra``) override them."""
     return run_train_head.main(["--features", str(features), "--out", str(out), *QUICK_HEAD_ARGS, *extra])
+
+
+def h5_datasets(f) -> dict:
+    """Every dataset of an open cache file by its path (``identity/sha256``), and ``features`` (a link) resolved."""
+    content = {}
+    f.visititems(lambda name, item: content.update({name: item[:]}) if isinstance(item, h5py.Dataset) else None)
+    if "features" in f:
+        content["features"] = f["features"][:]
+    return content
 
 
 # ---------------------------------------------------------------------------------------------

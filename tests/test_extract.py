@@ -30,6 +30,7 @@ from pipeline.common.dataset import index_dataset
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import CPU, FAST, error_line, extract_args
+from tests.helpers import h5_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ SETTING_ATTRS = ("backbone", "layer", "weights_fingerprint", "preprocess", "dtyp
 def read_all(path: Path) -> dict:
     """Every dataset and attribute of a cache file, read with plain h5py."""
     with h5py.File(path, "r") as f:
-        data = {name: f[name][:] for name in f}
+        data = h5_datasets(f)
         attrs = dict(f.attrs)
     return {"data": data, "attrs": attrs}
 

@@ -120,6 +120,7 @@ def test_a_renamed_class_refreshes_the_names_in_place_without_re_extracting(data
     shutil.copytree(data, dataset)
     out = tmp_path / "features"
     shutil.copytree(extracted, out)
+    assert run_extract.main(extract_args(dataset, out, *NO_WORKERS_ARGS)) == 0  # the copied images' new stamps
     words = dataset / "words.txt"
     wnid = (dataset / "wnids.txt").read_text().split()[0]
     lines = [f"{wnid}\trenamed fish, a new name" if line.startswith(wnid) else line

@@ -24,9 +24,10 @@ import run_extract
 from features import cache, shards
 import features.writer
 from features.cache import CacheError, open_split
+from pipeline.common import images
 from pipeline.extract import extractor as extract_module
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.helpers import TINY_SHARD_ARGS, error_line, extract_args, one_error_line, tree_bytes
+from tests.helpers import TINY_SHARD_ARGS, error_line, extract_args, h5_datasets, one_error_line, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 # with TINY_SHARD_ARGS the train split of `data` (8 images) is 4 shards of 2
@@ -47,7 +48,7 @@ def cache_content(out: Path) -> dict:
     for split in ("train", "val"):
         with h5py.File(out / f"{split}.h5", "r") as f:
             assert f.attrs["complete"]
-            content[split] = {name: f[name][:] for name in f}
+            content[split] = h5_datasets(f)
             content[split]["attrs"] = {k: f.attrs[k] for k in ("weights_fingerprint", "dataset_signature",
                                                               "files_signature", "num_rows", "num_skipped")}
     return content
@@ -108,16 +109,16 @@ def killed_at_assembly(data: Path, out: Path, monkeypatch, *extra: str) -> None:
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_read_error_stops_the_run_naming_the_file_and_the_rerun_reads_it(data, reference, tmp_path, monkeypatch,
                                                                           capfd, workers):
-    read_rgb = extract_module.read_rgb
+    read_bytes = images.read_bytes
 
-    def failing_read(path, **options):  # options: the reader's min_side (reduced decoding of large JPEGs)
+    def failing_read(path):
         if str(path).endswith(BAD):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-        return read_rgb(path, **options)
+        return read_bytes(path)
 
     before = dataset_state(data)
     out = tmp_path / "features"
-    monkeypatch.setattr(extract_module, "read_rgb", failing_read)  # a forked worker inherits the patch
+    monkeypatch.setattr(images, "read_bytes", failing_read)  # the extraction's reader; a forked worker inherits it
     capfd.readouterr()
     assert run(data, out, "--workers", workers) == 2
     line = error_line(capfd.readouterr().err)  # also no traceback from the worker
@@ -157,7 +158,7 @@ def test_overwrite_re_extracts_even_with_equal_settings(data, reference, tmp_pat
     shutil.copytree(reference, out)
     written = []
     write_shard = cache.write_shard
-    monkeypatch.setattr(cache, "write_shard", lambda parts, shard, *a: (written.append(shard), write_shard(parts, shard, *a)))
+    monkeypatch.setattr(cache, "write_shard", lambda parts, shard, *a, **k: (written.append(shard), write_shard(parts, shard, *a, **k)))
     caplog.set_level(logging.INFO)
     assert run(data, out, "--overwrite") == 0
     assert not any("up to date" in r.getMessage() for r in caplog.records)
@@ -348,8 +349,8 @@ def test_shards_from_another_cpu_capability_are_discarded(data, reference, tmp_p
     killed_at_assembly(data, out, monkeypatch)
     written = []
     write_shard = cache.write_shard
-    monkeypatch.setattr(cache, "write_shard", lambda parts, shard, *a: (written.append((parts.name, shard)),
-                                                                         write_shard(parts, shard, *a)))
+    monkeypatch.setattr(cache, "write_shard", lambda parts, shard, *a, **k: (written.append((parts.name, shard)),
+                                                                              write_shard(parts, shard, *a, **k)))
     device_detail = extract_module.device_detail
     monkeypatch.setattr(extract_module, "device_detail", lambda device: {**device_detail(device), "cpu_capability": "OTHER"})
     assert run(data, out) == 0

@@ -73,7 +73,7 @@ def test_kill_9_mid_update_then_the_rerun_resumes_and_equals_a_fresh_extraction(
     written = []
     write_shard = cache.write_shard
     try:
-        cache.write_shard = lambda parts, shard, *a: (written.append((parts.name, shard)), write_shard(parts, shard, *a))
+        cache.write_shard = lambda parts, shard, *a, **k: (written.append((parts.name, shard)), write_shard(parts, shard, *a, **k))
         assert run(copy["data"], copy["out"]) == 0
     finally:
         cache.write_shard = write_shard

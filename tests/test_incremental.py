@@ -19,7 +19,7 @@ from features import cache
 from pipeline.common.errors import UserError
 from pipeline.data.synthetic import class_image, make_tiny_imagenet
 from pipeline.extract.incremental import plan_reuse
-from tests.helpers import extract_args, file_hash, one_error_line
+from tests.helpers import extract_args, file_hash, h5_datasets, one_error_line
 
 SPLITS = ("train", "val")
 NEW_WNID = "n02100000"  # sorts between the second and the third class: every later label moves up by one
@@ -30,9 +30,9 @@ def run(data: Path, out: Path, *extra: str) -> int:
 
 
 def read(path: Path) -> dict:
-    """Every dataset of a cache file (the ``features`` link resolved) and its attributes."""
+    """Every dataset of a cache file (the ``features`` link resolved; ``identity/...`` by its path) and its attributes."""
     with h5py.File(path, "r") as f:
-        content = {name: f[name][:] for name in f}
+        content = h5_datasets(f)
         content["attrs"] = dict(f.attrs)
     content["paths"] = [p.decode() for p in content["paths"]]
     return content
@@ -53,11 +53,13 @@ def base(tmp_path_factory) -> dict:
 
 
 def copy_base(base: dict, tmp_path: Path) -> dict:
-    """This test's copies of ``base`` (sizes and mtimes kept: the copied cache is up to date for the copied
-    dataset), with the cache's rows as they were ("old")."""
+    """This test's copies of ``base``, with the cache's rows as they were ("old"). The copied images have new
+    inodes and ctimes: a first run compares their content with the rows and records their new stamps, so the
+    copied cache is up to date for the copied dataset."""
     data, out = tmp_path / "ds", tmp_path / "features"
     shutil.copytree(base["data"], data)
     shutil.copytree(base["out"], out)
+    assert run(data, out) == 0
     return {"data": data, "out": out, "old": {split: read(out / f"{split}.h5") for split in SPLITS}}
 
 
@@ -200,7 +202,7 @@ def test_an_older_file_without_stamps_is_up_to_date_and_re_extracted_whole_when_
                                                                                                    caplog):
     for split in SPLITS:  # as made by a version before stamps
         with h5py.File(copy["out"] / f"{split}.h5", "a") as f:
-            del f["stamps"]
+            del f["stamps"], f["identity"], f.attrs["files_identity"]
     caplog.set_level(logging.INFO)
     assert run(copy["data"], copy["out"]) == 0
     assert sum("up to date" in r.getMessage() for r in caplog.records) == 2
@@ -216,7 +218,8 @@ def test_under_torchrun_the_update_is_one_line(copy):
     path = copy["out"] / "train.h5"
     attrs = cache.read_attrs(path)
     with pytest.raises(UserError, match="without torchrun"):
-        plan_reuse(path, attrs, ("fc7",), copy["old"]["train"]["paths"], copy["old"]["train"]["stamps"], world=2)
+        plan_reuse(path, attrs, ("fc7",), copy["data"], copy["old"]["train"]["paths"], copy["old"]["train"]["stamps"],
+                   world=2)
 
 
 def test_new_rows_of_another_backbone_cover_every_layer_of_the_file(base, tmp_path, caplog):

@@ -4,9 +4,9 @@ AlexNet (the default) runs its own fc7 cut (models.AlexNetLayers), bit for bit a
 existed; any other torchvision classifier runs as ``pipeline.common.backbones.catalog`` plans it: torchvision's
 graph cut at the named nodes, each reduced to a vector (models.backbones.LayerFeatures).
 
-Data path: whole batches of JPEGs are read and decoded ahead of the backbone, on the CPU by threads of this
-process that also resize and crop them as uint8 (read_ahead), on CUDA by DataLoader worker processes; the
-main process normalises on the device, runs the backbone in channels_last
+Data path (pipeline.extract.reading): whole batches of JPEGs are read, hashed and decoded ahead of the backbone,
+on the CPU by threads of this process that also resize and crop them as uint8 (read_ahead), on CUDA by
+DataLoader worker processes; the main process normalises on the device, runs the backbone in channels_last
 with its weights cast once to the compute precision (one pass fills every requested layer), and writes
 one shard file per ``shard_size`` rows (features.cache). Under torchrun each rank takes every
 world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
@@ -21,103 +21,40 @@ import functools
 import json
 import logging
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from features import cache
-from features.errors import describe_error
 from models.layers import MIN_IMAGE_SIZE
 from pipeline.common.backbones.loading import HostCopy, place_backbone, start_distributed, warm_up
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
-from pipeline.common.images import ImageDecodeError, Skipped, enforce_skip_policy, read_rgb, stack_or_list
+from pipeline.common.images import Skipped, enforce_skip_policy
 from pipeline.common.jpeg import decode_floor
 from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
-from pipeline.extract.freshness import file_stamps, files_signature, preprocess_of, refresh_class_names, split_settings
-from pipeline.extract.incremental import Reuse, plan_reuse, plan_split
+from pipeline.extract.freshness import (dataset_changed, file_stamps, preprocess_of, refresh_class_names,
+                                       split_settings)
+from pipeline.extract.incremental import Plan, Reuse, plan_reuse, plan_split
 from pipeline.extract.loading import default_batch_size, load_for
+from pipeline.extract.reading import BatchReader, read_ahead, resize_in_workers
 from pipeline.extract.precision_choice import complete_attrs, decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
 
 __all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extract", "read_ahead", "resize_in_workers"]
 
 log = logging.getLogger(__name__)
-
-
-class BatchReader(Dataset):
-    """Item i is the i-th batch of the work list: its shard, positions, uint8 images and skips."""
-
-    def __init__(self, root: Path, paths: list[str], batches: list[tuple[int, np.ndarray]], preprocess: Preprocess | None,
-                 min_side: int | None = None):
-        self.root, self.paths, self.batches, self.preprocess = root, paths, batches, preprocess
-        self.min_side = min_side  # a large JPEG is decoded reduced, to no less than this (images.decode_floor)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict:
-        shard, positions = self.batches[i]
-        images, kept, skipped = [], [], []
-        for position in positions:
-            try:
-                images.append(read_rgb(self.root / self.paths[position], min_side=self.min_side))
-                kept.append(position)
-            except ImageDecodeError as err:  # bad content: a listed skip
-                skipped.append(Skipped(self.paths[position], str(err)).to_dict())
-            except OSError as err:  # a read failure stops the run; returned as data, so no worker traceback
-                return {"shard": shard, "read_error": {"path": self.paths[position], "reason": describe_error(err)}}
-        if not images:
-            batch = None
-        elif self.preprocess is not None:  # CPU extraction: resize and crop here, off the main process
-            batch = self.preprocess.resize_crop(images)
-        else:
-            batch = stack_or_list(images)  # (B, 3, H, W) uint8, or mixed sizes resized on the device one by one
-        return {"shard": shard, "positions": np.asarray(kept, dtype=np.int64), "images": batch,
-                "skipped": skipped, "count": len(positions), "read_error": None}
-
-
-def read_ahead(reader: BatchReader, threads: int, ahead: int = 2) -> Iterator[dict]:
-    """``reader``'s batches in order, each read by one of ``threads`` threads of this process while the
-    backbone runs (``ahead`` batches besides the one in use); ``threads`` 0: in the calling thread.
-
-    The CPU data path. Threads, not DataLoader worker processes: decoding and the uint8 resize release the GIL,
-    and a batch needs no hand-off through shared memory (a fresh 9.6 MB mapping per batch of 64, faulted in
-    page by page in both processes). Measured on 2 cores, paired with the bare forward in one process: worker
-    process 0.91x, one thread 0.94x (benchmarks/bench_extract.py has the whole-process figures)."""
-    if threads == 0:
-        yield from (reader[i] for i in range(len(reader)))
-        return
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="extract-read")
-    pending: deque = deque()
-    try:
-        for i in range(len(reader)):
-            pending.append(pool.submit(reader.__getitem__, i))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:  # stopped early (an error, a skip under --strict): what has not started is dropped
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def resize_in_workers(device: torch.device) -> bool:
-    """Where the uint8 resize and crop run: in the reader threads for CPU extraction (read_ahead); on the GPU
-    otherwise, so the DataLoader workers only decode and small 64x64 images cross the bus."""
-    return device.type == "cpu"
 
 
 def _shards(num_rows: int, shard_size: int) -> list[range]:
@@ -179,8 +116,10 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
             warm_up(backbone, preprocess, device, batch_size)  # CUDA start-up before the timed loop
             run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world,
                       precision_record=record, dims=dims, attrs=attrs)
+            # every split is planned before any is written: a refused update leaves both files as they were
+            plans = {split: _plan(run, dataset, split, settings[split], stamps[split]) for split in config.splits}
             for split in config.splits:
-                result.splits[split] = _extract_split(run, dataset, split, settings[split], stamps[split])
+                result.splits[split] = _extract_split(run, dataset, split, settings[split], stamps[split], *plans[split])
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -225,8 +164,7 @@ def _layers_to_plan(config: ExtractConfig, dataset: TinyImageNet, stamps: dict) 
     held = []
     for split in config.splits:
         attrs = complete_attrs(config, split)
-        now = (dataset.signature(split), files_signature(dataset.root, dataset.splits[split].paths, stamps[split]))
-        if attrs is not None and (attrs.get("dataset_signature"), attrs.get("files_signature")) != now:
+        if attrs is not None and dataset_changed(attrs, split_settings(dataset, split, config, None, stamps=stamps[split])):
             held += cache.held_layers(attrs)
     return tuple(dict.fromkeys([*config.layers, *held]))
 
@@ -251,13 +189,24 @@ def device_detail(device: torch.device) -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
+def _plan(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings,
+          stamps: np.ndarray) -> tuple[Plan, Reuse | None]:
+    """What ``split``'s extraction does (pipeline.extract.incremental), and the rows an update reuses."""
+    config = run.config
+    final = cache.split_file(config.out, split)
+    plan = plan_split(final, settings, config.layers, config.overwrite)
+    if not plan.update:
+        return plan, None
+    return plan, plan_reuse(final, plan.update, config.layers, dataset.root, dataset.splits[split].paths, stamps,
+                            run.world)
+
+
 def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings,
-                   stamps: np.ndarray) -> SplitResult:
+                   stamps: np.ndarray, plan: Plan, reuse: Reuse | None) -> SplitResult:
     """One split: up to date, or its missing layers, or its new and changed images (an incremental update, see
     pipeline.extract.incremental) computed shard by shard and assembled into its file."""
     config, paths = run.config, dataset.splits[split].paths
     final = cache.split_file(config.out, split)
-    plan = plan_split(final, settings, config.layers, config.overwrite)
     kept, layers = plan.kept, plan.layers
     if kept is not None and not layers:
         if run.rank == 0:
@@ -266,7 +215,6 @@ def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.
     if kept is not None and run.rank == 0:
         log.info("%s: adding %s to %s (its %s stay as they are)", split, ", ".join(layers), final,
                  ", ".join(cache.held_layers(kept)))
-    reuse = plan_reuse(final, plan.update, config.layers, paths, stamps, run.world) if plan.update else None
     if dataset.splits[split].excluded:  # names the cache cannot store: skipped and listed, or an error with --strict
         enforce_skip_policy([Skipped(**item) for item in dataset.splits[split].excluded], strict=config.strict)
     shards = _shards(len(paths), config.shard_size)
@@ -283,7 +231,7 @@ def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.
     return SplitResult(split, final, record["num_rows"], json.loads(record["skipped"]), seconds=round(seconds, 2),
                        images_per_s=round(computed / seconds, 1) if computed and seconds > 0 else None,
                        computed=computed, reused=reuse.reused if reuse else None,
-                       dropped=reuse.dropped if reuse else None)
+                       dropped=reuse.dropped if reuse else None, extracted=reuse.extracted if reuse else None)
 
 
 def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tuple[str, ...], *, num_rows: int,
@@ -370,7 +318,8 @@ class _Forward:
 
     def empty(self) -> dict:
         """A shard's rows before any batch: none yet."""
-        return {"features": {layer: [] for layer in self.layers}, "positions": [], "skipped": [], "seen": 0}
+        return {"features": {layer: [] for layer in self.layers}, "positions": [], "sha256": [], "skipped": [],
+                "seen": 0}
 
     def add(self, item: dict, acc: dict) -> None:
         """Run one batch (its skips listed, or an error with --strict) and keep its rows in ``acc``."""
@@ -388,6 +337,7 @@ class _Forward:
             for layer, rows in outputs.items():
                 acc["features"][layer].append(HostCopy(rows.to(self.storage)))  # on CUDA: pinned, without waiting
         acc["positions"].append(item["positions"])
+        acc["sha256"].append(item["sha256"])
         acc["skipped"] += item["skipped"]
         acc["seen"] += item["count"]
 
@@ -396,5 +346,6 @@ class _Forward:
                     else np.zeros((0, self.run.dims[layer]), self.run.config.dtype)
                     for layer, rows in acc["features"].items()}
         positions = np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64)
+        sha256 = np.concatenate(acc["sha256"]) if acc["sha256"] else np.zeros((0, 32), np.uint8)
         reused = self.reuse.reused_in(self.shards[shard]) if self.reuse is not None else None
-        cache.write_shard(parts, shard, features, positions, acc["skipped"], reused)
+        cache.write_shard(parts, shard, features, positions, acc["skipped"], reused, sha256=sha256)

@@ -6,10 +6,12 @@ of the weights' fingerprint. Both that quick look and the full check (pipeline.e
 fingerprint) build the expected settings with ``split_settings``: a field added there is compared by both.
 Which layers a file holds is no setting: the file must hold every requested layer (a set), and may hold more.
 
-The images' sizes and modification times are part of the settings (``files_signature``), so an image
-repaired in place is noticed. They are taken here rather than in the dataset index (pipeline.common.dataset), which
-only lists files: 110,000 stat calls cost about 0.5 s on a loaded 2-core machine with a warm page cache,
-against about 1.2-1.6 s for the index itself.
+The images' sizes, modification times, inodes and change times are part of the settings (``files_signature``
+over path, size and mtime; ``files_identity`` over all four), so an image edited in place, even with its mtime
+kept, or two images of one size that swap names, are noticed (an edit or a rename changes the ctime, a rename
+the inode). They are taken here rather than in the dataset index (pipeline.common.dataset), which only lists
+files: 110,000 stat calls cost about 0.5 s on a loaded 2-core machine with a warm page cache, against about
+1.2-1.6 s for the index itself.
 """
 from __future__ import annotations
 
@@ -33,13 +35,17 @@ from pipeline.common.backbones.weights import IMAGENET_FILE, describe_weights, w
 log = logging.getLogger(__name__)
 
 
+STAMP_COLUMNS = ("size", "mtime_ns", "inode", "ctime_ns")
+
+
 def file_stamps(root: Path, paths: list[str]) -> np.ndarray:
-    """(len(paths), 2) int64: each image's (size, mtime_ns); (-1, errno) where it cannot be stat-ed (reading it
-    will then report why). What a cache row records to be matched later (an incremental update).
+    """(len(paths), 4) int64: each image's (size, mtime_ns, inode, ctime_ns); (-1, errno, 0, 0) where it cannot be
+    stat-ed (reading it will then report why). What a cache row records to be matched later (an incremental
+    update).
 
     Each folder is opened once and its files are stat-ed relative to it (about 30% faster than full paths).
     """
-    stamps = np.empty((len(paths), 2), np.int64)
+    stamps = np.empty((len(paths), len(STAMP_COLUMNS)), np.int64)
     folders: dict[str, int] = {}
     try:
         for i, rel in enumerate(paths):
@@ -49,9 +55,9 @@ def file_stamps(root: Path, paths: list[str]) -> np.ndarray:
                 fd = folders[folder] = os.open(os.path.join(root, folder), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 st = os.stat(name, dir_fd=fd)
-                stamps[i] = (st.st_size, st.st_mtime_ns)
+                stamps[i] = (st.st_size, st.st_mtime_ns, st.st_ino & (2**63 - 1), st.st_ctime_ns)
             except OSError as err:
-                stamps[i] = (-1, err.errno or 0)
+                stamps[i] = (-1, err.errno or 0, 0, 0)
     except OSError as err:
         raise UserError(f"cannot list {err.filename}: {err.strerror}; check the dataset folder") from None
     finally:
@@ -61,13 +67,29 @@ def file_stamps(root: Path, paths: list[str]) -> np.ndarray:
 
 
 def files_signature(root: Path, paths: list[str], stamps: np.ndarray | None = None) -> str:
-    """sha256 over each image's (path, size, mtime_ns): a file changed in place changes it (``stamps``: from
-    ``file_stamps``, already taken)."""
+    """sha256 over each image's (path, size, mtime_ns), as recorded since 0.7 (``stamps``: from ``file_stamps``,
+    already taken)."""
     stamps = file_stamps(root, paths) if stamps is None else stamps
     digest = hashlib.sha256()
-    for rel, (size, mtime) in zip(paths, stamps.tolist()):
+    for rel, (size, mtime) in zip(paths, stamps[:, :2].tolist()):
         digest.update((f"\n{rel}\t{size}\t{mtime}" if size >= 0 else f"\n{rel}\terror {mtime}").encode())
     return digest.hexdigest()
+
+
+def files_identity(paths: list[str], stamps: np.ndarray) -> str:
+    """sha256 over each image's (path, size, mtime_ns, inode, ctime_ns): a rename (new inode) or any write, even
+    one that puts the mtime back, changes it (the ctime is set by the kernel, not the writer)."""
+    digest = hashlib.sha256()
+    for rel, stamp in zip(paths, stamps.tolist()):
+        digest.update(("\n" + "\t".join([rel, *map(str, stamp)])).encode())
+    return digest.hexdigest()
+
+
+def dataset_changed(attrs: dict, settings: cache.CacheSettings) -> bool:
+    """Whether the images differ from those a complete file (``attrs``) was made from: another list, or a file
+    added, removed, edited, renamed or touched (a file made before 0.8: another size or mtime)."""
+    recorded = cache.CacheSettings.from_attrs(attrs)
+    return bool({"dataset_signature", "files_signature", "files_identity"} & set(recorded.differences(settings)))
 
 
 def preprocess_of(config: ExtractConfig) -> Preprocess:
@@ -96,11 +118,13 @@ def split_settings(dataset: TinyImageNet, split: str, config: ExtractConfig, wei
     """What decides the content of ``split``'s cache under ``config`` (fingerprint None: not known yet;
     ``preprocess``: already resolved by ``preprocess_of``; ``stamps``: the split's ``file_stamps``, taken)."""
     preprocess = preprocess or preprocess_of(config)
+    paths = dataset.splits[split].paths
+    stamps = file_stamps(dataset.root, paths) if stamps is None else stamps
     return cache.CacheSettings(
         backbone=config.backbone, weights_fingerprint=weights_fingerprint,
         preprocess=preprocess.to_json(), dtype=config.dtype, precision=config.precision,
-        dataset_signature=dataset.signature(split),
-        files_signature=files_signature(dataset.root, dataset.splits[split].paths, stamps))
+        dataset_signature=dataset.signature(split), files_signature=files_signature(dataset.root, paths, stamps),
+        files_identity=files_identity(paths, stamps))
 
 
 def quick_look_applies(config: ExtractConfig) -> bool:
@@ -127,7 +151,8 @@ def quick_up_to_date(config: ExtractConfig, dataset: TinyImageNet) -> dict[Path,
             del settings["precision"]
         expected = {**settings, "weights_spec": spec, "weights_stamp": stamp}
         path = cache.split_file(config.out, split)
-        attrs = cache.quick_up_to_date(path, expected, config.layers)
+        # a file made before 0.8 records no files_identity: it is compared on files_signature, as then
+        attrs = cache.quick_up_to_date(path, expected, config.layers, unrecorded=("files_identity",))
         if attrs is None:
             return None
         found[path] = attrs

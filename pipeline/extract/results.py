@@ -25,20 +25,37 @@ class SplitResult:
     computed: int | None = None  # images this run computed (the rest came from an interrupted run's shards)
     reused: int | None = None  # an incremental update: rows taken from the file it updated (else None)
     dropped: int | None = None  # an incremental update: rows of that file whose image is gone or changed
+    extracted: int | None = None  # an incremental update: images it passes through the backbone (this run or resumed)
 
     def log(self) -> None:
         if self.up_to_date:
             log_up_to_date(self.file, {"split": self.split, "num_rows": self.rows})
-        elif self.assembled:
-            size = self.file.stat().st_size / 2**20
-            if self.computed == 0:  # every shard was left by an interrupted run: no speed to report
-                log.info("%s: %d images, all computed by an earlier, interrupted run; %d skipped -> %s (%.1f MiB)",
-                         self.split, self.rows, len(self.skipped), self.file, size)
-            else:
-                log.info("%s: %d images in %.1f s (%.1f img/s), %d skipped -> %s (%.1f MiB)", self.split, self.rows,
-                         self.seconds or 0, self.images_per_s or 0, len(self.skipped), self.file, size)
-            for item in self.skipped:
-                log.info("  skipped %s: %s", item["path"], item["reason"])
+            return
+        if not self.assembled:
+            return
+        size = self.file.stat().st_size / 2**20
+        if self.reused is not None:  # an update: what was kept, read and dropped; the speed of what was read
+            log.info("%s: updated, %d rows -> %s (%.1f MiB): reused %d, %s, dropped %d; %d skipped", self.split,
+                     self.rows, self.file, size, self.reused, self._extracted(), self.dropped or 0, len(self.skipped))
+        elif self.computed == 0:  # every shard was left by an interrupted run: no speed to report
+            log.info("%s: %d images, all computed by an earlier, interrupted run; %d skipped -> %s (%.1f MiB)",
+                     self.split, self.rows, len(self.skipped), self.file, size)
+        else:
+            log.info("%s: %d images in %.1f s (%.1f img/s), %d skipped -> %s (%.1f MiB)", self.split, self.rows,
+                     self.seconds or 0, self.images_per_s or 0, len(self.skipped), self.file, size)
+        for item in self.skipped:
+            log.info("  skipped %s: %s", item["path"], item["reason"])
+
+    def _extracted(self) -> str:
+        """An update's extracted images in words: none, or how many, how fast, and how many a killed run did."""
+        planned, now = self.extracted or 0, self.computed or 0
+        if planned == 0:
+            return "extracted none (no image needed the backbone)"
+        speed = f"in {self.seconds or 0:.1f} s ({self.images_per_s or 0:.1f} img/s)" if now else ""
+        if now >= planned:
+            return f"extracted {planned} {speed}"
+        earlier = f"{planned - now} of them by an earlier, interrupted run"
+        return f"extracted {planned} ({earlier}; {now} now {speed})" if now else f"extracted {planned} ({earlier})"
 
 
 @dataclass
