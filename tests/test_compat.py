@@ -1,19 +1,25 @@
 """Files a user already has keep working: a cache and a head checkpoint made by an earlier main.
 
-The fixtures under tests/data/compat/ were made once by main at 0ae642e (see their README) and are never
-regenerated: every later change must still read them, train on them and run live from them.
+The fixtures under tests/data/compat/ were made once by main at 0ae642e, and those under
+tests/data/compat-0cda565/ (with their dataset) by main at 0cda565 (see their READMEs); they are never
+regenerated: every later change must still read them, train on them, run live from them, and find the 0cda565
+cache of its dataset up to date.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
+import run_extract
 import run_train_head
 import run_webcam
 from features.cache import open_split
@@ -74,3 +80,64 @@ def test_the_old_checkpoint_runs_live_with_the_cached_answers(copies):
         top = line["topk"][0]
         assert top["name"] == names[int(np.argmax(probs))]
         assert top["prob"] == pytest.approx(float(probs.max()), abs=2e-3)  # the cache stores float16
+
+
+# ---------------------------------------------------------------------------------------------
+# The set made at 0cda565: a cache with per-row stamps (no content digests), with its dataset
+
+COMPAT_0CDA565 = Path(__file__).parent / "data" / "compat-0cda565"
+MADE_WITH = ("--weights", "random", "--seed", "0", "--image-size", "64", "--resize-size", "72", "--precision", "fp32",
+             "--layers", "pool5,fc6,fc7", "--device", "cpu", "--no-progress")
+MTIME = 1_764_000_000_000_000_000  # every file's mtime when the cache was made (README there)
+
+
+@pytest.fixture
+def made_at_0cda565(tmp_path):
+    """A copy of the 0cda565 dataset, its mtimes as they were, and of its cache."""
+    data, features = tmp_path / "data", tmp_path / "features"
+    shutil.copytree(COMPAT_0CDA565 / "data", data)
+    shutil.copytree(COMPAT_0CDA565 / "features", features)
+    for path in data.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(MTIME, MTIME))
+    return {"data": data, "features": features}
+
+
+def test_the_0cda565_cache_is_up_to_date_and_left_as_it_is(made_at_0cda565, caplog):
+    """Its rows record no inode, ctime or digest: they are trusted on (path, size, mtime), as they were then."""
+    before = {p.name: p.read_bytes() for p in made_at_0cda565["features"].glob("*.h5")}
+    caplog.set_level(logging.INFO)
+    assert run_extract.main(["--data", str(made_at_0cda565["data"]), "--out", str(made_at_0cda565["features"]),
+                             *MADE_WITH]) == 0
+    assert caplog.text.count("up to date") == 2
+    assert {p.name: p.read_bytes() for p in made_at_0cda565["features"].glob("*.h5")} == before
+
+
+def test_the_0cda565_cache_gets_its_digests_at_its_next_update(made_at_0cda565, caplog):
+    data, features = made_at_0cda565["data"], made_at_0cda565["features"]
+    old = open_split(features / "train.h5", "fc6")
+    old_fc6 = dict(zip(old.paths, old.read_features()))
+    shutil.copy(data / "train/n01443537/images/n01443537_0.JPEG", data / "train/n01443537/images/n01443537_9.JPEG")
+    caplog.set_level(logging.INFO)
+    assert run_extract.main(["--data", str(data), "--out", str(features), *MADE_WITH]) == 0
+    assert "reused 12, extracted 1, dropped 0" in caplog.text and "val: up to date" in caplog.text
+    new = open_split(features / "train.h5", "fc6")
+    fc6 = dict(zip(new.paths, new.read_features()))
+    assert all(np.array_equal(fc6[path], row) for path, row in old_fc6.items())
+    with h5py.File(features / "train.h5", "r") as f:
+        digests = dict(zip(f["paths"].asstr()[:], f["identity/sha256"][:]))
+    assert all(bytes(digests[path]) == hashlib.sha256((data / path).read_bytes()).digest() for path in digests)
+
+
+def test_the_0cda565_checkpoint_runs_live_with_its_recorded_probabilities(tmp_path):
+    predictions = tmp_path / "preds.jsonl"
+    shutil.copytree(COMPAT_0CDA565 / "data", tmp_path / "data")
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(COMPAT_0CDA565 / "best.pt"), "--source",
+                            str(tmp_path / "data/val/images"), "--no-display", "--predictions", str(predictions),
+                            "--top-k", "3"]) == 0
+    recorded = [json.loads(line) for line in (COMPAT_0CDA565 / "preds.jsonl").read_text().splitlines()]
+    now = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [Path(line["source"]).name for line in now] == [Path(line["source"]).name for line in recorded]
+    for got, want in zip(now, recorded):
+        assert [t["wnid"] for t in got["topk"]] == [t["wnid"] for t in want["topk"]]
+        assert [t["prob"] for t in got["topk"]] == pytest.approx([t["prob"] for t in want["topk"]], abs=1e-6)

@@ -108,3 +108,52 @@ def test_a_second_writer_is_refused_and_touches_nothing(copy, capsys):
         assert "another extraction" in one_error_line(capsys)
     assert {split: file_hash(copy["out"] / f"{split}.h5") for split in SPLITS} == before
     assert not cache.parts_folder(copy["out"], "train").exists()
+
+
+def test_a_kill_while_the_content_is_compared_changes_nothing_and_the_rerun_finishes(copy, tmp_path, monkeypatch,
+                                                                                      caplog):
+    moved = tmp_path / "copied"  # new inodes: every image is read to compare its content with its row
+    shutil.copytree(copy["data"], moved)
+    before = {split: file_hash(copy["out"] / f"{split}.h5") for split in SPLITS}
+    from pipeline.extract import incremental
+
+    def kill(*args, **kwargs):
+        raise Killed
+    monkeypatch.setattr(incremental, "_read_digests", kill)
+    with pytest.raises(Killed):
+        run(moved, copy["out"])
+    monkeypatch.undo()
+    assert {split: file_hash(copy["out"] / f"{split}.h5") for split in SPLITS} == before
+    assert not [p.name for p in copy["out"].iterdir() if ".parts" in p.name]
+    caplog.set_level("INFO")
+    assert run(moved, copy["out"]) == 0
+    assert "reused 12, extracted 0, dropped 0" in caplog.text
+
+
+def test_an_image_unreadable_while_its_content_is_compared_stops_the_update_naming_it(copy, tmp_path, monkeypatch,
+                                                                                       capsys):
+    import errno
+
+    from pipeline.common import images
+    from pipeline.extract import incremental
+
+    moved = tmp_path / "copied"
+    shutil.copytree(copy["data"], moved)
+    bad = "n01443537_1.JPEG"
+    before = {split: file_hash(copy["out"] / f"{split}.h5") for split in SPLITS}
+    sha256, read_bytes = incremental.file_sha256, images.read_bytes
+    monkeypatch.setattr(incremental, "file_sha256", lambda path: None if path.name == bad else sha256(path))
+
+    def failing(path):
+        if Path(path).name == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read_bytes(path)
+    monkeypatch.setattr(images, "read_bytes", failing)
+    capsys.readouterr()
+    assert run(moved, copy["out"]) == 2
+    line = one_error_line(capsys)
+    assert bad in line and "Input/output error" in line
+    assert {split: file_hash(copy["out"] / f"{split}.h5") for split in SPLITS} == before  # nothing wrong is complete
+    monkeypatch.undo()
+    assert run(moved, copy["out"]) == 0  # the drive is back: the update finishes, every row kept
+    assert cache.read_attrs(copy["out"] / "train.h5")["num_rows"] == 12

@@ -106,4 +106,6 @@ def test_dead_columns_are_left_out_without_moving_the_optimum():
     for a, b in zip(dropped.fits, full.fits):
         assert a.objective == pytest.approx(b.objective, rel=1e-5)
     in_place = fit_logreg(kept, y, val_x, val_y, num_classes=4, weight_decays=(0.1, 0.01), overwrite=True)
-    assert [f.objective for f in in_place.fits] == [f.objective for f in dropped.fits]
+    # the squeezed view keeps x's row stride, so BLAS may take another kernel than for the copy: equal to float32
+    # rounding (exactly on Intel; 6e-9 apart on an AMD EPYC, Zen 4)
+    assert [f.objective for f in in_place.fits] == pytest.approx([f.objective for f in dropped.fits], rel=1e-6)
