@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pipeline.common.errors import UserError
 from pipeline.common.holdout import VAL_FRACTION
-from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, TINY_IMAGENET, Dataset, Split,
-                                      examples, list_images, log_index, read_lines, shown, subfolders)
+from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, SPLITS, TINY_IMAGENET, Dataset,
+                                      Split, examples, list_images, log_index, read_lines, shown, subfolders)
 from pipeline.common.layouts import check_val_fraction, detect_layout, find_image_folder, index_image_folder
 
 __all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGENET", "Dataset", "Split",
@@ -27,7 +27,6 @@ __all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGE
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 TinyImageNet = Dataset  # the name the indexed dataset had when Tiny ImageNet was the only layout
 
 

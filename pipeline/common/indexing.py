@@ -21,6 +21,7 @@ TINY_IMAGENET = "tiny-imagenet"  # wnids.txt, words.txt, train/<wnid>/images/, v
 IMAGEFOLDER_SPLITS = "imagefolder-splits"  # ROOT/train/<class>/*, ROOT/val/<class>/*
 IMAGEFOLDER = "imagefolder"  # ROOT/<class>/*: val held out by a hash of each path (--val-fraction)
 LAYOUTS = (TINY_IMAGENET, IMAGEFOLDER_SPLITS, IMAGEFOLDER)
+SPLITS = ("train", "val")  # the splits every layout gives, and the folders that hold them (ROOT/train/, ROOT/val/)
 MAX_EXAMPLES = 3  # how many offending names an error message quotes
 
 
