@@ -155,3 +155,27 @@ def test_a_fraction_that_leaves_a_split_empty_is_one_line(tmp_path, capsys):
     root = make_flat(tmp_path / "desk", per_class=2)
     line = prepare_error(capsys, root, "--val-fraction", "0.001")
     assert "--val-fraction 0.001 puts none of the 6 images" in line and "in val; raise it" in line
+
+
+def test_each_skip_is_listed_once_in_words_without_a_build_path(tmp_path, caplog):
+    """A format the decoder cannot read was warned about twice (by the index and by the skip policy), and a
+    truncated JPEG's reason carried torchvision's C++ source location (/__w/vision/...decode_jpeg.cpp:171)."""
+    root = make_flat(tmp_path / "desk", per_class=4)
+    (root / "cat" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (root / "dog" / "broken.jpg").write_bytes((root / "dog" / "img_000.jpg").read_bytes()[:200])  # truncated
+    bad = ("cat/IMG_0001.HEIC", "dog/broken.jpg")
+    out = tmp_path / "features"
+    for argv in (["--data", str(root), "--prepare-only", "--no-progress"], extract_args(root, out)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert run_extract.main(argv) == 0
+        assert [caplog.text.count(f"skipping {rel}: ") for rel in bad] == [1, 1], caplog.text
+        assert ".cpp" not in caplog.text and "/__w/" not in caplog.text
+    reasons = {}
+    for split in ("train", "val"):
+        with h5py.File(out / f"{split}.h5", "r") as f:
+            reasons.update((item["path"], item["reason"]) for item in json.loads(f.attrs["skipped"]))
+    assert set(reasons) == set(bad)
+    truncated = reasons["dog/broken.jpg"]
+    assert truncated.startswith("truncated image (") and "truncated" in truncated[len("truncated image ("):], truncated
+    assert ".cpp" not in truncated and "/" not in truncated and "decode_jpeg" not in truncated, truncated

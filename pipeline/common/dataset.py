@@ -148,7 +148,7 @@ def index_tiny_imagenet(root: Path) -> Dataset:
     for split_name, split in splits.items():
         if not split.paths:
             raise UserError(f"{root / split_name} holds no images")
-    log_index(ignored, splits)
+    log_index(ignored)
     return Dataset(root=root, wnids=wnids, names=names, full_names=full_names, splits=splits, ignored=ignored)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,22 @@ log = logging.getLogger(__name__)
 
 class ImageDecodeError(Exception):
     """An image file that is empty, truncated or not an image; the message is the reason."""
+
+
+# torchvision's C++ checks prefix their message with the function and its build's source location:
+# "decode_jpeg, /__w/vision/.../decode_jpeg.cpp:171, Image is incomplete or truncated"
+SOURCE_LOCATION = re.compile(r"^\s*\w+,\s*\S+\.(?:c|cc|cpp|cxx|h|hpp):\d+,\s*|\s*\S+\.(?:c|cc|cpp|cxx|h|hpp):\d+,?")
+
+
+def decoder_words(err: BaseException) -> str:
+    """A decoder's message for a person: its last line, without a C++ function and source location."""
+    return SOURCE_LOCATION.sub("", first_line(err, last=True)).strip() or type(err).__name__
+
+
+def decode_error(reason: str) -> ImageDecodeError:
+    """The skip for content that does not decode: "truncated image (...)" or "cannot decode (...)"."""
+    truncated = "truncated" in reason.lower() or "premature" in reason.lower()
+    return ImageDecodeError(f"{'truncated image' if truncated else 'cannot decode'} ({reason})")
 
 
 class ImageReadError(OSError):
@@ -80,13 +97,11 @@ def decode_rgb(data: torch.Tensor, *, min_side: int | None = None) -> torch.Tens
     try:
         image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:
-        reason = first_line(err, last=True)
-        if "truncated" in reason.lower() or "premature" in reason.lower():
-            raise ImageDecodeError(f"truncated image ({reason})") from None
+        reason = decoder_words(err)
         if "unsupported image file" in reason.lower():
             raise ImageDecodeError("cannot decode (not a format the decoder reads: JPEG, PNG, WebP, GIF; "
                                    "convert it to JPEG)") from None
-        raise ImageDecodeError(f"cannot decode ({reason})") from None
+        raise decode_error(reason) from None
     if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
         if image.shape[0] == 0:
             raise ImageDecodeError("animation with no frames")
@@ -122,10 +137,7 @@ def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
             rgb = image.convert("RGB")
             array = np.asarray(rgb.transpose(turn) if turn is not None else rgb)  # (H, W, 3)
     except (OSError, ValueError, SyntaxError) as err:  # PIL says "truncated", "broken data stream", ...
-        reason = first_line(err, last=True)
-        if "truncated" in reason.lower() or "premature" in reason.lower():
-            raise ImageDecodeError(f"truncated image ({reason})") from None
-        raise ImageDecodeError(f"cannot decode ({reason})") from None
+        raise decode_error(decoder_words(err)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last in memory, as decode_jpeg gives
 
 

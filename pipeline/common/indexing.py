@@ -151,10 +151,8 @@ def examples(items) -> str:
     return ", ".join(items[:MAX_EXAMPLES]) + more
 
 
-def log_index(ignored: list[str], splits: dict[str, Split]) -> None:
-    """The index's notes: ignored stray files (info), excluded images (a warning each)."""
+def log_index(ignored: list[str]) -> None:
+    """The index's note on ignored stray files (info). Excluded images are skips: the skip policy that every
+    command applies to them (images.enforce_skip_policy) lists each one, so the index does not."""
     if ignored:
         log.info("ignored %d files that are not images (first: %s)", len(ignored), examples(ignored))
-    for split in splits.values():
-        for item in split.excluded:
-            log.warning("skipping %s: %s", item["path"], item["reason"])

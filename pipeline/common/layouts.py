@@ -117,7 +117,7 @@ def index_image_folder(root: Path, layout: str, val_fraction: float = VAL_FRACTI
                 raise UserError(f"--val-fraction {val_fraction} puts none of the {len(every)} images of {root} in "
                                 f"{name}; {'raise' if name == 'val' else 'lower'} it, or add images")
         _warn_missing(splits, classes, f"get no val image from --val-fraction {val_fraction}")
-    log_index(ignored, splits)
+    log_index(ignored)
     return Dataset(root=root, wnids=classes, names=list(classes), full_names=list(classes), splits=splits,
                    ignored=ignored, layout=layout)
 
