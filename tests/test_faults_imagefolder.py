@@ -179,3 +179,24 @@ def test_each_skip_is_listed_once_in_words_without_a_build_path(tmp_path, caplog
     truncated = reasons["dog/broken.jpg"]
     assert truncated.startswith("truncated image (") and "truncated" in truncated[len("truncated image ("):], truncated
     assert ".cpp" not in truncated and "/" not in truncated and "decode_jpeg" not in truncated, truncated
+
+
+@pytest.mark.parametrize("target", [".", "..", "../.."], ids=["itself", "the dataset", "above the dataset"])
+def test_a_symlink_loop_in_a_class_folder_is_one_line_and_each_image_is_listed_once(tmp_path, capsys, caplog, target):
+    """A link from a class folder back to itself or to a folder above it was followed 40 levels deep, then
+    stopped the run with that path and advice to check the free space. Now each real folder is listed once."""
+    root = make_flat(tmp_path / "desk", per_class=4)
+    write_class(root / "cat" / "more", 0, 2, start=100)
+    (root / "cat" / "again").symlink_to(target, target_is_directory=True)
+    (root / "cat" / "more too").symlink_to("more", target_is_directory=True)  # a second name, no loop
+    with caplog.at_level(logging.WARNING):
+        assert run_extract.main(["--data", str(root), "--prepare-only", "--no-progress"]) == 0
+    loops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("symlink loop: ")]
+    assert loops == [f"symlink loop: {root / 'cat' / 'again'} -> {(root / 'cat' / target).resolve()}, a folder that "
+                     "holds the link; not followed (its images are listed once)"], caplog.text
+    assert f"{root / 'cat' / 'more too'} links to {root / 'cat' / 'more'}, a folder already listed" in caplog.text
+    assert "free space" not in capsys.readouterr().err
+    dataset = index_dataset(root)
+    paths = sorted(dataset.splits["train"].paths + dataset.splits["val"].paths)
+    assert paths == sorted([*(f"{c}/img_{i:03d}.jpg" for c in CLASSES for i in range(4)),
+                            "cat/more/img_100.jpg", "cat/more/img_101.jpg"])

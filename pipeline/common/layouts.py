@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 from pipeline.common.errors import UserError
@@ -176,13 +177,43 @@ def _index_classes(root: Path, parent: str, classes: list[str], label_of: dict[s
     return split
 
 
-def _walk(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
-    """Images in ``root/rel`` and its sub-folders (hidden ones aside), files of a folder before its sub-folders."""
+def _walk(root: Path, rel: str, ignored: list[str], excluded: list[dict], seen: dict | None = None) -> list[str]:
+    """Images in ``root/rel`` and its sub-folders (hidden ones aside), files of a folder before its sub-folders.
+
+    Symlinked folders are followed, and each real folder is listed once: ``seen`` maps the (device, inode) of
+    the folders listed so far to their path. A link back to one of them (to the class folder, or above it: a
+    symlink loop; or a second link to a folder already listed) is a log line and is not followed."""
+    if seen is None:
+        seen = {}
+    seen[_real_folder(root / rel)] = rel
     folders = tuple(subfolders(root / rel))
     images = list_images(root, rel, ignored, excluded, keep_folders=folders)
     for folder in folders:
-        images += _walk(root, f"{rel}/{folder}", ignored, excluded)
+        sub = f"{rel}/{folder}"
+        listed = seen.get(_real_folder(root / sub))
+        if listed is None and not _is_above(root / sub, root / rel):
+            images += _walk(root, sub, ignored, excluded, seen)
+        elif listed is None or sub.startswith(f"{listed}/"):  # its target holds the link: every pass finds it again
+            log.warning("symlink loop: %s -> %s, a folder that holds the link; not followed (its images are listed "
+                        "once)", root / sub, os.path.realpath(root / sub))
+        else:
+            log.warning("%s links to %s, a folder already listed; not followed (its images are listed once)",
+                        root / sub, root / listed)
     return images
+
+
+def _real_folder(path: Path) -> tuple[int, int]:
+    """(device, inode) of the folder ``path`` names, through any links."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); check the drive and permissions, then rerun") from None
+    return info.st_dev, info.st_ino
+
+
+def _is_above(link: Path, folder: Path) -> bool:
+    """Whether the folder ``link`` leads to holds ``folder`` (the dataset root, or any folder above a class)."""
+    return Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(link))
 
 
 def _warn_missing(splits: dict[str, Split], classes: list[str], why: str) -> None:
