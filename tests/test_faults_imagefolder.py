@@ -10,8 +10,9 @@ import pytest
 import run_extract
 from pipeline.common.dataset import index_dataset
 from pipeline.common.holdout import in_val
+from pipeline.common.preprocess import Preprocess
 from tests.helpers import extract_args, one_error_line, tree_hash
-from tests.imagefolders import CLASSES, make_flat, make_splits, write_class
+from tests.imagefolders import CLASSES, make_flat, make_splits, write_class, write_strip
 
 
 def prepare_error(capsys, data, *extra) -> str:
@@ -200,3 +201,38 @@ def test_a_symlink_loop_in_a_class_folder_is_one_line_and_each_image_is_listed_o
     paths = sorted(dataset.splits["train"].paths + dataset.splits["val"].paths)
     assert paths == sorted([*(f"{c}/img_{i:03d}.jpg" for c in CLASSES for i in range(4)),
                             "cat/more/img_100.jpg", "cat/more/img_101.jpg"])
+
+
+def test_an_extremely_elongated_image_is_a_listed_skip_and_never_resized(tmp_path, capsys, monkeypatch):
+    """A 1x4000 strip was resized to 256 x 1,024,000 pixels (0.8 GB) to keep a 224 x 224 crop. Beyond 50:1 an
+    image is now a listed skip, the same in preparation and extraction; one at 50:1 is used as before."""
+    root = make_flat(tmp_path / "desk", per_class=4)
+    write_strip(root / "cat" / "strip.png", 1, 4000)
+    write_strip(root / "dog" / "column.jpg", 4000, 1)
+    write_strip(root / "mug" / "banner.png", 2, 100)  # 50:1: the most elongated image used
+    resized = []
+    real = Preprocess.resize_crop
+
+    def recording(self, images):
+        resized.extend(max(image.shape[-2:]) / min(image.shape[-2:]) for image in images)
+        return real(self, images)
+
+    monkeypatch.setattr(Preprocess, "resize_crop", recording)
+    summary_path = tmp_path / "prep.json"
+    assert run_extract.main(["--data", str(root), "--prepare-only", "--no-progress",
+                             "--summary-json", str(summary_path)]) == 0
+    prepared = {item["path"]: item["reason"] for item in json.loads(summary_path.read_text())["skipped"]}
+    assert set(prepared) == {"cat/strip.png", "dog/column.jpg"}
+    assert prepared["cat/strip.png"].startswith("4000x1 pixels (4000:1) is more elongated than the 50:1")
+    assert prepared["dog/column.jpg"].startswith("1x4000 pixels (4000:1)") and "crop it" in prepared["dog/column.jpg"]
+    out = tmp_path / "features"
+    assert run_extract.main(extract_args(root, out)) == 0
+    recorded, rows = {}, []
+    for split in ("train", "val"):
+        with h5py.File(out / f"{split}.h5", "r") as f:
+            recorded.update((item["path"], item["reason"]) for item in json.loads(f.attrs["skipped"]))
+            rows += [path.decode() for path in f["paths"][:]]
+    assert recorded == prepared and "mug/banner.png" in rows  # counted and listed, never silently gone
+    assert resized and max(resized) == 50  # the strips never reached the resize
+    line = prepare_error(capsys, root, "--strict")
+    assert "cat/strip.png: 4000x1 pixels (4000:1)" in line and "(2 bad images in all)" in line
