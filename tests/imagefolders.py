@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from pipeline.data.synthetic import class_image
@@ -38,3 +39,11 @@ def make_splits(root: Path, *, classes=CLASSES, train_per_class: int = 4, val_pe
         write_class(root / "train" / name, label, train_per_class)
         write_class(root / "val" / name, label, val_per_class, start=1000)
     return root
+
+
+def write_strip(path: Path, height: int, width: int) -> Path:
+    """A noise image of ``height`` x ``width`` pixels (a 1x4000 strip, a 4000x1 column), its format by suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(height * 7919 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format=_format(path.suffix), quality=90)
+    return path

@@ -91,8 +91,28 @@ def test_a_model_without_a_linear_classifier_has_no_penultimate():
     with pytest.raises(UserError) as err:
         plan_layers(meta_model("squeezenet1_0"), "squeezenet1_0")
     assert "no single nn.Linear" in one_line(err)
-    _, specs = plan_layers(meta_model("squeezenet1_0"), "squeezenet1_0", ["features"])
+    _, specs = plan_layers(meta_model("squeezenet1_0"), "squeezenet1_0", ["features.12.cat"])  # its features' output
     assert specs[0].reduction == "mean_hw" and specs[0].dim == 512
+
+
+@pytest.mark.parametrize("name, node", [("mobilenet_v3_small", "features.12"), ("squeezenet1_0", "features.12.cat"),
+                                        ("densenet121", "features.norm5")])
+def test_the_cache_s_own_names_are_refused_naming_the_node_that_gives_the_same_output(name, node):
+    """``features`` is the cache's link to its main layer, never a layer: a model's ``features`` module is asked
+    for by the graph node that ends it, which gives the same output."""
+    with pytest.raises(UserError) as err:
+        plan_layers(meta_model(name), name, ["features"])
+    message = one_line(err)
+    assert "reserves the name 'features'" in message and "link to the main layer" in message, message
+    assert f"pass --layers {node} instead" in message, message
+    model = load_classifier(name, "random", seed=0).model
+    module, specs = plan_layers(model, name, [node], image_size=64)
+    image = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(module(image)[node], model.features(image).mean((2, 3)))  # the module's own output
+    with pytest.raises(UserError) as err:
+        plan_layers(meta_model("resnet18"), "resnet18", ["labels"])
+    assert "reserves the name 'labels'" in one_line(err) and "catalog resnet18" in one_line(err)
 
 
 def test_an_image_size_the_model_cannot_take_is_one_line():

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -196,3 +197,19 @@ def test_alexnet_refuses_another_models_weights_enum_in_one_line():
     with pytest.raises(UserError) as err:
         load_backbone("ResNet18_Weights.IMAGENET1K_V1")
     assert "are not AlexNet's" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_models_features_module_is_cached_under_the_node_the_refusal_names(generated_dataset, tmp_path, capsys):
+    """mobilenet_v3_small's ``features`` module: the name is the cache's link, so --layers features is one line
+    naming features.12 (the module's last node), and that node is cached under its own name."""
+    out = tmp_path / "features"
+    argv = ["--data", str(generated_dataset(3, 2, 1)), "--out", str(out), "--backbone", "mobilenet_v3_small",
+            "--weights", "random", "--precision", "fp32", *SMALL]
+    assert run_extract.main([*argv, "--layers", "features"]) == 2
+    line = one_error_line(capsys, allow_progress=True)
+    assert "reserves the name 'features'" in line and "pass --layers features.12 instead" in line, line
+    assert not (out / "train.h5").exists()
+    assert run_extract.main([*argv, "--layers", "features.12"]) == 0
+    with h5py.File(out / "train.h5", "r") as f:
+        assert f["features.12"].shape == (6, 576) and f.get("features", getlink=True).path == "/features.12"
+        assert json.loads(f.attrs["layers_json"])[0]["node"] == "features.12"

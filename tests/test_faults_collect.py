@@ -72,6 +72,11 @@ REFUSALS = {
     "hidden": (lambda d: (d, ".mug"), "starts with '.'"),
     "control": (lambda d: (d, "mu\ng"), "control characters"),
     "too long": (lambda d: (d, "m" * 256), "too long"),
+    # names the extractor's layouts refuse as a class folder (layouts.class_name_problem)
+    "train": (lambda d: (d, "train"), "read as a split folder"),
+    "val": (lambda d: (d, "val"), "read as a split folder"),
+    "named like an image": (lambda d: (d, "pen.jpg"), "named like an image file"),
+    "named like a HEIC photo": (lambda d: (d, "pen.HEIC"), "named like an image file"),
 }
 
 

@@ -10,8 +10,9 @@ import pytest
 import run_extract
 from pipeline.common.dataset import index_dataset
 from pipeline.common.holdout import in_val
+from pipeline.common.preprocess import Preprocess
 from tests.helpers import extract_args, one_error_line, tree_hash
-from tests.imagefolders import CLASSES, make_flat, make_splits, write_class
+from tests.imagefolders import CLASSES, make_flat, make_splits, write_class, write_strip
 
 
 def prepare_error(capsys, data, *extra) -> str:
@@ -155,3 +156,83 @@ def test_a_fraction_that_leaves_a_split_empty_is_one_line(tmp_path, capsys):
     root = make_flat(tmp_path / "desk", per_class=2)
     line = prepare_error(capsys, root, "--val-fraction", "0.001")
     assert "--val-fraction 0.001 puts none of the 6 images" in line and "in val; raise it" in line
+
+
+def test_each_skip_is_listed_once_in_words_without_a_build_path(tmp_path, caplog):
+    """A format the decoder cannot read was warned about twice (by the index and by the skip policy), and a
+    truncated JPEG's reason carried torchvision's C++ source location (/__w/vision/...decode_jpeg.cpp:171)."""
+    root = make_flat(tmp_path / "desk", per_class=4)
+    (root / "cat" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (root / "dog" / "broken.jpg").write_bytes((root / "dog" / "img_000.jpg").read_bytes()[:200])  # truncated
+    bad = ("cat/IMG_0001.HEIC", "dog/broken.jpg")
+    out = tmp_path / "features"
+    for argv in (["--data", str(root), "--prepare-only", "--no-progress"], extract_args(root, out)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert run_extract.main(argv) == 0
+        assert [caplog.text.count(f"skipping {rel}: ") for rel in bad] == [1, 1], caplog.text
+        assert ".cpp" not in caplog.text and "/__w/" not in caplog.text
+    reasons = {}
+    for split in ("train", "val"):
+        with h5py.File(out / f"{split}.h5", "r") as f:
+            reasons.update((item["path"], item["reason"]) for item in json.loads(f.attrs["skipped"]))
+    assert set(reasons) == set(bad)
+    truncated = reasons["dog/broken.jpg"]
+    assert truncated.startswith("truncated image (") and "truncated" in truncated[len("truncated image ("):], truncated
+    assert ".cpp" not in truncated and "/" not in truncated and "decode_jpeg" not in truncated, truncated
+
+
+@pytest.mark.parametrize("target", [".", "..", "../.."], ids=["itself", "the dataset", "above the dataset"])
+def test_a_symlink_loop_in_a_class_folder_is_one_line_and_each_image_is_listed_once(tmp_path, capsys, caplog, target):
+    """A link from a class folder back to itself or to a folder above it was followed 40 levels deep, then
+    stopped the run with that path and advice to check the free space. Now each real folder is listed once."""
+    root = make_flat(tmp_path / "desk", per_class=4)
+    write_class(root / "cat" / "more", 0, 2, start=100)
+    (root / "cat" / "again").symlink_to(target, target_is_directory=True)
+    (root / "cat" / "more too").symlink_to("more", target_is_directory=True)  # a second name, no loop
+    with caplog.at_level(logging.WARNING):
+        assert run_extract.main(["--data", str(root), "--prepare-only", "--no-progress"]) == 0
+    loops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("symlink loop: ")]
+    assert loops == [f"symlink loop: {root / 'cat' / 'again'} -> {(root / 'cat' / target).resolve()}, a folder that "
+                     "holds the link; not followed (its images are listed once)"], caplog.text
+    assert f"{root / 'cat' / 'more too'} links to {root / 'cat' / 'more'}, a folder already listed" in caplog.text
+    assert "free space" not in capsys.readouterr().err
+    dataset = index_dataset(root)
+    paths = sorted(dataset.splits["train"].paths + dataset.splits["val"].paths)
+    assert paths == sorted([*(f"{c}/img_{i:03d}.jpg" for c in CLASSES for i in range(4)),
+                            "cat/more/img_100.jpg", "cat/more/img_101.jpg"])
+
+
+def test_an_extremely_elongated_image_is_a_listed_skip_and_never_resized(tmp_path, capsys, monkeypatch):
+    """A 1x4000 strip was resized to 256 x 1,024,000 pixels (0.8 GB) to keep a 224 x 224 crop. Beyond 50:1 an
+    image is now a listed skip, the same in preparation and extraction; one at 50:1 is used as before."""
+    root = make_flat(tmp_path / "desk", per_class=4)
+    write_strip(root / "cat" / "strip.png", 1, 4000)
+    write_strip(root / "dog" / "column.jpg", 4000, 1)
+    write_strip(root / "mug" / "banner.png", 2, 100)  # 50:1: the most elongated image used
+    resized = []
+    real = Preprocess.resize_crop
+
+    def recording(self, images):
+        resized.extend(max(image.shape[-2:]) / min(image.shape[-2:]) for image in images)
+        return real(self, images)
+
+    monkeypatch.setattr(Preprocess, "resize_crop", recording)
+    summary_path = tmp_path / "prep.json"
+    assert run_extract.main(["--data", str(root), "--prepare-only", "--no-progress",
+                             "--summary-json", str(summary_path)]) == 0
+    prepared = {item["path"]: item["reason"] for item in json.loads(summary_path.read_text())["skipped"]}
+    assert set(prepared) == {"cat/strip.png", "dog/column.jpg"}
+    assert prepared["cat/strip.png"].startswith("4000x1 pixels (4000:1) is more elongated than the 50:1")
+    assert prepared["dog/column.jpg"].startswith("1x4000 pixels (4000:1)") and "crop it" in prepared["dog/column.jpg"]
+    out = tmp_path / "features"
+    assert run_extract.main(extract_args(root, out)) == 0
+    recorded, rows = {}, []
+    for split in ("train", "val"):
+        with h5py.File(out / f"{split}.h5", "r") as f:
+            recorded.update((item["path"], item["reason"]) for item in json.loads(f.attrs["skipped"]))
+            rows += [path.decode() for path in f["paths"][:]]
+    assert recorded == prepared and "mug/banner.png" in rows  # counted and listed, never silently gone
+    assert resized and max(resized) == 50  # the strips never reached the resize
+    line = prepare_error(capsys, root, "--strict")
+    assert "cat/strip.png: 4000x1 pixels (4000:1)" in line and "(2 bad images in all)" in line

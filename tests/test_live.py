@@ -300,6 +300,30 @@ def test_a_large_photo_is_classified_from_the_pixels_extraction_reads(trained, t
     assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
 
 
+def test_an_extremely_elongated_image_in_a_folder_is_skipped_by_every_runtime(trained, tmp_path, caplog):
+    """A 1x4000 strip is a listed skip in extraction; live, each runtime's decoder skips it with the same reason
+    (the torch runtime's run is shown; the OpenCV decoder of the torch-free runtimes says the same) and
+    classifies the rest."""
+    from pipeline.common.images import ImageDecodeError
+    from tests.imagefolders import write_strip
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    val = sorted(trained["cached"])[:2]
+    for path in val:
+        (folder / Path(path).name).write_bytes(Path(path).read_bytes())
+    strip = write_strip(folder / "strip.png", 1, 4000)
+    caplog.set_level("INFO")
+    lines = predictions(trained, folder, tmp_path / "preds.jsonl")
+    assert [line["source"] for line in lines] == sorted(str(folder / Path(path).name) for path in val)
+    with pytest.raises(ImageDecodeError) as torch_side:
+        read_rgb(strip)
+    assert f"skipping {strip}: {torch_side.value}" in caplog.text
+    with pytest.raises(sources.DecodeError) as opencv_side:
+        sources.opencv_decoder(min_side=144)(strip)
+    assert str(opencv_side.value) == str(torch_side.value) and "4000:1" in str(torch_side.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cameras (faked) and errors
 

@@ -108,7 +108,7 @@ class ExtractConfig:
                 raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
             self.layers = tuple(network_order(set(self.layers)))  # network order, once each
         else:  # checked against the model's graph when it is built (pipeline.common.backbones.catalog.plan_layers)
-            bad = [layer for layer in self.layers if "/" in layer or layer in ("features", "labels", "paths")]
+            bad = [layer for layer in self.layers if "/" in layer or not layer]  # the cache's own names: catalog
             if bad or not self.layers:
                 raise UserError(f"--layers {','.join(self.layers)}: use a comma list of the model's node names "
                                 f"(list them with: python -m pipeline.common.backbones.catalog {self.backbone})")

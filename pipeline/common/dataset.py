@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pipeline.common.errors import UserError
 from pipeline.common.holdout import VAL_FRACTION
-from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, TINY_IMAGENET, Dataset, Split,
-                                      examples, list_images, log_index, read_lines, shown, subfolders)
+from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, SPLITS, TINY_IMAGENET, Dataset,
+                                      Split, examples, list_images, log_index, read_lines, shown, subfolders)
 from pipeline.common.layouts import check_val_fraction, detect_layout, find_image_folder, index_image_folder
 
 __all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGENET", "Dataset", "Split",
@@ -27,7 +27,6 @@ __all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGE
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 TinyImageNet = Dataset  # the name the indexed dataset had when Tiny ImageNet was the only layout
 
 
@@ -149,7 +148,7 @@ def index_tiny_imagenet(root: Path) -> Dataset:
     for split_name, split in splits.items():
         if not split.paths:
             raise UserError(f"{root / split_name} holds no images")
-    log_index(ignored, splits)
+    log_index(ignored)
     return Dataset(root=root, wnids=wnids, names=names, full_names=full_names, splits=splits, ignored=ignored)
 
 

@@ -3,7 +3,8 @@
 Two kinds of failure, kept apart on purpose:
 
 - ``ImageDecodeError``: the bytes were read but are not a usable image (empty, truncated, not an image,
-  a format the decoder does not know). The file is skipped, counted and listed.
+  a format the decoder does not know, more elongated than preprocess.MAX_ASPECT_RATIO). The file is skipped,
+  counted and listed.
 - ``ImageReadError`` (an ``OSError``): the file could not be read at all (I/O error, permission denied,
   vanished file or drive). That says nothing about the image, so it is never a skip: callers stop with
   ``unreadable(path, err)``, and a rerun after the fault is fixed reads the file again.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,30 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.jpeg import jpeg_size, reduction
+# stack_or_list lives beside the resize it batches for; extraction imports it from here too
+from pipeline.common.preprocess import aspect_problem, stack_or_list  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
 class ImageDecodeError(Exception):
     """An image file that is empty, truncated or not an image; the message is the reason."""
+
+
+# torchvision's C++ checks prefix their message with the function and its build's source location:
+# "decode_jpeg, /__w/vision/.../decode_jpeg.cpp:171, Image is incomplete or truncated"
+SOURCE_LOCATION = re.compile(r"^\s*\w+,\s*\S+\.(?:c|cc|cpp|cxx|h|hpp):\d+,\s*|\s*\S+\.(?:c|cc|cpp|cxx|h|hpp):\d+,?")
+
+
+def decoder_words(err: BaseException) -> str:
+    """A decoder's message for a person: its last line, without a C++ function and source location."""
+    return SOURCE_LOCATION.sub("", first_line(err, last=True)).strip() or type(err).__name__
+
+
+def decode_error(reason: str) -> ImageDecodeError:
+    """The skip for content that does not decode: "truncated image (...)" or "cannot decode (...)"."""
+    truncated = "truncated" in reason.lower() or "premature" in reason.lower()
+    return ImageDecodeError(f"{'truncated image' if truncated else 'cannot decode'} ({reason})")
 
 
 class ImageReadError(OSError):
@@ -69,24 +89,29 @@ def decode_rgb(data: torch.Tensor, *, min_side: int | None = None) -> torch.Tens
 
     JPEG (also grayscale or CMYK), PNG (also 16-bit: scaled to 8 bits as torchvision's to_dtype does, by
     dropping the low byte), WebP and GIF (an animation gives its first frame). Anything else raises
-    ImageDecodeError with the reason. ``min_side``: a JPEG whose shorter side is at least twice this is
+    ImageDecodeError with the reason, and so does an image too elongated to preprocess (aspect_problem). ``min_side``: a JPEG whose shorter side is at least twice this is
     decoded at 1/2, 1/4 or 1/8 scale, the smallest whose shorter side is still >= ``min_side``.
     """
     if data.numel() == 0:
         raise ImageDecodeError("empty file")
     scale = reduction(jpeg_size(data.numpy()), min_side) if min_side else 1
-    if scale > 1:
-        return _decode_reduced(data, scale)
+    image = _decode_reduced(data, scale) if scale > 1 else _decode_full(data)
+    problem = aspect_problem(*image.shape[1:])  # a listed skip: the resize would not fit in memory
+    if problem:
+        raise ImageDecodeError(problem)
+    return image
+
+
+def _decode_full(data: torch.Tensor) -> torch.Tensor:
+    """torchvision's decode of the whole image, turned as its EXIF orientation says; 16-bit PNG to 8 bits."""
     try:
         image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:
-        reason = first_line(err, last=True)
-        if "truncated" in reason.lower() or "premature" in reason.lower():
-            raise ImageDecodeError(f"truncated image ({reason})") from None
+        reason = decoder_words(err)
         if "unsupported image file" in reason.lower():
             raise ImageDecodeError("cannot decode (not a format the decoder reads: JPEG, PNG, WebP, GIF; "
                                    "convert it to JPEG)") from None
-        raise ImageDecodeError(f"cannot decode ({reason})") from None
+        raise decode_error(reason) from None
     if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
         if image.shape[0] == 0:
             raise ImageDecodeError("animation with no frames")
@@ -122,23 +147,8 @@ def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
             rgb = image.convert("RGB")
             array = np.asarray(rgb.transpose(turn) if turn is not None else rgb)  # (H, W, 3)
     except (OSError, ValueError, SyntaxError) as err:  # PIL says "truncated", "broken data stream", ...
-        reason = first_line(err, last=True)
-        if "truncated" in reason.lower() or "premature" in reason.lower():
-            raise ImageDecodeError(f"truncated image ({reason})") from None
-        raise ImageDecodeError(f"cannot decode ({reason})") from None
+        raise decode_error(decoder_words(err)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last in memory, as decode_jpeg gives
-
-
-def stack_or_list(images: list[torch.Tensor], *, channels_last: bool = False) -> torch.Tensor | list[torch.Tensor]:
-    """(3, H, W) images -> one (B, 3, H, W) tensor when they share a size, else the list (resized one by one).
-
-    ``channels_last``: stacked as (B, H, W, 3) in memory (one copy), the layout the uint8 resize is fastest in.
-    """
-    if len({tuple(image.shape) for image in images}) != 1:
-        return list(images)
-    if channels_last:
-        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-    return torch.stack(images)
 
 
 def check_image(root: Path, rel: str, min_side: int | None = None) -> Skipped | None:

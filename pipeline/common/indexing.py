@@ -21,6 +21,7 @@ TINY_IMAGENET = "tiny-imagenet"  # wnids.txt, words.txt, train/<wnid>/images/, v
 IMAGEFOLDER_SPLITS = "imagefolder-splits"  # ROOT/train/<class>/*, ROOT/val/<class>/*
 IMAGEFOLDER = "imagefolder"  # ROOT/<class>/*: val held out by a hash of each path (--val-fraction)
 LAYOUTS = (TINY_IMAGENET, IMAGEFOLDER_SPLITS, IMAGEFOLDER)
+SPLITS = ("train", "val")  # the splits every layout gives, and the folders that hold them (ROOT/train/, ROOT/val/)
 MAX_EXAMPLES = 3  # how many offending names an error message quotes
 
 
@@ -150,10 +151,8 @@ def examples(items) -> str:
     return ", ".join(items[:MAX_EXAMPLES]) + more
 
 
-def log_index(ignored: list[str], splits: dict[str, Split]) -> None:
-    """The index's notes: ignored stray files (info), excluded images (a warning each)."""
+def log_index(ignored: list[str]) -> None:
+    """The index's note on ignored stray files (info). Excluded images are skips: the skip policy that every
+    command applies to them (images.enforce_skip_policy) lists each one, so the index does not."""
     if ignored:
         log.info("ignored %d files that are not images (first: %s)", len(ignored), examples(ignored))
-    for split in splits.values():
-        for item in split.excluded:
-            log.warning("skipping %s: %s", item["path"], item["reason"])

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 from pipeline.common.errors import UserError
 from pipeline.common.holdout import VAL_FRACTION, in_val
-from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, Dataset, Split, examples, is_image,
+from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, SPLITS, Dataset, Split, examples, is_image,
                                       is_unread_image, is_utf8, list_images, log_index, scan, shown, subfolders,
                                       suffix)
 
@@ -34,6 +35,22 @@ def check_val_fraction(fraction: float) -> None:
                         "class's images held out for val, such as 0.2")
 
 
+def class_name_problem(name: str, *, in_split: bool = False) -> str | None:
+    """Why a folder called ``name`` cannot be a class, or None: the one rule for class folder names, which the
+    layouts apply to the folders they find and ``--collect`` to a class before it makes the folder.
+
+    ``in_split``: the folder sits in ROOT/train/ or ROOT/val/, where a class may be called train or val."""
+    if name.startswith("."):
+        return "it starts with '.', and a hidden folder is not read as a class"
+    if is_image(name) or is_unread_image(name):
+        return "it is named like an image file, not like a class"
+    if not is_utf8(name):
+        return "it is not valid UTF-8, which the cache cannot record"
+    if name in SPLITS and not in_split:
+        return f"{name}/ beside class folders is read as a split folder, not a class (the dataset is then ambiguous)"
+    return None
+
+
 def detect_layout(root: Path) -> str:
     """IMAGEFOLDER_SPLITS or IMAGEFOLDER for the folder ``root`` (one without wnids.txt); else one line
     saying what was found and what is expected."""
@@ -44,7 +61,7 @@ def detect_layout(root: Path) -> str:
         raise UserError(f"{root} holds {found}; expected {EXPECTED}. Put each class's images in {root}/<class>/ "
                         "(the folder's name is the class name)")
     if "train" in folders or "val" in folders:
-        others = [f for f in folders if f not in ("train", "val", *UNUSED_FOLDERS)]
+        others = [f for f in folders if f not in (*SPLITS, *UNUSED_FOLDERS)]
         if "train" in folders and "val" in folders and not others:
             return IMAGEFOLDER_SPLITS
         found = ", ".join(f"{f}/" for f in folders[:6]) + (", ..." if len(folders) > 6 else "")
@@ -59,7 +76,7 @@ def find_image_folder(path: Path) -> tuple[Path, str]:
     unpacks to), checked as detect_layout checks it."""
     for _ in range(2):
         entries = [e for e in scan(path) if not e.name.startswith(".")]
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in ("train", "val"):
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in SPLITS:
             inner = path / entries[0].name
             if not any(e.is_file() and (is_image(e.name) or is_unread_image(e.name)) for e in scan(inner)):
                 path = inner  # a folder holding only the dataset's folder (not a single class's images)
@@ -101,21 +118,23 @@ def index_image_folder(root: Path, layout: str, val_fraction: float = VAL_FRACTI
                 raise UserError(f"--val-fraction {val_fraction} puts none of the {len(every)} images of {root} in "
                                 f"{name}; {'raise' if name == 'val' else 'lower'} it, or add images")
         _warn_missing(splits, classes, f"get no val image from --val-fraction {val_fraction}")
-    log_index(ignored, splits)
+    log_index(ignored)
     return Dataset(root=root, wnids=classes, names=list(classes), full_names=list(classes), splits=splits,
                    ignored=ignored, layout=layout)
 
 
 def class_folders(root: Path, rel: str) -> list[str]:
-    """The sorted class folder names in ``root/rel``; images or class-like files beside them are errors."""
+    """The sorted class folder names in ``root/rel``; images, class-like files or folders that cannot be a
+    class (class_name_problem) beside them are errors."""
     folder = root / rel if rel else root
-    names, stray_images, stray_files, folders_like_files = [], [], [], []
+    names, stray_images, stray_files, misnamed = [], [], [], []
     for entry in scan(folder):
         name = entry.name
         if name.startswith("."):
-            continue
+            continue  # hidden: .DS_Store, .git, ...
         if entry.is_dir():
-            (folders_like_files if is_image(name) or is_unread_image(name) else names).append(name)
+            problem = class_name_problem(name, in_split=bool(rel))
+            (misnamed if problem else names).append((name, problem) if problem else name)
         elif is_image(name) or is_unread_image(name):
             stray_images.append(name)
         elif not suffix(name):
@@ -126,13 +145,10 @@ def class_folders(root: Path, rel: str) -> list[str]:
     if stray_files:
         raise UserError(f"{folder / stray_files[0]} is a file, not a class folder ({len(stray_files)} such files); "
                         "a class is a folder of images: remove or rename it")
-    if folders_like_files:
-        raise UserError(f"{folder / folders_like_files[0]} is a folder named like an image file, not like a class "
-                        f"({len(folders_like_files)} such folders); rename it to the class's name")
-    bad = [name for name in names if not is_utf8(name)]
-    if bad:
-        raise UserError(f"class folder {shown(bad[0])!r} in {folder} has a name that is not valid UTF-8, which the "
-                        "cache cannot record; rename it")
+    if misnamed:
+        name, problem = misnamed[0]
+        raise UserError(f"{folder / shown(name)} cannot be a class folder: {problem} ({len(misnamed)} such "
+                        "folders); rename it to the class's name")
     if not names:
         raise UserError(f"{folder} has no class folders; expected {folder}/<class>/ holding each class's images")
     return names
@@ -161,13 +177,43 @@ def _index_classes(root: Path, parent: str, classes: list[str], label_of: dict[s
     return split
 
 
-def _walk(root: Path, rel: str, ignored: list[str], excluded: list[dict]) -> list[str]:
-    """Images in ``root/rel`` and its sub-folders (hidden ones aside), files of a folder before its sub-folders."""
+def _walk(root: Path, rel: str, ignored: list[str], excluded: list[dict], seen: dict | None = None) -> list[str]:
+    """Images in ``root/rel`` and its sub-folders (hidden ones aside), files of a folder before its sub-folders.
+
+    Symlinked folders are followed, and each real folder is listed once: ``seen`` maps the (device, inode) of
+    the folders listed so far to their path. A link back to one of them (to the class folder, or above it: a
+    symlink loop; or a second link to a folder already listed) is a log line and is not followed."""
+    if seen is None:
+        seen = {}
+    seen[_real_folder(root / rel)] = rel
     folders = tuple(subfolders(root / rel))
     images = list_images(root, rel, ignored, excluded, keep_folders=folders)
     for folder in folders:
-        images += _walk(root, f"{rel}/{folder}", ignored, excluded)
+        sub = f"{rel}/{folder}"
+        listed = seen.get(_real_folder(root / sub))
+        if listed is None and not _is_above(root / sub, root / rel):
+            images += _walk(root, sub, ignored, excluded, seen)
+        elif listed is None or sub.startswith(f"{listed}/"):  # its target holds the link: every pass finds it again
+            log.warning("symlink loop: %s -> %s, a folder that holds the link; not followed (its images are listed "
+                        "once)", root / sub, os.path.realpath(root / sub))
+        else:
+            log.warning("%s links to %s, a folder already listed; not followed (its images are listed once)",
+                        root / sub, root / listed)
     return images
+
+
+def _real_folder(path: Path) -> tuple[int, int]:
+    """(device, inode) of the folder ``path`` names, through any links."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); check the drive and permissions, then rerun") from None
+    return info.st_dev, info.st_ino
+
+
+def _is_above(link: Path, folder: Path) -> bool:
+    """Whether the folder ``link`` leads to holds ``folder`` (the dataset root, or any folder above a class)."""
+    return Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(link))
 
 
 def _warn_missing(splits: dict[str, Split], classes: list[str], why: str) -> None:

@@ -25,6 +25,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("crop", "resize")
 INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's ImageClassification presets use
+# the most elongated image used, longer side / shorter side: beyond it an image is a listed skip. The resize
+# takes the shorter side to resize_size before the crop, so a 1x4000 strip would become 256 x 1,024,000 pixels
+# (0.8 GB) to keep 224 x 224 of them. Photos and panoramas stay far below it (docs/imagefolder.md)
+MAX_ASPECT_RATIO = 50
+
+
+def aspect_problem(height: int, width: int) -> str | None:
+    """Why an image of this size is not used (longer than MAX_ASPECT_RATIO times its shorter side), or None.
+
+    The one rule, applied where images are decoded (extraction, preparation and every live runtime), so they
+    all skip the same files; ordinary images never meet it, so their pixels are as they always were."""
+    short, long = sorted((height, width))
+    if long <= MAX_ASPECT_RATIO * short:
+        return None
+    ratio = f"{long / short:.1f}".removesuffix(".0")
+    return (f"{width}x{height} pixels ({ratio}:1) is more elongated than the {MAX_ASPECT_RATIO}:1 an image may be: "
+            f"resized by its shorter side it would be {ratio} squares long, of which the centre crop keeps one; "
+            "crop it to use it")
 
 
 @dataclass(frozen=True)
@@ -70,8 +88,6 @@ class Preprocess:
         from torchvision.transforms.v2 import functional as F
 
         if isinstance(images, (list, tuple)):
-            from pipeline.common.images import stack_or_list
-
             # stacked straight into channels_last (decoded JPEGs are interleaved in memory already): one copy, not
             # a planar stack and then a second copy into the layout below (0.17 -> 0.10 core-ms per 64 px image)
             batch = stack_or_list(list(images), channels_last=True)
@@ -148,6 +164,20 @@ class Preprocess:
         if float_resize:
             return self.normalize(self.resize_crop_float(images), dtype)
         return self.normalize(self.resize_crop(images), dtype)
+
+
+def stack_or_list(images: list[torch.Tensor], *, channels_last: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    """(3, H, W) images -> one (B, 3, H, W) tensor when they share a size, else the list (resized one by one).
+
+    ``channels_last``: stacked as (B, H, W, 3) in memory (one copy), the layout the uint8 resize is fastest in.
+    """
+    import torch
+
+    if len({tuple(image.shape) for image in images}) != 1:
+        return list(images)
+    if channels_last:
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
 
 
 @functools.lru_cache(maxsize=None)

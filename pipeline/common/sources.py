@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.jpeg import draft_scale, jpeg_size
 from pipeline.common.names import IMAGE_SUFFIXES
+from pipeline.common.preprocess import aspect_problem
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ def opencv_decoder(min_side: int | None = None) -> Decoder:
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_COLOR[scale])
         if bgr is None:
             raise DecodeError("cannot decode (not an image OpenCV can read, or damaged)")
+        problem = aspect_problem(*bgr.shape[:2])  # skipped as extraction and the torch runtime skip it
+        if problem:
+            raise DecodeError(problem)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     return decode

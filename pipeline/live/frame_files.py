@@ -21,6 +21,8 @@ import numpy as np
 
 from pipeline.common.errors import UserError
 from pipeline.common.holdout import VAL_FRACTION, burst_of, frame_name, in_val, new_burst
+from pipeline.common.indexing import SPLITS
+from pipeline.common.layouts import class_name_problem
 from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -36,18 +38,21 @@ STEER_TRAIN_FROM = 0.5  # a burst steered to train is in train at any --val-frac
 
 
 def check_class_name(name: str) -> None:
-    """CLASS becomes a folder name: refuse one that is not a plain, visible, single folder name."""
+    """CLASS becomes a folder name: refuse one that is not a plain, single folder name, or that the dataset's
+    layouts would refuse as a class (layouts.class_name_problem: train, val, pen.jpg, .hidden)."""
     shown = repr(name)
     if not name.strip():
         raise UserError("--collect needs a class name (it becomes the folder DIR/<class>/), got an empty one")
     if "/" in name or "\\" in name or name in (".", ".."):
         raise UserError(f"--collect {shown} is not a folder name: use one name without '/' or '\\' (e.g. mug)")
-    if name.startswith("."):
-        raise UserError(f"--collect {shown} starts with '.': a hidden folder is not read as a class; drop the dot")
     if name != name.strip() or any(ord(c) < 32 or c == "\x7f" for c in name):
         raise UserError(f"--collect {shown} has spaces at its ends or control characters; use a plain name")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         raise UserError(f"--collect {shown[:40]}... is too long for a folder name; use a shorter one")
+    problem = class_name_problem(name)
+    if problem:
+        raise UserError(f"--collect {shown} cannot be a class of the image folder: {problem}; pick another class "
+                        "name (nothing was written)")
 
 
 def _visible(folder: Path) -> list[os.DirEntry]:
@@ -75,7 +80,7 @@ def check_into(into: Path, name: str) -> Path:
             more = f" (and {len(files) - 1} more files)" if len(files) > 1 else ""
             raise _not_image_folder(into, f"the file {files[0].name}{more} beside its class folders")
         names = {e.name for e in entries}
-        if {"train", "val"} <= names:
+        if set(SPLITS) <= names:
             raise UserError(f"--into {into} has train/ and val/ splits; collect into {into / 'train'} "
                             "(its val images then come from val/ only)")
         for entry in entries:

@@ -20,10 +20,9 @@ from models.backbones import LayerClassifier
 from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
 from pipeline.common.checkpoint import checkpoint_backbone, checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
-from pipeline.common.images import stack_or_list
 from pipeline.common.jpeg import decode_floor
 from pipeline.common.backbones.precision import AUTO
-from pipeline.common.preprocess import Preprocess
+from pipeline.common.preprocess import Preprocess, stack_or_list
 from pipeline.common.sources import torch_decoder
 from pipeline.live.checks import frame_bytes
 from pipeline.live.classifier import ClassInfo

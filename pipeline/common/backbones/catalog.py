@@ -21,6 +21,7 @@ import torch
 import torchvision
 from torchvision import models as tv_models
 
+from features.attrs import NOT_LAYERS
 from models import weights_fingerprint
 from models.backbones import LayerFeatures, graph_node_names, node_extractor, penultimate_node, reduce_to_vector, reduction_for
 from pipeline.common.errors import UserError, first_line
@@ -202,19 +203,41 @@ def layer_names(model: torch.nn.Module, name: str) -> list[str]:
     ``create_feature_extractor``)."""
     aliases = ([*ALEXNET_LAYERS] if name == DEFAULT_BACKBONE else []) + [PENULTIMATE]
     nodes = graph_node_names(model)
-    last = {}  # module path -> index of its last node
-    for index, node in enumerate(nodes):
-        parts = node.split(".")
-        for depth in range(1, len(parts)):
-            last[".".join(parts[:depth])] = index
     after: dict[int, list[str]] = {}
-    for prefix, index in last.items():
+    for prefix, index in _module_ends(nodes).items():
         if prefix not in nodes:
             after.setdefault(index, []).append(prefix)
     ordered = []
     for index, node in enumerate(nodes):
         ordered += [node, *sorted(after.get(index, []), key=len, reverse=True)]  # deepest path first
     return aliases + ordered
+
+
+def _module_ends(nodes: list[str]) -> dict[str, int]:
+    """Each module path of the graph's nodes ('layer4', 'features') -> the index of its last node in ``nodes``."""
+    last = {}
+    for index, node in enumerate(nodes):
+        parts = node.split(".")
+        for depth in range(1, len(parts)):
+            last[".".join(parts[:depth])] = index
+    return last
+
+
+def _refuse_reserved(model: torch.nn.Module, name: str, layer: str) -> None:
+    """A layer becomes a dataset of the cache named after it: the cache's own names (``features``, its link to
+    the main layer; ``labels``, ``paths``, ...: features.attrs.NOT_LAYERS) are refused, naming the graph node
+    that gives the same output where there is one (the last node of a module path such as ``features``)."""
+    if layer not in NOT_LAYERS:
+        return
+    nodes = graph_node_names(model)
+    ends = _module_ends(nodes)
+    role = "its link to the main layer" if layer == "features" else f"its {layer} dataset"
+    if layer in ends and layer not in nodes:
+        node = nodes[ends[layer]]
+        raise UserError(f"--layers {layer}: the cache reserves the name {layer!r} for {role}; pass --layers {node} "
+                        f"instead, the last node of {name}'s {layer} module (the same output)")
+    raise UserError(f"--layers {layer}: the cache reserves the name {layer!r} for {role}; pass another node (list "
+                    f"them with: {LIST_BACKBONES} {name})")
 
 
 @dataclass(frozen=True)
@@ -240,6 +263,7 @@ def _node_of(model: torch.nn.Module, name: str, layer: str) -> tuple[str, str | 
             raise UserError(f"{name} has no single nn.Linear classifier, so no penultimate layer; "
                             f"pass --layers with a node name (list them with: {LIST_BACKBONES} {name})")
         return node, None
+    _refuse_reserved(model, name, layer)
     names = layer_names(model, name)  # tracing the graph costs seconds: only for node names
     if layer in names:
         return layer, None
