@@ -66,6 +66,17 @@ def h5_datasets(f) -> dict:
     return content
 
 
+def update_counts(caplog) -> dict[str, tuple[int, int, int]]:
+    """{split: (reused, extracted, dropped)} from an incremental update's log lines."""
+    counts = {}
+    for record in caplog.records:
+        message = record.getMessage()
+        if "the dataset changed since" in message:
+            numbers = message.split(": reused ")[1].replace("extracted ", "").replace("dropped ", "").split(", ")
+            counts[message.split(":")[0]] = tuple(int(n) for n in numbers)
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------
 # The one-line errors
 

@@ -19,7 +19,7 @@ from features import cache
 from pipeline.common.errors import UserError
 from pipeline.data.synthetic import class_image, make_tiny_imagenet
 from pipeline.extract.incremental import plan_reuse
-from tests.helpers import extract_args, file_hash, h5_datasets, one_error_line
+from tests.helpers import extract_args, file_hash, h5_datasets, one_error_line, update_counts
 
 SPLITS = ("train", "val")
 NEW_WNID = "n02100000"  # sorts between the second and the third class: every later label moves up by one
@@ -93,13 +93,7 @@ def update(copy: dict, caplog, *extra: str) -> dict[str, tuple[int, int, int]]:
     caplog.clear()
     caplog.set_level(logging.INFO)
     assert run(copy["data"], copy["out"], *extra) == 0
-    counts = {}
-    for record in caplog.records:
-        message = record.getMessage()
-        if "the dataset changed since" in message:
-            numbers = message.split(": reused ")[1].replace("extracted ", "").replace("dropped ", "").split(", ")
-            counts[message.split(":")[0]] = tuple(int(n) for n in numbers)
-    return counts
+    return update_counts(caplog)
 
 
 def within_one_bf16_ulp(got: np.ndarray, want: np.ndarray) -> bool:

@@ -22,7 +22,7 @@ from PIL import Image
 
 import run_extract
 from pipeline.data.synthetic import class_image
-from tests.helpers import extract_args, h5_datasets, one_error_line, tree_bytes
+from tests.helpers import extract_args, h5_datasets, one_error_line, tree_bytes, update_counts
 from tests.imagefolders import CLASSES, make_splits, write_class
 
 T = 1_700_000_000_000_000_000  # one mtime (ns) for every image: sizes and mtimes alone cannot tell them apart
@@ -43,17 +43,6 @@ def stored_png(path: Path, label: int, index: int) -> None:
 def rows(out: Path, split: str = "train") -> dict[str, np.ndarray]:
     with h5py.File(out / f"{split}.h5", "r") as f:
         return dict(zip(f["paths"].asstr()[:], f["fc7"][:]))
-
-
-def counts(caplog) -> dict[str, tuple[int, int, int]]:
-    """{split: (reused, extracted, dropped)} from an update's log."""
-    found = {}
-    for record in caplog.records:
-        message = record.getMessage()
-        if "the dataset changed since" in message:
-            numbers = message.split(": reused ")[1].replace("extracted ", "").replace("dropped ", "").split(", ")
-            found[message.split(":")[0]] = tuple(int(n) for n in numbers)
-    return found
 
 
 @pytest.fixture
@@ -86,7 +75,7 @@ def test_two_images_of_one_size_and_mtime_that_swap_names_are_extracted_again(pn
     os.rename(a, swap), os.rename(b, a), os.rename(swap, b)
     caplog.set_level(logging.INFO)
     assert run(data, pngs["out"]) == 0
-    assert counts(caplog) == {"train": (10, 2, 2)}  # val is untouched: up to date
+    assert update_counts(caplog) == {"train": (10, 2, 2)}  # val is untouched: up to date
     new = rows(pngs["out"])
     np.testing.assert_allclose(new["train/cat/img_0.png"], pngs["old"]["train/dog/img_0.png"], rtol=1e-4, atol=1e-5)
     assert_rows_are_their_images(pngs, tmp_path)
@@ -100,7 +89,7 @@ def test_an_edit_at_the_same_size_with_the_mtime_put_back_is_extracted_again(png
     assert edited.stat().st_size == size and edited.stat().st_mtime_ns == T
     caplog.set_level(logging.INFO)
     assert run(pngs["data"], pngs["out"]) == 0
-    assert counts(caplog) == {"train": (11, 1, 1)}
+    assert update_counts(caplog) == {"train": (11, 1, 1)}
     assert not np.array_equal(rows(pngs["out"])["train/mug/img_2.png"], pngs["old"]["train/mug/img_2.png"])
     assert_rows_are_their_images(pngs, tmp_path)
 
@@ -118,7 +107,7 @@ def test_a_dataset_moved_or_copied_keeps_every_row_without_the_backbone(pngs, tm
     caplog.set_level(logging.INFO)
     assert run(moved, pngs["out"]) == 0
     if how == "copied":  # new inodes: each image is read once and its digest compared with its row's
-        assert counts(caplog) == {"train": (12, 0, 0), "val": (6, 0, 0)}
+        assert update_counts(caplog) == {"train": (12, 0, 0), "val": (6, 0, 0)}
         assert "extracted none" in caplog.text and "interrupted" not in caplog.text
     new = rows(pngs["out"])
     assert all(np.array_equal(new[path], row) for path, row in pngs["old"].items())
@@ -178,7 +167,7 @@ def test_an_update_keeping_half_the_rows_is_still_an_update(desk, caplog):
     write_class(desk["data"] / "train" / "cat", 0, 2, start=50)
     caplog.set_level(logging.INFO)
     assert run(desk["data"], desk["out"]) == 0
-    assert counts(caplog) == {"train": (6, 2, 6)}
+    assert update_counts(caplog) == {"train": (6, 2, 6)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +190,7 @@ def test_an_updated_zip_extracts_only_its_new_images(tmp_path, caplog, monkeypat
     caplog.set_level(logging.INFO)
     assert run(zip_path, out) == 0
     assert "unpacking" in caplog.text  # a fresh unpack: every file has a new mtime, inode and ctime
-    assert counts(caplog) == {"train": (12, 1, 0), "val": (6, 0, 0)}
+    assert update_counts(caplog) == {"train": (12, 1, 0), "val": (6, 0, 0)}
     new = rows(out)
     assert all(np.array_equal(new[path], row) for path, row in old.items())
 
