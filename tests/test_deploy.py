@@ -23,19 +23,13 @@ import run_webcam
 from pipeline.common.names import ONNX_FORMAT, VERSION
 from pipeline.live.torch_classifier import load_classifier
 from tests.conftest import CPU, one_error_line
+from tests.helpers import torch_free_env
 
 pytest.importorskip("onnx", reason="the deploy extra is not installed: pip install -r requirements-deploy.txt")
 pytest.importorskip("onnxscript", reason="the deploy extra is not installed: pip install -r requirements-deploy.txt")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPAT = ROOT / "tests" / "data" / "compat" / "best.pt"  # 3 classes, random backbone, 64 px inputs
-BLOCKER = '''import sys
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "h5py"):
-            raise ImportError(f"{name} is blocked: this run must not need it")
-sys.meta_path.insert(0, Blocker())
-'''
 
 
 @pytest.fixture(scope="module")
@@ -163,23 +157,12 @@ def test_a_graph_opencv_cannot_read_names_the_runtime_that_can(exported, tmp_pat
     assert "--runtime onnxruntime" in one_error_line(capsys)
 
 
-def _torch_free_env(tmp_path: Path) -> dict:
-    blocker = tmp_path / "blocker"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(ROOT)])
-    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
-    return env
-
-
 def test_runtime_opencv_runs_with_torch_torchvision_and_h5py_unimportable(exported, tmp_path):
     video = _video(tmp_path / "clip.mp4")
     preds = tmp_path / "preds.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "run_webcam.py"), "--onnx", str(exported), "--runtime", "opencv",
                           "--source", str(video), "--no-display", "--predictions", str(preds)],
-                         env=_torch_free_env(tmp_path), capture_output=True, text=True, timeout=300)
+                         env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     assert len(preds.read_text().splitlines()) == 6
@@ -193,7 +176,7 @@ def test_the_docs_example_classifies_with_opencv_and_numpy_only(exported, tmp_pa
     image = tmp_path / "photo.jpg"
     smooth = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 256, (240, 320, 3), dtype=np.uint8), (0, 0), 8)
     cv2.imwrite(str(image), smooth)
-    run = subprocess.run([sys.executable, str(script), str(exported), str(image)], env=_torch_free_env(tmp_path),
+    run = subprocess.run([sys.executable, str(script), str(exported), str(image)], env=torch_free_env(tmp_path),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines()]
