@@ -41,7 +41,8 @@ def _broken_torch_env(tmp_path: Path) -> dict:
 @pytest.mark.parametrize("torch_state", ["absent", "broken"])
 @pytest.mark.parametrize("command", ["webcam", "webcam-checkpoint", "webcam-export", "extract", "train-head"])
 def test_each_command_without_torch_is_one_line(tiny_dataset, tmp_path, command, torch_state):
-    env = torch_free_env(tmp_path, blocked=("torch", "torchvision")) if torch_state == "absent" else _broken_torch_env(tmp_path)
+    absent = torch_state == "absent"
+    env = torch_free_env(tmp_path, blocked=("torch", "torchvision")) if absent else _broken_torch_env(tmp_path)
     script, *args = _commands(tiny_dataset)[command]
     run = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -49,5 +50,5 @@ def test_each_command_without_torch_is_one_line(tiny_dataset, tmp_path, command,
     assert run.returncode == 2, run.stderr
     assert line.startswith("error: torch cannot be imported (")
     assert "pip install -r requirements.txt" in line and "--onnx" in line
-    assert ("No module named 'torch'" if torch_state == "absent" else "libtorch_cpu.so") in line
+    assert ("No module named 'torch'" if absent else "libtorch_cpu.so") in line
     assert not (tmp_path / "classifier.onnx").exists() and not (tmp_path / "classifier.json").exists()
