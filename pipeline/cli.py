@@ -10,7 +10,10 @@ from typing import Callable
 
 from features.errors import (CacheBusy, CacheDamaged, CacheError, CacheIncomplete, CacheMissing, CacheUnwritable,
                              LayerMissing)
-from pipeline.common.errors import UserError
+from pipeline.common.errors import UserError, first_line
+
+# what requirements.txt installs that the torch-free set-up (opencv-python, numpy, onnxruntime) lacks
+REQUIREMENTS = ("torch", "torchvision", "h5py")
 
 # what to do about each kind of cache problem (the most specific class first)
 CACHE_ADVICE: tuple[tuple[type, str], ...] = (
@@ -32,6 +35,20 @@ def cache_advice(err: CacheError) -> str:
     return str(err)
 
 
+def missing_requirement(err: ImportError | OSError) -> str | None:
+    """The requirements.txt package an import failed on (torch absent, or failing while it is imported), or None."""
+    root = (getattr(err, "name", None) or "").split(".")[0]
+    if root in REQUIREMENTS:
+        return root
+    tb = err.__traceback__
+    while tb is not None:  # raised by the package's own import (a missing shared library, a broken install)
+        module = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
+        if module in REQUIREMENTS and tb.tb_frame.f_code.co_name == "<module>":
+            return module
+        tb = tb.tb_next
+    return None
+
+
 def run_main(body: Callable[[], int | None]) -> int:
     """Run an entry point: a UserError becomes one 'error: ...' line on stderr and exit code 2."""
     if not logging.getLogger().handlers:
@@ -44,8 +61,16 @@ def run_main(body: Callable[[], int | None]) -> int:
     except CacheError as err:
         print(f"error: {cache_advice(err)}", file=sys.stderr)
         return 2
-    except OSError as err:  # an unwritable --out, a full disk, a vanished file: the file system, not a bug
-        where = f"{err.filename}: " if err.filename else ""
+    except (ImportError, OSError) as err:
+        package = missing_requirement(err)  # torch absent or broken (a missing shared library is an OSError)
+        if package is not None:
+            print(f"error: {package} cannot be imported ({first_line(err)}); pip install -r requirements.txt, or run "
+                  "an exported graph without it: run_webcam.py --onnx FILE.onnx (--runtime opencv or onnxruntime)",
+                  file=sys.stderr)
+            return 2
+        if isinstance(err, ImportError):  # not a requirement: a bug, with its traceback
+            raise
+        where = f"{err.filename}: " if err.filename else ""  # an unwritable --out, a full disk, a vanished file
         print(f"error: {where}{err.strerror or err}; check the path, its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from pipeline.data.synthetic import make_tiny_imagenet
 from tests.helpers import (CPU_ARGS, FAST_EXTRACT_ARGS, error_line, extract_args,  # noqa: F401 (re-exported)
                            extract_into, one_error_line)
 
+COMPAT = Path(__file__).resolve().parent / "data" / "compat" / "best.pt"  # 3 classes, random backbone, 64 px inputs
 CPU = CPU_ARGS  # re-exported names: argv for the CPU, and the fast extraction arguments
 FAST = FAST_EXTRACT_ARGS
 
@@ -71,6 +72,19 @@ def tiny_head(tiny_cache, tmp_path_factory) -> Path:
     assert run_train_head.main([*CPU_ARGS, "--features", str(tiny_cache), "--out", str(out), "--epochs", "2",
                                 "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """tests/data/compat/best.pt exported as ``classifier.onnx`` and its sidecar ``classifier.json`` (read-only: link
+    or copy them to change them). Skipped where the deploy extra (requirements-deploy.txt) is not installed."""
+    for package in ("onnx", "onnxscript"):
+        pytest.importorskip(package, reason="the deploy extra is not installed: pip install -r requirements-deploy.txt")
+    import run_webcam
+
+    onnx_path = tmp_path_factory.mktemp("deploy") / "classifier.onnx"
+    assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(COMPAT), "--export", str(onnx_path)]) == 0
+    return onnx_path
 
 
 _RANDOM_ALEXNETS: dict[str, tuple] = {}

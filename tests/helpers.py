@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -133,6 +136,32 @@ def read_csv(path: Path) -> list[dict]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses without torch: the deploy set-up (opencv-python, numpy, onnxruntime)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_MISSING = ("torch", "torchvision", "h5py")  # what requirements.txt adds to the deploy set-up
+BLOCKER = """import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):  # as Python says of a package that is not installed
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def torch_free_env(tmp_path: Path, blocked: tuple[str, ...] = DEPLOY_MISSING) -> dict:
+    """The environment of a subprocess in which importing ``blocked`` fails as if it were not installed."""
+    folder = tmp_path / "blocker"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=tuple(blocked)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT)])
+    check = subprocess.run([sys.executable, "-c", f"import {blocked[0]}"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and f"No module named '{blocked[0]}'" in check.stderr  # the blocker works
+    return env
 
 
 # ---------------------------------------------------------------------------------------------

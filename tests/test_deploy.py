@@ -22,28 +22,13 @@ import torch
 import run_webcam
 from pipeline.common.names import ONNX_FORMAT, VERSION
 from pipeline.live.torch_classifier import load_classifier
-from tests.conftest import CPU, one_error_line
+from tests.conftest import COMPAT, CPU, one_error_line
+from tests.helpers import torch_free_env
 
 pytest.importorskip("onnx", reason="the deploy extra is not installed: pip install -r requirements-deploy.txt")
 pytest.importorskip("onnxscript", reason="the deploy extra is not installed: pip install -r requirements-deploy.txt")
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPAT = ROOT / "tests" / "data" / "compat" / "best.pt"  # 3 classes, random backbone, 64 px inputs
-BLOCKER = '''import sys
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "h5py"):
-            raise ImportError(f"{name} is blocked: this run must not need it")
-sys.meta_path.insert(0, Blocker())
-'''
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("deploy")
-    onnx_path = folder / "classifier.onnx"
-    assert run_webcam.main([*CPU, "--checkpoint", str(COMPAT), "--export", str(onnx_path)]) == 0
-    return onnx_path
 
 
 def _frames(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -151,27 +136,43 @@ def test_a_sidecar_whose_classes_disagree_with_the_graph_is_refused(exported, tm
     assert "another head's" in one_error_line(capsys)
 
 
-def test_a_graph_opencv_cannot_read_names_the_runtime_that_can(exported, tmp_path, capsys):
-    folder = tmp_path / "broken"
+def _graph_beside(exported: Path, folder: Path, graph: bytes) -> Path:
+    """``graph`` as folder/classifier.onnx, with the exported sidecar re-stamped with its sha256."""
     folder.mkdir()
     onnx_path = folder / "classifier.onnx"
-    onnx_path.write_bytes(b"\x08\x07" + b"not a graph OpenCV can parse" * 10)
+    onnx_path.write_bytes(graph)
     meta = json.loads(exported.with_suffix(".json").read_text())
-    meta["onnx_sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    meta["onnx_sha256"] = hashlib.sha256(graph).hexdigest()
     onnx_path.with_suffix(".json").write_text(json.dumps(meta))
-    assert run_webcam.main(["--onnx", str(onnx_path), "--runtime", "opencv", "--no-display"]) == 2
+    return onnx_path
+
+
+def test_a_graph_opencv_cannot_run_names_the_runtime_that_can(exported, tmp_path, capsys):
+    """A valid graph, carrying the classifier's facts, with an operator OpenCV's DNN module does not have."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.live.sidecar import graph_metadata
+
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])]
+    node = helper.make_node("NoSuchOp", ["input"], ["probabilities"], domain="com.example")
+    model = helper.make_model(helper.make_graph([node], "g", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    helper.set_model_props(model, graph_metadata(meta))
+    onnx_path = _graph_beside(exported, tmp_path / "unknown-op", model.SerializeToString())
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), _frames(1)[0])
+    args = ["--onnx", str(onnx_path), "--runtime", "opencv", "--no-display", "--source", str(image)]
+    assert run_webcam.main(args) == 2
     assert "--runtime onnxruntime" in one_error_line(capsys)
 
 
-def _torch_free_env(tmp_path: Path) -> dict:
-    blocker = tmp_path / "blocker"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(ROOT)])
-    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker works
-    return env
+def test_a_file_that_is_not_an_onnx_graph_is_one_line(exported, tmp_path, capsys):
+    onnx_path = _graph_beside(exported, tmp_path / "broken", b"\x08\x07" + b"not a graph at all" * 10)
+    assert run_webcam.main(["--onnx", str(onnx_path), "--runtime", "opencv", "--no-display"]) == 2
+    assert "is not a readable ONNX graph" in one_error_line(capsys)
 
 
 def test_runtime_opencv_runs_with_torch_torchvision_and_h5py_unimportable(exported, tmp_path):
@@ -179,7 +180,7 @@ def test_runtime_opencv_runs_with_torch_torchvision_and_h5py_unimportable(export
     preds = tmp_path / "preds.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "run_webcam.py"), "--onnx", str(exported), "--runtime", "opencv",
                           "--source", str(video), "--no-display", "--predictions", str(preds)],
-                         env=_torch_free_env(tmp_path), capture_output=True, text=True, timeout=300)
+                         env=torch_free_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     assert len(preds.read_text().splitlines()) == 6
@@ -193,7 +194,7 @@ def test_the_docs_example_classifies_with_opencv_and_numpy_only(exported, tmp_pa
     image = tmp_path / "photo.jpg"
     smooth = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 256, (240, 320, 3), dtype=np.uint8), (0, 0), 8)
     cv2.imwrite(str(image), smooth)
-    run = subprocess.run([sys.executable, str(script), str(exported), str(image)], env=_torch_free_env(tmp_path),
+    run = subprocess.run([sys.executable, str(script), str(exported), str(image)], env=torch_free_env(tmp_path),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines()]

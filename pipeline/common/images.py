@@ -16,19 +16,17 @@ to a size still at least twice what the preprocessing resizes to (``min_side``),
 """
 from __future__ import annotations
 
-import io
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.jpeg import jpeg_size, reduction
+from pipeline.common.jpeg import decode_with_pillow, jpeg_size, reduction
 # stack_or_list lives beside the resize it batches for; extraction imports it from here too
 from pipeline.common.preprocess import aspect_problem, stack_or_list  # noqa: F401
 
@@ -130,22 +128,10 @@ def read_rgb(path: str | Path, *, min_side: int | None = None) -> torch.Tensor:
     return decode_rgb(read_bytes(path), min_side=min_side)
 
 
-EXIF_ORIENTATION = 0x0112  # the EXIF tag; its value -> the PIL transpose that undoes it (as ImageOps.exif_transpose)
-EXIF_TURNS = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2,
-# ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6 (Image.Transpose values)
 def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
     """A JPEG decoded at 1/``scale`` by libjpeg (PIL's draft), turned as its EXIF orientation says."""
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            width, height = image.size
-            # PIL takes the largest scale fitting both sides into this: where ``scale`` does not divide a side, the
-            # next smaller one (jpeg.draft_scale, which the OpenCV runtimes follow)
-            image.draft("RGB", (-(-width // scale), -(-height // scale)))
-            turn = EXIF_TURNS.get(image.getexif().get(EXIF_ORIENTATION, 1))
-            rgb = image.convert("RGB")
-            array = np.asarray(rgb.transpose(turn) if turn is not None else rgb)  # (H, W, 3)
+        array = decode_with_pillow(data.numpy().tobytes(), scale)  # (H, W, 3)
     except (OSError, ValueError, SyntaxError) as err:  # PIL says "truncated", "broken data stream", ...
         raise decode_error(decoder_words(err)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last in memory, as decode_jpeg gives

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.jpeg import draft_scale, jpeg_size
+from pipeline.common.jpeg import decode_with_pillow, draft_scale, jpeg_frame, reduction
 from pipeline.common.names import IMAGE_SUFFIXES
 from pipeline.common.preprocess import aspect_problem
 
@@ -58,13 +58,18 @@ def opencv_decoder(min_side: int | None = None) -> Decoder:
 
     ``min_side``: a large JPEG is decoded reduced, at the scale extraction's decode takes for the same floor
     (jpeg.draft_scale, jpeg.decode_floor). libjpeg does the scaling for OpenCV's ``IMREAD_REDUCED_*`` as it does
-    for PIL's ``draft``, so the runtime sees the pixels the cached row was made from, not a full decode's."""
+    for PIL's ``draft``, so the runtime sees the pixels the cached row was made from, not a full decode's.
+    A CMYK JPEG is decoded by Pillow (decode_cmyk), whose colour conversion is torchvision's."""
     def decode(path: Path) -> np.ndarray:
         with open(path, "rb") as f:  # an OSError here is a read failure, not a bad image
             data = f.read()
         if not data:
             raise DecodeError("empty file")
-        scale = draft_scale(jpeg_size(data), min_side) if min_side else 1
+        frame = jpeg_frame(data)
+        size = None if frame is None else (frame.width, frame.height)
+        if frame is not None and frame.components == 4:
+            return decode_cmyk(data, reduction(size, min_side) if min_side else 1)
+        scale = draft_scale(size, min_side) if min_side else 1
         with quiet_opencv():
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_COLOR[scale])
         if bgr is None:
@@ -75,6 +80,18 @@ def opencv_decoder(min_side: int | None = None) -> Decoder:
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     return decode
+
+
+def decode_cmyk(data: bytes, scale: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a CMYK JPEG, decoded as extraction decodes it (Pillow; reduced as its ``draft`` is
+    asked for 1/``scale``): OpenCV's own CMYK -> RGB is a level off on almost every pixel."""
+    try:
+        return decode_with_pillow(data, scale)
+    except ImportError:
+        raise DecodeError("a CMYK JPEG, which only Pillow decodes as extraction did (OpenCV's colours differ); pip "
+                          "install Pillow (it is in requirements-deploy.txt), or convert the image to RGB") from None
+    except (OSError, ValueError, SyntaxError) as err:  # Pillow says "truncated", "broken data stream", ...
+        raise DecodeError(f"cannot decode ({first_line(err, last=True)})") from None
 
 
 decode_with_opencv = opencv_decoder()  # full size: what --collect saves, and frames from files by default

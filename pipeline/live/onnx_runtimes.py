@@ -1,15 +1,13 @@
 """The torch-free runtimes of the live classifier: an exported graph on ONNX Runtime or OpenCV's DNN module.
 
-Both read ``classifier.onnx`` and its sidecar ``classifier.json`` (pipeline.live.export), preprocess frames
-with the numpy port of the recorded preprocessing (pipeline.live.numpy_preprocess) and decode image files
-with OpenCV (a large JPEG reduced as extraction decoded it). Nothing here imports torch: ``--runtime opencv``
-needs only opencv-python and numpy.
+Both read ``classifier.onnx`` and its sidecar ``classifier.json``, checked against each other (pipeline.live.sidecar),
+preprocess frames with the numpy port of the recorded preprocessing (pipeline.live.numpy_preprocess) and decode
+image files with OpenCV (a large JPEG reduced as extraction decoded it). Nothing here imports torch:
+``--runtime opencv`` needs only opencv-python and numpy.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -19,77 +17,20 @@ import numpy as np
 
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.jpeg import decode_floor
-from pipeline.common.names import ONNX_FORMAT
 from pipeline.common.preprocess import Preprocess
 from pipeline.common.sources import opencv_decoder, quiet_opencv
-from pipeline.live.checks import check_memory, frame_bytes
+from pipeline.live.checks import frame_bytes
 from pipeline.live.classifier import ClassInfo
-from pipeline.live.numpy_preprocess import TAPS, preprocess_frames
+from pipeline.live.numpy_preprocess import preprocess_frames
+from pipeline.live.sidecar import EXPORT, read_export, sidecar_path
 
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install -r requirements-deploy.txt"
-EXPORT = "export it again with run_webcam.py --checkpoint best.pt --export classifier.onnx"
-SIDECAR_KEYS = {"format": str, "version": str, "onnx_sha256": str, "input": str, "output": str, "num_classes": int,
-                "class_wnids": list, "class_names": list, "preprocess": dict, "weights_spec": str}
 
 
 def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (the exported graph is hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_sidecar(onnx_path: Path) -> dict:
-    """The sidecar beside ``onnx_path``, checked field by field and against the graph's sha256."""
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise UserError(f"no exported graph at {onnx_path}; {EXPORT}")
-    path = onnx_path.with_suffix(".json")
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{onnx_path} has no sidecar {path} (its classes and preprocessing); {EXPORT}") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable sidecar ({first_line(err)}); {EXPORT}") from None
-    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
-        raise UserError(f"{path} is not the sidecar of an exported classifier (format {ONNX_FORMAT}); {EXPORT}")
-    for key, kind in SIDECAR_KEYS.items():
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UserError(f"{path}: {key} is {meta.get(key)!r}, expected a {kind.__name__}; {EXPORT}")
-    classes = meta["num_classes"]
-    if (classes < 1 or len(meta["class_wnids"]) != classes or len(meta["class_names"]) != classes
-            or not all(isinstance(name, str) for name in meta["class_wnids"] + meta["class_names"])):
-        raise UserError(f"{path}: its {classes} classes and its class lists do not agree; {EXPORT}")
-    if file_sha256(onnx_path) != meta["onnx_sha256"]:
-        raise UserError(f"{path} describes another graph than {onnx_path} (its sha256 differs): the classes and "
-                        f"preprocessing would be another head's; {EXPORT}")
-    return meta
-
-
-def sidecar_preprocess(meta: dict, path: Path) -> Preprocess:
-    """The sidecar's preprocessing, checked: an RGB, NCHW float32 input of a sane size."""
-    d = meta["preprocess"]
-    try:
-        preprocess = Preprocess.from_dict(d)
-        ok = (d.get("channel_order", "RGB") == "RGB" and len(preprocess.mean) == 3 and len(preprocess.std) == 3
-              and all(float(v) > 0 for v in preprocess.std) and 0 < preprocess.image_size <= 4096)
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: unusable preprocessing ({first_line(err)}); {EXPORT}") from None
-    if not ok:
-        raise UserError(f"{path}: unusable preprocessing {d!r}; {EXPORT}")
-    if preprocess.interpolation not in TAPS:  # what the numpy port (pipeline.live.numpy_preprocess) resizes
-        raise UserError(f"{path}: {preprocess.interpolation} resizing is not ported to the torch-free runtimes yet; "
-                        "run this head with --checkpoint on torch")
-    check_memory(preprocess, str(path))
-    return preprocess
 
 
 class OnnxClassifier:
@@ -170,8 +111,7 @@ def onnx_classifier(onnx_path: Path, runtime: str | None) -> tuple[OnnxClassifie
     if runtime == "onnxruntime" and not onnxruntime_installed():
         raise UserError(f"--runtime onnxruntime needs ONNX Runtime, which is not installed: {INSTALL} (or "
                         "pip install onnxruntime), or use --runtime opencv")
-    meta = read_sidecar(onnx_path)
-    preprocess = sidecar_preprocess(meta, Path(onnx_path).with_suffix(".json"))
+    meta, preprocess = read_export(onnx_path)  # the graph's facts, the sidecar checked against them
     kind = OnnxRuntimeClassifier if runtime == "onnxruntime" else OpenCVClassifier
     classifier = kind(Path(onnx_path), meta, preprocess)
-    return classifier, {"--onnx": Path(onnx_path), "--onnx sidecar": Path(onnx_path).with_suffix(".json")}
+    return classifier, {"--onnx": Path(onnx_path), "--onnx sidecar": sidecar_path(onnx_path)}

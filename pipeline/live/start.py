@@ -33,6 +33,13 @@ def check_outputs(config: LiveConfig, inputs: dict[str, Path | None]) -> None:
                        {"--source": source, **inputs}, folder)
 
 
+def checkpoint_inputs(config: LiveConfig, checkpoint: dict) -> dict[str, Path | None]:
+    """{option: file} of what a checkpoint's classifier is read from: the checkpoint and the backbone's weights."""
+    weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed),
+                           checkpoint.get("weights_file") or IMAGENET_FILE)  # that backbone's file in the hub cache
+    return {"--checkpoint": Path(config.checkpoint), "--weights": weights}
+
+
 def torch_classifier(config: LiveConfig) -> Classifier:
     """The checkpoint's backbone + head on torch, its fields checked before anything large is allocated."""
     from pipeline.common.checkpoint import read_checkpoint
@@ -41,9 +48,7 @@ def torch_classifier(config: LiveConfig) -> Classifier:
 
     checkpoint = read_checkpoint(config.checkpoint)
     check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
-    weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed),
-                           checkpoint.get("weights_file") or IMAGENET_FILE)  # that backbone's file in the hub cache
-    check_outputs(config, {"--checkpoint": Path(config.checkpoint), "--weights": weights})
+    check_outputs(config, checkpoint_inputs(config, checkpoint))
     return TorchClassifier(checkpoint, weights=config.weights, seed=config.seed, device=config.device,
                            precision=config.precision)
 
