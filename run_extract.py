@@ -1,10 +1,11 @@
-"""Stage one: extract AlexNet features (fc7, or also pool5 and fc6) once into the HDF5 cache.
+"""Stage one: extract a frozen backbone's features once into the HDF5 cache (default: AlexNet's fc7; pool5, fc6 too).
 
     python run_extract.py --device cuda                          # data/tiny-imagenet-200 -> runs/features
     python run_extract.py --device cuda --layers pool5,fc6,fc7   # DeCAF's three layers, one backbone pass
     python run_extract.py --backbone resnet50                    # -> runs/features-resnet50 (penultimate layer)
     python run_extract.py --backbone vit_b_16 --layers penultimate,encoder.layers.encoder_layer_6
     python run_extract.py --list-backbones                       # every torchvision classifier name
+    python run_extract.py --list-layers resnet50                 # the layer names --layers takes for one
     python run_extract.py --data tiny-imagenet-200.zip --weights alexnet-owt-7be5be79.pth
     python run_extract.py --download                             # fetch and check the official zip first
     python run_extract.py --data DIR --prepare-only --summary-json prep.json
@@ -29,7 +30,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.common.config import ExtractConfig
     from pipeline.common.names import DTYPES
-    from pipeline.common.backbones.precision import PRECISION_CHOICES
+    from pipeline.backbones.precision import PRECISION_CHOICES
     from pipeline.common.preprocess import MODES
 
     d = ExtractConfig()  # every default comes from here
@@ -52,25 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--strict", action="store_true", help="an undecodable image is an error, not a listed skip")
     model = p.add_argument_group("backbone")
     model.add_argument("--backbone", default=d.backbone,
-                       help="any torchvision classification model: alexnet (default), resnet50, vit_b_16, ...")
+                       help=f"any torchvision classification model (default {d.backbone}): resnet50, vit_b_16, "
+                            "... (--list-backbones)")
     model.add_argument("--list-backbones", action="store_true", help="print every backbone name and stop")
+    model.add_argument("--list-layers", metavar="NAME", default=d.list_layers,
+                       help="print the layer names --layers takes for backbone NAME (its named layers, then its graph "
+                            "nodes in order) and stop")
     model.add_argument("--weights", default=d.weights,
                        help="imagenet (the model's DEFAULT weights, recorded by their exact enum, such as "
                             "ResNet50_Weights.IMAGENET1K_V2), an exact X_Weights.MEMBER, random (for tests), or a "
                             "state_dict path")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
     model.add_argument("--layers", type=comma_list, default=None,  # None: the backbone's default (ExtractConfig)
-                       help="comma list of cached layers. AlexNet: pool5 (9216-d), fc6, fc7 (4096-d; the default); "
-                            "other models: penultimate (the default: the input of the last Linear) or graph node "
-                            "names (python -m pipeline.common.backbones.catalog NAME lists them). Layers missing from an "
-                            "existing cache are added, the others left as they are")
-    model.add_argument("--image-size", type=int, default=224,
-                       help="side of the network input (default: the weights' own crop; AlexNet 224)")
-    model.add_argument("--resize-size", type=int, default=256,
+                       help="comma list of cached layers: the backbone's named layers (the default backbone's: pool5 "
+                            "(9216-d), fc6, fc7 (4096-d; its default)), penultimate (the input of the last Linear; "
+                            "other models' default) or graph node names (--list-layers NAME lists them). Layers "
+                            "missing from an existing cache are added, the others left as they are")
+    model.add_argument("--image-size", type=int, default=d.image_size,
+                       help="side of the network input (default: the weights' own crop, 224 for most)")
+    model.add_argument("--resize-size", type=int, default=d.resize_size,
                        help="shorter side before the centre crop, raised to --image-size if smaller (default: the "
-                            "weights' own; AlexNet 256)")
+                            "weights' own, 256 for most)")
     model.add_argument("--resize-mode", choices=MODES, default=d.resize_mode,
-                       help="crop: resize then centre-crop (AlexNet eval); resize: squash to image-size")
+                       help="crop: resize the shorter side, then centre-crop; resize: squash to image-size")
     run = p.add_argument_group("run")
     run.add_argument("--out", type=Path, default=None,  # None: the backbone's own folder (ExtractConfig)
                      help="cache folder for train.h5 and val.h5 (default runs/features; runs/features-NAME for "
@@ -81,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "and fp16 on CUDA whose features stay at cosine >= 0.999 to fp32's, timed on the first batch)")
     run.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="storage dtype")
     run.add_argument("--batch-size", type=int, default=d.batch_size,
-                     help="images per forward pass (default per model: AlexNet 64 on CPU, 256 on CUDA; fewer "
-                          "for big models)")
+                     help="images per forward pass (default per model: 64 on CPU and 256 on CUDA for the default "
+                          "backbone, fewer for big models)")
     run.add_argument("--workers", type=int, default=d.workers, help="image readers: threads on the CPU (default 1; 0 reads in the main thread), DataLoader worker processes on CUDA (default: the usable CPUs per local rank less one, up to 16)")
     run.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per resumable shard")
     run.add_argument("--compression", choices=("gzip", "lzf"), default=d.compression, help="HDF5 compression of the features")
@@ -96,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.commands import run_extract
     from pipeline.common.config import ExtractConfig
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # the sizes the user gave, and only those, override the model's own (the defaults 224/256 are AlexNet's)
-    parser.set_defaults(image_size=None, resize_size=None)
-    given = parser.parse_args(argv)
-    args.image_size, args.resize_size = given.image_size, given.resize_size
+    args = build_parser().parse_args(argv)  # sizes not given stay None: the weights' own
     return run_main(lambda: run_extract(ExtractConfig(**vars(args))))
 
 

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=d.out, help="run folder (best.pt, last.pt, plots, report)")
     p.add_argument("--head", type=name_list, default=d.head, help="linear | logreg | knn; a comma list compares them")
     p.add_argument("--layers", "--layer", dest="layers", type=name_list, default=d.layers,
-                   help="cached layer (default: the cache's own, fc7 on AlexNet, penultimate elsewhere): pool5, fc6, "
-                        "fc7 on AlexNet, the --layers names of run_extract.py elsewhere; a comma list compares them")
+                   help="cached layer (default: the default layer of the cache's backbone, fc7 for the default "
+                        "backbone, penultimate elsewhere): any layer run_extract.py --layers cached; a comma list "
+                        "compares them")
     p.add_argument("--shots", type=shots_list, default=d.shots,
                    help="train images per class (drawn with --seed), or all; a comma list compares them")
     p.add_argument("--lr", type=float_list, default=d.lr, help="linear: learning rate; a comma list sweeps")

@@ -34,7 +34,7 @@ from pathlib import Path
 from pipeline.cli import run_main
 from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, RUNTIMES, LiveConfig
 from pipeline.common.names import IMAGE_SUFFIXES
-from pipeline.common.backbones.precision import PRECISION_CHOICES
+from pipeline.backbones.precision import PRECISION_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:

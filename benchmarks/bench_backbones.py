@@ -58,17 +58,10 @@ def bare_forward(name: str, batch: int, image_size: int, batches: int = 2) -> fl
     """img/s of the module the extraction runs, on ready-made normalised tensors (no data path)."""
     import torch
 
-    if name == "alexnet":
-        from pipeline.common.backbones.loading import load_backbone
+    from pipeline.backbones.backbone import open_backbone
 
-        module = load_backbone("random")[0]
-        run = lambda x: module.forward_layers(x, ("fc7",))  # noqa: E731
-    else:
-        from pipeline.common.backbones.catalog import load_classifier, plan_layers
-
-        loaded = load_classifier(name, "random")
-        module, _ = plan_layers(loaded.model, name, image_size=image_size)
-        run = module
+    module = open_backbone(name, "random", image_size=image_size, progress=False).module  # its default layers
+    run = module
     module = module.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -80,7 +73,7 @@ def bare_forward(name: str, batch: int, image_size: int, batches: int = 2) -> fl
 
 
 def measure(name: str, images: int, tmp: Path) -> dict:
-    from pipeline.common.backbones.catalog import default_batch_size, default_weights, preprocess_for
+    from pipeline.backbones.catalog import default_batch_size, preprocess_of
     from pipeline.data.synthetic import make_tiny_imagenet
 
     classes = 2
@@ -88,7 +81,7 @@ def measure(name: str, images: int, tmp: Path) -> dict:
     data = make_tiny_imagenet(tmp / f"ds-{name}", num_classes=classes, train_per_class=per_class, val_per_class=1)
     total = classes * (per_class + 1)
     batch = default_batch_size(name, "cpu")
-    size = 224 if name == "alexnet" else preprocess_for(name, default_weights(name)).image_size
+    size = preprocess_of(name, "imagenet").image_size
     bare = bare_forward(name, min(batch, per_class * classes), size)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_backbones", "--child", name, "--data", str(data),

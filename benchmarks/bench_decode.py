@@ -70,9 +70,10 @@ def measure(files: list[Path], repeats: int) -> dict:
 
 def fc7_cosines(files: list[Path]) -> list[float]:
     """fc7 of a random-weight AlexNet on the full and the reduced decode of each file (the same preprocessing)."""
-    from pipeline.common.backbones.loading import load_backbone
+    from pipeline.backbones.backbone import open_backbone
 
-    backbone = load_backbone("random", seed=0)[0].eval()
+    module = open_backbone("alexnet", "random", seed=0, progress=False).module
+    backbone = lambda x: module(x)["fc7"]  # noqa: E731 - (B, 4096) fc7
     preprocess = Preprocess()
     min_side = decode_floor(preprocess)
     with torch.inference_mode():

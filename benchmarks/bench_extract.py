@@ -109,9 +109,8 @@ def child_bare(args) -> dict:
 def child_project(args) -> dict:
     """run_extract's work with its phases timed; the cache goes to args.out."""
     from features import cache
-    from models import AlexNetLayers
+    from models.backbones import LayerFeatures
     from pipeline.extract import extractor as extract_module
-    from pipeline.extract import loading as loading_module
     from pipeline.common.config import ExtractConfig
     from pipeline.common.dataset import index_dataset
 
@@ -131,10 +130,10 @@ def child_project(args) -> dict:
                 spans[key] += time.perf_counter() - start
         setattr(owner, name, wrapper)
 
-    timed(loading_module, "load_backbone", "backbone_load_s")
+    timed(extract_module, "load_for", "backbone_load_s")
     timed(cache, "assemble", "assembly_s")
-    forward = AlexNetLayers.forward_layers  # extraction fills every requested layer in one call of this
-    AlexNetLayers.forward_layers = lambda self, x, layers: (out := forward(self, x, layers),
+    forward = LayerFeatures.forward_layers  # extraction fills every requested layer in one call of this
+    LayerFeatures.forward_layers = lambda self, x, layers: (out := forward(self, x, layers),
                                                          stamps.append((time.perf_counter(), len(x))))[0]
     config = ExtractConfig(data=args.data, out=Path(args.out), weights="random", seed=0, device=args.device,
                            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
@@ -305,7 +304,6 @@ def measure(args, results: dict, tmp: Path, device, batch: int, workers: int) ->
     import torchvision
 
     from features.cache import open_split
-    from models import AlexNetLayers
 
     full, paths, labels, subset = pick_images(args.images, tmp)
     results["images"] = len(paths)
@@ -323,7 +321,9 @@ def measure(args, results: dict, tmp: Path, device, batch: int, workers: int) ->
               + (f"; steady {r['steady_img_s']:.1f} img/s" if r.get("steady_img_s") else ""), flush=True)
     # (c) the bare forwards
     torch.manual_seed(0)
-    backbone = AlexNetLayers(torchvision.models.alexnet(weights=None)).to(device, memory_format=torch.channels_last)
+    alexnet = torchvision.models.alexnet(weights=None).eval()  # fc7: features, avgpool, fc6 and fc7 (as the bare child)
+    backbone = torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6])
+    backbone = backbone.to(device, memory_format=torch.channels_last)
     bare = results["bare_img_s"] = {}
     for mode in ("fp32", "bf16_cast", "bf16_autocast"):
         bare[mode] = time_bare_forward(backbone, batch, device, mode, args.bare_batches * (2 if mode == "fp32" else 1))

@@ -76,7 +76,7 @@ def _table(kind: str, measured: dict) -> None:
 
 def compare_runtimes(args, camera, video, make_checkpoint) -> int:
     """Export once, measure every runtime in ``args.runtimes`` quiet (and with ``args.load`` loaded); write JSON."""
-    from pipeline.common.backbones.loading import load_backbone
+    from pipeline.backbones.backbone import open_backbone
     from pipeline.live.export import export_classifier
 
     logging.getLogger().setLevel(logging.WARNING)
@@ -85,7 +85,8 @@ def compare_runtimes(args, camera, video, make_checkpoint) -> int:
     frames, warmup = args.frames, args.warmup
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, onnx_path = Path(tmp) / "best.pt", Path(tmp) / "classifier.onnx"
-        _, spec, fingerprint = load_backbone("random", seed=0)
+        backbone = open_backbone("alexnet", "random", seed=0, progress=False)
+        spec, fingerprint = backbone.weights, backbone.fingerprint
         make_checkpoint(checkpoint, spec, fingerprint, "fp32")
         export_classifier(LiveConfig(checkpoint=checkpoint, export=onnx_path))
         measured = {runtime: {} for runtime in runtimes}

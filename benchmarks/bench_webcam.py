@@ -44,9 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import FC7_DIM, AlexNetClassifier
+from models import LayerClassifier
 from pipeline.common import sources
-from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
+from pipeline.backbones.backbone import open_backbone
+from pipeline.backbones.precision import place_backbone
+from pipeline.common.hardware import resolve_device
 from pipeline.common.checkpoint import make_checkpoint as build_checkpoint, save_checkpoint
 from pipeline.common.config import LiveConfig
 from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
@@ -57,6 +59,7 @@ from pipeline.live.start import open_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+FC7_DIM = 4096  # AlexNet's fc7, the layer these heads read
 NUM_CLASSES = 200
 
 
@@ -133,7 +136,7 @@ def stats(ms: list[float]) -> dict:
             "p95_ms": round(float(np.percentile(a, 95)), 3), "fps": round(1000 / float(a.mean()), 2)}
 
 
-def bare_forward(model: AlexNetClassifier, device: torch.device, iters: int, warmup: int) -> list[float]:
+def bare_forward(model: LayerClassifier, device: torch.device, iters: int, warmup: int) -> list[float]:
     x = torch.randn(1, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
     times = []
     with torch.inference_mode():
@@ -147,7 +150,7 @@ def bare_forward(model: AlexNetClassifier, device: torch.device, iters: int, war
     return times
 
 
-def batch_forward(model: AlexNetClassifier, device: torch.device, batch: int = 64, iters: int | None = None) -> float:
+def batch_forward(model: LayerClassifier, device: torch.device, batch: int = 64, iters: int | None = None) -> float:
     """ms per image of a bare batch-``batch`` forward (64: the throughput extraction sees)."""
     iters = iters or max(3, 192 // batch)
     x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
@@ -182,8 +185,8 @@ def run_variant(name: str, checkpoint: Path, tmp: Path, device: str, frames: int
 
 def measure(precision: str, args, device: torch.device, spec: str, fingerprint: str, tmp: Path) -> dict:
     """The bare forwards and the live variants for one precision (bf16: the camera path only)."""
-    backbone = load_backbone("random", seed=0)[0]
-    model = AlexNetClassifier(place_backbone(backbone, device, precision), nn.Linear(FC7_DIM, NUM_CLASSES).to(device))
+    backbone = open_backbone("alexnet", "random", seed=0, progress=False).module  # the fc7 cut
+    model = LayerClassifier(place_backbone(backbone, device, precision), "fc7", nn.Linear(FC7_DIM, NUM_CLASSES).to(device))
     checkpoint = tmp / f"best-{precision}.pt"
     make_checkpoint(checkpoint, spec, fingerprint, precision)
     frames, warmup = (args.frames, args.warmup) if precision == "fp32" else (args.bf16_frames, args.bf16_warmup)
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    _, spec, fingerprint = load_backbone("random", seed=0)
+    opened = open_backbone("alexnet", "random", seed=0, progress=False)
+    spec, fingerprint = opened.weights, opened.fingerprint
     with tempfile.TemporaryDirectory() as tmp:
         measured = {precision: measure(precision, args, device, spec, fingerprint, Path(tmp))
                     for precision in args.precisions.split(",")}

@@ -75,18 +75,16 @@ def phase_times(root: Path, paths: list[str], batch: int = 64) -> dict:
     """CPU ms per image of decode, preprocess, transfer, forward and write (fp32, CPU)."""
     import numpy as np
     import torch
-    import torchvision
 
     from features import cache
     from features.settings import CacheSettings
-    from models import AlexNetLayers
+    from pipeline.backbones.backbone import open_backbone
     from pipeline.common.images import read_rgb
     from pipeline.common.preprocess import Preprocess
     from pipeline.extract.extractor import read_ahead
 
     preprocess = Preprocess()
-    torch.manual_seed(0)
-    backbone = AlexNetLayers(torchvision.models.alexnet(weights=None)).to(memory_format=torch.channels_last)
+    backbone = open_backbone("alexnet", "random", seed=0).module.to(memory_format=torch.channels_last)  # the fc7 cut
     files = [root / p for p in paths]
     images = [read_rgb(f) for f in files]
     out = {"images": len(images), "batch_size": batch}

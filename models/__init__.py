@@ -1,20 +1,18 @@
-"""Network code only: the AlexNet layer-cutting backbone, the linear head, and the two assembled.
+"""Network code only (no paths, no printing, no device choice): a frozen backbone cut at named graph nodes, each
+node reduced to one vector per image (``backbones``), and the linear head trained on cached features (``head``).
 
-``models.layers`` (the layer table) is torch-free; the networks are imported on first use, so importing
-the table does not import torch (seconds).
+Imported on first use, so ``import models`` does not import torch (seconds).
 """
-from models.layers import FC7_DIM, LAYER_DIMS, LAYERS, MIN_IMAGE_SIZE, network_order
+_BACKBONES = ("LayerClassifier", "LayerFeatures", "weights_fingerprint")
 
-_NETWORKS = ("AlexNetClassifier", "AlexNetLayers", "LinearHead", "weights_fingerprint")
-
-__all__ = ["FC7_DIM", "LAYER_DIMS", "LAYERS", "MIN_IMAGE_SIZE", "network_order", *_NETWORKS]
+__all__ = ["LinearHead", *_BACKBONES]
 
 
 def __getattr__(name: str):
     if name == "LinearHead":  # torch only: stage two imports no torchvision
         from models.head import LinearHead
         return LinearHead
-    if name in _NETWORKS:
-        from models import alexnet
-        return getattr(alexnet, name)
+    if name in _BACKBONES:
+        from models import backbones
+        return getattr(backbones, name)
     raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Any torchvision classifier cut at named graph nodes, each node's output reduced to one vector per image.
+"""A frozen classifier cut at named graph nodes, each node's output reduced to one vector per image.
 
 The cutting is torchvision's own (``torchvision.models.feature_extraction``): no hand-written slicing.
 A reduction turns a node's output into (B, dim):
@@ -11,6 +11,7 @@ A reduction turns a node's output into (B, dim):
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -94,6 +95,10 @@ class LayerFeatures(nn.Module):
     def train(self, mode: bool = True) -> "LayerFeatures":
         return super().train(False)  # always eval: dropout off, BatchNorm uses its running statistics
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.eval()  # a deep copy of torchvision's extractor comes back in training mode (GraphModule.__deepcopy__)
+
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype: the weights are cast once (``.to(torch.bfloat16)``), never per call."""
@@ -104,7 +109,7 @@ class LayerFeatures(nn.Module):
         return {name: reduce_to_vector(outputs[node], reduction) for name, (node, reduction) in self.layers.items()}
 
     def forward_layers(self, x: torch.Tensor, layers: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
-        """{layer: (B, dim)} for the requested layers (AlexNetLayers' interface; the graph computes them all)."""
+        """{layer: (B, dim)} for the requested layers (the graph computes them all in one pass)."""
         return {name: rows for name, rows in self(x).items() if name in layers}
 
 
@@ -140,10 +145,20 @@ def reduction_for(shape: tuple[int, ...], *, channels_last: bool = False, class_
     return None
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the tensors the model holds (names, shapes, dtypes and bytes, in state_dict order, as float32)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:float32;".encode())
+        digest.update(tensor.numpy())  # buffer protocol: no copy
+    return digest.hexdigest()
+
+
 def parameter_count(model: nn.Module) -> int:
     """How many numbers the model's parameters hold."""
     return sum(math.prod(p.shape) for p in model.parameters())
 
 
-__all__ = ["REDUCTIONS", "LayerClassifier", "LayerFeatures", "graph_node_names", "last_linear_name", "node_extractor", "parameter_count", "penultimate_node",
-           "reduce_to_vector", "reduction_for"]
+__all__ = ["REDUCTIONS", "LayerClassifier", "LayerFeatures", "graph_node_names", "last_linear_name", "node_extractor",
+           "parameter_count", "penultimate_node", "reduce_to_vector", "reduction_for", "weights_fingerprint"]

@@ -11,7 +11,9 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.common.config import ExtractConfig, HeadConfig, LiveConfig
-from pipeline.common.backbones.weights import describe_weights, is_random
+from pipeline.extract.loading import preprocess_of, settle
+from pipeline.backbones.precision import check_choice
+from pipeline.backbones.weights import describe_weights, is_random
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +26,12 @@ def warn_random(spec: str, what: str = "these features are for testing only") ->
 
 def run_extract(config: ExtractConfig) -> int:
     """``run_extract.py``: prepare only (``--prepare-only``), or prepare and extract."""
-    if config.list_backbones:
-        from pipeline.common.backbones.catalog import backbone_listing
+    if config.list_backbones or config.list_layers:
+        from pipeline.backbones.backbone import backbone_listing, layer_listing
 
-        print(backbone_listing())
+        print(layer_listing(config.list_layers) if config.list_layers else backbone_listing())
         return 0
-    if not config.is_alexnet:  # an unknown name is one line before any data is read
-        from pipeline.common.backbones.catalog import check_backbone
-
-        check_backbone(config.backbone)
+    config = settle(config)  # an unknown backbone name is one line before any data is read
     return prepare(config) if config.prepare_only else extract(config)
 
 
@@ -40,7 +39,6 @@ def prepare(config: ExtractConfig) -> int:
     """Find, index and check the dataset; log the summary (and write it to ``config.summary_json``)."""
     from pipeline.common.jpeg import decode_floor
     from pipeline.data.prepare import prepare_dataset
-    from pipeline.extract.freshness import preprocess_of
 
     summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
                               arrange=config.arrange_val, strict=config.strict, progress=config.progress,
@@ -115,6 +113,7 @@ def live(config: LiveConfig) -> int:
     """Stage three: collect frames of a class (--collect), export the classifier (--export), or run it live on the
     source; torch only when it runs on torch."""
     config.check()
+    config.precision = check_choice(config.precision)
     if config.collect is not None:  # no checkpoint and no torch
         from pipeline.live.collect import collect_frames
 

@@ -7,6 +7,7 @@ The session fixtures are read-only: a test that changes a cache or a run folder 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -87,41 +88,40 @@ def exported(tmp_path_factory) -> Path:
     return onnx_path
 
 
-_RANDOM_ALEXNETS: dict[str, tuple] = {}
+_RANDOM_MODELS: dict[tuple[str, str], tuple] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def reuse_random_alexnets():
-    """Each seeded random AlexNet is built once per session, and every later load gets a fresh copy of it.
+def reuse_random_models():
+    """Each seeded random backbone is built once per session, and every later load gets a fresh copy of it.
 
-    ``load_backbone('random', seed=S)`` is a pure function of S, and it costs about 2 s of CPU (61 M random
-    numbers and the SHA-256 fingerprint of 244 MB) in each of the suite's many in-process extractions and live
-    runs. A load here returns a deep copy (callers cast it in place), the same spec and fingerprint, the same
-    warning, and leaves the global RNG where the real load leaves it. tests/test_backbone.py calls the real
-    function; other specs (imagenet, files) and subprocesses are not affected.
+    Loading ``random`` weights is a pure function of the model name and the seed, and for AlexNet it costs about
+    2 s of CPU (61 M random numbers and the SHA-256 fingerprint of 228 MB) in each of the suite's many in-process
+    extractions and live runs. A load here returns a deep copy (callers cast it in place), the same spec and
+    fingerprint, the same warning, and leaves the global RNG where the real load leaves it.
+    tests/test_backbone.py calls the real function; other specs (imagenet, files) and subprocesses are not
+    affected.
     """
-    from pipeline.common.backbones import loading as backbone
-    from pipeline.extract import loading
-    from pipeline.live import torch_classifier
+    from pipeline.backbones import torchvision_family as family
 
-    real = backbone.load_backbone
+    real = family.load
 
-    def load_backbone(spec: str, *, seed: int = 0):
-        key = f"random:seed={seed}" if spec == "random" else spec
-        if not key.startswith("random:seed="):
-            return real(spec, seed=seed)
-        if key in _RANDOM_ALEXNETS:
-            backbone.log.warning("backbone has RANDOM weights (seed %d): features are not ImageNet features",
-                                 int(key.split("=", 1)[1]))
+    def load(name: str, spec: str = "imagenet", *, seed: int = 0, progress: bool = True):
+        recorded = f"random:seed={seed}" if spec == "random" else spec
+        if not recorded.startswith("random:seed="):
+            return real(name, spec, seed=seed, progress=progress)
+        key = (name, recorded)
+        if key in _RANDOM_MODELS:
+            family.log.warning("backbone %s has RANDOM weights (%s): features are not ImageNet features", name, recorded)
         else:
-            _RANDOM_ALEXNETS[key] = (*real(spec, seed=seed), torch.get_rng_state())
-        model, recorded, fingerprint, rng_after = _RANDOM_ALEXNETS[key]
+            _RANDOM_MODELS[key] = (real(name, spec, seed=seed, progress=progress), torch.get_rng_state())
+        loaded, rng_after = _RANDOM_MODELS[key]
         torch.set_rng_state(rng_after)
-        return copy.deepcopy(model), recorded, fingerprint
+        return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
 
+    load.__wrapped__ = real  # tests/test_backbone.py tests the real one
     with pytest.MonkeyPatch.context() as patch:
-        for module in (loading, torch_classifier):
-            patch.setattr(module, "load_backbone", load_backbone)
+        patch.setattr(family, "load", load)
         yield
 
 

@@ -80,6 +80,15 @@ def update_counts(caplog) -> dict[str, tuple[int, int, int]]:
     return counts
 
 
+def random_backbone(name: str = "alexnet", seed: int = 0, layers: tuple[str, ...] | None = None,
+                    image_size: int | None = None):
+    """The backbone ``--backbone NAME --weights random --seed S`` extracts with (pipeline.backbones.Backbone): its
+    ``module``, ``fingerprint``, ``weights`` (the recorded spec) and ``dims``."""
+    from pipeline.backbones.backbone import open_backbone
+
+    return open_backbone(name, "random", seed=seed, layers=layers, image_size=image_size, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The one-line errors
 

@@ -1,4 +1,5 @@
-"""The frozen AlexNet fc7 backbone: where its weights come from, and what it computes."""
+"""The frozen AlexNet backbone (pipeline.backbones, its catalog entry): where its weights come from, and what it
+computes."""
 from __future__ import annotations
 
 import functools
@@ -13,14 +14,41 @@ import pytest
 import torch
 import torchvision
 
-import pipeline.common.backbones.loading as backbone_module
+import pipeline.backbones.torchvision_family as family
 import run_extract
-from models import FC7_DIM, AlexNetClassifier, AlexNetLayers, LinearHead, weights_fingerprint
-from pipeline.common.backbones.loading import imagenet_cache_file, load_backbone, resolve_device
+from models import LayerClassifier, LinearHead, weights_fingerprint
 from pipeline.common.errors import UserError
+from pipeline.common.hardware import resolve_device
 from tests.helpers import SMALL_INPUT_ARGS, error_line
 
 IMAGENET_FILE = "alexnet-owt-7be5be79.pth"
+FC7_DIM = 4096
+
+
+def load_backbone(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str, str]:
+    """(AlexNet cut after fc7, the recorded spec, the fingerprint) from the family's real loader (not the
+    session's cached copy of random weights)."""
+    loaded = getattr(family.load, "__wrapped__", family.load)("alexnet", spec, seed=seed)
+    return loaded.model, loaded.weights, loaded.fingerprint
+
+
+def imagenet_cache_file() -> Path:
+    return family.hub_path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
+
+
+def fc7_of(model: torch.nn.Module):
+    """The fc7 cut as one network: x -> (B, 4096) post-ReLU fc7, through the backbone's own layer module."""
+    features = family.features(model, [family.entry("alexnet").layers["fc7"]])
+    return lambda x: features(x)["fc7"]
+
+
+def cut_fingerprint(alexnet: torchvision.models.AlexNet) -> str:
+    """The fingerprint AlexNet caches have always recorded: the tensors of features, fc6 and fc7 (not fc8)."""
+    import copy
+
+    cut = copy.deepcopy(alexnet)
+    cut.classifier = cut.classifier[:6]
+    return weights_fingerprint(cut)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,7 +58,7 @@ def seeded_alexnet(seed: int) -> torchvision.models.AlexNet:
     return torchvision.models.alexnet(weights=None)
 
 
-def assert_same_weights(backbone: AlexNetLayers, alexnet: torchvision.models.AlexNet) -> None:
+def assert_same_weights(backbone: torch.nn.Module, alexnet: torchvision.models.AlexNet) -> None:
     """The backbone holds exactly alexnet's features and fc6/fc7 tensors."""
     mine, theirs = backbone.state_dict(), alexnet.state_dict()
     assert set(mine) == {k for k in theirs if not k.startswith("classifier.6.")}
@@ -69,7 +97,7 @@ def run_cli(dataset: Path, out: Path, capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def random0() -> tuple[AlexNetLayers, str, str]:
+def random0() -> tuple[torch.nn.Module, str, str]:
     return load_backbone("random", seed=0)
 
 
@@ -77,13 +105,13 @@ def test_random_weights_are_seeded_torchvision_alexnet(random0, saved_alexnet):
     backbone, spec, fingerprint = random0
     assert spec == "random:seed=0"
     assert_same_weights(backbone, seeded_alexnet(0))
-    assert fingerprint == weights_fingerprint(AlexNetLayers(seeded_alexnet(0)))
+    assert fingerprint == cut_fingerprint(seeded_alexnet(0))
     assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
 
     backbone3, spec3, fingerprint3 = load_backbone("random", seed=3)
     assert spec3 == "random:seed=3"
     assert_same_weights(backbone3, saved_alexnet[1])  # that is seeded_alexnet(3)
-    assert fingerprint3 == weights_fingerprint(AlexNetLayers(saved_alexnet[1]))
+    assert fingerprint3 == cut_fingerprint(saved_alexnet[1])
     assert fingerprint3 != fingerprint
 
 
@@ -104,7 +132,7 @@ def test_weights_file_loads_with_the_fingerprint_of_the_saved_model(saved_alexne
     backbone, spec, fingerprint = load_backbone(str(path))
     assert spec == f"file:{path.resolve()}"
     assert_same_weights(backbone, model)
-    assert fingerprint == weights_fingerprint(AlexNetLayers(model))
+    assert fingerprint == cut_fingerprint(model)
 
     out = tmp_path / "features"
     rc, err = run_cli(dataset, out, capsys, "--weights", str(path))
@@ -153,7 +181,7 @@ def _missing(folder: Path) -> Path:
 @pytest.mark.parametrize("make, expected", [
     (_garbage, "not a readable PyTorch weights file"),
     (_empty, "not a readable PyTorch weights file"),
-    (_resnet, "do not fit torchvision's AlexNet"),
+    (_resnet, "does not fit torchvision's alexnet"),
     (_wrong_shapes, "classifier.6.weight"),
     (_not_a_state_dict, "does not hold a state_dict"),
     (_missing, "weights file not found"),
@@ -218,7 +246,7 @@ def weights_server(saved_alexnet, tmp_path):
 
 
 def test_imagenet_weights_offline_name_the_cache_file(torch_home, monkeypatch, dataset, tmp_path, capsys):
-    monkeypatch.setattr(backbone_module, "IMAGENET_URL", f"http://127.0.0.1:{closed_port()}/{IMAGENET_FILE}")
+    monkeypatch.setattr(family, "weights_url", lambda weights: f"http://127.0.0.1:{closed_port()}/{IMAGENET_FILE}")
     expected_file = torch_home / "hub" / "checkpoints" / IMAGENET_FILE
     assert imagenet_cache_file() == expected_file
     with pytest.raises(UserError) as info:
@@ -236,7 +264,7 @@ def test_imagenet_weights_offline_name_the_cache_file(torch_home, monkeypatch, d
 
 def test_imagenet_download_with_the_wrong_hash_is_refused(torch_home, monkeypatch, weights_server):
     url, requests = weights_server
-    monkeypatch.setattr(backbone_module, "IMAGENET_URL", url)
+    monkeypatch.setattr(family, "weights_url", lambda weights: url)
     expected_file = torch_home / "hub" / "checkpoints" / IMAGENET_FILE
     with pytest.raises(UserError) as info:
         load_backbone("imagenet")
@@ -250,7 +278,7 @@ def test_imagenet_download_with_the_wrong_hash_is_refused(torch_home, monkeypatc
 def test_imagenet_weights_in_the_hub_cache_load_without_download(torch_home, monkeypatch, weights_server,
                                                                   saved_alexnet):
     url, requests = weights_server
-    monkeypatch.setattr(backbone_module, "IMAGENET_URL", url)
+    monkeypatch.setattr(family, "weights_url", lambda weights: url)
     path, model = saved_alexnet
     cached = torch_home / "hub" / "checkpoints" / IMAGENET_FILE
     cached.parent.mkdir(parents=True)
@@ -259,7 +287,7 @@ def test_imagenet_weights_in_the_hub_cache_load_without_download(torch_home, mon
     assert requests == []  # no download
     assert spec == "imagenet"
     assert_same_weights(backbone, model)
-    assert fingerprint == weights_fingerprint(AlexNetLayers(model))
+    assert fingerprint == cut_fingerprint(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +318,12 @@ def test_device_names():
 
 
 @pytest.fixture
-def random_backbone(random0) -> AlexNetLayers:
-    return random0[0]
+def random_backbone(random0):
+    return fc7_of(random0[0])
+
+
+def random0_model() -> torch.nn.Module:
+    return load_backbone("random", seed=0)[0]
 
 
 def test_fc7_output_is_post_relu_4096_and_always_eval(random_backbone):
@@ -303,12 +335,13 @@ def test_fc7_output_is_post_relu_4096_and_always_eval(random_backbone):
         assert (features >= 0).all() and (features > 0).any()
         assert backbone(torch.randn(1, 3, 63, 63)).shape == (1, FC7_DIM)  # the smallest input AlexNet takes
 
-        backbone.train()
-        assert not backbone.training and not any(m.training for m in backbone.modules())
-        again, once_more = backbone(x), backbone(x)  # dropout stays off
+        module = family.features(random0_model(), [family.entry("alexnet").layers["fc7"]])
+        module.train()
+        assert not module.training and not any(m.training for m in module.modules())
+        again, once_more = module(x)["fc7"], module(x)["fc7"]  # dropout stays off
     torch.testing.assert_close(again, features, rtol=0, atol=0)
     torch.testing.assert_close(once_more, features, rtol=0, atol=0)
-    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not any(p.requires_grad for p in module.parameters())
 
     reference = seeded_alexnet(0).eval()  # and it is AlexNet's own fc7 (the same tensors)
     with torch.no_grad():
@@ -318,9 +351,9 @@ def test_fc7_output_is_post_relu_4096_and_always_eval(random_backbone):
 
 def test_classifier_is_head_on_backbone(random_backbone):
     torch.manual_seed(1)
-    head = LinearHead(5)
+    head = LinearHead(5, FC7_DIM)
     torch.nn.init.normal_(head.bias)  # a non-zero bias, so it is not left out unnoticed
-    model = AlexNetClassifier(random_backbone, head)
+    model = LayerClassifier(family.features(random0_model(), [family.entry("alexnet").layers["fc7"]]), "fc7", head)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits = model(x)
@@ -341,7 +374,7 @@ def test_weights_file_is_loaded_without_a_random_initialisation(saved_alexnet, t
     assert inits and all(tensor.device.type == "meta" for tensor, *_ in inits)  # initialised: nothing, for free
     assert_same_weights(backbone, model)
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in backbone.parameters())
-    assert fingerprint == weights_fingerprint(AlexNetLayers(model))
+    assert fingerprint == cut_fingerprint(model)
 
     half = tmp_path / "half.pth"  # a file saved in float16 still gives a float32 backbone
     torch.save({k: v.half() for k, v in model.state_dict().items()}, half)

@@ -1,7 +1,7 @@
 """Backbones by name: lookup, weights (random, file, the torchvision weights API), layers, sizes, batch sizes.
 
 Structure-only checks run on meta-device models (no weights, no compute); the fidelity of the vectors is
-tests/test_backbones_fidelity.py.
+tests/test_backbone_family.py.
 """
 from __future__ import annotations
 
@@ -14,11 +14,23 @@ import pytest
 import torch
 import torchvision
 
+import run_extract
 from models import weights_fingerprint
-from pipeline.common.backbones import catalog as backbones
-from pipeline.common.backbones.catalog import (LayerSpec, check_backbone, default_batch_size, default_layers, hub_file,
-                                       load_classifier, plan_layers, preprocess_for, skeleton)
+from pipeline.backbones import catalog
+from pipeline.backbones import torchvision_family as family
+from pipeline.backbones.catalog import LayerSpec, check_name, default_batch_size, default_layers
 from pipeline.common.errors import UserError
+
+load_classifier = family.load
+
+
+def plan_layers(model, name, layers=None, *, image_size=224):
+    return family.plan(model, name, layers or default_layers(name), image_size=image_size)
+
+
+def preprocess_for(name, weights=None, *, image_size=None, resize_size=None):
+    spec = family.enum_name(weights) if weights is not None else "imagenet"
+    return catalog.preprocess_of(name, spec, image_size=image_size, resize_size=resize_size)
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -29,34 +41,34 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 @functools.lru_cache(maxsize=None)
 def meta_model(name: str) -> torch.nn.Module:
-    return skeleton(name)
+    return family.structure(name)
 
 
 def test_unknown_backbone_is_one_line_with_close_names_and_the_listing():
     with pytest.raises(UserError) as err:
-        check_backbone("resnet05")
+        check_name("resnet05")
     message = one_line(err)
-    assert "'resnet05'" in message and "resnet50" in message and backbones.LIST_BACKBONES in message
+    assert "'resnet05'" in message and "resnet50" in message and catalog.LIST_BACKBONES in message
     with pytest.raises(UserError) as err:
-        check_backbone("ResNet50")  # case is a typo too: the right spelling is offered
+        check_name("ResNet50")  # case is a typo too: the right spelling is offered
     assert "resnet50" in one_line(err)
 
 
 def test_the_listing_is_torchvisions_classification_models(capsys):
-    names = backbones.backbone_names()
+    names = family.names()
     assert {"alexnet", "resnet50", "vit_b_16", "swin_t", "convnext_tiny", "efficientnet_b0"} <= set(names)
     assert not any(n.startswith(("fasterrcnn", "fcn_", "r3d", "raft", "quantized")) for n in names)
-    assert backbones.main([]) == 0
+    assert run_extract.main(["--list-backbones"]) == 0
     assert "mobilenet_v3_large" in capsys.readouterr().out.split()
-    assert backbones.main(["resnt18"]) == 2
+    assert run_extract.main(["--list-layers", "resnt18"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown backbone 'resnt18'; did you mean resnet18")
 
 
 def test_layer_listing_names_aliases_nodes_and_module_paths(capsys):
-    assert backbones.main(["alexnet"]) == 0
+    assert run_extract.main(["--list-layers", "alexnet"]) == 0
     listed = capsys.readouterr().out.split()
     assert listed[:4] == ["pool5", "fc6", "fc7", "penultimate"] and "classifier.5" in listed
-    assert backbones.main(["resnet18"]) == 0
+    assert run_extract.main(["--list-layers", "resnet18"]) == 0
     listed = capsys.readouterr().out.split()
     assert listed.index("layer4.1.relu_1") < listed.index("layer4") < listed.index("avgpool")
 
@@ -81,7 +93,7 @@ def test_unknown_node_is_one_line_with_the_nearest_nodes():
     with pytest.raises(UserError) as err:
         plan_layers(meta_model("alexnet"), "alexnet", ["fc8"])
     message = one_line(err)
-    assert "no layer 'fc8'" in message and "fc7" in message and "python -m pipeline.common.backbones.catalog alexnet" in message
+    assert "no layer 'fc8'" in message and "fc7" in message and "python run_extract.py --list-layers alexnet" in message
     with pytest.raises(UserError) as err:
         plan_layers(meta_model("resnet18"), "resnet18", ["layer5"])
     assert "layer4" in one_line(err)
@@ -112,7 +124,7 @@ def test_the_cache_s_own_names_are_refused_naming_the_node_that_gives_the_same_o
         assert torch.equal(module(image)[node], model.features(image).mean((2, 3)))  # the module's own output
     with pytest.raises(UserError) as err:
         plan_layers(meta_model("resnet18"), "resnet18", ["labels"])
-    assert "reserves the name 'labels'" in one_line(err) and "catalog resnet18" in one_line(err)
+    assert "reserves the name 'labels'" in one_line(err) and "--list-layers resnet18" in one_line(err)
 
 
 def test_an_image_size_the_model_cannot_take_is_one_line():
@@ -143,10 +155,9 @@ def test_random_weights_are_seeded_torchvision_models():
     loaded = load_classifier("resnet18", "random", seed=4)
     torch.manual_seed(4)
     expected = torchvision.models.resnet18()
-    assert loaded.weights == "random:seed=4" and loaded.weights_enum is None
+    assert loaded.weights == "random:seed=4" and loaded.weights_enum == ""
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), expected.state_dict().values()))
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
-    assert loaded.record()["backbone"] == "resnet18"
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +180,7 @@ def test_imagenet_weights_come_from_the_hub_cache_and_record_the_exact_enum(save
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     prefix = path.stem.rsplit("-", 1)[1]
     assert not hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix)
-    assert hub_file(torchvision.models.ResNet18_Weights.DEFAULT) == path
+    assert family.hub_path(torchvision.models.ResNet18_Weights.DEFAULT) == path
     loaded = load_classifier("resnet18", "imagenet", progress=False)
     assert (loaded.weights, loaded.weights_enum) == ("imagenet", "ResNet18_Weights.IMAGENET1K_V1")
     assert loaded.fingerprint == weights_fingerprint(model)

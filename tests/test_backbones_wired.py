@@ -22,15 +22,15 @@ import run_train_head
 import run_webcam
 from features.cache import open_split
 from models import weights_fingerprint
-from pipeline.common.backbones.catalog import plan_layers
+from pipeline.backbones.torchvision_family import plan
 from pipeline.common.config import ExtractConfig
 from pipeline.common.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import make_tiny_imagenet
-from pipeline.extract.freshness import hub_name, preprocess_of
+from pipeline.extract.loading import hub_name, preprocess_of, settle
 from tests.conftest import CPU, one_error_line
 
-SMALL = ("--image-size", "64", "--resize-size", "72", "--no-progress", *CPU)
+SMALL = ("--image-size", "64", "--resize-size", "72", "--no-progress", "--precision", "fp32", *CPU)  # fp32: exact comparisons
 RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)  # resnet18-f37072fd.pth
 
 
@@ -77,7 +77,7 @@ def test_each_cached_row_is_the_backbone_modules_output(made):
     """The cache holds what the one-pass module (whose fidelity to torchvision is tests/test_backbones_fidelity.py)
     computes for each image under the recorded preprocessing."""
     model = made["model"].eval()
-    module, _ = plan_layers(model, "resnet18", ["penultimate", "layer3"], image_size=64)
+    module, _ = plan(model, "resnet18", ["penultimate", "layer3"], image_size=64)
     for split in ("train", "val"):
         cached = {layer: open_split(made["r18"] / f"{split}.h5", layer) for layer in ("penultimate", "layer3")}
         preprocess = Preprocess.from_dict(json.loads(cached["layer3"].attrs["preprocess"]))
@@ -90,8 +90,8 @@ def test_each_cached_row_is_the_backbone_modules_output(made):
 
 def test_defaults_follow_the_backbone():
     """Each backbone has its own --out and default layer; only the sizes given override the weights' own."""
-    assert ExtractConfig().out == Path("runs/features") and ExtractConfig().layers == ("fc7",)
-    config = ExtractConfig(backbone="efficientnet_b1")
+    assert settle(ExtractConfig()).out == Path("runs/features") and settle(ExtractConfig()).layers == ("fc7",)
+    config = settle(ExtractConfig(backbone="efficientnet_b1"))
     assert config.out == Path("runs/features-efficientnet_b1") and config.layers == ("penultimate",)
     preset = torchvision.models.EfficientNet_B1_Weights.DEFAULT.transforms()
     ours = preprocess_of(config)
@@ -103,7 +103,7 @@ def test_defaults_follow_the_backbone():
     for argv, out, layers in ((["--backbone", "resnet50"], "runs/features-resnet50", ("penultimate",)),
                               ([], "runs/features", ("fc7",))):
         args = vars(parser.parse_args(argv))
-        config = ExtractConfig(**{**args, "image_size": None, "resize_size": None})  # as run_extract.main makes it
+        config = settle(ExtractConfig(**{**args, "image_size": None, "resize_size": None}))  # as run_extract.main makes it
         assert (config.out, config.layers) == (Path(out), layers)
 
 
@@ -191,12 +191,12 @@ def test_caches_of_different_datasets_are_refused_in_one_line(made, tmp_path, ca
 
 
 def test_alexnet_refuses_another_models_weights_enum_in_one_line():
-    from pipeline.common.backbones.loading import load_backbone
+    from pipeline.backbones.backbone import open_backbone
     from pipeline.common.errors import UserError
 
     with pytest.raises(UserError) as err:
-        load_backbone("ResNet18_Weights.IMAGENET1K_V1")
-    assert "are not AlexNet's" in str(err.value) and "\n" not in str(err.value)
+        open_backbone("alexnet", "ResNet18_Weights.IMAGENET1K_V1")
+    assert "are not alexnet's" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_models_features_module_is_cached_under_the_node_the_refusal_names(generated_dataset, tmp_path, capsys):

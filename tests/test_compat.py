@@ -141,3 +141,19 @@ def test_the_0cda565_checkpoint_runs_live_with_its_recorded_probabilities(tmp_pa
     for got, want in zip(now, recorded):
         assert [t["wnid"] for t in got["topk"]] == [t["wnid"] for t in want["topk"]]
         assert [t["prob"] for t in got["topk"]] == pytest.approx([t["prob"] for t in want["topk"]], abs=1e-6)
+
+
+def test_a_fresh_extraction_of_the_0cda565_images_equals_its_cache_bit_for_bit(made_at_0cda565, tmp_path):
+    """AlexNet through the backbone package: pool5, fc6 and fc7 exactly as the hand-cut AlexNet computed them, with
+    the same weights fingerprint (and the 0ae642e cache's: the same seed, the same digest)."""
+    out = tmp_path / "fresh"
+    assert run_extract.main(["--data", str(made_at_0cda565["data"]), "--out", str(out), *MADE_WITH]) == 0
+    for split in ("train", "val"):
+        with h5py.File(out / f"{split}.h5", "r") as new, h5py.File(COMPAT_0CDA565 / "features" / f"{split}.h5") as old:
+            assert list(new["paths"].asstr()[:]) == list(old["paths"].asstr()[:])
+            for layer in ("pool5", "fc6", "fc7"):
+                assert np.array_equal(new[layer][:], old[layer][:]), (split, layer)
+            assert new.attrs["weights_fingerprint"] == old.attrs["weights_fingerprint"]
+            assert new.attrs["preprocess"] == old.attrs["preprocess"] and new.attrs["layers"] == old.attrs["layers"]
+    with h5py.File(COMPAT / "train.h5", "r") as oldest:
+        assert oldest.attrs["weights_fingerprint"] == open_split(out / "train.h5").attrs["weights_fingerprint"]

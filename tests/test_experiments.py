@@ -20,7 +20,7 @@ import run_train_head
 import run_webcam
 from features.cache import open_split
 from pipeline.heads import knn
-from pipeline.common.backbones.loading import load_backbone, place_backbone
+from pipeline.backbones.precision import place_backbone
 from pipeline.common.checkpoint import read_checkpoint
 from pipeline.heads.experiments.table import COLUMNS
 from pipeline.common.images import read_rgb
@@ -28,7 +28,7 @@ from pipeline.heads.logreg import fit_logreg, objective
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads.experiments.shots import few_shot_rows
 from pipeline.heads.linear import InMemoryFeatures, Standardizer
-from tests.helpers import CPU_ARGS, one_error_line, read_csv, write_synthetic_cache
+from tests.helpers import CPU_ARGS, one_error_line, random_backbone, read_csv, write_synthetic_cache
 from tests.test_train_head import PNG_MAGIC, RUN_FILES
 
 DIMS = {"pool5": 9216, "fc6": 4096, "fc7": 4096}
@@ -67,7 +67,7 @@ def real(tiny_dataset, tiny_cache, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("real")
     ds, feats = tiny_dataset, root / "feats"
     shutil.copytree(tiny_cache, feats)  # the session's cache, copied: fc6 is added below
-    backbone, _, _ = load_backbone("random", seed=0)  # what --weights random --seed 0 extracted with
+    backbone = random_backbone(layers=("fc6", "fc7")).module  # what --weights random --seed 0 extracted with
     backbone = place_backbone(backbone, torch.device("cpu"), "fp32")
     for split in ("train", "val"):
         cached = open_split(feats / f"{split}.h5")

@@ -25,12 +25,11 @@ from torchvision import transforms
 import run_extract
 from features import cache
 from features.cache import CacheError, exclusive_writer, open_split
-from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.dataset import index_dataset
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import CPU, FAST, error_line, extract_args
-from tests.helpers import h5_datasets
+from tests.helpers import h5_datasets, random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +113,7 @@ def test_features_equal_plain_torchvision_reference(tmp_path):
 
 def test_cache_content_is_complete_and_self_describing(dataset, extracted):
     index = index_dataset(dataset)
-    _, _, fingerprint = load_backbone("random", seed=0)
+    fingerprint = random_backbone().fingerprint
     for split in ("train", "val"):
         path = extracted / f"{split}.h5"
         with h5py.File(path, "r") as f:  # plain h5py, no project code
@@ -192,8 +191,8 @@ def test_touched_weights_file_gets_the_full_check(dataset, tmp_path, caplog):
 
 
 def test_imagenet_file_name_is_torchvision_s():
-    from pipeline.common.backbones.weights import IMAGENET_FILE
-    assert IMAGENET_FILE == os.path.basename(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)
+    from pipeline.backbones.catalog import hub_file
+    assert hub_file("alexnet", "imagenet") == os.path.basename(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)
 
 
 @pytest.mark.parametrize("option, value, changed", [
@@ -220,7 +219,7 @@ def test_mismatched_settings_need_overwrite(dataset, cache_copy, capsys, option,
     new = read_all(cache_copy / "train.h5")
     if option == "--seed":
         assert new["attrs"]["weights_spec"] == "random:seed=1"
-        assert new["attrs"]["weights_fingerprint"] == load_backbone("random", seed=1)[2]
+        assert new["attrs"]["weights_fingerprint"] == random_backbone(seed=1).fingerprint
     elif option == "--image-size":
         assert json.loads(new["attrs"]["preprocess"])["image_size"] == 80
     else:  # --dtype float16: the same features, stored in half precision

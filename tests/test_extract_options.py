@@ -75,15 +75,16 @@ def test_preprocessing_defaults_are_torchvision_s_alexnet_transform():
 
     from pipeline.common.config import ExtractConfig
     from pipeline.common.preprocess import Preprocess
+    from pipeline.extract.loading import preprocess_of
 
     reference = AlexNet_Weights.IMAGENET1K_V1.transforms()
-    ours = ExtractConfig().preprocess
+    ours = preprocess_of(ExtractConfig())
     assert ours == Preprocess()
     assert list(reference.resize_size) == [ours.resize_size] and list(reference.crop_size) == [ours.image_size]
     assert tuple(reference.mean) == ours.mean and tuple(reference.std) == ours.std
     assert reference.interpolation == InterpolationMode.BILINEAR and ours.mode == "crop"  # Preprocess resizes bilinear
-    parser = run_extract.build_parser()
-    assert (parser.get_default("image_size"), parser.get_default("resize_size")) == (224, 256)
+    parser = run_extract.build_parser()  # sizes not given are the weights' own
+    assert (parser.get_default("image_size"), parser.get_default("resize_size")) == (None, None)
 
 
 def test_resize_mode_resize_squashes_the_whole_image(tmp_path):

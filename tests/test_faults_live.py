@@ -21,7 +21,7 @@ from pipeline.live import torch_classifier
 from pipeline.live import checks, overlay
 from pipeline.common.errors import UserError
 from tests.conftest import CPU, one_error_line
-from tests.test_live import count_frames, read_jsonl, reuse_backbones, trained, val_video, write_video  # noqa: F401
+from tests.test_live import count_frames, read_jsonl, trained, val_video, write_video  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,16 +12,17 @@ import torch
 import torch.distributed as dist
 from torchvision.transforms.v2 import functional as F
 
-import pipeline.common.backbones.loading as backbone_module
+import pipeline.backbones.precision as precision_module
 import pipeline.common.preprocess as preprocess_module
 import run_extract
-from models import AlexNetLayers
-from pipeline.common.backbones.loading import DIST_TIMEOUT, HostCopy, set_precision, start_distributed
+from pipeline.backbones.precision import set_precision
+from pipeline.extract.devices import DIST_TIMEOUT, HostCopy, start_distributed, warm_up
 from pipeline.common.errors import UserError
 from pipeline.extract.extractor import BatchReader
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import error_line, extract_args
+from tests.helpers import random_backbone as random_backbone_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,8 +161,8 @@ def test_extraction_and_live_set_the_precision_the_same_way(dataset, tmp_path, m
     from pipeline.common.checkpoint import make_checkpoint
 
     seen = []
-    real = backbone_module.set_precision
-    monkeypatch.setattr(backbone_module, "set_precision", lambda device, precision: (
+    real = precision_module.set_precision
+    monkeypatch.setattr(precision_module, "set_precision", lambda device, precision: (
         seen.append((device.type, precision)), real(device, precision))[-1])
     out = tmp_path / "features"
     assert run_extract.main(extract_args(dataset, out)) == 0
@@ -256,8 +257,9 @@ def test_float_resize_path_is_the_uint8_path_within_rounding(size, random_backbo
 
 
 @pytest.fixture(scope="module")
-def random_backbone() -> AlexNetLayers:
-    return backbone_module.load_backbone("random", seed=0)[0]
+def random_backbone():
+    module = random_backbone_of("alexnet").module
+    return lambda x: module(x)["fc7"]  # (B, 4096) fc7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_warm_up_runs_nothing_on_the_cpu():
     def fail(*args):
         raise AssertionError("no warm-up forward on the CPU")
 
-    backbone_module.warm_up(fail, Preprocess(), torch.device("cpu"), 64)
+    warm_up(fail, Preprocess(), torch.device("cpu"), 64)
 
 
 @pytest.mark.gpu

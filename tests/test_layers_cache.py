@@ -21,11 +21,13 @@ from torchvision import transforms
 import run_extract
 from features import cache
 from features.cache import open_split
-from models import LAYER_DIMS, LAYERS, AlexNetLayers
+from models.backbones import LayerFeatures
+from pipeline.backbones.catalog import entry
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tests.helpers import extract_args, extract_into, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("pool5", "fc6", "fc7")  # DeCAF's, in network order
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def raw_bytes(path: Path, name: str) -> bytes:
 
 
 def test_the_cache_format_knows_no_backbone_s_layers():
-    """The model lists its layers; the cache stores any layer name (other backbones name theirs)."""
-    assert not hasattr(cache, "LAYER_DATASETS") and LAYERS == ("pool5", "fc6", "fc7")
+    """The backbone's catalog entry names its layers; the cache stores any layer name (other backbones name theirs)."""
+    assert not hasattr(cache, "LAYER_DATASETS") and tuple(entry("alexnet").layers)[:3] == LAYERS
 
 
 def test_each_layer_equals_the_plain_torchvision_computation(data, all_layers):
@@ -67,7 +69,7 @@ def test_each_layer_equals_the_plain_torchvision_computation(data, all_layers):
             pool5 = torch.flatten(alexnet.avgpool(alexnet.features(x)), 1)
             reference = {"pool5": pool5, "fc6": alexnet.classifier[:3](pool5), "fc7": alexnet.classifier[:6](pool5)}
         for name in LAYERS:
-            assert stored[name].shape == (len(paths), LAYER_DIMS[name]) and stored[name].dtype == np.float32
+            assert stored[name].shape == (len(paths), entry("alexnet").layers[name].dim) and stored[name].dtype == np.float32
             cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(stored[name]), reference[name], dim=1)
             assert cosine.min() >= 0.9999, (name, cosine)
             np.testing.assert_array_equal(open_split(path, name).read_features(), stored[name])
@@ -78,12 +80,12 @@ def test_a_rerun_adds_a_layer_without_touching_the_others(data, tmp_path, monkey
     assert run_extract.main(extract_args(data, out)) == 0  # fc7 only, the default
     before = {split: raw_bytes(out / f"{split}.h5", "fc7") for split in ("train", "val")}
     computed = []
-    forward_layers = AlexNetLayers.forward_layers
-    monkeypatch.setattr(AlexNetLayers, "forward_layers",
+    forward_layers = LayerFeatures.forward_layers
+    monkeypatch.setattr(LayerFeatures, "forward_layers",
                         lambda self, x, layers: (computed.append(tuple(layers)), forward_layers(self, x, layers))[1])
     caplog.set_level(logging.INFO)
     assert run_extract.main(extract_args(data, out, "--layers", "pool5,fc7")) == 0
-    assert set(computed) == {("pool5",)}  # the backbone ran for the missing layer only
+    assert set(computed) == {("pool5",)}  # the backbone's rows of the missing layer only are kept
     assert any("adding pool5" in r.getMessage() for r in caplog.records)
     for split in ("train", "val"):
         path = out / f"{split}.h5"
@@ -130,5 +132,5 @@ def test_an_unknown_layer_is_a_one_line_error(data, tmp_path, capsys):
     capsys.readouterr()
     assert run_extract.main(extract_args(data, tmp_path / "features", "--layers", "fc7,conv5")) == 2
     line = one_error_line(capsys)
-    assert "--layers" in line and "pool5, fc6, fc7" in line
+    assert "alexnet has no layer 'conv5'" in line and "--list-layers alexnet" in line
     assert not (tmp_path / "features").exists()

@@ -32,23 +32,6 @@ def trained(tiny_dataset, tiny_cache, tiny_head, tmp_path_factory):
     return {"ds": ds, "best": best, "checkpoint": checkpoint, "cached": cached, "root": root}
 
 
-_BACKBONES: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def reuse_backbones(monkeypatch):
-    """Build each (spec, seed) backbone once for the whole file: it is a pure function and takes seconds."""
-    real = torch_classifier.load_backbone
-
-    def cached(spec, *, seed=0):
-        key = (spec, seed)
-        if key not in _BACKBONES:
-            _BACKBONES[key] = real(spec, seed=seed)
-        return _BACKBONES[key]
-
-    monkeypatch.setattr(torch_classifier, "load_backbone", cached)
-
-
 def predictions(trained: dict, source: Path, jsonl: Path, *extra: str) -> list[dict]:
     """Run the live loop headless on ``source`` with the trained head; its prediction lines."""
     assert run_webcam.main([*CPU_ARGS, "--checkpoint", str(trained["best"]), "--source", str(source), "--no-display",

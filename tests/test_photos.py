@@ -13,13 +13,12 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 import run_extract
-from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.images import decode_rgb, read_bytes, read_rgb
 from pipeline.common.jpeg import decode_floor, jpeg_size, reduction
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.photos import photo_array, save_jpeg
 from pipeline.data.synthetic import class_image
-from tests.helpers import extract_args
+from tests.helpers import extract_args, random_backbone
 
 # the turn each EXIF orientation asks for, as torch.rot90 / flip of the stored pixels (C, H, W)
 TURNS = {3: lambda t: torch.rot90(t, 2, (1, 2)), 6: lambda t: torch.rot90(t, -1, (1, 2)),
@@ -28,7 +27,8 @@ TURNS = {3: lambda t: torch.rot90(t, 2, (1, 2)), 6: lambda t: torch.rot90(t, -1,
 
 @pytest.fixture(scope="module")
 def backbone():
-    return load_backbone("random", seed=0)[0].eval()
+    module = random_backbone().module.eval()
+    return lambda x: module(x)["fc7"]  # (B, 4096) fc7
 
 
 def cached_rows(out) -> dict:

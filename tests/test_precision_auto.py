@@ -13,20 +13,20 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.common.backbones.precision as precision
-import pipeline.common.backbones.precision_timing as timing
+import pipeline.backbones.precision as precision
 import pipeline.extract.extractor as extractor
 import pipeline.extract.precision_choice as choice
 import run_extract
-from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import make_tiny_imagenet
 from pipeline.extract.freshness import quick_up_to_date
+from pipeline.extract.loading import settle
 from pipeline.live.torch_classifier import TorchClassifier
 from tests.conftest import error_line, extract_args
+from tests.helpers import random_backbone
 
 NATIVE_BF16 = {"avx2", "avx512f", "avx512_bf16"}
 
@@ -40,7 +40,7 @@ def clock(table: dict) -> callable:
 
 
 class TinyBackbone(nn.Module):
-    """forward_layers like AlexNetLayers; ``noisy`` spoils every precision but fp32 (a broken kernel)."""
+    """forward_layers like a backbone's module; ``noisy`` spoils every precision but fp32 (a broken kernel)."""
 
     def __init__(self, noisy: bool = False):
         super().__init__()
@@ -63,12 +63,12 @@ def tiny_input(dtype):
 
 
 def choose(backbone, table, flags=NATIVE_BF16):
-    return timing.choose_precision(backbone, tiny_input, ("fc7",), torch.device("cpu"), timer=clock(table),
+    return precision.choose_precision(backbone, tiny_input, ("fc7",), torch.device("cpu"), timer=clock(table),
                                    flags=flags)
 
 
 def test_the_fastest_faithful_precision_is_chosen_and_the_log_says_why(caplog):
-    caplog.set_level(logging.INFO, logger=timing.__name__)
+    caplog.set_level(logging.INFO, logger=precision.__name__)
     slow_bf16 = choose(TinyBackbone(), {torch.float32: 0.6, torch.bfloat16: 1.0})
     assert slow_bf16["chosen"] == "fp32" and slow_bf16["speed"] == {"fp32": 1.0, "bf16": 0.6}
     assert "bf16 0.60x fp32 here: using fp32" in caplog.text
@@ -78,18 +78,18 @@ def test_the_fastest_faithful_precision_is_chosen_and_the_log_says_why(caplog):
 
 
 def test_a_candidate_failing_the_fidelity_guard_is_never_chosen(caplog):
-    caplog.set_level(logging.INFO, logger=timing.__name__)
+    caplog.set_level(logging.INFO, logger=precision.__name__)
     record = choose(TinyBackbone(noisy=True), {torch.float32: 1.0, torch.bfloat16: 0.1})  # 10x faster, but wrong
     assert record["chosen"] == "fp32" and record["cosine"]["bf16"] < precision.FIDELITY
     assert "but cosine" in caplog.text and "using fp32" in caplog.text
 
 
 def test_bf16_is_not_timed_without_native_bf16(caplog):
-    caplog.set_level(logging.INFO, logger=timing.__name__)
+    caplog.set_level(logging.INFO, logger=precision.__name__)
 
     def never(model, run):
         raise AssertionError("timed")
-    record = timing.choose_precision(TinyBackbone(), tiny_input, ("fc7",), torch.device("cpu"), timer=never,
+    record = precision.choose_precision(TinyBackbone(), tiny_input, ("fc7",), torch.device("cpu"), timer=never,
                                      flags={"avx2", "avx512f"})
     assert record["chosen"] == "fp32" and "bf16" in record["skipped"]
     assert "no native bf16" in caplog.text and "using fp32" in caplog.text
@@ -121,7 +121,7 @@ def machine(monkeypatch):
         def counted(model, run):
             state["timed"] += 1
             return table(model, run)
-        monkeypatch.setattr(timing, "time_forward", counted)
+        monkeypatch.setattr(precision, "time_forward", counted)
     state["on"] = on
     return state
 
@@ -224,7 +224,7 @@ def test_other_torchrun_ranks_follow_rank_0(dataset, monkeypatch):
     monkeypatch.setattr(choice.dist, "broadcast_object_list", broadcast)
     monkeypatch.setattr(choice, "measure", lambda *a: pytest.fail("rank 1 measured"))
     config = ExtractConfig(data=str(dataset), out=dataset / "nowhere", precision="auto")
-    resolved, record = choice.decide_precision(config, index_dataset(dataset), None, torch.device("cpu"), 64,
+    resolved, record = choice.decide_precision(config, index_dataset(dataset), None, None, torch.device("cpu"), 64,
                                                rank=1, world=2)
     assert resolved.precision == "bf16" and record["chosen"] == "bf16"
 
@@ -234,7 +234,8 @@ def test_other_torchrun_ranks_follow_rank_0(dataset, monkeypatch):
 
 
 def checkpoint(*, made_by_auto: bool) -> dict:
-    _, spec, fingerprint = load_backbone("random", seed=0)
+    backbone = random_backbone()
+    spec, fingerprint = backbone.weights, backbone.fingerprint
     head = nn.Linear(4096, 2)
     return {"format": "linear-head/1", "head": {"weight": head.weight.detach(), "bias": head.bias.detach()},
             "num_classes": 2, "feature_dim": 4096, "class_wnids": ["n1", "n2"], "class_names": ["a", "b"],
@@ -246,7 +247,7 @@ def checkpoint(*, made_by_auto: bool) -> dict:
 def test_live_chooses_for_its_own_batch_size(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: NATIVE_BF16)
     # bf16 wins at batch 1 (weight reads dominate), loses at batch 4
-    monkeypatch.setattr(timing, "time_forward", clock({(torch.float32, 1): 1.0, (torch.bfloat16, 1): 0.5,
+    monkeypatch.setattr(precision, "time_forward", clock({(torch.float32, 1): 1.0, (torch.bfloat16, 1): 0.5,
                                                       (torch.float32, 4): 1.0, (torch.bfloat16, 4): 1.7}))
     frames = [torch.randint(0, 256, (80, 96, 3), dtype=torch.uint8).numpy() for _ in range(4)]
     one = TorchClassifier(checkpoint(made_by_auto=True), weights="random", precision="auto")
@@ -259,7 +260,7 @@ def test_live_chooses_for_its_own_batch_size(monkeypatch):
 
 
 def test_live_keeps_an_explicit_precision_and_an_explicit_cache(monkeypatch):
-    monkeypatch.setattr(timing, "time_forward", lambda *a: pytest.fail("timed"))
+    monkeypatch.setattr(precision, "time_forward", lambda *a: pytest.fail("timed"))
     frames = [torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()]
     for made_by_auto, requested, expected in ((True, "bf16", torch.bfloat16), (False, "auto", torch.float32)):
         classifier = TorchClassifier(checkpoint(made_by_auto=made_by_auto), weights="random", precision=requested)
@@ -269,4 +270,4 @@ def test_live_keeps_an_explicit_precision_and_an_explicit_cache(monkeypatch):
 
 def test_a_bad_precision_is_one_line():
     with pytest.raises(UserError, match="--precision fp8"):
-        ExtractConfig(precision="fp8").check()
+        settle(ExtractConfig(precision="fp8"))

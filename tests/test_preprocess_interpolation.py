@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from models.backbones import LayerFeatures, reduction_for
-from pipeline.common.backbones.catalog import load_classifier, plan_layers
+from pipeline.backbones.torchvision_family import load, plan
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import class_image
 
@@ -72,8 +72,8 @@ def test_the_float_path_stays_in_range_and_near_the_uint8_path():
 
 
 def test_layer_features_stay_in_eval_and_take_any_dtype():
-    loaded = load_classifier("mobilenet_v3_small", "random", seed=1)
-    features, specs = plan_layers(loaded.model, "mobilenet_v3_small", ["penultimate", "features.12"], image_size=64)
+    loaded = load("mobilenet_v3_small", "random", seed=1)
+    features, specs = plan(loaded.model, "mobilenet_v3_small", ["penultimate", "features.12"], image_size=64)
     features.train()  # dropout and BatchNorm statistics must not come back on
     assert not features.training and not any(module.training for module in features.modules())
     x = Preprocess(image_size=64, resize_size=72)(images(72))

@@ -21,11 +21,10 @@ import run_extract
 import run_train_head
 from features.cache import open_split
 from pipeline.heads import linear as train_head
-from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import WORDS
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
-from tests.helpers import read_csv, write_synthetic_cache  # noqa: F401 (write_synthetic_cache: others import it from here)
+from tests.helpers import random_backbone, read_csv, write_synthetic_cache  # noqa: F401 (write_synthetic_cache: others import it from here)
 
 CPU_DEVICE = torch.device("cpu")
 NAMES = ["goldfish", "black stork", "walking stick"]  # first synonyms of the generated wnids in words.txt
@@ -151,7 +150,7 @@ def test_best_checkpoint_contents(run, feats):
     assert ckpt["class_wnids"] == sorted(WORDS)[:3] == train_split.wnids
     assert ckpt["class_names"] == NAMES
     assert ckpt["weights_spec"] == "random:seed=0"
-    assert ckpt["weights_fingerprint"] == train_split.attrs["weights_fingerprint"] == load_backbone("random", seed=0)[2]
+    assert ckpt["weights_fingerprint"] == train_split.attrs["weights_fingerprint"] == random_backbone().fingerprint
     assert ckpt["preprocess"] == json.loads(train_split.attrs["preprocess"])
     assert Preprocess.from_dict(ckpt["preprocess"]) == Preprocess(image_size=64, resize_size=72)
     assert ckpt["config"]["lr"] == 0.01 and ckpt["config"]["epochs"] == 3

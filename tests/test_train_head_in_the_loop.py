@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from features.cache import open_split
-from pipeline.common.backbones.loading import load_backbone
 from pipeline.common.dataset import index_dataset
 from pipeline.common.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads import linear as train_head
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
+from tests.helpers import random_backbone
 from tests.test_train_head import CPU_DEVICE, data, feats  # noqa: F401 (fixtures)
 
 
@@ -33,7 +33,7 @@ class BackboneInTheLoop:
             images = [read_rgb(self.root / self.paths[i]) for i in idx.tolist()]
             self.images_read += len(images)
             with torch.inference_mode():
-                fc7 = self.backbone(self.preprocess(images))
+                fc7 = self.backbone(self.preprocess(images))["fc7"]
             yield fc7.clone(), self.labels[idx]
 
 
@@ -44,8 +44,8 @@ def unfold(state: dict, standardizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def live_backbone():
-    backbone, _, fingerprint = load_backbone("random", seed=0)  # what --weights random --seed 0 extracted with
-    return backbone.to(memory_format=torch.channels_last), fingerprint  # channels_last, like extraction
+    backbone = random_backbone(layers=("fc7",))  # what --weights random --seed 0 extracted with
+    return backbone.module.to(memory_format=torch.channels_last), backbone.fingerprint  # channels_last, like extraction
 
 
 @pytest.mark.parametrize("standardize", [True, False])

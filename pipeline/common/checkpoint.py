@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from features.atomic import write_atomic
-from models import LAYER_DIMS
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
 from pipeline.common.preprocess import Preprocess
@@ -27,17 +26,17 @@ REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_nam
 def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch: int, cache_attrs: dict,
                     wnids: list[str], names: list[str], config: dict) -> dict:
     """The checkpoint of a head trained on the cache described by ``cache_attrs`` (train.h5's attributes)."""
-    extra = {}
-    if "layers_json" in cache_attrs:  # a non-AlexNet backbone: how to rebuild the layer from the model's graph
-        specs = {spec["name"]: spec for spec in json.loads(cache_attrs["layers_json"])}
-        extra = {"weights_enum": cache_attrs.get("weights_enum", ""), "weights_file": cache_attrs.get("weights_file", ""),
-                 "layer_spec": specs[cache_attrs["layer"]]}
+    extra = {key: cache_attrs[key] for key in ("weights_enum", "weights_file") if key in cache_attrs}
+    # how to rebuild the layer from the model's graph (a cache that records no spec of it: by its name, as AlexNet's)
+    specs = {spec["name"]: spec for spec in json.loads(cache_attrs.get("layers_json", "[]"))}
+    if cache_attrs["layer"] in specs:
+        extra["layer_spec"] = specs[cache_attrs["layer"]]
     return {
         "format": CHECKPOINT_FORMAT,
         **extra,
         "head": head_state,  # nn.Linear(feature_dim, num_classes) state on raw features
         "num_classes": len(wnids),
-        "feature_dim": int(cache_attrs["feature_dim"]),  # LAYER_DIMS[layer]
+        "feature_dim": int(cache_attrs["feature_dim"]),  # the width of ``layer``
         "class_wnids": list(wnids),
         "class_names": list(names),
         "backbone": cache_attrs["backbone"],
@@ -121,23 +120,16 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def checkpoint_backbone(checkpoint: dict) -> str:
-    """The backbone a head was trained on (checkpoints from before other backbones: alexnet)."""
-    return checkpoint.get("backbone", "alexnet")
-
-
 def layer_dim(path: Path, checkpoint: dict) -> int:
-    """The width of the layer the head reads: AlexNet's by name, any other backbone's from its ``layer_spec``."""
+    """The width of the layer the head reads, as its ``layer_spec`` records it; a checkpoint made before layer specs
+    were recorded (AlexNet's) is checked against its backbone's layer when the backbone is rebuilt."""
     layer = checkpoint.get("layer", "fc7")
-    if checkpoint_backbone(checkpoint) == "alexnet":
-        if layer not in LAYER_DIMS:
-            raise UserError(f"{path} holds a head for an unknown layer {layer!r} (known: {', '.join(LAYER_DIMS)}); "
-                            "retrain the head with run_train_head.py")
-        return LAYER_DIMS[layer]
-    spec = checkpoint.get("layer_spec")
+    if "layer_spec" not in checkpoint:
+        return checkpoint["feature_dim"]
+    spec = checkpoint["layer_spec"]
     if not (isinstance(spec, dict) and all(isinstance(spec.get(k), str) for k in ("name", "node", "reduction"))
             and _is_int(spec.get("dim")) and spec["dim"] > 0 and spec["name"] == layer):
-        raise UserError(f"{path} holds a {checkpoint_backbone(checkpoint)} head without a usable layer_spec for "
+        raise UserError(f"{path} holds a {checkpoint.get('backbone', 'backbone')} head without a usable layer_spec for "
                         f"{layer!r} (its graph node, reduction and width); retrain the head with run_train_head.py")
     return spec["dim"]
 

@@ -8,28 +8,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.layers import LAYERS, network_order
 from pipeline.common.errors import UserError
 from pipeline.common.holdout import VAL_FRACTION
 from pipeline.common.layouts import check_val_fraction
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
                             TINY_IMAGENET_URL)
-from pipeline.common.backbones.precision import AUTO, PRECISION_CHOICES
-from pipeline.common.preprocess import Preprocess
+from pipeline.common.preprocess import MODES
 
-
-ALEXNET = "alexnet"  # the default backbone, with its own extraction path and DeCAF layer names
 MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 MAX_BATCH_FRAMES = 256  # live --batch-frames: a pass over 8 frames already reads fc6/fc7 once for all of them
 COLLECT_EVERY = 5  # live --collect: save every 5th frame (consecutive camera frames are near-duplicates)
 COLLECT_COUNT = 60  # live --collect: frames saved per burst
 COLLECT_COUNTDOWN = 3.0  # live --collect: seconds on a camera before saving starts (a video or folder: 0)
-
-
-def default_out(backbone: str) -> Path:
-    """Each backbone's own cache folder, so two caches never collide: AlexNet's stays runs/features."""
-    return DEFAULT_FEATURES if backbone == ALEXNET else DEFAULT_FEATURES.with_name(f"{DEFAULT_FEATURES.name}-{backbone}")
 
 
 def check_seed(seed: int) -> None:
@@ -45,26 +36,32 @@ def _positive(name: str, value: int | None) -> None:
 
 @dataclass
 class ExtractConfig:
-    """Stage one: which images, which backbone, and how the cache is computed and stored."""
+    """Stage one: which images, which backbone, and how the cache is computed and stored.
+
+    What depends on the backbone (its default layers and cache folder, its preprocessing, the precision names)
+    is the backbone package's: ``pipeline.extract.loading.settle`` fills the defaults in and checks them.
+    """
 
     data: str | None = None  # dataset folder or zip; None: data/tiny-imagenet-200 (or its zip)
     download: bool = False  # fetch the official zip first
     url: str = TINY_IMAGENET_URL
     md5: str | None = TINY_IMAGENET_MD5
-    out: Path | None = None  # train.h5 and val.h5 go here; None: default_out(backbone)
-    backbone: str = "alexnet"  # any torchvision classification model (pipeline.common.backbones.catalog)
+    out: Path | None = None  # train.h5 and val.h5 go here; None: the backbone's own (runs/features, -NAME for others)
+    backbone: str = "alexnet"  # the default backbone; any torchvision classification model (pipeline.backbones)
     list_backbones: bool = False  # print every backbone name and stop
+    list_layers: str | None = None  # print this backbone's layer names (what --layers takes) and stop
     weights: str = "imagenet"  # imagenet, random, or a state_dict path
     seed: int = 0  # for --weights random
     device: str = "auto"
-    precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.common.backbones.precision), fp32, bf16 or fp16
+    precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.backbones.precision), fp32, bf16 or fp16
     dtype: str = "float32"  # storage dtype of the features
-    batch_size: int | None = None  # None: per backbone (AlexNet: 64 on CPU, 256 on CUDA)
-    workers: int | None = None  # DataLoader workers; None: 1 on CPU; on CUDA the usable CPUs per local rank - 1, up to 16
-    image_size: int | None = None  # the side of the network input; None: the model's own (AlexNet 224)
+    batch_size: int | None = None  # None: per backbone, from its size and the free memory
+    workers: int | None = None  # image readers: threads on the CPU (None: 1), DataLoader workers on CUDA (None: the
+    # usable CPUs per local rank - 1, up to 16)
+    image_size: int | None = None  # the side of the network input; None: the weights' own
     resize_size: int | None = None  # "crop": the shorter side before the centre crop (raised to image_size if
-    # smaller); None: the model's own (AlexNet 256)
-    resize_mode: str = "crop"  # "crop" (AlexNet eval transform) or "resize" (squash to image_size)
+    # smaller); None: the weights' own
+    resize_mode: str = "crop"  # "crop" (resize the shorter side, then centre-crop) or "resize" (squash to image_size)
     shard_size: int = 2048  # rows per resumable shard
     compression: str | None = None  # None, "gzip" or "lzf"
     overwrite: bool = False
@@ -77,50 +74,20 @@ class ExtractConfig:
     prepare_only: bool = False  # prepare and check the data, log a summary, stop
     summary_json: Path | None = None  # also write the preparation summary here
 
-    def __post_init__(self):
-        if self.out is None:
-            self.out = default_out(self.backbone)
-        if self.layers is None:
-            self.layers = ("fc7",) if self.backbone == ALEXNET else ("penultimate",)
-
-    @property
-    def is_alexnet(self) -> bool:
-        """AlexNet keeps its own path (pipeline.common.backbones.loading), bit for bit as before other backbones."""
-        return self.backbone == ALEXNET
-
-    @property
-    def preprocess(self) -> Preprocess:
-        """The one preprocessing definition these settings name (a resize below the input is raised to it).
-
-        Other backbones' preprocessing follows their weights (``pipeline.common.backbones.catalog.preprocess_for``,
-        which imports torchvision): this property only holds AlexNet's, torch-free."""
-        image_size = 224 if self.image_size is None else self.image_size
-        resize_size = 256 if self.resize_size is None else self.resize_size
-        try:
-            return Preprocess(image_size=image_size, resize_size=max(resize_size, image_size), mode=self.resize_mode)
-        except ValueError as err:
-            raise UserError(f"bad preprocessing options: {err}") from None
-
     def check(self) -> None:
-        if self.is_alexnet:
-            unknown = [layer for layer in self.layers if layer not in LAYERS]  # the backbone knows its layers
-            if unknown or not self.layers:
-                raise UserError(f"--layers {','.join(self.layers)}: use a comma list of {', '.join(LAYERS)}")
-            self.layers = tuple(network_order(set(self.layers)))  # network order, once each
-        else:  # checked against the model's graph when it is built (pipeline.common.backbones.catalog.plan_layers)
-            bad = [layer for layer in self.layers if "/" in layer or not layer]  # the cache's own names: catalog
+        """The settings that need no backbone (the backbone's own are checked by pipeline.extract.loading.settle)."""
+        if self.layers is not None:
+            bad = [layer for layer in self.layers if "/" in layer or not layer]  # the cache's own names: the family
             if bad or not self.layers:
-                raise UserError(f"--layers {','.join(self.layers)}: use a comma list of the model's node names "
-                                f"(list them with: python -m pipeline.common.backbones.catalog {self.backbone})")
+                raise UserError(f"--layers {','.join(self.layers)}: use a comma list of the model's layer names "
+                                f"(list them with: python run_extract.py --list-layers {self.backbone})")
             self.layers = tuple(dict.fromkeys(self.layers))
-        self.preprocess  # noqa: B018 - raises UserError for options no preprocessing can follow
+        if self.resize_mode not in MODES:
+            raise UserError(f"--resize-mode {self.resize_mode}: use {' or '.join(MODES)}")
         for name, value in (("--image-size", self.image_size), ("--resize-size", self.resize_size)):
             _positive(name, value)
         check_seed(self.seed)
         check_val_fraction(self.val_fraction)
-        self.precision = self.precision or AUTO  # None: the default, as before auto existed
-        if self.precision not in PRECISION_CHOICES:
-            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISION_CHOICES)}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
         _positive("--batch-size", self.batch_size)
@@ -147,7 +114,7 @@ class HeadConfig:
     features: Path = DEFAULT_FEATURES  # folder with train.h5 and val.h5; a comma list compares several caches
     out: Path = DEFAULT_HEAD  # run folder
     head: tuple[str, ...] = ("linear",)  # any of pipeline.heads.registry.HEADS
-    layers: tuple[str, ...] | None = None  # cached layers to train on; None: each cache's default (fc7 on AlexNet)
+    layers: tuple[str, ...] | None = None  # cached layers to train on; None: each cache's default (its backbone's)
     shots: tuple[int | None, ...] = (None,)  # train images per class, drawn with `seed`; None: all of them
     lr: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
     # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY
@@ -227,6 +194,7 @@ class LiveConfig:
     batch_frames: int | None = None  # frames per forward pass; None: 8 for files and folders, a camera always 1
     window: str = "fc7 live"
     precision: str = "auto"  # the torch runtime's backbone: auto (measured at its own batch size), fp32, bf16, fp16
+    # (checked by the live stage: pipeline.backbones.precision.check_choice)
     collect: str | None = None  # collect frames of this class instead of classifying (pipeline.live.collect)
     into: Path | None = None  # --collect: the ImageFolder the frames go to, as INTO/<collect>/
     every: int | None = None  # --collect: save every N-th frame; None: COLLECT_EVERY
@@ -247,8 +215,6 @@ class LiveConfig:
         if self.batch_frames is not None and self.batch_frames > MAX_BATCH_FRAMES:
             raise UserError(f"--batch-frames {self.batch_frames} is too large (at most {MAX_BATCH_FRAMES}: a batch "
                             "is held in memory, and 8 already reads the backbone's weights once for all its frames)")
-        if self.precision not in PRECISION_CHOICES:
-            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISION_CHOICES)}")
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise UserError(f"--runtime {self.runtime}: use {', '.join(RUNTIMES)}")
         if self.onnx is not None and self.runtime == "torch":

@@ -1,8 +1,8 @@
 """What the machine offers: the CPU kind (for benchmark records), its bf16 flags, and worker counts.
 
 Torch-free at import: the quick rerun check (pipeline.extract.freshness) reads the precision rules
-(pipeline.common.backbones.precision) without importing torch, which alone takes seconds. torch is imported inside
-``cpu_kind`` only. Which precision is fastest is measured, not guessed from flags (pipeline.common.backbones.precision).
+(pipeline.backbones.precision) without importing torch, which alone takes seconds. torch is imported inside
+``cpu_kind`` only. Which precision is fastest is measured, not guessed from flags (pipeline.backbones.precision).
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ import torch
 
 from features import cache
 from features.errors import NoRows
-from models.layers import network_order
+from pipeline.backbones.catalog import main_layer, order_layers
+from pipeline.backbones.precision import AUTO_ATTR, encode
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.errors import UserError
-from pipeline.common.backbones.precision import AUTO_ATTR, encode
 from pipeline.extract.incremental import Reuse
 from pipeline.extract.loading import backbone_attrs
 
@@ -24,12 +24,8 @@ def assemble_split(run, dataset: TinyImageNet, split: str, settings: cache.Cache
     being updated) into ``<split>.h5``. ``run``: the extractor's ``Run``. ``stamps``: each image's (size, mtime_ns), by dataset position."""
     config = run.config
     held = cache.held_layers(kept) if kept is not None else []
-    if config.is_alexnet:
-        every_layer = network_order(set(layers) | set(held))
-        main = "fc7" if "fc7" in every_layer else every_layer[0]  # what ``features`` links to: fc7 where it is cached
-    else:
-        every_layer = list(dict.fromkeys([*held, *layers]))
-        main = "penultimate" if "penultimate" in every_layer else every_layer[0]
+    every_layer = order_layers(config.backbone, dict.fromkeys([*held, *layers]))
+    main = main_layer(config.backbone, every_layer)  # what ``features`` links to: the backbone's default layer, held
     job = cache.Assembly(out=Path(config.out), split=split, settings=settings, num_shards=num_shards,
                          layers={layer: run.dims[layer] for layer in layers}, layer_order=tuple(every_layer),
                          main=main, compression=config.compression,
@@ -42,21 +38,12 @@ def assemble_split(run, dataset: TinyImageNet, split: str, settings: cache.Cache
                "dataset_root": str(dataset.root), "versions": _versions(),
                "class_full_names": "\n".join(dataset.full_names), "world_size": run.world,
                AUTO_ATTR: encode(run.precision_record) if run.precision_record else None,
-               **_layer_specs(backbone_attrs(run.weights_spec, run.attrs, kept), every_layer)})
+               **backbone_attrs(run.record, kept, every_layer)})
     try:
         return cache.assemble(job, rows)
     except NoRows:
         raise UserError(f"{split} has no decodable images: all {len(rows.paths)} were skipped as undecodable; "
                         "replace them, or check them with --prepare-only") from None
-
-
-def _layer_specs(attrs: dict, every_layer: list[str]) -> dict:
-    """``attrs`` with its layer specs (non-AlexNet backbones) narrowed to the layers the file holds (the backbone
-    may have been planned for more: those of the other split's file)."""
-    if "layers_json" in attrs:
-        specs = [spec for spec in json.loads(attrs["layers_json"]) if spec["name"] in every_layer]
-        attrs = {**attrs, "layers_json": json.dumps(specs)}
-    return attrs
 
 
 def _versions() -> str:

@@ -1,8 +1,7 @@
 """Stage one: run the frozen backbone once over train and val and store its layers in the HDF5 cache.
 
-AlexNet (the default) runs its own fc7 cut (models.AlexNetLayers), bit for bit as before other backbones
-existed; any other torchvision classifier runs as ``pipeline.common.backbones.catalog`` plans it: torchvision's
-graph cut at the named nodes, each reduced to a vector (models.backbones.LayerFeatures).
+The backbone comes from pipeline.backbones (``open_backbone``): torchvision's graph cut at the named nodes, each
+reduced to a vector (models.backbones.LayerFeatures), AlexNet's pool5, fc6 and fc7 among them.
 
 Data path (pipeline.extract.reading): whole batches of JPEGs are read, hashed and decoded ahead of the backbone,
 on the CPU by threads of this process that also resize and crop them as uint8 (read_ahead), on CUDA by
@@ -33,21 +32,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from features import cache
-from models.layers import MIN_IMAGE_SIZE
-from pipeline.common.backbones.loading import HostCopy, place_backbone, start_distributed, warm_up
+from pipeline.backbones.precision import AUTO, place_backbone
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
 from pipeline.common.images import Skipped, enforce_skip_policy
 from pipeline.common.jpeg import decode_floor
-from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
-from pipeline.extract.freshness import (dataset_changed, file_stamps, preprocess_of, refresh_class_names,
-                                       split_settings)
+from pipeline.extract.devices import HostCopy, start_distributed, warm_up
+from pipeline.extract.freshness import dataset_changed, file_stamps, refresh_class_names, split_settings
 from pipeline.extract.incremental import Plan, Reuse, plan_reuse, plan_split
-from pipeline.extract.loading import default_batch_size, load_for
+from pipeline.extract.loading import default_batch_size, load_for, preprocess_of, settle
 from pipeline.extract.reading import BatchReader, read_ahead, resize_in_workers
 from pipeline.extract.precision_choice import complete_attrs, decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
@@ -67,7 +64,7 @@ class Run:
 
     config: ExtractConfig
     preprocess: Preprocess
-    backbone: object  # models.AlexNetLayers, placed on the device
+    backbone: torch.nn.Module  # the backbone's module (forward_layers), placed on the device
     device: torch.device
     batch_size: int
     workers: int
@@ -76,7 +73,7 @@ class Run:
     world: int = 1
     precision_record: dict | None = None  # --precision auto: its choice and measurements (recorded in the cache)
     dims: dict = None  # {layer: width} of every layer the backbone computes
-    attrs: dict = None  # what a non-AlexNet cache records besides (weights_enum, weights_file, layers_json)
+    record: dict = None  # what the cache records of the backbone (pipeline.backbones.Backbone.record)
 
 
 def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
@@ -85,24 +82,21 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     ``locate``: finds (unpacks, downloads) the dataset folder; called on rank 0 only. ``dataset``: already
     indexed (saves indexing twice).
     """
-    config.check()
+    config = settle(config)
     preprocess = preprocess_of(config)
-    if config.is_alexnet and preprocess.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size {preprocess.image_size} is too small: AlexNet needs at least "
-                        f"{MIN_IMAGE_SIZE} px (224 is its usual input)")
     rank, world, device = start_distributed(config.device)  # under torchrun: one GPU per rank, NCCL or gloo
     batch_size = config.batch_size or default_batch_size(config.backbone, device)
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
     stamps = {split: file_stamps(dataset.root, dataset.splits[split].paths) for split in config.splits}
-    backbone, weights_spec, fingerprint, dims, attrs = load_for(
-        replace(config, layers=_layers_to_plan(config, dataset, stamps)), preprocess)
+    opened = load_for(replace(config, layers=_layers_to_plan(config, dataset, stamps)))
+    backbone, weights_spec, fingerprint = opened.module, opened.weights, opened.fingerprint
     out = Path(config.out)
     result = ExtractResult(out=out, dataset=dataset.root, weights_spec=weights_spec, weights_fingerprint=fingerprint,
                            device=str(device), batch_size=batch_size, world_size=world)
     auto = config.precision == AUTO  # precision hook: reused from the cache, or measured (pipeline.extract.precision_choice)
-    config, record = decide_precision(config, dataset, backbone, device, batch_size, rank, world)
+    config, record = decide_precision(config, dataset, backbone, preprocess, device, batch_size, rank, world)
     settings = {split: split_settings(dataset, split, replace(config, precision=split_precision(config, auto, split)),
                                       fingerprint, preprocess, stamps[split]) for split in config.splits}
     if world == 1 and not config.overwrite and _all_up_to_date(config, dataset, settings, result):
@@ -115,7 +109,7 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
             backbone = place_backbone(backbone, device, config.precision)
             warm_up(backbone, preprocess, device, batch_size)  # CUDA start-up before the timed loop
             run = Run(config, preprocess, backbone, device, batch_size, workers, weights_spec, rank, world,
-                      precision_record=record, dims=dims, attrs=attrs)
+                      precision_record=record, dims=opened.dims, record=opened.record())
             # every split is planned before any is written: a refused update leaves both files as they were
             plans = {split: _plan(run, dataset, split, settings[split], stamps[split]) for split in config.splits}
             for split in config.splits:
@@ -157,9 +151,9 @@ def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict
 
 
 def _layers_to_plan(config: ExtractConfig, dataset: TinyImageNet, stamps: dict) -> tuple[str, ...]:
-    """The requested layers, and for a non-AlexNet backbone those held by a complete file whose dataset changed:
-    new rows of an incremental update cover every layer of the file they join (AlexNet's cut computes any)."""
-    if config.overwrite or config.is_alexnet:
+    """The requested layers, and those held by a complete file whose dataset changed: new rows of an incremental
+    update cover every layer of the file they join."""
+    if config.overwrite:
         return config.layers
     held = []
     for split in config.splits:
@@ -176,8 +170,7 @@ def _check_batch_memory(preprocess: Preprocess, batch_size: int) -> None:
     available = available_memory()
     if available is not None and need > available:
         raise UserError(f"a batch of {batch_size} images at {side} px needs about {need / 2**30:.1f} GiB, more than "
-                        f"the {available / 2**30:.1f} GiB available; lower --image-size/--resize-size (AlexNet uses "
-                        "224/256) or --batch-size")
+                        f"the {available / 2**30:.1f} GiB available; lower --image-size/--resize-size or --batch-size")
 
 
 def device_detail(device: torch.device) -> dict:
@@ -333,7 +326,7 @@ class _Forward:
                 images = images.to(self.run.device, non_blocking=True)
             backbone = self.run.backbone
             x = self.normalize(images, backbone.dtype)
-            outputs = backbone.forward_layers(x, self.layers)  # {layer: (B, dim)}, one pass (AlexNetLayers or LayerFeatures)
+            outputs = backbone.forward_layers(x, self.layers)  # {layer: (B, dim)}, one pass
             for layer, rows in outputs.items():
                 acc["features"][layer].append(HostCopy(rows.to(self.storage)))  # on CUDA: pinned, without waiting
         acc["positions"].append(item["positions"])

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,10 @@ from features import cache
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.errors import UserError
-from pipeline.common.backbones.precision import AUTO
+from pipeline.backbones.precision import AUTO
+from pipeline.backbones.weights import describe_weights, weights_stamp
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.backbones.weights import IMAGENET_FILE, describe_weights, weights_stamp
+from pipeline.extract.loading import hub_name, preprocess_of, settle
 
 log = logging.getLogger(__name__)
 
@@ -92,27 +93,6 @@ def dataset_changed(attrs: dict, settings: cache.CacheSettings) -> bool:
     return bool({"dataset_signature", "files_signature", "files_identity"} & set(recorded.differences(settings)))
 
 
-def preprocess_of(config: ExtractConfig) -> Preprocess:
-    """The preprocessing of this extraction: AlexNet's from the settings (torch-free); any other backbone's
-    from its weights' own ``transforms()``, with only the sizes the user gave replacing the model's."""
-    if config.is_alexnet:
-        return config.preprocess
-    from pipeline.common.backbones.catalog import named_weights, preprocess_for  # imports torchvision
-
-    preprocess = preprocess_for(config.backbone, named_weights(config.backbone, config.weights),
-                                image_size=config.image_size, resize_size=config.resize_size)
-    return replace(preprocess, mode=config.resize_mode)
-
-
-def hub_name(config: ExtractConfig) -> str:
-    """The basename of this backbone's pretrained weights in the torch hub cache (what the quick look stats)."""
-    if config.is_alexnet:
-        return IMAGENET_FILE
-    from pipeline.common.backbones.catalog import default_weights, hub_file, named_weights
-
-    return hub_file(named_weights(config.backbone, config.weights) or default_weights(config.backbone)).name
-
-
 def split_settings(dataset: TinyImageNet, split: str, config: ExtractConfig, weights_fingerprint: str | None,
                    preprocess: Preprocess | None = None, stamps: np.ndarray | None = None) -> cache.CacheSettings:
     """What decides the content of ``split``'s cache under ``config`` (fingerprint None: not known yet;
@@ -139,7 +119,8 @@ def quick_up_to_date(config: ExtractConfig, dataset: TinyImageNet) -> dict[Path,
     """
     if config.overwrite:
         return None
-    auto = (config.precision or AUTO) == AUTO  # precision hook: any precision auto may choose is up to date
+    config = settle(config)
+    auto = config.precision == AUTO  # precision hook: any precision auto may choose is up to date
     spec = describe_weights(config.weights, config.seed)
     preprocess, stamp = preprocess_of(config), weights_stamp(spec, hub_name(config))  # that backbone's hub file
     found = {}

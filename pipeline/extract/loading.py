@@ -1,50 +1,60 @@
-"""The backbone an extraction runs: AlexNet's fc7 cut (as before other backbones), or any torchvision
-classifier planned by ``pipeline.common.backbones.catalog``; its default batch size, and what its cache records."""
+"""The backbone an extraction runs (pipeline.backbones), the settings that depend on it, and what its cache
+records of it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
-import torch
-
-from models.layers import LAYER_DIMS
-from pipeline.common.backbones.loading import load_backbone
+from pipeline.backbones import catalog
+from pipeline.backbones.precision import check_choice
+from pipeline.backbones.weights import weights_stamp
 from pipeline.common.config import ExtractConfig
-from pipeline.common.hardware import free_memory
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.backbones.weights import weights_stamp
 
 
-def default_batch_size(backbone: str, device: torch.device) -> int:
-    """AlexNet's as before (64 on the CPU, 256 on CUDA); other models' from their size and the free memory."""
-    if backbone == "alexnet":
-        return 256 if device.type == "cuda" else 64
-    from pipeline.common.backbones.catalog import default_batch_size as by_model
-
-    free = free_memory(device) if device.type == "cuda" else None
-    return by_model(backbone, device.type, free)
-
-
-def load_for(config: ExtractConfig, preprocess: Preprocess) -> tuple[torch.nn.Module, str, str, dict, dict]:
-    """(the backbone, its recorded weights spec, its fingerprint, {layer: width}, extra cache attributes)."""
-    if config.is_alexnet:  # the fc7 cut: its fingerprint covers exactly the layers AlexNet caches compare
-        backbone, weights_spec, fingerprint = load_backbone(config.weights, seed=config.seed)
-        return backbone, weights_spec, fingerprint, dict(LAYER_DIMS), {}
-    from pipeline.common.backbones.catalog import default_weights, hub_file, load_classifier, named_weights, plan_layers
-
-    loaded = load_classifier(config.backbone, config.weights, seed=config.seed, progress=config.progress)
-    module, specs = plan_layers(loaded.model, loaded.name, config.layers, image_size=preprocess.image_size)
-    weights = named_weights(loaded.name, loaded.weights_enum) if loaded.weights_enum else default_weights(loaded.name)
-    attrs = {"weights_enum": loaded.weights_enum or "", "weights_file": hub_file(weights).name,
-             "layers_json": json.dumps([spec.to_dict() for spec in specs])}
-    return module, loaded.weights, loaded.fingerprint, {spec.name: spec.dim for spec in specs}, attrs
+def settle(config: ExtractConfig) -> ExtractConfig:
+    """``config`` checked, with its backbone's defaults filled in: its own cache folder and layers (torch-free for
+    a catalog entry such as AlexNet). An unknown backbone name is one line with close names."""
+    config.check()
+    name = catalog.check_name(config.backbone)
+    return replace(config, backbone=name, precision=check_choice(config.precision),
+                   out=Path(config.out) if config.out is not None else catalog.default_out(name),
+                   layers=tuple(config.layers or catalog.default_layers(name)))
 
 
-def backbone_attrs(weights_spec: str, attrs: dict, kept: dict | None) -> dict:
-    """The weights stamp, and for a non-AlexNet backbone its exact weights enum, hub file and layer specs
-    (those of the file being extended first): absent ``layers_json`` means AlexNet's layers."""
-    if not attrs:
-        return {"weights_stamp": weights_stamp(weights_spec)}
-    specs = {spec["name"]: spec for spec in json.loads(kept.get("layers_json", "[]"))} if kept else {}
-    specs.update({spec["name"]: spec for spec in json.loads(attrs["layers_json"])})
-    return {**attrs, "weights_stamp": weights_stamp(weights_spec, attrs["weights_file"]),
-            "layers_json": json.dumps(list(specs.values()))}
+def preprocess_of(config: ExtractConfig) -> Preprocess:
+    """The preprocessing of this extraction: the weights' own, with only the sizes the user gave replacing theirs
+    (torch-free for a catalog entry; another model's weights are asked, which imports torchvision)."""
+    return catalog.preprocess_of(config.backbone, config.weights, image_size=config.image_size,
+                                 resize_size=config.resize_size, mode=config.resize_mode)
+
+
+def hub_name(config: ExtractConfig) -> str:
+    """The basename of this backbone's pretrained weights in the torch hub cache (what the quick look stats)."""
+    return catalog.hub_file(config.backbone, config.weights)
+
+
+def default_batch_size(name: str, device) -> int:
+    """The backbone's own (AlexNet: 64 on the CPU, 256 on CUDA), else from its size and the free device memory."""
+    from pipeline.common.hardware import free_memory
+
+    return catalog.default_batch_size(name, device.type, free_memory(device) if device.type == "cuda" else None)
+
+
+def load_for(config: ExtractConfig):
+    """The backbone (pipeline.backbones.Backbone) of this extraction, computing ``config.layers``."""
+    from pipeline.backbones.backbone import open_backbone
+
+    return open_backbone(config.backbone, config.weights, seed=config.seed, layers=config.layers,
+                         image_size=config.image_size, resize_size=config.resize_size, mode=config.resize_mode,
+                         progress=config.progress)
+
+
+def backbone_attrs(record: dict, kept: dict | None, layers: list[str]) -> dict:
+    """What the cache records of its backbone (``Backbone.record()``), with the weights stamp and the specs of the
+    ``layers`` the file holds (those of the file being extended first: its kept layers keep their specs)."""
+    specs = {name: spec.to_dict() for name, spec in catalog.recorded_specs(kept).items()} if kept else {}
+    specs.update({spec["name"]: spec for spec in json.loads(record["layers_json"])})
+    return {**record, "weights_stamp": weights_stamp(record["weights_spec"], record["weights_file"]),
+            "layers_json": json.dumps([specs[layer] for layer in layers if layer in specs])}

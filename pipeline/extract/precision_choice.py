@@ -3,7 +3,7 @@
 A run continues an earlier one when the cache folder holds a complete split file (an added layer, a rerun)
 or a partial extraction (resume): the precision recorded there is reused, untimed, so the rows of one file
 never mix precisions. Otherwise rank 0 times the candidates on the first images of the first split and
-the other torchrun ranks follow its choice. The rules are in pipeline.common.backbones.precision.
+the other torchrun ranks follow its choice. The rules, and the timing, are pipeline.backbones.precision's.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import torch.distributed as dist
 from features import cache
 from features.atomic import write_atomic
 from features.errors import CacheError
-from pipeline.common.backbones.loading import place_backbone
+from pipeline.backbones.precision import (AUTO, AUTO_ATTR, CPU_SUB_BATCH, choose_precision, decode, describe,
+                                          place_backbone, reused)
 from pipeline.common.config import ExtractConfig
 from pipeline.common.dataset import TinyImageNet
 from pipeline.common.images import ImageDecodeError, read_rgb, stack_or_list
-from pipeline.common.backbones.precision import AUTO, AUTO_ATTR, CPU_SUB_BATCH, decode, describe, reused
-from pipeline.common.backbones.precision_timing import choose_precision
+from pipeline.common.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def _first_images(dataset: TinyImageNet, split: str, count: int) -> list[torch.T
     return images
 
 
-def measure(config: ExtractConfig, dataset: TinyImageNet, backbone, device: torch.device, batch_size: int) -> dict:
+def measure(config: ExtractConfig, dataset: TinyImageNet, backbone, preprocess: Preprocess, device: torch.device,
+            batch_size: int) -> dict:
     """Time the candidates on the first real images (a sub-batch on the CPU, a full batch on CUDA)."""
     count = min(batch_size, CPU_SUB_BATCH) if device.type == "cpu" else batch_size
     images = _first_images(dataset, config.splits[0], count)
@@ -83,11 +84,11 @@ def measure(config: ExtractConfig, dataset: TinyImageNet, backbone, device: torc
     batch = stack_or_list(images)
     batch = [im.to(device) for im in batch] if isinstance(batch, list) else batch.to(device)
     backbone = place_backbone(backbone, device, "fp32")
-    return choose_precision(backbone, lambda dtype: config.preprocess(batch, dtype), config.layers, device)
+    return choose_precision(backbone, lambda dtype: preprocess(batch, dtype), config.layers, device)
 
 
-def decide_precision(config: ExtractConfig, dataset: TinyImageNet, backbone, device: torch.device, batch_size: int,
-                     rank: int, world: int) -> tuple[ExtractConfig, dict | None]:
+def decide_precision(config: ExtractConfig, dataset: TinyImageNet, backbone, preprocess: Preprocess,
+                     device: torch.device, batch_size: int, rank: int, world: int) -> tuple[ExtractConfig, dict | None]:
     """(``config`` with its precision resolved, auto's record or None for an explicit precision).
 
     Rank 0 decides (reused or measured) and the other ranks take its answer.
@@ -100,7 +101,7 @@ def decide_precision(config: ExtractConfig, dataset: TinyImageNet, backbone, dev
         if record is not None:
             log.info(describe(record))
         else:
-            record = measure(config, dataset, backbone, device, batch_size)
+            record = measure(config, dataset, backbone, preprocess, device, batch_size)
     if world > 1:
         shared = [record]
         dist.broadcast_object_list(shared, src=0)

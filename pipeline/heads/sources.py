@@ -1,7 +1,7 @@
 """The caches a head run reads: one, or several of one dataset (``--features A,B``) to compare backbones.
 
 Each cache is opened for every layer asked of it, before anything is trained: the layers given with
-``--layers``, or the cache's own default layer (fc7 on AlexNet, ``penultimate`` on any other backbone). Caches
+``--layers``, or the default layer of the cache's backbone (pipeline.backbones.catalog.default_layers). Caches
 compared in one grid must hold the same dataset (equal dataset signatures), so their rows are the same images.
 """
 from __future__ import annotations
@@ -11,12 +11,10 @@ from pathlib import Path
 
 from features.attrs import read_attrs
 from features.cache import CachedSplit
-from models.layers import LAYERS
+from pipeline.backbones.catalog import default_layers, recorded_backbone
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.heads.readers import open_cache
-
-ALEXNET_DEFAULT, OTHER_DEFAULT = "fc7", "penultimate"  # pipeline.common.backbones.catalog.default_layers, torch-free
 
 
 @dataclass
@@ -46,16 +44,12 @@ def feature_folders(features) -> tuple[Path, ...]:
 
 def _backbone(folder: Path) -> str:
     attrs = read_attrs(folder / "train.h5")  # None: open_cache says what is missing
-    return (attrs or {}).get("backbone", "alexnet")
+    return recorded_backbone(attrs or {})
 
 
 def _layers(config: HeadConfig, backbone: str) -> tuple[str, ...]:
-    if config.layers is None:
-        return (ALEXNET_DEFAULT if backbone == "alexnet" else OTHER_DEFAULT,)
-    unknown = [layer for layer in config.layers if layer not in LAYERS]
-    if backbone == "alexnet" and unknown:
-        raise UserError(f"--layers {','.join(unknown)}: use {', '.join(LAYERS)} (a comma list compares them)")
-    return tuple(config.layers)
+    """--layers, or the backbone's default layer (a layer the cache lacks: open_cache says how to add it)."""
+    return tuple(config.layers) if config.layers is not None else default_layers(backbone)[:1]
 
 
 def open_sources(config: HeadConfig) -> list[Source]:

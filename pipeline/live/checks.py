@@ -16,7 +16,10 @@ from pipeline.common.preprocess import MODES, Preprocess
 
 NETWORK_BYTES_PER_FRAME = 8 * 2**20  # activations of one frame through AlexNet at 224 px, with headroom
 REFERENCE_SIZE = 224  # the side NETWORK_BYTES_PER_FRAME is measured at; activations grow with its square
-MAX_IMAGE_SIZE = 4096  # far above any input AlexNet was trained for (224), far below a runaway allocation
+# the input sides a checkpoint may record: far above any backbone's training size (224-518), far below a runaway
+# allocation; each backbone's own smallest input is checked when it is rebuilt (pipeline.backbones.rebuild)
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 4096
 RETRAIN = "retrain the head with run_train_head.py"
 
 
@@ -48,14 +51,12 @@ def _is_number(value) -> bool:
 
 def check_preprocess(d, path) -> Preprocess:
     """The recorded preprocessing, each field of the exact type and range the runner relies on."""
-    from models import MIN_IMAGE_SIZE  # torch: only the torch runtime reads checkpoints
-
     if not isinstance(d, dict):
         raise UserError(f"{path}: preprocess is {type(d).__name__}, expected a dict; {RETRAIN}")
     for key in ("image_size", "resize_size"):
         if not _is_int(d.get(key)) or not MIN_IMAGE_SIZE <= d[key] <= MAX_IMAGE_SIZE:
             raise UserError(f"{path}: preprocess {key} is {d.get(key)!r}, expected a whole number from "
-                            f"{MIN_IMAGE_SIZE} (AlexNet's smallest input) to {MAX_IMAGE_SIZE}; {RETRAIN}")
+                            f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}; {RETRAIN}")
     if d["resize_size"] < d["image_size"] or d.get("mode") not in MODES:
         raise UserError(f"{path}: preprocess has mode {d.get('mode')!r} and resize_size {d['resize_size']} < "
                         f"image_size {d['image_size']} (expected mode {' or '.join(MODES)} and resize_size >= "

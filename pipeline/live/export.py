@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.backbones.catalog import recorded_backbone
 from pipeline.common.checkpoint import read_checkpoint
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError, first_line
@@ -86,6 +87,8 @@ def _write_graph(model: nn.Module, size: int, path: Path, metadata: dict[str, st
             program = torch.onnx.export(model, (example,), input_names=[INPUT], output_names=[OUTPUT],
                                         opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},))
             program.model.metadata_props.update(metadata)
+            for node in program.model.graph.all_nodes():  # where the exporter ran from: local paths, and counters
+                node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)  # that differ between two exports
             program.save(str(path), external_data=False)
     except Exception as err:  # the exporter's own failures are many types; say which step failed
         raise UserError(f"torch's ONNX exporter failed ({first_line(err)[:200]}); try another torch, or report it") from None
@@ -120,7 +123,7 @@ def _sidecar(config: LiveConfig, checkpoint: dict, preprocess: Preprocess) -> di
         "opset": OPSET, "input": INPUT, "output": OUTPUT, "num_classes": len(checkpoint["class_wnids"]),
         "class_wnids": list(checkpoint["class_wnids"]), "class_names": list(checkpoint["class_names"]),
         "preprocess": describe_preprocess(preprocess), "layer": checkpoint.get("layer", "fc7"),
-        "backbone": checkpoint.get("backbone", "alexnet"), "weights_spec": config.weights or checkpoint["weights_spec"],
+        "backbone": recorded_backbone(checkpoint), "weights_spec": config.weights or checkpoint["weights_spec"],
         "weights_fingerprint": checkpoint["weights_fingerprint"], "checkpoint": str(Path(config.checkpoint).resolve()),
         "checkpoint_epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics", {}),
     }
@@ -132,7 +135,7 @@ def export_classifier(config: LiveConfig) -> Path:
     checkpoint = read_checkpoint(config.checkpoint)
     preprocess = check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
     if preprocess.interpolation not in TAPS:  # what pipeline.live.numpy_preprocess ports bit for bit
-        raise UserError(f"{checkpoint.get('backbone', 'alexnet')}'s weights resize {preprocess.interpolation}, which the "
+        raise UserError(f"{recorded_backbone(checkpoint)}'s weights resize {preprocess.interpolation}, which the "
                         "exported runtimes' preprocessing does not do; run this head on torch (--checkpoint, no --export)")
     check_targets(config, checkpoint)
     fp32 = {**checkpoint, "precision": "fp32"}  # every runtime computes in fp32

@@ -30,7 +30,7 @@ from pipeline.common.config import LiveConfig
 from pipeline.common.errors import first_line
 from pipeline.common.hardware import available_memory
 from pipeline.common.sources import CaptureSource, FrameSource, ImageSource, open_source
-from pipeline.common.backbones.weights import is_random
+from pipeline.backbones.weights import is_random
 from pipeline.live.classifier import Classifier
 from pipeline.live.overlay import Display, PredictionsOutput, VideoOutput, annotate, display_available, view
 

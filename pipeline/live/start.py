@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError
-from pipeline.common.backbones.weights import IMAGENET_FILE, describe_weights, weights_file
+from pipeline.backbones.catalog import hub_file, recorded_backbone
+from pipeline.backbones.weights import describe_weights, weights_file
 from pipeline.live.classifier import Classifier
 from pipeline.live.overlay import check_output_paths
 
@@ -35,8 +36,9 @@ def check_outputs(config: LiveConfig, inputs: dict[str, Path | None]) -> None:
 
 def checkpoint_inputs(config: LiveConfig, checkpoint: dict) -> dict[str, Path | None]:
     """{option: file} of what a checkpoint's classifier is read from: the checkpoint and the backbone's weights."""
-    weights = weights_file(describe_weights(config.weights or checkpoint["weights_spec"], config.seed),
-                           checkpoint.get("weights_file") or IMAGENET_FILE)  # that backbone's file in the hub cache
+    spec = describe_weights(config.weights or checkpoint["weights_spec"], config.seed)
+    hub_name = checkpoint.get("weights_file") or hub_file(recorded_backbone(checkpoint), spec)  # in the hub cache
+    weights = weights_file(spec, hub_name)
     return {"--checkpoint": Path(config.checkpoint), "--weights": weights}
 
 

@@ -15,13 +15,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from models import AlexNetClassifier
 from models.backbones import LayerClassifier
-from pipeline.common.backbones.loading import load_backbone, place_backbone, resolve_device
-from pipeline.common.checkpoint import checkpoint_backbone, checkpoint_preprocess, load_head, read_checkpoint
+from pipeline.backbones.backbone import rebuild
+from pipeline.backbones.catalog import recorded_backbone, recorded_specs
+from pipeline.backbones.precision import AUTO, choose_precision, place_backbone
+from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
+from pipeline.common.hardware import resolve_device
 from pipeline.common.jpeg import decode_floor
-from pipeline.common.backbones.precision import AUTO
 from pipeline.common.preprocess import Preprocess, stack_or_list
 from pipeline.common.sources import torch_decoder
 from pipeline.live.checks import frame_bytes
@@ -39,58 +40,29 @@ def live_precision(checkpoint: dict, requested: str | None) -> str:
 
 
 def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int = 0,
-                     device: torch.device | str = "cpu", precision: str | None = None) -> AlexNetClassifier:
-    """Backbone (from the checkpoint's weights spec, or ``weights``) + head, in eval mode on ``device``.
+                     device: torch.device | str = "cpu", precision: str | None = None) -> LayerClassifier:
+    """Backbone (from the checkpoint's record, or ``weights``) + head, in eval mode on ``device``.
 
-    The backbone's fingerprint must be the one recorded in the checkpoint, else a UserError. It is placed
-    as extraction places it (channels_last, weights cast once to the recorded precision, the same math
-    flags), so a frame gives the features the cache holds for it. ``precision``: another precision (auto: fp32
-    until TorchClassifier has timed the candidates on its first batch).
+    The backbone is rebuilt by pipeline.backbones (its fingerprint must be the one recorded in the checkpoint,
+    else a UserError) and placed as extraction placed it (channels_last, weights cast once to the recorded
+    precision, the same math flags), so a frame gives the features the cache holds for it. ``precision``:
+    another precision (auto: fp32 until TorchClassifier has timed the candidates on its first batch).
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    spec = weights if weights is not None else checkpoint["weights_spec"]
-    if checkpoint_backbone(checkpoint) != "alexnet":
-        return _layer_classifier(checkpoint, spec, weights is not None, seed, device)
-    backbone, recorded, fingerprint = load_backbone(spec, seed=seed)
-    if fingerprint != checkpoint["weights_fingerprint"]:
-        trained_on = f"{checkpoint['weights_spec']!r} (fingerprint {checkpoint['weights_fingerprint'][:12]})"
-        if weights is not None:
-            raise UserError(f"--weights {recorded} gives a backbone with fingerprint {fingerprint[:12]}, but the head was "
-                            f"trained on features of {trained_on}; pass the weights used for extraction, or drop --weights")
-        raise UserError(f"the backbone weights {recorded} now have fingerprint {fingerprint[:12]}, but the head was "
-                        f"trained on features of {trained_on}; pass --weights with the backbone used for extraction")
-    backbone.output = checkpoint.get("layer", "fc7")  # the layer the head was trained on
+    layer = checkpoint.get("layer", "fc7")
+    spec = recorded_specs(checkpoint).get(layer)  # checked before any weights are read
+    if spec is None or spec.dim != checkpoint["feature_dim"]:
+        found = f"gives {spec.dim}" if spec else "is not one it records"
+        raise UserError(f"the head reads {checkpoint['feature_dim']} features of layer {layer!r}, which the recorded "
+                        f"{recorded_backbone(checkpoint)} backbone {found}; retrain the head with run_train_head.py")
+    backbone = rebuild(checkpoint, weights=weights, seed=seed, layers=(layer,))
     precision = live_precision(checkpoint, precision)
-    backbone = place_backbone(backbone, device, "fp32" if precision == AUTO else precision)
-    return AlexNetClassifier(backbone, load_head(checkpoint).to(device)).eval()
-
-
-def _layer_classifier(checkpoint: dict, spec: str, weights_given: bool, seed: int, device: torch.device) -> LayerClassifier:
-    """Any other torchvision backbone, rebuilt from the checkpoint alone: its model and weights, the recorded
-    graph node and reduction of the head's layer, placed as extraction placed it."""
-    from pipeline.common.backbones.catalog import LayerSpec, layer_features
-    from pipeline.common.backbones.catalog import load_classifier as load_torchvision
-
-    name = checkpoint_backbone(checkpoint)
-    try:
-        loaded = load_torchvision(name, spec, seed=seed)
-    except UserError as err:
-        if not weights_given:
-            raise
-        raise UserError(f"--weights {spec} cannot be the {name} backbone this head was trained on ({err}); pass "
-                        f"the weights used for extraction, or drop --weights") from None
-    if loaded.fingerprint != checkpoint["weights_fingerprint"]:
-        trained_on = f"{name} {checkpoint['weights_spec']!r} (fingerprint {checkpoint['weights_fingerprint'][:12]})"
-        given = f"--weights {loaded.weights}" if weights_given else f"the backbone weights {loaded.weights}"
-        raise UserError(f"{given} give a {name} with fingerprint {loaded.fingerprint[:12]}, but the head was trained "
-                        f"on features of {trained_on}; pass --weights with the backbone used for extraction")
-    layer = LayerSpec(**checkpoint["layer_spec"])
-    features = place_backbone(layer_features(loaded.model, [layer]), device, checkpoint.get("precision", "fp32"))
-    return LayerClassifier(features, layer.name, load_head(checkpoint).to(device)).eval()
+    module = place_backbone(backbone.module, device, "fp32" if precision == AUTO else precision)
+    return LayerClassifier(module, layer, load_head(checkpoint).to(device)).eval()
 
 
 def load_classifier(checkpoint_path: str | Path, weights: str | None = None, device: torch.device | str = "cpu", *,
-                    seed: int = 0) -> tuple[AlexNetClassifier, dict, Preprocess]:
+                    seed: int = 0) -> tuple[LayerClassifier, dict, Preprocess]:
     """(model in eval mode on ``device``, the checked checkpoint dict, its Preprocess)."""
     checkpoint = read_checkpoint(checkpoint_path)
     model = build_classifier(checkpoint, weights=weights, seed=seed, device=device)
@@ -113,7 +85,7 @@ def _batch(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor
 
 
 @torch.inference_mode()
-def predict_frames(model: AlexNetClassifier, preprocess: Preprocess,
+def predict_frames(model: LayerClassifier, preprocess: Preprocess,
                    images: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
     """RGB uint8 images, (3, H, W) tensors or (H, W, 3) arrays of any sizes -> (B, C) float32 probabilities
     on the CPU, in order.
@@ -128,7 +100,7 @@ def predict_frames(model: AlexNetClassifier, preprocess: Preprocess,
     return torch.softmax(model(x), dim=1).cpu()
 
 
-def predict_frame(model: AlexNetClassifier, preprocess: Preprocess, rgb: torch.Tensor | np.ndarray) -> torch.Tensor:
+def predict_frame(model: LayerClassifier, preprocess: Preprocess, rgb: torch.Tensor | np.ndarray) -> torch.Tensor:
     """One RGB uint8 image -> (C,) float32 class probabilities on the CPU: ``predict_frames`` on one image."""
     return predict_frames(model, preprocess, [rgb])[0]
 
@@ -164,12 +136,10 @@ class TorchClassifier:
 
     def _choose_precision(self, frames: Sequence[np.ndarray]) -> None:
         """--precision auto: time the candidates on this first batch, then cast the backbone once to the choice."""
-        from pipeline.common.backbones.precision_timing import choose_precision
-
         device, backbone = self.model.head.weight.device, self.model.backbone
         batch = _batch([as_tensor(frame) for frame in frames], device)
-        layer = getattr(self.model, "layer", None) or backbone.output  # LayerClassifier's, else AlexNet's cut
-        self.precision_record = choose_precision(backbone, lambda dtype: self.preprocess(batch, dtype), (layer,), device)
+        self.precision_record = choose_precision(backbone, lambda dtype: self.preprocess(batch, dtype),
+                                                 (self.model.layer,), device)
         self.model.backbone = place_backbone(backbone, device, self.precision_record["chosen"])
         self.choose_precision = False
 

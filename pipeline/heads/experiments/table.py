@@ -30,7 +30,7 @@ class Experiment:
     seconds: float  # wall time of the run, loading the features included (a kNN run's k share one)
     folder: Path
     checkpoint: Path | None  # best.pt (linear, logreg); None for knn
-    backbone: str = "alexnet"  # the cache's backbone (set by the grid, which may compare several)
+    backbone: str = ""  # the cache's backbone (set by the grid, which may compare several)
 
     def record(self, out: Path) -> dict:
         return {"backbone": self.backbone, "layer": self.layer, "head": self.head, "hyper_parameters": self.params, "shots": self.shots,

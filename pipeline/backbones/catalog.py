@@ -1,0 +1,163 @@
+"""Which family a backbone name belongs to, and the facts known about a backbone without importing torch.
+
+A backbone name is a torchvision classification model (``alexnet``, ``resnet50``, ``vit_b_16``); a later family
+is a prefix (``timm:``, ``open_clip:``) routed to its own module. The rerun of a finished extraction answers "up
+to date" without importing torch, so what it needs (the default layers, the preprocessing, the weights' hub
+file, the default batch size and cache folder) is answered here: from a catalog entry where the backbone has
+one, else by asking its family (which imports torch).
+
+Catalog entries hold what a backbone cannot say about itself through its family's generic path. AlexNet has one:
+its DeCAF layer names (pool5, fc6 and fc7 are graph nodes of torchvision's AlexNet), the cut after fc7 that its
+weights fingerprint has always covered, and its preprocessing, batch sizes and cache folder, known torch-free.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.common.errors import UserError
+from pipeline.common.names import DEFAULT_FEATURES
+from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+PENULTIMATE = "penultimate"  # the input of the model's last Linear: what linear probes train on
+LIST_LAYERS = "python run_extract.py --list-layers"  # how a user lists a model's layer names
+LIST_BACKBONES = "python run_extract.py --list-backbones"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cached layer: its name, the graph node it is read from, how it becomes a vector, its width."""
+
+    name: str  # as the user asked for it: 'penultimate', 'fc7', 'layer4'
+    node: str  # the graph node: 'flatten', 'classifier.5', 'layer4'
+    reduction: str  # models.backbones.REDUCTIONS
+    dim: int  # the vector's length
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "node": self.node, "reduction": self.reduction, "dim": self.dim}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the catalog knows of one backbone, torch-free."""
+
+    name: str
+    layers: dict[str, LayerSpec]  # named layers (aliases of graph nodes), in network order
+    default_layers: tuple[str, ...]
+    preset: Preprocess  # its pretrained weights' own preprocessing (what their transforms() say)
+    hub_file: str  # its pretrained weights' file in the torch hub cache
+    truncate: tuple[str, int] | None = None  # (module, length): the model is cut to module[:length] when built
+    batch_size: dict[str, int] = field(default_factory=dict)  # extraction's default per device type
+    out: Path | None = None  # its default cache folder (others: runs/features-NAME)
+
+
+ALEXNET = Entry(
+    name="alexnet",
+    # DeCAF's layers: the flattened avgpool (pool5), post-ReLU fc6 and fc7; fc7 also serves as the penultimate
+    layers={"pool5": LayerSpec("pool5", "avgpool", "flatten", 9216), "fc6": LayerSpec("fc6", "classifier.2", "none", 4096),
+            "fc7": LayerSpec("fc7", "classifier.5", "none", 4096),
+            PENULTIMATE: LayerSpec(PENULTIMATE, "classifier.5", "none", 4096)},
+    default_layers=("fc7",),
+    preset=Preprocess(image_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    hub_file="alexnet-owt-7be5be79.pth",  # AlexNet_Weights.IMAGENET1K_V1
+    truncate=("classifier", 6),  # Dropout, fc6, ReLU, Dropout, fc7, ReLU: fc8 is never run nor fingerprinted
+    batch_size={"cpu": 64, "cuda": 256},
+    out=DEFAULT_FEATURES,
+)
+ENTRIES = {entry.name: entry for entry in (ALEXNET,)}
+# a family: the module (beside this one) that serves names with its prefix; "" serves plain names
+FAMILIES = {"": "pipeline.backbones.torchvision_family"}
+
+
+def entry(name: str) -> Entry | None:
+    """The catalog entry of a backbone, None when it has none (its family answers everything)."""
+    return ENTRIES.get(name)
+
+
+def family(name: str):
+    """The module serving ``name``'s family (imports torch): torchvision's for plain names."""
+    prefix = name.split(":", 1)[0] + ":" if ":" in name else ""
+    if prefix not in FAMILIES:
+        raise UserError(f"unknown backbone family {prefix!r} in {name!r}; backbones are torchvision model names "
+                        f"(list them with: {LIST_BACKBONES})")
+    return importlib.import_module(FAMILIES[prefix])
+
+
+def check_name(name: str) -> str:
+    """``name`` when some family serves it, else one line with close names (torch-free for catalog entries)."""
+    return name if name in ENTRIES else family(name).check(name)
+
+
+def default_layers(name: str) -> tuple[str, ...]:
+    """The layers cached when --layers is not given: AlexNet's fc7 (as always), the penultimate elsewhere."""
+    found = entry(name)
+    return found.default_layers if found else (PENULTIMATE,)
+
+
+def default_out(name: str) -> Path:
+    """Each backbone's own cache folder, so two caches never collide: runs/features-NAME (AlexNet: runs/features)."""
+    found = entry(name)
+    if found and found.out is not None:
+        return found.out
+    return DEFAULT_FEATURES.with_name(f"{DEFAULT_FEATURES.name}-{name.replace(':', '-').replace('/', '-')}")
+
+
+def default_batch_size(name: str, device_type: str = "cpu", free_bytes: int | None = None) -> int:
+    """Extraction's batch when --batch-size is not given: the entry's, else from the model's size (its family)."""
+    found = entry(name)
+    if found and device_type in found.batch_size:
+        return found.batch_size[device_type]
+    return family(name).default_batch_size(name, device_type, free_bytes)
+
+
+def preprocess_of(name: str, weights: str, *, image_size: int | None = None, resize_size: int | None = None,
+                  mode: str = "crop") -> Preprocess:
+    """The preprocessing an extraction of ``name`` with ``weights`` uses: the weights' own (random or file weights:
+    the model's default weights'), with only the sizes given replacing theirs (the resize never below the crop)."""
+    found = entry(name)
+    preset = found.preset if found else family(name).preset(name, weights)
+    image = image_size if image_size is not None else preset.image_size
+    resize = max(resize_size if resize_size is not None else preset.resize_size, image)
+    try:
+        return Preprocess(image_size=image, resize_size=resize, mean=preset.mean, std=preset.std,
+                          interpolation=preset.interpolation, mode=mode)
+    except ValueError as err:
+        raise UserError(f"bad preprocessing options: {err}") from None
+
+
+def hub_file(name: str, weights: str) -> str:
+    """The basename of the file ``weights`` (imagenet, or an exact enum; for random or file weights, the default
+    weights') are read from in the torch hub cache."""
+    found = entry(name)
+    return found.hub_file if found else family(name).hub_file(name, weights)
+
+
+def order_layers(name: str, layers) -> list[str]:
+    """Layers as a file stores them: the entry's named layers in network order first, the others as given."""
+    named = list(entry(name).layers) if entry(name) else [PENULTIMATE]
+    return [layer for layer in named if layer in layers] + [layer for layer in layers if layer not in named]
+
+
+def main_layer(name: str, layers) -> str:
+    """The layer a file's ``features`` link points to: the backbone's default layer where held, else the first."""
+    ordered = order_layers(name, layers)
+    return next((layer for layer in default_layers(name) if layer in ordered), ordered[0])
+
+
+def recorded_specs(record: dict) -> dict[str, LayerSpec]:
+    """{layer: LayerSpec} a cache's attributes (``layers_json``) or a checkpoint (``layer_spec``) record; a record
+    made before specs were recorded (AlexNet's, by its layer names) gets its entry's. Raises ValueError on junk."""
+    if "layers_json" in record:
+        return {spec["name"]: LayerSpec(**spec) for spec in json.loads(record["layers_json"])}
+    if "layer_spec" in record:
+        spec = LayerSpec(**record["layer_spec"])
+        return {spec.name: spec}
+    found = entry(recorded_backbone(record))
+    return dict(found.layers) if found else {}
+
+
+def recorded_backbone(record: dict) -> str:
+    """The backbone a cache or checkpoint names; one made before other backbones existed names none: AlexNet's."""
+    return record.get("backbone") or ALEXNET.name

@@ -1,0 +1,101 @@
+"""Backbone weights: the recorded spec and a stamp of its file (torch-free), and reading a weights file.
+
+The stamp lets a rerun of run_extract.py see that a complete cache is up to date in well under a
+second (importing torch and torchvision alone takes seconds): same spec, same weights file (size and
+modification time), same torch for seeded random weights. Anything else falls back to the full check,
+which loads the weights and compares their fingerprint. ``load_state_dict`` reads a weights file with
+torch's weights-only loader (torch is imported there, when a file is read).
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.common.errors import UserError, first_line
+
+
+def describe_weights(spec: str, seed: int = 0) -> str:
+    """The spec as recorded in caches and checkpoints: 'imagenet', 'random:seed=S' or 'file:/abs/path'."""
+    if spec == "imagenet":
+        return "imagenet"
+    if spec == "random":
+        return f"random:seed={seed}"
+    if spec.startswith(("random:", "file:")) or is_enum_spec(spec):
+        return spec
+    return f"file:{Path(spec).resolve()}"
+
+
+def is_enum_spec(spec: str) -> bool:
+    """Whether a spec names torchvision weights exactly ('ResNet50_Weights.IMAGENET1K_V2'), not a file."""
+    return "_Weights." in spec and os.sep not in spec and not Path(spec).exists()
+
+
+def is_random(spec: str | None, seed: int = 0) -> bool:
+    """Whether a weights spec (as given or as recorded) names random weights: for tests only."""
+    return spec is not None and describe_weights(spec, seed).startswith("random:")
+
+
+def hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub."""
+    torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(torch_home)) / "hub"
+
+
+def weights_file(recorded: str, hub_name: str) -> Path | None:
+    """The file a recorded spec's weights are read from (the hub cache's ``hub_name`` for imagenet or an exact
+    enum); None for random weights."""
+    if recorded.startswith("random:"):
+        return None
+    if recorded == "imagenet" or is_enum_spec(recorded):
+        return hub_dir() / "checkpoints" / hub_name
+    return Path(recorded[5:])
+
+
+def weights_stamp(recorded: str, hub_name: str) -> str:
+    """JSON naming what the weights of a recorded spec are read from, as it is now on disk (``hub_name``: the
+    backbone's file in the hub cache, ``pipeline.backbones.catalog.hub_file``)."""
+    path = weights_file(recorded, hub_name)
+    if path is None:
+        return json.dumps({"torch": metadata.version("torch")})  # the seeded init may change between releases
+    try:
+        stat = path.stat()
+    except OSError:
+        return json.dumps({"file": str(path), "missing": True})
+    return json.dumps({"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+
+
+def load_refusal(err: BaseException) -> str:
+    """What torch's weights-only loader refused, in its own words, without its advice to load unsafely."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+             and "documentation" not in line]
+    return found[0].rstrip(".") if found else "an object that is not a tensor"
+
+
+def load_state_dict(path: Path, what: str) -> dict:
+    """The tensors of a state_dict file (a {"state_dict": ...} wrapper too), read weights-only: a file holding
+    pickled objects besides tensors is refused for safety. ``what``: the model it must be, for the messages."""
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}; pass --weights imagenet, random, or an existing .pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never passed on
+        if "GLOBAL" in str(err):
+            raise UserError(f"{path} holds pickled objects besides tensors ({load_refusal(err)}), and is refused "
+                            f"for safety; pass a plain state_dict of {what}") from None
+        raise UserError(f"{path} is not a readable PyTorch weights file ({load_refusal(err)}); "
+                        f"pass a state_dict of {what}") from None
+    except Exception as err:  # an empty file raises EOFError with no message
+        raise UserError(f"{path} is not a readable PyTorch weights file ({first_line(err)}); "
+                        f"pass a state_dict of {what}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state_dict of tensors; pass a state_dict of {what}")
+    return state

@@ -1,0 +1,154 @@
+"""Every backbone promise, over a small list of the family (as timm's test_models.py runs over list_models):
+fidelity to plain torchvision, record and rebuild, precision, and the refusals of a mismatch.
+
+The reference is what a practitioner would write: the PIL image through the weights' own ``transforms()``,
+``create_feature_extractor`` at the node, then the pooling written out here. Ours: ``open_backbone`` (the only
+way a stage gets a network), the pipeline's decoder (``read_rgb``) and its batched uint8 ``Preprocess``. Random
+seeded weights, fp32, cosine >= 0.9999 per row. Images are few and small (a vit_b_16 image costs ~17.5 GFLOPs at
+the 224 it requires), so the file stays within seconds on a busy 2-core CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from pipeline.backbones.backbone import open_backbone, rebuild
+from pipeline.backbones.precision import FIDELITY, choose_precision, place_backbone
+from pipeline.common.errors import UserError
+from pipeline.common.images import read_rgb
+from pipeline.data.synthetic import class_image
+
+MIN_COSINE = 0.9999
+# (height, width): landscape, portrait and square, larger and smaller than the 224 crop
+IMAGE_SHAPES = ((96, 128), (300, 240), (64, 64))
+
+
+def alexnet_fc7(x):
+    """AlexNet's DeCAF fc7 written out on torchvision's model: features -> avgpool -> fc6 -> fc7, post-ReLU."""
+    return lambda model: model.classifier[:6](torch.flatten(model.avgpool(model.features(x)), 1))
+
+
+# name -> (the layers asked for, {layer: (node in plain torchvision, pooling)}): one model of each kind
+FAMILY = {
+    "alexnet": (("fc7", "pool5", "fc6", "penultimate"),
+                {"pool5": ("avgpool", lambda x: torch.flatten(x, 1)), "fc6": ("classifier.2", lambda x: x),
+                 "fc7": ("classifier.5", lambda x: x), "penultimate": ("classifier.5", lambda x: x)}),
+    "resnet18": (("penultimate", "layer3"),
+                 {"penultimate": ("flatten", lambda x: x), "layer3": ("layer3", lambda x: x.mean((2, 3)))}),
+    "vit_b_16": (("penultimate", "encoder.ln"),  # the head reads exactly the normed class token
+                 {"penultimate": ("encoder.ln", lambda x: x[:, 0]), "encoder.ln": ("encoder.ln", lambda x: x[:, 0])}),
+    "swin_t": (("penultimate", "norm"),  # bicubic preprocessing; its (B, H, W, C) maps averaged over H and W
+               {"penultimate": ("norm", lambda x: x.mean((1, 2))), "norm": ("norm", lambda x: x.mean((1, 2)))}),
+}
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> list[Path]:
+    """JPEGs of the synthetic dataset's pictures, cut to several shapes."""
+    folder = tmp_path_factory.mktemp("family")
+    paths = []
+    for i, (height, width) in enumerate(IMAGE_SHAPES):
+        pixels = class_image(i, i, size=max(height, width))[:height, :width]
+        paths.append(folder / f"image_{i}.jpg")
+        Image.fromarray(np.ascontiguousarray(pixels)).save(paths[-1], quality=90)
+    return paths
+
+
+@pytest.fixture(scope="module", params=list(FAMILY))
+def opened(request, image_files):
+    """(name, the random seeded backbone with its layers, its vectors of the images: {layer: (B, dim)})."""
+    name = request.param
+    paths = image_files if name in ("alexnet", "resnet18") else image_files[:2]
+    backbone = open_backbone(name, "random", seed=0, layers=FAMILY[name][0], progress=False)
+    with torch.inference_mode():
+        vectors = backbone.module(backbone.preprocess([read_rgb(path) for path in paths]))
+    return name, backbone, vectors, paths
+
+
+def test_vectors_equal_plain_torchvision(opened):
+    name, backbone, vectors, paths = opened
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()  # what --weights random --seed 0 means
+    transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    batch = torch.stack([transform(Image.open(path).convert("RGB")) for path in paths])
+    for layer, (node, pooling) in FAMILY[name][1].items():
+        with torch.inference_mode():
+            theirs = pooling(create_feature_extractor(model, return_nodes=[node])(batch)[node]).float()
+        cosine = torch.nn.functional.cosine_similarity(vectors[layer].double(), theirs.double(), dim=1)
+        assert vectors[layer].shape == theirs.shape == (len(paths), backbone.dims[layer]), layer
+        assert cosine.min().item() >= MIN_COSINE, (layer, cosine)
+    assert backbone.preprocess.interpolation == transform.interpolation.value
+
+
+def test_a_record_rebuilds_the_same_network(opened):
+    """What a cache stores (``record()`` and the preprocessing) rebuilds the backbone: the same fingerprint and,
+    bit for bit, the same vectors; a checkpoint's record (one layer's spec) rebuilds that layer alone."""
+    name, backbone, vectors, paths = opened
+    record = {**backbone.record(), "preprocess": backbone.preprocess.to_json()}
+    again = rebuild(json.loads(json.dumps(record)))  # as read back from a file
+    assert (again.fingerprint, again.weights, again.layers) == (backbone.fingerprint, "random:seed=0", backbone.layers)
+    layer = backbone.layers[-1]
+    one = rebuild({"backbone": name, "weights_spec": backbone.weights, "weights_fingerprint": backbone.fingerprint,
+                   "layer_spec": layer.to_dict(), "preprocess": backbone.preprocess.to_dict()}, layers=(layer.name,))
+    with torch.inference_mode():
+        images = again.preprocess([read_rgb(path) for path in paths])
+        assert all(torch.equal(again.module(images)[key], vectors[key]) for key in vectors)
+        assert torch.equal(one.module(images)[layer.name], vectors[layer.name])
+
+
+def test_precision_places_the_weights_once_and_auto_keeps_only_a_faithful_choice(opened):
+    """bf16 (stubbed twice as fast) is chosen exactly when its vectors keep cosine >= FIDELITY to fp32's on every
+    layer (random weights need not: random AlexNet's fc6 and fc7 fall to 0.7-0.9); placing casts every weight once."""
+    name, backbone, vectors, paths = opened
+    x = backbone.preprocess([read_rgb(path) for path in paths])
+    layers = tuple(vectors)
+    clock = {torch.float32: 1.0, torch.bfloat16: 0.5}
+    record = choose_precision(backbone.module, lambda dtype: x.to(dtype), layers, torch.device("cpu"),
+                              timer=lambda model, run: (run(model), clock[model.dtype])[1], flags={"avx512_bf16"})
+    copied = copy.deepcopy(backbone.module)  # as auto's candidates are made: still in eval mode (no dropout)
+    assert not any(module.training for module in copied.modules())
+    half = place_backbone(copied, torch.device("cpu"), "bf16")
+    assert half.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in half.parameters())
+    with torch.inference_mode():
+        out = half(x.to(torch.bfloat16))
+    assert all(out[layer].shape == vectors[layer].shape and out[layer].isfinite().all() for layer in layers)
+    assert 0 < record["cosine"]["bf16"] <= 1 and record["speed"]["bf16"] == 2.0
+    assert record["chosen"] == ("bf16" if record["cosine"]["bf16"] >= FIDELITY else "fp32")
+
+
+def test_mismatches_are_refused_in_one_line(opened):
+    name, backbone, _, _ = opened
+    record = {**backbone.record(), "preprocess": backbone.preprocess.to_json()}
+    with pytest.raises(UserError, match=f"give a {name} with fingerprint") as refused:
+        rebuild(record, weights="random", seed=1)  # other weights than the record's
+    assert "\n" not in str(refused.value) and "--weights" in str(refused.value)
+    with pytest.raises(UserError, match="has no layer 'nowhere'"):
+        rebuild(record, layers=("nowhere",))
+    other = "resnet18" if name != "resnet18" else "alexnet"
+    with pytest.raises(UserError, match="cannot be|fingerprint|does not fit"):  # another model's weights record
+        rebuild({**record, "backbone": other}, weights=backbone.weights)
+    with pytest.raises(UserError, match="has no layer 'lyer4'|no layer 'lyer4'"):
+        open_backbone(name, "random", layers=("lyer4",), progress=False)
+
+
+def test_mobilenet_v3_small_penultimate_sits_inside_its_classifier(image_files):
+    """A small CNN whose penultimate is after a Linear and Hardswish: found from the traced graph."""
+    backbone = open_backbone("mobilenet_v3_small", "random", progress=False)
+    (spec,) = backbone.layers
+    assert (spec.name, spec.dim) == ("penultimate", 1024) and spec.node.startswith("classifier.")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small().eval()
+    transform = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT.transforms()
+    batch = torch.stack([transform(Image.open(path).convert("RGB")) for path in image_files])
+    with torch.inference_mode():
+        theirs = create_feature_extractor(model, return_nodes=[spec.node])(batch)[spec.node]
+        ours = backbone.module(backbone.preprocess([read_rgb(path) for path in image_files]))["penultimate"]
+    assert torch.nn.functional.cosine_similarity(ours, theirs, dim=1).min() >= MIN_COSINE
