@@ -16,6 +16,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from pipeline.common.errors import UserError
 from pipeline.common.names import DEFAULT_FEATURES
@@ -71,12 +72,29 @@ ENTRIES = {entry.name: entry for entry in (ALEXNET,)}
 FAMILIES = {"": "pipeline.backbones.torchvision_family"}
 
 
+class Family(Protocol):
+    """What a family module offers (pipeline.backbones.torchvision_family is one): another family (``timm:``,
+    ``open_clip:``) is one module with these functions, registered in FAMILIES; no stage changes."""
+
+    def names(self) -> tuple[str, ...]: ...  # every name it serves, for --list-backbones
+    def check(self, name: str) -> str: ...  # the name, or one line with close names
+    # .model (eval, CPU), .weights (the recorded spec), .weights_enum, .fingerprint
+    def load(self, name: str, spec: str, *, seed: int = 0, progress: bool = True): ...
+    def preset(self, name: str, spec: str) -> Preprocess: ...  # the weights' own preprocessing
+    def hub_file(self, name: str, spec: str) -> str: ...  # the weights' file name in its local cache
+    def list_layers(self, name: str) -> list[str]: ...  # what --layers takes, from the structure alone
+    def plan(self, model, name: str, layers, *, image_size: int): ...  # (module, [LayerSpec]) checked and sized
+    def features(self, model, specs: list[LayerSpec]): ...  # the module of recorded layers
+    def probe(self, extractor, model, name: str, image_size: int) -> dict: ...  # each node's output shape
+    def default_batch_size(self, name: str, device_type: str, free_bytes: int | None) -> int: ...
+
+
 def entry(name: str) -> Entry | None:
     """The catalog entry of a backbone, None when it has none (its family answers everything)."""
     return ENTRIES.get(name)
 
 
-def family(name: str):
+def family(name: str) -> Family:
     """The module serving ``name``'s family (imports torch): torchvision's for plain names."""
     prefix = name.split(":", 1)[0] + ":" if ":" in name else ""
     if prefix not in FAMILIES:
