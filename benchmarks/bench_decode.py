@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_decode                  # 8 generated 12 MP JPEGs with EXIF orientation tags
 
-Both decodes go through ``pipeline.common.images.read_rgb`` (file read, decode, EXIF orientation), the
+Both decodes go through ``pipeline.datasets.images.read_rgb`` (file read, decode, EXIF orientation), the
 reduced one with ``min_side`` = twice AlexNet's resize (512 px: a 4000x3000 photo decodes at 1/4,
 1000x750). Each is timed on the same files, alternately, in one run, and so is the whole per-image cost
 of extraction's CPU side (decode + resize + crop). The fc7 of a random-weight AlexNet on both is compared
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from pipeline.common.hardware import cpu_kind, cpu_tag
-from pipeline.common.images import read_rgb
-from pipeline.common.jpeg import decode_floor
+from pipeline.datasets.images import read_rgb
+from pipeline.datasets.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.photos import PHOTO_SIZE, photo_array, save_jpeg
 

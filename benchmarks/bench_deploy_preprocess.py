@@ -33,7 +33,7 @@ import torch
 from pipeline.common.config import LiveConfig
 from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.sources import decode_with_opencv, torch_decoder
+from pipeline.live.sources import decode_with_opencv, torch_decoder
 from pipeline.live.numpy_preprocess import preprocess_frames
 
 ROOT = Path(__file__).resolve().parent.parent

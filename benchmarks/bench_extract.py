@@ -54,7 +54,7 @@ def child_plain(args) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from pipeline.common.dataset import index_dataset
+    from pipeline.datasets.dataset import index_dataset
     from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     class PlainImages(Dataset):
@@ -88,7 +88,7 @@ def child_bare(args) -> dict:
     import torch
     import torchvision
 
-    from pipeline.common.dataset import index_dataset
+    from pipeline.datasets.dataset import index_dataset
 
     images = len(index_dataset(Path(args.data)).splits["train"].paths)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def child_project(args) -> dict:
     from models.backbones import LayerFeatures
     from pipeline.extract import extractor as extract_module
     from pipeline.common.config import ExtractConfig
-    from pipeline.common.dataset import index_dataset
+    from pipeline.datasets.dataset import index_dataset
 
     t_imports = time.perf_counter()
     dataset = index_dataset(Path(args.data))
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pick_images(count: int, tmp: Path):
     """(full dataset, the first ``count`` train paths, their labels, a dataset folder of just those)."""
-    from pipeline.common.dataset import index_dataset
+    from pipeline.datasets.dataset import index_dataset
     from pipeline.data.prepare import resolve_data
     from pipeline.data.synthetic import make_tiny_imagenet
 

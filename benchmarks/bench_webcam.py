@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from models import LayerClassifier
-from pipeline.common import sources
+from pipeline.live import sources
 from pipeline.backbones.backbone import open_backbone
 from pipeline.backbones.precision import place_backbone
 from pipeline.common.hardware import resolve_device

@@ -79,7 +79,7 @@ def phase_times(root: Path, paths: list[str], batch: int = 64) -> dict:
     from features import cache
     from features.settings import CacheSettings
     from pipeline.backbones.backbone import open_backbone
-    from pipeline.common.images import read_rgb
+    from pipeline.datasets.images import read_rgb
     from pipeline.common.preprocess import Preprocess
     from pipeline.extract.extractor import read_ahead
 

@@ -107,7 +107,7 @@ def make_dataset(root: Path, images: int, classes: int) -> dict:
 
 def small_real_set(args, work: Path, generated: Path) -> Path:
     """A dataset whose train split is the first --small train images of the real subset (or the generated set)."""
-    from pipeline.common.dataset import index_dataset
+    from pipeline.datasets.dataset import index_dataset
     from pipeline.data.prepare import resolve_data
 
     source = generated
@@ -290,7 +290,7 @@ class Checker:
         import torch
         from torchvision.io import decode_jpeg
 
-        from pipeline.common.images import read_bytes
+        from pipeline.datasets.images import read_bytes
 
         files = sorted((self.state["data"] / "val" / "images").iterdir())[:2048]
         data = [read_bytes(f) for f in files]

@@ -37,7 +37,7 @@ def run_extract(config: ExtractConfig) -> int:
 
 def prepare(config: ExtractConfig) -> int:
     """Find, index and check the dataset; log the summary (and write it to ``config.summary_json``)."""
-    from pipeline.common.jpeg import decode_floor
+    from pipeline.datasets.jpeg import decode_floor
     from pipeline.data.prepare import prepare_dataset
 
     summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
@@ -58,7 +58,7 @@ def prepare(config: ExtractConfig) -> int:
 
 def extract(config: ExtractConfig) -> int:
     """Stage one: a rerun onto a finished cache answers torch-free; otherwise the backbone runs."""
-    from pipeline.common.dataset import index_dataset
+    from pipeline.datasets.dataset import index_dataset
     from pipeline.data.prepare import resolve_data
     from pipeline.extract.freshness import log_up_to_date, quick_look_applies, quick_up_to_date, refresh_class_names
 

@@ -23,7 +23,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from pipeline.backbones.backbone import open_backbone, rebuild
 from pipeline.backbones.precision import FIDELITY, choose_precision, place_backbone
 from pipeline.common.errors import UserError
-from pipeline.common.images import read_rgb
+from pipeline.datasets.images import read_rgb
 from pipeline.data.synthetic import class_image
 
 MIN_COSINE = 0.9999

@@ -24,7 +24,7 @@ from features.cache import open_split
 from models import weights_fingerprint
 from pipeline.backbones.torchvision_family import plan
 from pipeline.common.config import ExtractConfig
-from pipeline.common.images import read_rgb
+from pipeline.datasets.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import make_tiny_imagenet
 from pipeline.extract.loading import hub_name, preprocess_of, settle

@@ -17,8 +17,8 @@ import pytest
 
 import run_webcam
 from pipeline.common.config import LiveConfig
-from pipeline.common.holdout import burst_of, frame_name, in_val
-from pipeline.common.sources import CaptureSource
+from pipeline.datasets.holdout import burst_of, frame_name, in_val
+from pipeline.live.sources import CaptureSource
 from pipeline.live.collect import collect_frames
 from pipeline.live.frame_files import burst_in_val
 

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 import run_extract
-from pipeline.common.dataset import index_dataset, read_lines
+from pipeline.datasets.dataset import index_dataset, read_lines
 from tests.conftest import one_error_line
-from pipeline.common.images import read_rgb
+from pipeline.datasets.images import read_rgb
 from pipeline.data.synthetic import WORDS, class_image, make_tiny_imagenet
 
 WNIDS3 = sorted(WORDS)[:3]  # the classes make_tiny_imagenet(num_classes=3) writes

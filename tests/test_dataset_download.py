@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.common.dataset import arrange_val, index_dataset
+from pipeline.datasets.dataset import arrange_val, index_dataset
 from tests.helpers import one_error_line
 from pipeline.data.synthetic import zip_dataset
 from tests.test_dataset import _annotations, file_md5, http_server, make, prepare, tree_state, val_label_by_file  # noqa: F401

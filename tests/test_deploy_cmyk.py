@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 import run_webcam
-from pipeline.common.images import read_rgb
-from pipeline.common.jpeg import EXIF_ORIENTATION, jpeg_frame
-from pipeline.common.sources import opencv_decoder
+from pipeline.datasets.images import read_rgb
+from pipeline.datasets.jpeg import EXIF_ORIENTATION, jpeg_frame
+from pipeline.live.sources import opencv_decoder
 from pipeline.data.photos import photo_array, save_jpeg
 from tests.conftest import COMPAT, CPU, one_error_line
 from tests.helpers import read_jsonl

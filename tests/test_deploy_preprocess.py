@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import run_webcam
-from pipeline.common.images import read_rgb
-from pipeline.common.jpeg import decode_floor
+from pipeline.datasets.images import read_rgb
+from pipeline.datasets.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.sources import opencv_decoder
+from pipeline.live.sources import opencv_decoder
 from pipeline.data.photos import photo_array, save_jpeg
 from pipeline.live import export, onnx_runtimes
 from pipeline.live.numpy_preprocess import preprocess_frames, resize_crop

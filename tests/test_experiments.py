@@ -23,7 +23,7 @@ from pipeline.heads import knn
 from pipeline.backbones.precision import place_backbone
 from pipeline.common.checkpoint import read_checkpoint
 from pipeline.heads.experiments.table import COLUMNS
-from pipeline.common.images import read_rgb
+from pipeline.datasets.images import read_rgb
 from pipeline.heads.logreg import fit_logreg, objective
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads.experiments.shots import few_shot_rows

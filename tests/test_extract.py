@@ -25,7 +25,7 @@ from torchvision import transforms
 import run_extract
 from features import cache
 from features.cache import CacheError, exclusive_writer, open_split
-from pipeline.common.dataset import index_dataset
+from pipeline.datasets.dataset import index_dataset
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.conftest import CPU, FAST, error_line, extract_args

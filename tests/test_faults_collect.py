@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import run_webcam
-from pipeline.common.holdout import burst_of, frame_name
+from pipeline.datasets.holdout import burst_of, frame_name
 from pipeline.live import frame_files
 from tests.helpers import error_line, one_error_line, tree_bytes
 from tests.test_collect import make_video

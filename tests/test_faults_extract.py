@@ -24,7 +24,7 @@ import run_extract
 from features import cache, shards
 import features.writer
 from features.cache import CacheError, open_split
-from pipeline.common import images
+from pipeline.datasets import images
 from pipeline.extract import extractor as extract_module
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.helpers import TINY_SHARD_ARGS, error_line, extract_args, h5_datasets, one_error_line, tree_bytes

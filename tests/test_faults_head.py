@@ -22,7 +22,7 @@ import run_train_head
 from features import atomic
 from pipeline.common import checkpoint as checkpoint_module
 from pipeline.heads import report
-from pipeline.common import run_folder
+from pipeline.heads import run_folder
 from pipeline.heads import linear as train_head
 from tests.helpers import HEAD_BATCH_ARGS, one_error_line, tree_bytes, write_synthetic_cache
 

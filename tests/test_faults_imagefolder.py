@@ -8,8 +8,8 @@ import h5py
 import pytest
 
 import run_extract
-from pipeline.common.dataset import index_dataset
-from pipeline.common.holdout import in_val
+from pipeline.datasets.dataset import index_dataset
+from pipeline.datasets.holdout import in_val
 from pipeline.common.preprocess import Preprocess
 from tests.helpers import extract_args, one_error_line, tree_hash
 from tests.imagefolders import CLASSES, make_flat, make_splits, write_class, write_strip

@@ -134,7 +134,7 @@ def test_an_image_unreadable_while_its_content_is_compared_stops_the_update_nami
                                                                                        capsys):
     import errno
 
-    from pipeline.common import images
+    from pipeline.datasets import images
     from pipeline.extract import incremental
 
     moved = tmp_path / "copied"

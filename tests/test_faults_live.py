@@ -335,8 +335,8 @@ def test_unreadable_image_in_a_folder_stops_the_run(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from pipeline.common import images
-    from pipeline.common import sources
+    from pipeline.datasets import images
+    from pipeline.live import sources
     from pipeline.common.errors import UserError
 
     folder = tmp_path / "frames"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.common.images
+import pipeline.datasets.images
 import pipeline.data.unpack
 from pipeline.data.synthetic import WORDS, make_tiny_imagenet
 from pipeline.data.unpack import zip_stem

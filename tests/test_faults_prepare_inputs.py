@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.common.images
+import pipeline.datasets.images
 import pipeline.data.unpack
 import run_extract
-from pipeline.common.dataset import index_dataset
-from pipeline.common.images import ImageDecodeError, ImageReadError, decode_rgb, read_rgb
+from pipeline.datasets.dataset import index_dataset
+from pipeline.datasets.images import ImageDecodeError, ImageReadError, decode_rgb, read_rgb
 from pipeline.data.prepare import resolve_data
 from pipeline.data.synthetic import make_tiny_imagenet, zip_dataset
 from tests.helpers import extract_args, one_error_line
@@ -44,7 +44,7 @@ def test_a_read_error_stops_prepare_with_one_line_naming_the_file(tmp_path, caps
             raise OSError(code, os.strerror(code), str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.common.images, "open", failing_open, raising=False)
+    monkeypatch.setattr(pipeline.datasets.images, "open", failing_open, raising=False)
     with pytest.raises(ImageReadError) as info:
         read_rgb(victim)
     assert isinstance(info.value, OSError) and info.value.errno == code and info.value.filename == str(victim)
@@ -98,7 +98,7 @@ def test_16_bit_png_and_animated_gif_decode_to_8_bit_rgb(tmp_path, writer):
     assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
     assert torch.equal(image, expected)
 
-    from pipeline.common.sources import open_source  # the live runner decodes the same way
+    from pipeline.live.sources import open_source  # the live runner decodes the same way
 
     frames = list(open_source(str(path)))
     assert len(frames) == 1 and torch.equal(torch.from_numpy(frames[0].rgb).permute(2, 0, 1), expected)

@@ -18,7 +18,7 @@ from collections import namedtuple
 import pytest
 
 import pipeline.data.unpack
-from pipeline.common.dataset import index_dataset
+from pipeline.datasets.dataset import index_dataset
 from pipeline.data.prepare import resolve_data
 from tests.conftest import one_error_line
 from tests.test_dataset import file_md5, prepare, tree_state

@@ -276,8 +276,8 @@ def pinnable(value) -> bool:
 
 
 def test_batches_survive_pin_memory(dataset, monkeypatch):
-    from pipeline.common.dataset import index_dataset
-    from pipeline.common.images import read_rgb
+    from pipeline.datasets.dataset import index_dataset
+    from pipeline.datasets.images import read_rgb
 
     index = index_dataset(dataset)
     paths = list(index.splits["train"].paths)

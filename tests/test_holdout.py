@@ -1,7 +1,7 @@
 """The stable val split: a function of each image's path (or its burst), never of the other images."""
 import pytest
 
-from pipeline.common.holdout import burst_of, frame_name, in_val, new_burst, split_key
+from pipeline.datasets.holdout import burst_of, frame_name, in_val, new_burst, split_key
 
 
 def test_split_depends_on_the_path_only():

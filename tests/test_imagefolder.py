@@ -14,8 +14,8 @@ import pytest
 
 import run_extract
 import run_webcam
-from pipeline.common.dataset import find_root, index_dataset
-from pipeline.common.holdout import in_val
+from pipeline.datasets.dataset import find_root, index_dataset
+from pipeline.datasets.holdout import in_val
 from tests.helpers import CPU_ARGS, extract_args, read_jsonl, train_quick_head
 from tests.imagefolders import CLASSES, make_flat, make_splits, write_class
 

@@ -21,7 +21,7 @@ import run_extract
 import run_webcam
 from features.cache import open_split
 from pipeline.data.prepare import resolve_data
-from pipeline.common.images import read_rgb
+from pipeline.datasets.images import read_rgb
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import CPU
 

@@ -1,7 +1,8 @@
 """The architecture, checked from the code's own imports.
 
 run_*.py -> pipeline/ (its top-level modules compose the stages) -> one stage (data/, extract/, heads/, live/)
--> pipeline/backbones/ -> pipeline/common/ -> features/, models/. No stage imports another stage.
+-> the shared packages, in one order: pipeline/backbones/ -> pipeline/datasets/ -> pipeline/common/ -> features/,
+models/. No stage imports another stage, and no shared package imports one above it.
 
 Imports are read with ``ast``, including those inside functions and under ``if TYPE_CHECKING:``, so a lazy
 or type-only import counts as an arrow too.
@@ -16,14 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "features", "models")
 STAGES = ("pipeline.data", "pipeline.extract", "pipeline.heads", "pipeline.live")
-BELOW_STAGES = {"pipeline.backbones", "pipeline.common", "features", "models"}
+SHARED = ("pipeline.backbones", "pipeline.datasets", "pipeline.common")  # top to bottom: common <- datasets <- backbones
+BELOW_STAGES = {*SHARED, "features", "models"}
 # who may import whom (besides itself): the one-way rule
 ALLOWED = {
-    "run": {"pipeline", *STAGES, "pipeline.backbones", "pipeline.common"},
+    "run": {"pipeline", *STAGES, *SHARED},
     "pipeline": {*STAGES, *BELOW_STAGES},  # the top-level modules: the commands that compose the stages
     **{stage: BELOW_STAGES for stage in STAGES},  # never another stage
-    "pipeline.backbones": {"pipeline.common", "features", "models"},  # the backbone's room, below every stage
-    "pipeline.common": {"features", "models"},
+    # each shared package imports only those below it
+    **{package: {*SHARED[i + 1:], "features", "models"} for i, package in enumerate(SHARED)},
     "features": set(),
     "models": set(),
     "benchmarks": {"pipeline", *STAGES, *BELOW_STAGES},
@@ -89,8 +91,16 @@ def graph() -> dict[str, set[str]]:
 def test_no_arrow_runs_back_up(graph):
     wrong = [f"{a} -> {b}" for a, targets in graph.items() for b in sorted(targets)
              if layer(b) != layer(a) and layer(b) not in ALLOWED[layer(a)]]
-    assert not wrong, ("imports against the one-way rule run_*.py -> pipeline/ -> a stage -> backbones/ -> common/ -> "
-                       "features/, models/: " + ", ".join(wrong))
+    assert not wrong, ("imports against the one-way rule run_*.py -> pipeline/ -> a stage -> backbones/ -> datasets/ -> "
+                       "common/ -> features/, models/: " + ", ".join(wrong))
+
+
+def test_the_shared_packages_form_one_order(graph):
+    """common <- datasets <- backbones: a shared package imports only the ones below it, never one above."""
+    order = {package: rank for rank, package in enumerate(SHARED)}
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() if layer(a) in order for b in targets
+             if layer(b) in order and order[layer(b)] < order[layer(a)]]
+    assert not wrong, "a shared package imports one above it (common <- datasets <- backbones): " + ", ".join(wrong)
 
 
 def test_no_stage_imports_another_stage(graph):
@@ -156,3 +166,10 @@ def test_the_checker_sees_a_type_only_import(tmp_path):
     modules["features.shards"].write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                           "    from features.cache import CacheSettings\n")
     assert imports_of(modules["features.shards"], modules) == {"features.cache"}
+
+
+def test_common_holds_only_what_every_stage_shares():
+    """pipeline/common/ is no catch-all: what one stage owns lives in that stage, the dataset concept in
+    pipeline/datasets/, the backbone's in pipeline/backbones/ (at most 12 modules, __init__ aside)."""
+    modules = [p for p in (ROOT / "pipeline" / "common").rglob("*.py") if p.stem not in ("__init__", "__main__")]
+    assert len(modules) <= 12, sorted(p.name for p in modules)

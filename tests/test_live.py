@@ -11,8 +11,8 @@ import torch
 import run_webcam
 from features.cache import open_split
 from pipeline.live import torch_classifier
-from pipeline.common import sources
-from pipeline.common.images import read_rgb
+from pipeline.live import sources
+from pipeline.datasets.images import read_rgb
 from tests.helpers import CPU_ARGS, read_jsonl
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -266,7 +266,7 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path):
 def test_a_large_photo_is_classified_from_the_pixels_extraction_reads(trained, tmp_path):
     """A 1200x900 JPEG in a folder: live decodes it reduced as extraction would (the checkpoint's preprocessing
     sets the floor), so its prediction is the one the cached row's would be, not a full decode's."""
-    from pipeline.common.jpeg import decode_floor
+    from pipeline.datasets.jpeg import decode_floor
     from pipeline.data.photos import photo_array, save_jpeg
 
     folder = tmp_path / "photos"
@@ -287,7 +287,7 @@ def test_an_extremely_elongated_image_in_a_folder_is_skipped_by_every_runtime(tr
     """A 1x4000 strip is a listed skip in extraction; live, each runtime's decoder skips it with the same reason
     (the torch runtime's run is shown; the OpenCV decoder of the torch-free runtimes says the same) and
     classifies the rest."""
-    from pipeline.common.images import ImageDecodeError
+    from pipeline.datasets.images import ImageDecodeError
     from tests.imagefolders import write_strip
 
     folder = tmp_path / "frames"

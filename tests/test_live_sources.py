@@ -8,7 +8,7 @@ import torch
 import run_webcam
 from pipeline.live import runner as live
 from pipeline.live import overlay
-from pipeline.common import sources
+from pipeline.live import sources
 from tests.helpers import CPU_ARGS, one_error_line, read_jsonl
 from tests.test_live import FakeCamera, batch_sizes, trained, val_video  # noqa: F401
 

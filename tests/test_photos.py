@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 import run_extract
-from pipeline.common.images import decode_rgb, read_bytes, read_rgb
-from pipeline.common.jpeg import decode_floor, jpeg_size, reduction
+from pipeline.datasets.images import decode_rgb, read_bytes, read_rgb
+from pipeline.datasets.jpeg import decode_floor, jpeg_size, reduction
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.photos import photo_array, save_jpeg
 from pipeline.data.synthetic import class_image
@@ -150,7 +150,7 @@ def test_webp_is_read(tmp_path):
 def test_prepare_only_decodes_large_photos_reduced_as_extraction_will(tmp_path, monkeypatch, capsys):
     """--prepare-only checks each image the way the extractor reads it: a 1200x900 photo at 1/4 for
     --resize-size 72, not a full decode; a truncated one is listed as a skip all the same."""
-    from pipeline.common import images
+    from pipeline.datasets import images
 
     root = tmp_path / "photos"
     for label, name in enumerate(("a", "b")):

@@ -18,7 +18,7 @@ import pipeline.extract.extractor as extractor
 import pipeline.extract.precision_choice as choice
 import run_extract
 from pipeline.common.config import ExtractConfig
-from pipeline.common.dataset import index_dataset
+from pipeline.datasets.dataset import index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import make_tiny_imagenet

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from features.cache import open_split
-from pipeline.common.dataset import index_dataset
-from pipeline.common.images import read_rgb
+from pipeline.datasets.dataset import index_dataset
+from pipeline.datasets.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads import linear as train_head
 from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head

@@ -20,13 +20,13 @@ from tests.test_train_head import accuracy_and_loss, data, extract, feats, histo
 
 
 def test_training_never_reads_an_image(data, feats, tmp_path, monkeypatch):
-    import pipeline.common.images
+    import pipeline.datasets.images
 
     def no_images(*args, **kwargs):
         raise AssertionError("an image was read during head training")
 
-    monkeypatch.setattr(pipeline.common.images, "read_bytes", no_images)
-    monkeypatch.setattr(pipeline.common.images, "decode_rgb", no_images)
+    monkeypatch.setattr(pipeline.datasets.images, "read_bytes", no_images)
+    monkeypatch.setattr(pipeline.datasets.images, "decode_rgb", no_images)
     monkeypatch.setattr(Image, "open", no_images)
     moved = data.with_name(data.name + "-moved")
     data.rename(moved)

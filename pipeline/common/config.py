@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import VAL_FRACTION
-from pipeline.common.layouts import check_val_fraction
 from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
-                            TINY_IMAGENET_URL)
+                                   TINY_IMAGENET_URL, VAL_FRACTION)
 from pipeline.common.preprocess import MODES
 
 MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
@@ -21,6 +19,12 @@ MAX_BATCH_FRAMES = 256  # live --batch-frames: a pass over 8 frames already read
 COLLECT_EVERY = 5  # live --collect: save every 5th frame (consecutive camera frames are near-duplicates)
 COLLECT_COUNT = 60  # live --collect: frames saved per burst
 COLLECT_COUNTDOWN = 3.0  # live --collect: seconds on a camera before saving starts (a video or folder: 0)
+
+
+def check_val_fraction(fraction: float) -> None:
+    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction < 1):
+        raise UserError(f"--val-fraction {fraction}: it must be between 0 and 1 (exclusive), the share of each "
+                        "class's images held out for val, such as 0.2")
 
 
 def check_seed(seed: int) -> None:

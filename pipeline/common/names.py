@@ -17,6 +17,8 @@ CHECKPOINT_FORMAT = "linear-head/1"  # a head checkpoint: an nn.Linear on one ca
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
+VAL_FRACTION = 0.2  # the share of a one-folder ImageFolder held out for val (run_extract.py --val-fraction)
+
 DEFAULT_DATA = Path("data/tiny-imagenet-200")  # the dataset folder (or the zip beside it)
 DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
 DEFAULT_HEAD = Path("runs/head")  # a head's run folder

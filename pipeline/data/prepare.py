@@ -11,10 +11,11 @@ import zipfile
 from pathlib import Path
 
 from pipeline.data import unpack
-from pipeline.common.dataset import (IMAGEFOLDER, Dataset, arrange_val, check_val_fraction, find_root,
+from pipeline.datasets.dataset import (IMAGEFOLDER, Dataset, arrange_val, find_root,
                                      index_dataset)
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import VAL_FRACTION
+from pipeline.common.config import check_val_fraction
+from pipeline.common.names import VAL_FRACTION
 from pipeline.common.names import DEFAULT_DATA, TINY_IMAGENET_MD5, TINY_IMAGENET_URL
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 def resolve_data(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
                  md5: str | None = TINY_IMAGENET_MD5, progress: bool | None = None) -> Path:
     """Turn ``--data`` (a folder or the official zip, whatever its name) into the dataset folder (the one
-    that holds ``wnids.txt``, or an ImageFolder's root: pipeline.common.dataset.find_root)."""
+    that holds ``wnids.txt``, or an ImageFolder's root: pipeline.datasets.dataset.find_root)."""
     if data:
         check_recordable(Path(data))  # before anything is unpacked or downloaded
     if download:
@@ -109,7 +110,7 @@ def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, u
 
     ``min_side``: decode a large JPEG reduced, as extraction will (images.decode_floor): the check then skips
     what extraction would skip, and a 12 MP photo costs a fraction of a full decode."""
-    from pipeline.common.images import Skipped, enforce_skip_policy, verify_images  # imports torch
+    from pipeline.datasets.images import Skipped, enforce_skip_policy, verify_images  # imports torch
 
     check_val_fraction(val_fraction)  # before anything is unpacked or downloaded
     dataset = index_dataset(resolve_data(data, download=download, url=url, md5=md5, progress=progress), val_fraction)
@@ -146,7 +147,7 @@ def prepare_summary(dataset: Dataset, skipped: dict[str, list], val_fraction: fl
                         "per_class_min": min(counts), "per_class_max": max(counts)}
     layout = {"layout": dataset.layout}
     if dataset.layout == IMAGEFOLDER and val_fraction is not None:
-        layout["val_fraction"] = val_fraction  # val is held out by a hash of each path (pipeline.common.holdout)
+        layout["val_fraction"] = val_fraction  # val is held out by a hash of each path (pipeline.datasets.holdout)
     return {"root": str(dataset.root), **layout, "num_classes": dataset.num_classes, "splits": splits,
             "skipped": [s.to_dict() for name in dataset.splits for s in skipped.get(name, [])],
             "ignored_files": len(dataset.ignored),

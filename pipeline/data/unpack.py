@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from features.atomic import write_atomic
-from pipeline.common.dataset import find_root, index_dataset
+from pipeline.datasets.dataset import find_root, index_dataset
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.indexing import is_image
+from pipeline.datasets.indexing import is_image
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from features import cache
 from features.errors import NoRows
 from pipeline.backbones.catalog import main_layer, order_layers
 from pipeline.backbones.precision import AUTO_ATTR, encode
-from pipeline.common.dataset import TinyImageNet
+from pipeline.datasets.dataset import Dataset
 from pipeline.common.errors import UserError
 from pipeline.extract.incremental import Reuse
 from pipeline.extract.loading import backbone_attrs
 
 
-def assemble_split(run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings, num_shards: int,
+def assemble_split(run, dataset: Dataset, split: str, settings: cache.CacheSettings, num_shards: int,
                    layers: tuple[str, ...], kept: dict | None, reuse: Reuse | None, stamps: np.ndarray) -> dict:
     """Rank 0: the shards (and the layers kept from the file being extended, or the rows reused from the file
     being updated) into ``<split>.h5``. ``run``: the extractor's ``Run``. ``stamps``: each image's (size, mtime_ns), by dataset position."""

@@ -34,11 +34,11 @@ from tqdm import tqdm
 from features import cache
 from pipeline.backbones.precision import AUTO, place_backbone
 from pipeline.common.config import ExtractConfig
-from pipeline.common.dataset import TinyImageNet, arrange_val, index_dataset
+from pipeline.datasets.dataset import Dataset, arrange_val, index_dataset
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory, default_workers
-from pipeline.common.images import Skipped, enforce_skip_policy
-from pipeline.common.jpeg import decode_floor
+from pipeline.datasets.images import Skipped, enforce_skip_policy
+from pipeline.datasets.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
 from pipeline.extract.devices import HostCopy, start_distributed, warm_up
@@ -76,7 +76,7 @@ class Run:
     record: dict = None  # what the cache records of the backbone (pipeline.backbones.Backbone.record)
 
 
-def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None = None) -> ExtractResult:
+def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: Dataset | None = None) -> ExtractResult:
     """Fill ``config.out`` with train.h5 and val.h5.
 
     ``locate``: finds (unpacks, downloads) the dataset folder; called on rank 0 only. ``dataset``: already
@@ -120,8 +120,8 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImag
     return result
 
 
-def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyImageNet | None, rank: int,
-             world: int) -> TinyImageNet:
+def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: Dataset | None, rank: int,
+             world: int) -> Dataset:
     """The indexed dataset: rank 0 alone downloads or unpacks it; the other ranks learn the folder from it."""
     if dataset is not None and not (config.download or config.arrange_val or world > 1):
         return dataset
@@ -135,7 +135,7 @@ def _dataset(config: ExtractConfig, locate: Callable[[], Path], dataset: TinyIma
     return index_dataset(root, config.val_fraction)
 
 
-def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict, result: ExtractResult) -> bool:
+def _all_up_to_date(config: ExtractConfig, dataset: Dataset, settings: dict, result: ExtractResult) -> bool:
     """Whether every split's file is complete with these settings and layers (then ``result`` says so)."""
     plans = {}
     for split in config.splits:
@@ -150,7 +150,7 @@ def _all_up_to_date(config: ExtractConfig, dataset: TinyImageNet, settings: dict
     return True
 
 
-def _layers_to_plan(config: ExtractConfig, dataset: TinyImageNet, stamps: dict) -> tuple[str, ...]:
+def _layers_to_plan(config: ExtractConfig, dataset: Dataset, stamps: dict) -> tuple[str, ...]:
     """The requested layers, and those held by a complete file whose dataset changed: new rows of an incremental
     update cover every layer of the file they join."""
     if config.overwrite:
@@ -182,7 +182,7 @@ def device_detail(device: torch.device) -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def _plan(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings,
+def _plan(run: Run, dataset: Dataset, split: str, settings: cache.CacheSettings,
           stamps: np.ndarray) -> tuple[Plan, Reuse | None]:
     """What ``split``'s extraction does (pipeline.extract.incremental), and the rows an update reuses."""
     config = run.config
@@ -194,7 +194,7 @@ def _plan(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSett
                             run.world)
 
 
-def _extract_split(run: Run, dataset: TinyImageNet, split: str, settings: cache.CacheSettings,
+def _extract_split(run: Run, dataset: Dataset, split: str, settings: cache.CacheSettings,
                    stamps: np.ndarray, plan: Plan, reuse: Reuse | None) -> SplitResult:
     """One split: up to date, or its missing layers, or its new and changed images (an incremental update, see
     pipeline.extract.incremental) computed shard by shard and assembled into its file."""
@@ -250,7 +250,7 @@ def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tu
     return parts
 
 
-def _compute_shards(run: Run, dataset: TinyImageNet, split: str, parts: Path, shards: list[range],
+def _compute_shards(run: Run, dataset: Dataset, split: str, parts: Path, shards: list[range],
                     layers: tuple[str, ...], reuse: Reuse | None = None) -> int:
     """Compute this rank's unfinished shards and write each as it fills. Returns the images this run read.
 

@@ -9,7 +9,7 @@ Which layers a file holds is no setting: the file must hold every requested laye
 The images' sizes, modification times, inodes and change times are part of the settings (``files_signature``
 over path, size and mtime; ``files_identity`` over all four), so an image edited in place, even with its mtime
 kept, or two images of one size that swap names, are noticed (an edit or a rename changes the ctime, a rename
-the inode). They are taken here rather than in the dataset index (pipeline.common.dataset), which only lists
+the inode). They are taken here rather than in the dataset index (pipeline.datasets.dataset), which only lists
 files: 110,000 stat calls cost about 0.5 s on a loaded 2-core machine with a warm page cache, against about
 1.2-1.6 s for the index itself.
 """
@@ -26,7 +26,7 @@ import numpy as np
 
 from features import cache
 from pipeline.common.config import ExtractConfig
-from pipeline.common.dataset import TinyImageNet
+from pipeline.datasets.dataset import Dataset
 from pipeline.common.errors import UserError
 from pipeline.backbones.precision import AUTO
 from pipeline.backbones.weights import describe_weights, weights_stamp
@@ -93,7 +93,7 @@ def dataset_changed(attrs: dict, settings: cache.CacheSettings) -> bool:
     return bool({"dataset_signature", "files_signature", "files_identity"} & set(recorded.differences(settings)))
 
 
-def split_settings(dataset: TinyImageNet, split: str, config: ExtractConfig, weights_fingerprint: str | None,
+def split_settings(dataset: Dataset, split: str, config: ExtractConfig, weights_fingerprint: str | None,
                    preprocess: Preprocess | None = None, stamps: np.ndarray | None = None) -> cache.CacheSettings:
     """What decides the content of ``split``'s cache under ``config`` (fingerprint None: not known yet;
     ``preprocess``: already resolved by ``preprocess_of``; ``stamps``: the split's ``file_stamps``, taken)."""
@@ -112,7 +112,7 @@ def quick_look_applies(config: ExtractConfig) -> bool:
     return not (config.download or config.arrange_val or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
-def quick_up_to_date(config: ExtractConfig, dataset: TinyImageNet) -> dict[Path, dict] | None:
+def quick_up_to_date(config: ExtractConfig, dataset: Dataset) -> dict[Path, dict] | None:
     """{cache file: attributes} when every split's cache is complete with exactly these settings, else None.
 
     None only means "look properly" (the full check loads the weights and compares fingerprints).
@@ -146,7 +146,7 @@ def log_up_to_date(path: Path, attrs: dict) -> None:
              path.stat().st_size / 2**20)
 
 
-def refresh_class_names(out: Path, found: dict[Path, dict], dataset: TinyImageNet, *, locked: bool = False) -> None:
+def refresh_class_names(out: Path, found: dict[Path, dict], dataset: Dataset, *, locked: bool = False) -> None:
     """Bring the class names of up-to-date cache files in line with words.txt, in place.
 
     Names are not settings: a renamed class changes no feature, so its file is not re-extracted; only its

@@ -21,8 +21,8 @@ from features.errors import CacheError
 from pipeline.backbones.precision import (AUTO, AUTO_ATTR, CPU_SUB_BATCH, choose_precision, decode, describe,
                                           place_backbone, reused)
 from pipeline.common.config import ExtractConfig
-from pipeline.common.dataset import TinyImageNet
-from pipeline.common.images import ImageDecodeError, read_rgb, stack_or_list
+from pipeline.datasets.dataset import Dataset
+from pipeline.datasets.images import ImageDecodeError, read_rgb, stack_or_list
 from pipeline.common.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def recorded_choice(config: ExtractConfig) -> dict | None:
     return None
 
 
-def _first_images(dataset: TinyImageNet, split: str, count: int) -> list[torch.Tensor]:
+def _first_images(dataset: Dataset, split: str, count: int) -> list[torch.Tensor]:
     """The first ``count`` decodable images of ``split`` (an unreadable one is left to the loader to report)."""
     images = []
     for rel in dataset.splits[split].paths[:count * 4]:
@@ -72,7 +72,7 @@ def _first_images(dataset: TinyImageNet, split: str, count: int) -> list[torch.T
     return images
 
 
-def measure(config: ExtractConfig, dataset: TinyImageNet, backbone, preprocess: Preprocess, device: torch.device,
+def measure(config: ExtractConfig, dataset: Dataset, backbone, preprocess: Preprocess, device: torch.device,
             batch_size: int) -> dict:
     """Time the candidates on the first real images (a sub-batch on the CPU, a full batch on CUDA)."""
     count = min(batch_size, CPU_SUB_BATCH) if device.type == "cpu" else batch_size
@@ -87,7 +87,7 @@ def measure(config: ExtractConfig, dataset: TinyImageNet, backbone, preprocess: 
     return choose_precision(backbone, lambda dtype: preprocess(batch, dtype), config.layers, device)
 
 
-def decide_precision(config: ExtractConfig, dataset: TinyImageNet, backbone, preprocess: Preprocess,
+def decide_precision(config: ExtractConfig, dataset: Dataset, backbone, preprocess: Preprocess,
                      device: torch.device, batch_size: int, rank: int, world: int) -> tuple[ExtractConfig, dict | None]:
     """(``config`` with its precision resolved, auto's record or None for an explicit precision).
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from features.errors import describe_error
-from pipeline.common import images
-from pipeline.common.images import ImageDecodeError, Skipped, decode_rgb, stack_or_list
+from pipeline.datasets import images
+from pipeline.datasets.images import ImageDecodeError, Skipped, decode_rgb, stack_or_list
 from pipeline.common.preprocess import Preprocess
 
 __all__ = ["BatchReader", "read_ahead", "resize_in_workers"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common.config import HeadConfig
-from pipeline.common.run_folder import StagedRun
+from pipeline.heads.run_folder import StagedRun
 from pipeline.heads.experiments.naming import folder_name
 from pipeline.heads.staging import final_path
 from pipeline.heads.experiments.table import Experiment

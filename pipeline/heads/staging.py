@@ -1,5 +1,5 @@
 """Writing a head run's files into its staged run folder: the one config record, the one CSV row, and one
-line for a failed write. The publish itself is pipeline.common.run_folder's."""
+line for a failed write. The publish itself is pipeline.heads.run_folder's."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ from pathlib import Path
 from features.cache import CachedSplit
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.run_folder import StagedRun
+from pipeline.heads.run_folder import StagedRun
 
 
 def prepare_out(out: Path) -> None:
@@ -42,7 +42,7 @@ def final_path(stage: StagedRun, path: Path) -> Path:
 
 
 def commit(stage: StagedRun, run: dict, own_names: set[str]) -> None:
-    """Publish the staged run (pipeline.common.run_folder); a failure is one line saying what ``out`` holds now."""
+    """Publish the staged run (pipeline.heads.run_folder); a failure is one line saying what ``out`` holds now."""
     try:
         stage.commit(run, own_names)
     except OSError as err:

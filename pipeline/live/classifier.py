@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from pipeline.common.config import RUNTIMES  # noqa: F401  (re-exported: the runtimes a Classifier comes from)
-from pipeline.common.sources import Decoder
+from pipeline.live.sources import Decoder
 
 
 

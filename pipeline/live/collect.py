@@ -1,7 +1,7 @@
 """``run_webcam.py --collect CLASS --into DIR``: frames of a camera (or a video, or a folder) saved as images of
 one class, in the ImageFolder layout ``DIR/<CLASS>/``. No checkpoint and no torch.
 
-One run is one burst: its frames are named ``burst-<time>-<random>_<i>.jpg`` (pipeline.common.holdout), and
+One run is one burst: its frames are named ``burst-<time>-<random>_<i>.jpg`` (pipeline.datasets.holdout), and
 the dataset's ``--val-fraction`` split hashes the burst, so near-duplicate frames of one burst never straddle
 train and val. A class therefore needs bursts in both: the closing summary says, per class, where its bursts
 fall. Files are saved by pipeline.live.frame_files: never over an existing name, never half-written.
@@ -20,8 +20,8 @@ import numpy as np
 from features.atomic import sync_folder
 from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, LiveConfig
 from pipeline.common.errors import UserError
-from pipeline.common.sources import FrameSource, decode_with_opencv, open_source
-from pipeline.common.holdout import VAL_FRACTION
+from pipeline.live.sources import FrameSource, decode_with_opencv, open_source
+from pipeline.common.names import VAL_FRACTION
 from pipeline.live.frame_files import (check_class_name, check_into, count_classes, pick_burst,
                                        remove_stale_partials, save_jpeg)
 from pipeline.live.overlay import Display, draw_lines, view

@@ -20,9 +20,10 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import VAL_FRACTION, burst_of, frame_name, in_val, new_burst
-from pipeline.common.indexing import SPLITS
-from pipeline.common.layouts import class_name_problem
+from pipeline.common.names import VAL_FRACTION
+from pipeline.datasets.holdout import burst_of, frame_name, in_val, new_burst
+from pipeline.datasets.indexing import SPLITS
+from pipeline.datasets.layouts import class_name_problem
 from pipeline.common.names import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)

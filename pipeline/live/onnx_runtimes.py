@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.jpeg import decode_floor
+from pipeline.datasets.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
-from pipeline.common.sources import opencv_decoder, quiet_opencv
+from pipeline.live.sources import opencv_decoder, quiet_opencv
 from pipeline.live.checks import frame_bytes
 from pipeline.live.classifier import ClassInfo
 from pipeline.live.numpy_preprocess import preprocess_frames

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.common.errors import UserError
 from pipeline.common.names import IMAGE_SUFFIXES
-from pipeline.common.sources import quiet_opencv
+from pipeline.live.sources import quiet_opencv
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The classifier is any ``pipeline.live.classifier.Classifier``: the torch backbone + head of a checkpoint
 (pipeline.live.torch_classifier), or an exported ONNX graph on ONNX Runtime or OpenCV's DNN module
-(pipeline.live.onnx_runtimes). Sources are in pipeline.common.sources; the overlay, window and output files
+(pipeline.live.onnx_runtimes). Sources are in pipeline.live.sources; the overlay, window and output files
 in pipeline.live.overlay.
 
 Frames of a video file, image or folder are classified in batches of ``frames_per_batch`` (default 8): at
@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import first_line
 from pipeline.common.hardware import available_memory
-from pipeline.common.sources import CaptureSource, FrameSource, ImageSource, open_source
+from pipeline.live.sources import CaptureSource, FrameSource, ImageSource, open_source
 from pipeline.backbones.weights import is_random
 from pipeline.live.classifier import Classifier
 from pipeline.live.overlay import Display, PredictionsOutput, VideoOutput, annotate, display_available, view

@@ -22,9 +22,9 @@ from pipeline.backbones.precision import AUTO, choose_precision, place_backbone
 from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import resolve_device
-from pipeline.common.jpeg import decode_floor
+from pipeline.datasets.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess, stack_or_list
-from pipeline.common.sources import torch_decoder
+from pipeline.live.sources import torch_decoder
 from pipeline.live.checks import frame_bytes
 from pipeline.live.classifier import ClassInfo
 

@@ -7,7 +7,7 @@ One combination is a plain run: its outputs go straight into ``--out`` (a plain 
 lr x weight-decay sweep). Several make a grid: one folder per combination,
 ``<out>/<layer>_<head>_<shots>[_lr.._wd..]/`` (pipeline.heads.experiments.naming), one table (experiments.csv and .md),
 one plot (experiments.png), and the best head that has a checkpoint copied to ``<out>/best.pt``. Every kind
-of run is one staged run (pipeline.common.run_folder) under ``--out``'s lock, published whole with run.json.
+of run is one staged run (pipeline.heads.run_folder) under ``--out``'s lock, published whole with run.json.
 
 The grid is a loop over pipeline.heads.registry: each head's ``fit`` gets the same readers and settings and
 returns the same HeadOutcome (pipeline.heads.interface).
@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline.common.hardware import resolve_device
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
-from pipeline.common.run_folder import MARKER, StagedRun, check_clashes, exclusive_run, refuse_foreign
+from pipeline.heads.run_folder import MARKER, StagedRun, check_clashes, exclusive_run, refuse_foreign
 from pipeline.heads.interface import HeadOutcome, HeadSettings
 from pipeline.heads.readers import FeatureReader
 from pipeline.heads.sources import Source, open_sources

@@ -11,13 +11,14 @@ collected from the webcam), so adding or removing other images never moves it be
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
+from pipeline.common.config import check_val_fraction
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import VAL_FRACTION, in_val
-from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, SPLITS, Dataset, Split, examples, is_image,
+from pipeline.common.names import VAL_FRACTION
+from pipeline.datasets.holdout import in_val
+from pipeline.datasets.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, SPLITS, Dataset, Split, examples, is_image,
                                       is_unread_image, is_utf8, list_images, log_index, scan, shown, subfolders,
                                       suffix)
 
@@ -27,12 +28,6 @@ EXPECTED = ("Tiny ImageNet (wnids.txt, train/, val/), ImageFolder with splits (R
             "ROOT/val/<class>/), or one ImageFolder (ROOT/<class>/, val held out with --val-fraction)")
 UNUSED_FOLDERS = ("test",)  # beside train/ and val/: not used (unlabelled in Tiny ImageNet, often in others)
 MIN_CLASS_IMAGES = 2  # one ImageFolder: one image to train on, one that can be held out
-
-
-def check_val_fraction(fraction: float) -> None:
-    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction < 1):
-        raise UserError(f"--val-fraction {fraction}: it must be between 0 and 1 (exclusive), the share of each "
-                        "class's images held out for val, such as 0.2")
 
 
 def class_name_problem(name: str, *, in_split: bool = False) -> str | None:

@@ -1,5 +1,5 @@
 """The dataset behind --data: its layout found, and indexed. Tiny ImageNet's layout is read here; the
-ImageFolder layouts in pipeline.common.layouts; the indexed model in pipeline.common.indexing.
+ImageFolder layouts in pipeline.datasets.layouts; the indexed model in pipeline.datasets.indexing.
 
 Tiny ImageNet (below the folder holding ``wnids.txt``); the source folder is only read:
 
@@ -16,18 +16,17 @@ import os
 from pathlib import Path
 
 from pipeline.common.errors import UserError
-from pipeline.common.holdout import VAL_FRACTION
-from pipeline.common.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, SPLITS, TINY_IMAGENET, Dataset,
+from pipeline.common.names import VAL_FRACTION
+from pipeline.datasets.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, SPLITS, TINY_IMAGENET, Dataset,
                                       Split, examples, list_images, log_index, read_lines, shown, subfolders)
-from pipeline.common.layouts import check_val_fraction, detect_layout, find_image_folder, index_image_folder
+from pipeline.datasets.layouts import detect_layout, find_image_folder, index_image_folder
 
 __all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGENET", "Dataset", "Split",
-           "TinyImageNet", "arrange_val", "check_val_fraction", "find_root", "index_dataset", "layout_of",
+           "arrange_val", "find_root", "index_dataset", "layout_of",
            "read_class_names", "read_lines", "shown"]
 
 log = logging.getLogger(__name__)
 
-TinyImageNet = Dataset  # the name the indexed dataset had when Tiny ImageNet was the only layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +57,7 @@ def index_dataset(root: Path, val_fraction: float = VAL_FRACTION) -> Dataset:
     """Index the dataset at ``root`` (found by find_root) in its layout. Reads no image.
 
     ``val_fraction``: the one ImageFolder layout only; the share of each class held out for val, by a hash
-    of each path (pipeline.common.holdout)."""
+    of each path (pipeline.datasets.holdout)."""
     root = Path(root)
     layout = layout_of(root)
     if layout != TINY_IMAGENET:

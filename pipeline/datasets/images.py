@@ -26,7 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.jpeg import decode_with_pillow, jpeg_size, reduction
+from pipeline.datasets.jpeg import decode_with_pillow, jpeg_size, reduction
 # stack_or_list lives beside the resize it batches for; extraction imports it from here too
 from pipeline.common.preprocess import aspect_problem, stack_or_list  # noqa: F401
 

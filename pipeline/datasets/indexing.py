@@ -1,8 +1,8 @@
 """The indexed dataset every layout produces, and the folder listing the layouts share. Torch-free.
 
 A dataset is indexed without reading an image: its classes, and per split the (path, label) list in a fixed
-order (class, then path). Layouts: Tiny ImageNet (pipeline.common.dataset) and the two ImageFolder ones
-(pipeline.common.layouts).
+order (class, then path). Layouts: Tiny ImageNet (pipeline.datasets.dataset) and the two ImageFolder ones
+(pipeline.datasets.layouts).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What both decoders need to know about a JPEG before decoding it, torch-free: its size and colour components
 from the frame header, the libjpeg scale-down (1/2, 1/4, 1/8) a large one is decoded at, and the floor that
 scale-down keeps to for a preprocessing. Extraction and the torch runtime decode through PIL's ``draft``
-(pipeline.common.images), the torch-free runtimes through OpenCV's ``IMREAD_REDUCED_*`` (pipeline.common.sources):
+(pipeline.datasets.images), the torch-free runtimes through OpenCV's ``IMREAD_REDUCED_*`` (pipeline.live.sources):
 the same libjpeg scaling, chosen by the same rule, so a photo gives every runtime the pixels its cached row was
 made from. A CMYK JPEG is the exception: OpenCV's CMYK -> RGB differs from torchvision's and Pillow's by a level
 on almost every pixel, so every runtime decodes those with Pillow (``decode_with_pillow``), as extraction does.

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.jpeg import decode_with_pillow, draft_scale, jpeg_frame, reduction
+from pipeline.datasets.jpeg import decode_with_pillow, draft_scale, jpeg_frame, reduction
 from pipeline.common.names import IMAGE_SUFFIXES
 from pipeline.common.preprocess import aspect_problem
 
@@ -102,7 +102,7 @@ def torch_decoder(min_side: int | None = None) -> Decoder:
 
     ``min_side``: a large JPEG is decoded reduced to no less than this, as extraction does for the same
     preprocessing (jpeg.decode_floor); the classifier then sees the pixels the cache was made from."""
-    from pipeline.common.images import ImageDecodeError, read_rgb
+    from pipeline.datasets.images import ImageDecodeError, read_rgb
 
     def decode(path: Path) -> np.ndarray:
         try:

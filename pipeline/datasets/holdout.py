@@ -5,7 +5,7 @@ over the list: adding or removing other images never moves it between train and 
 from the webcam (``run_webcam.py --collect``) are named after their burst (one run of ``--collect``), and
 the burst is hashed instead of the file, so near-duplicate consecutive frames never straddle train and val.
 
-Torch-free: the collector (pipeline.live) and the dataset index (pipeline.common.dataset) both use it.
+Torch-free: the collector (pipeline.live) and the dataset index (pipeline.datasets.dataset) both use it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 import re
 import time
 
-VAL_FRACTION = 0.2  # the share of a one-folder ImageFolder held out for val (run_extract.py --val-fraction)
 BURST_PATTERN = re.compile(r"^(burst-\d{8}-\d{6}-[0-9a-f]{4})_\d+\.jpg$")
 FRAME_DIGITS = 5
 
