@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?=                    # Tiny ImageNet folder or zip (default: data/tiny-imagenet-200)
 WEIGHTS ?= imagenet        # imagenet, random, or a path to alexnet-owt-7be5be79.pth
 DEVICE ?= auto             # auto, cpu, cuda, cuda:N
-FEATURES ?= runs/features  # the fc7 cache
+FEATURES ?= runs/features  # the feature cache (the default backbone's folder)
 HEAD ?= runs/head          # the head's run folder
 
 .PHONY: setup test run demo bench gpu-check clean

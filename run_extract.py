@@ -19,22 +19,22 @@ import argparse
 import gc
 from pathlib import Path
 
-from pipeline.cli import run_main
-
-
-def comma_list(text: str) -> tuple[str, ...]:
-    """'pool5, fc7' -> ('pool5', 'fc7')."""
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+from pipeline.cli import comma_list, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag is the ExtractConfig field of the same name, with its default from there."""
     from pipeline.common.config import ExtractConfig
-    from pipeline.common.names import DTYPES
-    from pipeline.backbones.precision import PRECISION_CHOICES
-    from pipeline.common.preprocess import MODES
 
     d = ExtractConfig()  # every default comes from here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_options(p, d)
+    _backbone_options(p, d)
+    _run_options(p, d)
+    return p
+
+
+def _data_options(p: argparse.ArgumentParser, d) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", default=d.data,
                       help="dataset folder or its zip: Tiny ImageNet, ImageFolder with splits (ROOT/train/<class>/, "
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--arrange-val", action="store_true",
                       help="hard-link val images into val/<wnid>/images/ (the only option that writes to the dataset)")
     data.add_argument("--strict", action="store_true", help="an undecodable image is an error, not a listed skip")
+
+
+def _backbone_options(p: argparse.ArgumentParser, d) -> None:
+    from pipeline.common.preprocess import MODES
+
     model = p.add_argument_group("backbone")
     model.add_argument("--backbone", default=d.backbone,
                        help=f"any torchvision classification model (default {d.backbone}): resnet50, vit_b_16, "
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "ResNet50_Weights.IMAGENET1K_V2), an exact X_Weights.MEMBER, random (for tests), or a "
                             "state_dict path")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
-    model.add_argument("--layers", type=comma_list, default=None,  # None: the backbone's default (ExtractConfig)
+    model.add_argument("--layers", type=comma_list(), default=None,  # None: the backbone's default (ExtractConfig)
                        help="comma list of cached layers: the backbone's named layers (the default backbone's: pool5 "
                             "(9216-d), fc6, fc7 (4096-d; its default)), penultimate (the input of the last Linear; "
                             "other models' default) or graph node names (--list-layers NAME lists them). Layers "
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "weights' own, 256 for most)")
     model.add_argument("--resize-mode", choices=MODES, default=d.resize_mode,
                        help="crop: resize the shorter side, then centre-crop; resize: squash to image-size")
+
+
+def _run_options(p: argparse.ArgumentParser, d) -> None:
+    from pipeline.backbones.precision import PRECISION_CHOICES
+    from pipeline.common.names import DTYPES
+
     run = p.add_argument_group("run")
     run.add_argument("--out", type=Path, default=None,  # None: the backbone's own folder (ExtractConfig)
                      help="cache folder for train.h5 and val.h5 (default runs/features; runs/features-NAME for "
@@ -94,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
                      help="progress bars (--no-progress: none)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

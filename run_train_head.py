@@ -17,33 +17,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import run_main
+from pipeline.cli import comma_list, run_main, shots
 from pipeline.common.config import LINEAR_WEIGHT_DECAY, LOGREG_WEIGHT_DECAY, HeadConfig
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-
-
-def name_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-def shots_list(text: str) -> tuple[int | None, ...]:
-    try:
-        return tuple(None if v.strip().lower() == "all" else int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected images per class or 'all', separated by commas, got {text!r}") from None
+float_list = comma_list(float, "numbers")
+int_list = comma_list(int, "whole numbers")
+name_list = comma_list()
+shots_list = comma_list(shots, "images per class or 'all'")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
@@ -23,6 +24,22 @@ CACHE_ADVICE: tuple[tuple[type, str], ...] = (
     (CacheBusy, "wait for it to finish, then rerun (or pass another folder)"),
     (CacheUnwritable, "free some space (or fix the folder's permissions) and rerun: the finished shards are kept"),
 )
+
+
+def comma_list(convert: Callable = str, what: str = "names"):
+    """An argparse type for a comma list: 'pool5, fc7' -> ('pool5', 'fc7'), each item through ``convert``; one
+    line naming what was expected when an item does not convert."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
+    return parse
+
+
+def shots(item: str) -> int | None:
+    """--shots: images per class, or 'all' (None)."""
+    return None if item.lower() == "all" else int(item)
 
 
 def cache_advice(err: CacheError) -> str:

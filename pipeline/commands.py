@@ -40,9 +40,7 @@ def prepare(config: ExtractConfig) -> int:
     from pipeline.datasets.jpeg import decode_floor
     from pipeline.data.prepare import prepare_dataset
 
-    summary = prepare_dataset(config.data, download=config.download, url=config.url, md5=config.md5,
-                              arrange=config.arrange_val, strict=config.strict, progress=config.progress,
-                              val_fraction=config.val_fraction, min_side=decode_floor(preprocess_of(config)))
+    summary = prepare_dataset(config, min_side=decode_floor(preprocess_of(config)))
     log.info("%s: %s layout, %d classes", summary["root"], summary["layout"], summary["num_classes"])
     for name, split in summary["splits"].items():
         log.info("  %-5s %6d images, %d-%d per class, %d skipped", name, split["images"],

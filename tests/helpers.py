@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import zipfile
 import os
 import subprocess
 import sys
@@ -78,6 +79,14 @@ def update_counts(caplog) -> dict[str, tuple[int, int, int]]:
             numbers = message.split(": reused ")[1].replace("extracted ", "").replace("dropped ", "").split(", ")
             counts[message.split(":")[0]] = tuple(int(n) for n in numbers)
     return counts
+
+
+def zip_dataset(root: Path, zip_path: Path) -> Path:
+    """Zip ``root`` the way the official zip is laid out: everything under a top folder named like root."""
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(Path(root).rglob("*")):
+            archive.write(path, Path(root.name) / path.relative_to(root))
+    return zip_path
 
 
 def random_backbone(name: str = "alexnet", seed: int = 0, layers: tuple[str, ...] | None = None,

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.datasets.dataset import arrange_val, index_dataset
 from tests.helpers import one_error_line
-from pipeline.data.synthetic import zip_dataset
+from tests.helpers import zip_dataset
 from tests.test_dataset import _annotations, file_md5, http_server, make, prepare, tree_state, val_label_by_file  # noqa: F401
 
 

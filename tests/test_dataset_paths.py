@@ -7,7 +7,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from pipeline.data.synthetic import zip_dataset
+from tests.helpers import zip_dataset
 from tests.conftest import one_error_line
 from tests.test_dataset import _break_images, file_md5, make, prepare, tree_state
 

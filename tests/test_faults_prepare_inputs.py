@@ -22,7 +22,8 @@ import run_extract
 from pipeline.datasets.dataset import index_dataset
 from pipeline.datasets.images import ImageDecodeError, ImageReadError, decode_rgb, read_rgb
 from pipeline.data.prepare import resolve_data
-from pipeline.data.synthetic import make_tiny_imagenet, zip_dataset
+from pipeline.data.synthetic import make_tiny_imagenet
+from tests.helpers import zip_dataset
 from tests.helpers import extract_args, one_error_line
 from tests.test_dataset import file_md5, http_server, make, prepare, tree_state  # noqa: F401 (a fixture)
 from tests.test_faults_prepare import GRAY16, NAME, ROOT, WNIDS3, dead_pid, make_zip  # noqa: F401

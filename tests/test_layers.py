@@ -173,3 +173,16 @@ def test_common_holds_only_what_every_stage_shares():
     pipeline/datasets/, the backbone's in pipeline/backbones/ (at most 12 modules, __init__ aside)."""
     modules = [p for p in (ROOT / "pipeline" / "common").rglob("*.py") if p.stem not in ("__init__", "__main__")]
     assert len(modules) <= 12, sorted(p.name for p in modules)
+
+
+def test_no_source_file_or_function_is_too_long():
+    """A file of over 400 lines, or a function of over 60, has more than one job: split it (benchmarks included)."""
+    long_files, long_functions = [], []
+    for module, path in project_modules().items():
+        lines = path.read_text().splitlines()
+        if len(lines) > 400:
+            long_files.append(f"{module} ({len(lines)} lines)")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long_functions.append(f"{module}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long_files and not long_functions, f"too long: {long_files + long_functions}"

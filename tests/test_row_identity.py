@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import h5py
@@ -22,7 +21,7 @@ from PIL import Image
 
 import run_extract
 from pipeline.data.synthetic import class_image
-from tests.helpers import extract_args, h5_datasets, one_error_line, tree_bytes, update_counts
+from tests.helpers import extract_args, h5_datasets, one_error_line, tree_bytes, update_counts, zip_dataset
 from tests.imagefolders import CLASSES, make_splits, write_class
 
 T = 1_700_000_000_000_000_000  # one mtime (ns) for every image: sizes and mtimes alone cannot tell them apart
@@ -174,19 +173,13 @@ def test_an_update_keeping_half_the_rows_is_still_an_update(desk, caplog):
 # An updated zip of an ImageFolder (finding 14)
 
 
-def zip_folder(folder: Path, zip_path: Path) -> None:
-    with zipfile.ZipFile(zip_path, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            archive.write(path, Path(folder.name) / path.relative_to(folder))
-
-
 def test_an_updated_zip_extracts_only_its_new_images(tmp_path, caplog, monkeypatch):
     folder, zip_path, out = make_splits(tmp_path / "src" / "pets"), tmp_path / "pets.zip", tmp_path / "features"
-    zip_folder(folder, zip_path)
+    zip_dataset(folder, zip_path)
     assert run(zip_path, out) == 0
     old = rows(out)
     write_class(folder / "train" / "dog", 1, 1, start=40)  # one new photo; the zip is made again
-    zip_folder(folder, zip_path)
+    zip_dataset(folder, zip_path)
     caplog.set_level(logging.INFO)
     assert run(zip_path, out) == 0
     assert "unpacking" in caplog.text  # a fresh unpack: every file has a new mtime, inode and ctime

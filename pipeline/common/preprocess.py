@@ -1,8 +1,9 @@
 """The one preprocessing definition, shared by extraction and the live runner.
 
-It is torchvision's AlexNet eval transform (resize the shorter side to 256, centre-crop 224, ImageNet
-mean/std, RGB), written as batched tensor ops on uint8 images so it runs on whatever device holds them.
-The uint8 resize with antialias matches PIL's bilinear resize, so features equal the plain
+It is torchvision's ``ImageClassification`` eval transform, with the sizes, interpolation, mean and std the
+weights' own ``transforms()`` say (resize the shorter side, centre-crop, normalise, RGB; AlexNet's: 256, 224,
+bilinear, ImageNet mean/std), written as batched tensor ops on uint8 images so it runs on whatever device holds
+them. The uint8 resize with antialias matches PIL's resize, so features equal the plain
 ``transforms.Compose([Resize(256), CenterCrop(224), ToTensor(), Normalize(...)])`` reference.
 
 On CUDA there is no uint8 resize (torchvision goes uint8 -> float32 -> resize -> round -> uint8), so the
@@ -51,7 +52,7 @@ class Preprocess:
 
     image_size: int = 224  # the side of the square the network sees
     resize_size: int = 256  # "crop": the shorter side is resized to this, then the centre is cropped
-    mode: str = "crop"  # "crop" (AlexNet eval transform) or "resize" (the whole image squashed to image_size)
+    mode: str = "crop"  # "crop" (resize the shorter side, then centre-crop) or "resize" (squash to image_size)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"  # the resize filter, as the weights' transforms() say (Swin, EfficientNet: bicubic)

@@ -14,8 +14,7 @@ from pipeline.data import unpack
 from pipeline.datasets.dataset import (IMAGEFOLDER, Dataset, arrange_val, find_root,
                                      index_dataset)
 from pipeline.common.errors import UserError
-from pipeline.common.config import check_val_fraction
-from pipeline.common.names import VAL_FRACTION
+from pipeline.common.config import ExtractConfig, check_val_fraction
 from pipeline.common.names import DEFAULT_DATA, TINY_IMAGENET_MD5, TINY_IMAGENET_URL
 
 log = logging.getLogger(__name__)
@@ -102,19 +101,19 @@ def download_dataset(folder: Path, *, url: str = TINY_IMAGENET_URL, md5: str | N
     return find_root(unpack_zip(zip_path, progress=progress))
 
 
-def prepare_dataset(data: str | os.PathLike | None, *, download: bool = False, url: str = TINY_IMAGENET_URL,
-                    md5: str | None = TINY_IMAGENET_MD5, arrange: bool = False, strict: bool = False,
-                    progress: bool = True, val_fraction: float = VAL_FRACTION, min_side: int | None = None) -> dict:
-    """--prepare-only: find, index and (optionally) arrange the dataset, decode every image once,
-    apply the skip policy, and return the summary.
+def prepare_dataset(config: ExtractConfig, *, min_side: int | None = None) -> dict:
+    """--prepare-only: find, index and (``config.arrange_val``) arrange the dataset ``config`` names, decode every
+    image once, apply the skip policy (``config.strict``), and return the summary.
 
     ``min_side``: decode a large JPEG reduced, as extraction will (images.decode_floor): the check then skips
     what extraction would skip, and a 12 MP photo costs a fraction of a full decode."""
     from pipeline.datasets.images import Skipped, enforce_skip_policy, verify_images  # imports torch
 
+    val_fraction, progress, strict = config.val_fraction, config.progress, config.strict
     check_val_fraction(val_fraction)  # before anything is unpacked or downloaded
-    dataset = index_dataset(resolve_data(data, download=download, url=url, md5=md5, progress=progress), val_fraction)
-    if arrange:
+    root = resolve_data(config.data, download=config.download, url=config.url, md5=config.md5, progress=progress)
+    dataset = index_dataset(root, val_fraction)
+    if config.arrange_val:
         log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(dataset), dataset.root)
     # images the index could not take (a name that is not UTF-8) are skips too, listed first
     skipped = {name: [Skipped(**item) for item in split.excluded]

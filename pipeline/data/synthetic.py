@@ -5,7 +5,6 @@ the classes a little. No real images are involved.
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +75,3 @@ def make_tiny_imagenet(root: Path, *, num_classes: int = 3, train_per_class: int
     (root / "test" / "images").mkdir(parents=True, exist_ok=True)
     Image.fromarray(class_image(0, 9999, size, seed)).save(root / "test" / "images" / "test_0.JPEG")
     return root
-
-
-def zip_dataset(root: Path, zip_path: Path) -> Path:
-    """Zip ``root`` the way the official zip is laid out: everything under a top folder named like root."""
-    with zipfile.ZipFile(zip_path, "w") as archive:
-        for path in sorted(Path(root).rglob("*")):
-            archive.write(path, Path(root.name) / path.relative_to(root))
-    return zip_path
