@@ -24,7 +24,7 @@ DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
 DEFAULT_HEAD = Path("runs/head")  # a head's run folder
 DEFAULT_CHECKPOINT = DEFAULT_HEAD / "best.pt"
 
-VERSION = "0.7.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
+VERSION = "0.8.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
 ONNX_FORMAT = "fc7-onnx-classifier/2"  # the sidecar JSON of an exported graph (pipeline.live.export); 2: the graph
 # carries the classes and preprocessing in its metadata_props too, and the sidecar must agree (issue 29, finding 5)
 ONNX_FORMATS_READ = ("fc7-onnx-classifier/1", ONNX_FORMAT)  # 1: a graph without them, run on its sidecar alone
