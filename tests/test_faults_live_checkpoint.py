@@ -3,11 +3,13 @@ and OpenCV's window as a user meets it (no Qt font warnings)."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -71,6 +73,33 @@ def test_hostile_checkpoint_is_one_line(good, image, tmp_path, capsys, monkeypat
     line = one_error_line(capsys)
     assert words in line and str(path) in line
     assert not built and not preds.exists() and path.read_bytes() == before
+
+
+class Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("kind", ["a pickled function", "a plain pickle"])
+def test_a_checkpoint_that_is_not_weights_only_is_one_line(good, image, tmp_path, capsys, monkeypatch, kind):
+    """Read by the one weights-only loader (pipeline.common.torch_files): refused in its one wording, without torch's
+    advice to load it unsafely or its pickle-protocol warning."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "best.pt"
+    if kind == "a pickled function":
+        torch.save({**good, "config": Hostile()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"format": "linear-head/1"}, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:  # pytest would keep a warning out of stderr
+        warnings.simplefilter("always")
+        assert run_webcam.main([*CPU, "--checkpoint", str(path), "--source", str(image), "--no-display"]) == 2
+    assert not [w for w in shown if "protocol" in str(w.message)]
+    err = capsys.readouterr().err
+    line = err.strip()
+    assert line.count("\n") == 0 and line.startswith("error: ") and str(path) in line, err
+    assert ("refused for safety" in line and "posix.system" in line) if kind == "a pickled function" else \
+        "not a readable checkpoint" in line
+    assert "weights_only" not in err and "protocol" not in err and not (tmp_path / "pwned").exists()
 
 
 def test_memory_is_checked_before_a_frame_is_allocated(good, image, tmp_path, capsys, monkeypatch):

@@ -1,7 +1,7 @@
 """The head checkpoint: the one place that makes, saves, reads and checks it, and loads the head from it.
 
-A checkpoint is a plain dict of tensors and primitives, so ``torch.load(path, weights_only=True)`` reads
-it. It carries everything the live runner needs: the head (an ``nn.Linear`` on raw features), the
+A checkpoint is a plain dict of tensors and primitives, so torch's weights-only loader reads it
+(pipeline.common.torch_files). It carries everything the live runner needs: the head (an ``nn.Linear`` on raw features), the
 classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from features.atomic import write_atomic
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
 from pipeline.common.preprocess import Preprocess
+from pipeline.common.torch_files import load_weights_only
 
 READABLE_FORMATS = (CHECKPOINT_FORMAT, "fc7-linear-head/1")  # the stamp before heads on every layer: same file format
 REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_names", "weights_spec",
@@ -67,25 +68,12 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     write_atomic(path, buffer.getvalue(), durable=True)
 
 
-def _load_reason(err: BaseException) -> str:
-    """torch.load's complaint, shortened to its gist (its weights-only message is paragraphs of advice)."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
-        return f"holds more than tensors and plain values, or is damaged: {detail[0] if detail else 'unpickling failed'}"
-    return first_line(err).split(". ")[0][:160]
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict from run_train_head.py, checked: a missing, corrupt or foreign file is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train a head with run_train_head.py, or pass --checkpoint PATH")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling, zip and EOF errors alike
-        raise UserError(f"{path} is not a readable checkpoint ({_load_reason(err)}); "
-                        "pass a best.pt or last.pt written by run_train_head.py") from None
+    checkpoint = load_weights_only(path, "checkpoint", "pass a best.pt or last.pt written by run_train_head.py")
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise UserError(f"{path} is not a head checkpoint from run_train_head.py (it has no 'format' entry)")
     if checkpoint["format"] not in READABLE_FORMATS:
