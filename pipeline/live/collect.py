@@ -25,7 +25,7 @@ from pipeline.common.names import VAL_FRACTION
 from pipeline.live.frame_files import (check_class_name, check_into, count_classes, pick_burst,
                                        remove_stale_partials, save_jpeg)
 from pipeline.live.overlay import Display, draw_lines, view
-from pipeline.live.runner import QUIT_KEYS, STATUS_SECONDS, _stop_on_sigterm, _wants_window
+from pipeline.live.session import QUIT_KEYS, STATUS_SECONDS, stop_on_sigterm, wants_window
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Collector:
         self.every = config.every or COLLECT_EVERY
         self.count = config.count or COLLECT_COUNT
         self.countdown = countdown_seconds(config, source)
-        self.show = _wants_window(config, display)
+        self.show = wants_window(config.display, display)
         self.display = (display or Display(config.window)) if self.show else None
         burst, self.steered = pick_burst(folder, config.collect)
         self.summary = CollectSummary(config.collect, folder, burst)
@@ -141,7 +141,7 @@ def collect_frames(config: LiveConfig, *, source: FrameSource | None = None,
     folder = check_into(into, config.collect)
     _refuse_source_inside(config, folder)
     stop: dict = {}
-    with _stop_on_sigterm(stop), ExitStack() as stack:
+    with stop_on_sigterm(stop), ExitStack() as stack:
         if source is None:
             source = open_source(config.source, width=config.width, height=config.height, decode=decode_with_opencv)
         stack.callback(source.release)
