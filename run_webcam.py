@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the image folder they go to, as DIR/CLASS/burst-..._00000.jpg (created if needed)")
     collect.add_argument("--every", type=int, metavar="N", help=f"save every N-th frame (default {collecting.every}: "
                                                                 "consecutive frames are near-duplicates)")
-    collect.add_argument("--count", type=int, metavar="K", help=f"stop after K saved frames (default {collecting.count})")
+    collect.add_argument("--count", type=int, metavar="K",
+                         help=f"stop after K saved frames (default {collecting.count})")
     collect.add_argument("--countdown", type=float, metavar="S",
                          help=f"seconds before saving starts, to get in place (default {COLLECT_COUNTDOWN:g} on a "
                               "camera, 0 on a video or folder)")

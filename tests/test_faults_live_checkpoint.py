@@ -52,7 +52,8 @@ CASES = {  # case: (edits to the checkpoint, words of the one line)
     "head of wrong shape": (lambda g: {"head": {"weight": torch.zeros(5, 4096), "bias": torch.zeros(5)}}, "inconsistent"),
     "one-dimensional head": (lambda g: {"head": {"weight": torch.zeros(4096), "bias": torch.zeros(3)}}, "inconsistent"),
     "class list as a number": (lambda g: {"class_wnids": 3}, "field 'class_wnids' must be a list of strings, got 3"),
-    "metric as a string": (lambda g: {"metrics": {**g["metrics"], "val_top1": "41%"}}, "field 'metrics' must be a dict of finite numbers, got 'val_top1': '41%'"),
+    "metric as a string": (lambda g: {"metrics": {**g["metrics"], "val_top1": "41%"}},
+                           "field 'metrics' must be a dict of finite numbers, got 'val_top1': '41%'"),
     "metric inf": (lambda g: {"metrics": {**g["metrics"], "val_top1": float("inf")}}, "got 'val_top1': inf"),
     "metric NaN": (lambda g: {"metrics": {**g["metrics"], "val_loss": float("nan")}}, "got 'val_loss': nan"),
     "epoch as a string": (lambda g: {"epoch": "2"}, "field 'epoch' must be a whole number"),
@@ -86,8 +87,8 @@ def test_hostile_checkpoint_is_one_line(good, image, tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rule_is_the_checkpoint_reader_s(good, tmp_path, case):
-    """The one validator (pipeline.common.checkpoint) refuses each case itself: the live runner, the export and the
-    heads trust what read_checkpoint returns, and pipeline.live.checks holds no field rule."""
+    """The one validator (pipeline.common.checkpoint) refuses each case itself: the live runner and the export trust
+    what read_checkpoint returns, and pipeline.live.checks holds no field rule."""
     edits, words = CASES[case]
     path = tmp_path / "best.pt"
     torch.save({**good, **edits(good)}, path)

@@ -1,12 +1,12 @@
 """The head checkpoint: the one place that makes, saves, reads and checks it, and loads the head from it.
 
 ``read_checkpoint`` is its one reader and ``check_checkpoint`` its one validator: every rule a checkpoint must meet
-(types, ranges, finite metrics and weights, shapes, preprocessing) is here, so the live runner, the export and the
-heads trust what they are given; only the memory a frame needs is the live runner's own (pipeline.live.checks).
+(types, ranges, finite metrics and weights, shapes, preprocessing) is here, so the live runner and the export trust
+what it returns; only the memory a frame needs is the live runner's own (pipeline.live.checks).
 
 A checkpoint is a plain dict of tensors and primitives, so torch's weights-only loader reads it
-(pipeline.common.torch_files). It carries everything the live runner needs: the head (an ``nn.Linear`` on raw features), the
-classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
+(pipeline.common.torch_files). It carries everything the live runner needs: the head (an ``nn.Linear`` on raw
+features), the classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
 """
 from __future__ import annotations
 

@@ -268,7 +268,8 @@ def webcam_config(given: dict) -> LiveConfig | CollectConfig:
     takes = {field.name for field in fields(kind)}
     foreign = ", ".join(f"--{name.replace('_', '-')}" for name in given if name not in takes)
     if foreign and kind is CollectConfig:
-        raise UserError(f"--collect saves frames and classifies nothing; drop {foreign} (or run those without --collect)")
+        raise UserError(f"--collect saves frames and classifies nothing; drop {foreign} "
+                        "(or run those without --collect)")
     if foreign:
         raise UserError(f"{foreign} only apply to --collect CLASS; add --collect, or drop them")
     return kind(**given)
