@@ -32,61 +32,67 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import run_main
-from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, RUNTIMES, LiveConfig
+from pipeline.common.config import COLLECT_COUNTDOWN, RUNTIMES, CollectConfig, LiveConfig, webcam_config
 from pipeline.common.names import IMAGE_SUFFIXES
 from pipeline.backbones.precision import PRECISION_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag is the LiveConfig field of the same name, with its default from there."""
-    d = LiveConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every flag is the field of the same name of LiveConfig or, with --collect, CollectConfig. A flag not typed is
+    left out of the arguments (argparse.SUPPRESS), so the config's own default applies and a flag of the other
+    command can be named (pipeline.common.config.webcam_config)."""
+    live, collecting = LiveConfig(), CollectConfig(collect="")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
     model = p.add_argument_group("model")
-    model.add_argument("--checkpoint", type=Path, default=d.checkpoint, help="head checkpoint from run_train_head.py")
-    model.add_argument("--weights", default=d.weights,
-                       help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
-                            "or a state_dict path (must match the checkpoint's fingerprint)")
-    model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
-    model.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (the torch runtime)")
-    model.add_argument("--precision", choices=PRECISION_CHOICES, default=d.precision,
+    model.add_argument("--checkpoint", type=Path,
+                       help=f"head checkpoint from run_train_head.py (default {live.checkpoint})")
+    model.add_argument("--weights", help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
+                                         "or a state_dict path (must match the checkpoint's fingerprint)")
+    model.add_argument("--seed", type=int, help="seed for --weights random")
+    model.add_argument("--device", help="auto (the default), cpu, cuda or cuda:N (the torch runtime)")
+    model.add_argument("--precision", choices=PRECISION_CHOICES,
                        help="the torch runtime's backbone precision (default auto: timed on the first batch of frames)")
+    model.add_argument("--batch-frames", type=int, metavar="N",
+                       help="frames classified per forward pass for video files, images and folders "
+                            "(default 8; a camera is always read one frame at a time)")
     deploy = p.add_argument_group("deploy")
-    deploy.add_argument("--export", type=Path, default=d.export, metavar="FILE.onnx",
+    deploy.add_argument("--export", type=Path, metavar="FILE.onnx",
                         help="write --checkpoint's backbone + head + softmax as one ONNX graph, and FILE.json "
                              "beside it (classes, preprocessing, weights); then stop")
-    deploy.add_argument("--onnx", type=Path, default=d.onnx, metavar="FILE.onnx",
+    deploy.add_argument("--onnx", type=Path, metavar="FILE.onnx",
                         help="run an exported graph (its FILE.json beside it) instead of --checkpoint")
-    deploy.add_argument("--runtime", choices=RUNTIMES, default=d.runtime,
+    deploy.add_argument("--runtime", choices=RUNTIMES,
                         help="what runs the classifier: torch (--checkpoint), onnxruntime or opencv (--onnx; "
                              "default: onnxruntime when installed, else opencv)")
-    source = p.add_argument_group("source")
-    source.add_argument("--source", default=d.source,
-                        help=f"camera index, video file, image file, or folder of images ({' '.join(IMAGE_SUFFIXES)})")
-    source.add_argument("--width", type=int, default=d.width, help="requested camera width")
-    source.add_argument("--height", type=int, default=d.height, help="requested camera height")
-    source.add_argument("--max-frames", type=int, default=d.max_frames, help="stop after this many frames")
-    source.add_argument("--batch-frames", type=int, metavar="N", default=d.batch_frames,
-                        help="frames classified per forward pass for video files, images and folders "
-                             "(default 8; a camera is always read one frame at a time)")
+    source = p.add_argument_group("source and window (live and --collect)")
+    source.add_argument("--source", help=f"camera index (default {live.source}), video file, image file, or folder of "
+                                         f"images ({' '.join(IMAGE_SUFFIXES)})")
+    source.add_argument("--width", type=int, help="requested camera width")
+    source.add_argument("--height", type=int, help="requested camera height")
+    source.add_argument("--max-frames", type=int, help="stop after this many frames")
+    source.add_argument("--no-display", dest="display", action="store_false",
+                        help="no window (headless; default: a window when a display is present)")
+    source.add_argument("--window", help=f"the window's title (default {live.window!r}; with --collect "
+                                         f"{collecting.window!r})")
     out = p.add_argument_group("output")
-    out.add_argument("--top-k", type=int, default=d.top_k, help="classes shown and recorded per frame")
-    out.add_argument("--smooth", type=int, default=d.smooth, help="average the probabilities over the last N frames")
-    out.add_argument("--no-display", dest="display", action="store_false", default=d.display,
-                     help="no window (headless; default: a window when a display is present)")
-    out.add_argument("--output", type=Path, default=d.output, help="write the annotated video here (mp4v)")
-    out.add_argument("--predictions", type=Path, default=d.predictions,
+    out.add_argument("--top-k", type=int, help=f"classes shown and recorded per frame (default {live.top_k})")
+    out.add_argument("--smooth", type=int,
+                     help=f"average the probabilities over the last N frames (default {live.smooth})")
+    out.add_argument("--output", type=Path, help="write the annotated video here (mp4v)")
+    out.add_argument("--predictions", type=Path,
                      help="write one JSON line per frame here (latency_ms: its batch's model time / frames in it)")
-    out.add_argument("--window", default=d.window, help="the window's title")
-    collect = p.add_argument_group("collect (teach it your own classes: no checkpoint, no torch)")
-    collect.add_argument("--collect", metavar="CLASS", default=d.collect,
+    collect = p.add_argument_group("collect (teach it your own classes: no checkpoint, no torch; only the source "
+                                   "flags above apply)")
+    collect.add_argument("--collect", metavar="CLASS",
                          help="save frames of the source as images of CLASS instead of classifying them")
-    collect.add_argument("--into", type=Path, metavar="DIR", default=d.into,
+    collect.add_argument("--into", type=Path, metavar="DIR",
                          help="the image folder they go to, as DIR/CLASS/burst-..._00000.jpg (created if needed)")
-    collect.add_argument("--every", type=int, metavar="N", default=d.every,
-                         help=f"save every N-th frame (default {COLLECT_EVERY}: consecutive frames are near-duplicates)")
-    collect.add_argument("--count", type=int, metavar="K", default=d.count,
-                         help=f"stop after K saved frames (default {COLLECT_COUNT})")
-    collect.add_argument("--countdown", type=float, metavar="S", default=d.countdown,
+    collect.add_argument("--every", type=int, metavar="N", help=f"save every N-th frame (default {collecting.every}: "
+                                                                "consecutive frames are near-duplicates)")
+    collect.add_argument("--count", type=int, metavar="K",
+                         help=f"stop after K saved frames (default {collecting.count})")
+    collect.add_argument("--countdown", type=float, metavar="S",
                          help=f"seconds before saving starts, to get in place (default {COLLECT_COUNTDOWN:g} on a "
                               "camera, 0 on a video or folder)")
     return p
@@ -95,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.commands import live
 
-    config = LiveConfig(**vars(build_parser().parse_args(argv)))
-    return run_main(lambda: live(config))
+    given = vars(build_parser().parse_args(argv))  # the flags typed, and only those
+    return run_main(lambda: live(webcam_config(given)))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pipeline.common.hardware import cpu_kind, cpu_tag, describe_cpu
 from pipeline.common.preprocess import Preprocess
 from pipeline.live.sources import decode_with_opencv, torch_decoder
 from pipeline.live.numpy_preprocess import preprocess_frames
+from pipeline.live.sidecar import read_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.checkpoint and args.onnx and args.images):
             parser.error("--checkpoint, --onnx and --images are needed (or --speed-only)")
         runtimes = args.runtimes.split(",")
-        classes = json.loads(args.onnx.with_suffix(".json").read_text())["num_classes"]
+        classes = read_sidecar(args.onnx)["num_classes"]
         paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))[:args.frames]
         result["fidelity"] = {"checkpoint": str(args.checkpoint), "images": str(args.images), "classes": classes,
                               "end_to_end": end_to_end(args.checkpoint, args.onnx, args.images, len(paths),

@@ -1,7 +1,7 @@
 """The three commands, each composed of stages: the only place where one stage's output meets another's.
 
 ``run_extract.py`` = data (find, unpack or download) + extract; ``run_train_head.py`` = heads;
-``run_webcam.py`` = live (or collection). The stages never import each other; this module hands one's result to the next.
+``run_webcam.py`` = live (or collection, with its own settings). The stages never import each other; this module hands one's result to the next.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from pipeline.common.config import ExtractConfig, HeadConfig, LiveConfig
+from pipeline.common.config import CollectConfig, ExtractConfig, HeadConfig, LiveConfig
 from pipeline.extract.loading import preprocess_of, settle
 from pipeline.backbones.precision import check_choice
 from pipeline.backbones.weights import describe_weights, is_random
@@ -107,16 +107,16 @@ def train_head(config: HeadConfig) -> int:
     return 0
 
 
-def live(config: LiveConfig) -> int:
-    """Stage three: collect frames of a class (--collect), export the classifier (--export), or run it live on the
-    source; torch only when it runs on torch."""
+def live(config: LiveConfig | CollectConfig) -> int:
+    """``run_webcam.py``: collect frames of a class (a CollectConfig), or export the classifier (--export), or run it
+    live on the source; torch only when it runs on torch."""
     config.check()
-    config.precision = check_choice(config.precision)
-    if config.collect is not None:  # no checkpoint and no torch
+    if isinstance(config, CollectConfig):  # no checkpoint and no torch
         from pipeline.live.collect import collect_frames
 
         summary = collect_frames(config)
         return 128 + 15 if summary.stopped_by == "SIGTERM" else 0
+    config.precision = check_choice(config.precision)
     from pipeline.live.runner import run_live
     from pipeline.live.start import open_classifier
 

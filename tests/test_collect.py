@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import run_webcam
-from pipeline.common.config import LiveConfig
+from pipeline.common.config import CollectConfig
 from pipeline.datasets.holdout import burst_of, frame_name, in_val
 from pipeline.live.sources import CaptureSource
 from pipeline.live.collect import collect_frames
@@ -179,7 +179,7 @@ class FakeDisplay:
 
 
 def test_camera_countdown_then_every_frame(tmp_path):
-    config = LiveConfig(collect="mug", into=tmp_path / "desk", every=1, count=100, countdown=0.3, display=False)
+    config = CollectConfig(collect="mug", into=tmp_path / "desk", every=1, count=100, countdown=0.3, display=False)
     source = CaptureSource(FakeCamera(12, 0.05), "0", camera=True)
     summary = collect_frames(config, source=source)
     frames = saved_frames(tmp_path / "desk" / "mug")
@@ -188,7 +188,7 @@ def test_camera_countdown_then_every_frame(tmp_path):
 
 
 def test_window_shows_the_count_and_q_stops(tmp_path):
-    config = LiveConfig(collect="mug", into=tmp_path / "desk", every=1, count=100, countdown=0, display=True)
+    config = CollectConfig(collect="mug", into=tmp_path / "desk", every=1, count=100, countdown=0, display=True)
     display = FakeDisplay(quit_after=4)
     summary = collect_frames(config, source=CaptureSource(FakeCamera(20, 0.0), "0", camera=True), display=display)
     assert summary.stopped_by == "quit" and summary.saved == 4 and len(display.shown) == 4

@@ -15,7 +15,7 @@ import pytest
 import run_webcam
 from pipeline.common.names import ONNX_FORMAT
 from pipeline.live.onnx_proto import read_graph_header
-from pipeline.live.sidecar import FACT_PREFIX, file_sha256
+from pipeline.live.sidecar import FACT_PREFIX, file_sha256, is_export_sidecar
 from tests.helpers import error_line, read_jsonl
 
 onnx = pytest.importorskip("onnx", reason="the deploy extra is not installed: pip install -r requirements-deploy.txt")
@@ -142,3 +142,23 @@ def test_a_sidecar_image_size_the_graph_does_not_take_is_one_line(exported, earl
     assert _run(onnx_path, runtime, _image(tmp_path)) == 2
     line = error_line(capsys.readouterr().err)
     assert "image_size is 56, the graph's is 64" in line or "takes 56x56 images" in line and "takes 3x64x64" in line
+
+
+NOT_SIDECARS = {  # what is beside the graph as its .json -> what the one line says
+    "a run's config.json": (b'{"epochs": 20, "lr": 0.001}', "format 'None'"),
+    "another format": (b'{"format": "fc7-onnx-classifier/9"}', "format 'fc7-onnx-classifier/9'"),
+    "a JSON list": (b'[1, 2, 3]', "a JSON list, not an object"),
+    "not JSON": (b"\x89PNG\r\n", "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_SIDECARS, ids=list(NOT_SIDECARS))
+def test_a_json_that_is_not_a_sidecar_is_one_line(exported, tmp_path, capsys, case):
+    """The one sidecar reader (pipeline.live.sidecar.load_sidecar) refuses it, as --export's check does."""
+    content, says = NOT_SIDECARS[case]
+    onnx_path = _link_graph(exported, tmp_path / "other")
+    onnx_path.with_suffix(".json").write_bytes(content)
+    assert not is_export_sidecar(onnx_path.with_suffix(".json"))
+    assert _run(onnx_path, "opencv", _image(tmp_path)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "is not the sidecar of an exported classifier" in line and says in line, line

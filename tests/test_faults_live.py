@@ -18,7 +18,7 @@ import torch
 import run_webcam
 from pipeline.live import runner as live
 from pipeline.live import torch_classifier
-from pipeline.live import checks, overlay
+from pipeline.live import checks, overlay, session
 from pipeline.common.errors import UserError
 from tests.conftest import CPU, one_error_line
 from tests.test_live import count_frames, read_jsonl, trained, val_video, write_video  # noqa: F401
@@ -262,7 +262,7 @@ def test_qt_is_pointed_at_fonts_before_the_window_opens(trained, video, monkeypa
     monkeypatch.delenv("QT_QPA_FONTDIR", raising=False)
     monkeypatch.delenv("QT_LOGGING_RULES", raising=False)
     seen = []
-    monkeypatch.setattr(live, "display_available", lambda: True)
+    monkeypatch.setattr(session, "display_available", lambda: True)
     monkeypatch.setattr(overlay.cv2, "imshow", lambda window, image: seen.append(
         (os.environ.get("QT_LOGGING_RULES"), os.environ.get("QT_QPA_FONTDIR"))))
     monkeypatch.setattr(overlay.cv2, "waitKey", lambda delay: ord("q"))

@@ -3,11 +3,13 @@ and OpenCV's window as a user meets it (no Qt font warnings)."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,8 @@ import pytest
 import torch
 
 import run_webcam
+from pipeline.common.checkpoint import read_checkpoint
+from pipeline.common.errors import UserError
 from pipeline.live import checks
 from tests.conftest import CPU, one_error_line
 
@@ -48,7 +52,15 @@ CASES = {  # case: (edits to the checkpoint, words of the one line)
     "head of wrong shape": (lambda g: {"head": {"weight": torch.zeros(5, 4096), "bias": torch.zeros(5)}}, "inconsistent"),
     "one-dimensional head": (lambda g: {"head": {"weight": torch.zeros(4096), "bias": torch.zeros(3)}}, "inconsistent"),
     "class list as a number": (lambda g: {"class_wnids": 3}, "field 'class_wnids' must be a list of strings, got 3"),
-    "metric as a string": (lambda g: {"metrics": {**g["metrics"], "val_top1": "41%"}}, "field 'metrics' must be a dict of numbers, got 'val_top1': '41%'"),
+    "metric as a string": (lambda g: {"metrics": {**g["metrics"], "val_top1": "41%"}},
+                           "field 'metrics' must be a dict of finite numbers, got 'val_top1': '41%'"),
+    "metric inf": (lambda g: {"metrics": {**g["metrics"], "val_top1": float("inf")}}, "got 'val_top1': inf"),
+    "metric NaN": (lambda g: {"metrics": {**g["metrics"], "val_loss": float("nan")}}, "got 'val_loss': nan"),
+    "epoch as a string": (lambda g: {"epoch": "2"}, "field 'epoch' must be a whole number"),
+    "precision fp64": (lambda g: {"precision": "fp64"}, "field 'precision' must be one of"),
+    "NaN in the head": (lambda g: {"head": {"weight": torch.full_like(g["head"]["weight"], float("nan")),
+                                            "bias": g["head"]["bias"]}}, "NaN or Inf weights"),
+    "CMYK input": (lambda g: _preprocess(g, color="CMYK"), "expects 'CMYK' input"),
     "weights spec abc": (lambda g: {"weights_spec": "abc"}, "weights_spec is 'abc'"),
     "weights spec as a number": (lambda g: {"weights_spec": 5}, "field 'weights_spec' must be a string, got 5"),
     "zero classes": (lambda g: {"num_classes": 0, "class_wnids": [], "class_names": [],
@@ -71,6 +83,45 @@ def test_hostile_checkpoint_is_one_line(good, image, tmp_path, capsys, monkeypat
     line = one_error_line(capsys)
     assert words in line and str(path) in line
     assert not built and not preds.exists() and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_rule_is_the_checkpoint_reader_s(good, tmp_path, case):
+    """The one validator (pipeline.common.checkpoint) refuses each case itself: the live runner and the export trust
+    what read_checkpoint returns, and pipeline.live.checks holds no field rule."""
+    edits, words = CASES[case]
+    path = tmp_path / "best.pt"
+    torch.save({**good, **edits(good)}, path)
+    with pytest.raises(UserError) as err:
+        read_checkpoint(path)
+    assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+class Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("kind", ["a pickled function", "a plain pickle"])
+def test_a_checkpoint_that_is_not_weights_only_is_one_line(good, image, tmp_path, capsys, monkeypatch, kind):
+    """Read by the one weights-only loader (pipeline.common.torch_files): refused in its one wording, without torch's
+    advice to load it unsafely or its pickle-protocol warning."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "best.pt"
+    if kind == "a pickled function":
+        torch.save({**good, "config": Hostile()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"format": "linear-head/1"}, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:  # pytest would keep a warning out of stderr
+        warnings.simplefilter("always")
+        assert run_webcam.main([*CPU, "--checkpoint", str(path), "--source", str(image), "--no-display"]) == 2
+    assert not [w for w in shown if "protocol" in str(w.message)]
+    err = capsys.readouterr().err
+    line = err.strip()
+    assert line.count("\n") == 0 and line.startswith("error: ") and str(path) in line, err
+    assert ("refused for safety" in line and "posix.system" in line) if kind == "a pickled function" else \
+        "not a readable checkpoint" in line
+    assert "weights_only" not in err and "protocol" not in err and not (tmp_path / "pwned").exists()
 
 
 def test_memory_is_checked_before_a_frame_is_allocated(good, image, tmp_path, capsys, monkeypatch):

@@ -90,11 +90,12 @@ def test_live_path_gives_the_cached_probabilities(trained):
     model, checkpoint, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
     assert not model.training and checkpoint["class_wnids"] == trained["checkpoint"]["class_wnids"]
     for path, expected in trained["cached"].items():
-        probs = torch_classifier.predict_frame(model, preprocess, read_rgb(path))
+        probs = torch_classifier.predict_frames(model, preprocess, [read_rgb(path)])[0]
         torch.testing.assert_close(probs, expected, rtol=RTOL, atol=ATOL)
         frame = next(iter(sources.open_source(path)))  # the image-file source decodes it the same way
         assert frame.source == path and frame.bgr.shape == (64, 64, 3)
-        torch.testing.assert_close(torch_classifier.predict_frame(model, preprocess, frame.rgb), expected, rtol=RTOL, atol=ATOL)
+        one = torch_classifier.predict_frames(model, preprocess, [frame.rgb])[0]
+        torch.testing.assert_close(one, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp_path):
@@ -113,7 +114,7 @@ def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp
         capture = cv2.VideoCapture(str(video))
         for line in lines:
             frame = sources.bgr_to_frame("", capture.read()[1])
-            probs = torch_classifier.predict_frame(model, preprocess, frame.rgb)
+            probs = torch_classifier.predict_frames(model, preprocess, [frame.rgb])[0]
             assert line["topk"][0]["wnid"] == trained["checkpoint"]["class_wnids"][int(probs.argmax())]
         capture.release()
         pytest.skip(f"live equals the cache not checked: {NO_LOSSLESS}")
@@ -177,7 +178,7 @@ def batch_sizes(monkeypatch):
     return sizes
 
 
-def test_predict_frames_equals_predict_frame_one_by_one(trained):
+def test_predict_frames_equals_one_frame_at_a_time(trained):
     model, _, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
     paths = sorted(trained["cached"])
     images = [read_rgb(p) for p in paths]
@@ -185,7 +186,8 @@ def test_predict_frames_equals_predict_frame_one_by_one(trained):
     batched = torch_classifier.predict_frames(model, preprocess, images)  # mixed sizes: resized one by one, one forward
     assert batched.shape == (len(images), len(trained["checkpoint"]["class_wnids"])) and batched.dtype == torch.float32
     for image, probs in zip(images, batched):
-        torch.testing.assert_close(probs, torch_classifier.predict_frame(model, preprocess, image), rtol=RTOL, atol=ATOL)
+        one = torch_classifier.predict_frames(model, preprocess, [image])[0]
+        torch.testing.assert_close(probs, one, rtol=RTOL, atol=ATOL)
     for path, probs in zip(paths, batched):
         torch.testing.assert_close(probs, trained["cached"][path], rtol=RTOL, atol=ATOL)
 
@@ -258,7 +260,7 @@ def test_batched_folder_with_mixed_image_sizes(trained, tmp_path):
     model, _, preprocess = torch_classifier.load_classifier(trained["best"], device="cpu")
     wnids = trained["checkpoint"]["class_wnids"]
     for line, path in zip(lines, paths):
-        expected = torch_classifier.predict_frame(model, preprocess, read_rgb(path))  # the batch-1 path
+        expected = torch_classifier.predict_frames(model, preprocess, [read_rgb(path)])[0]  # the batch-1 path
         assert line["topk"][0]["wnid"] == wnids[int(expected.argmax())]
         assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
 
@@ -278,7 +280,7 @@ def test_a_large_photo_is_classified_from_the_pixels_extraction_reads(trained, t
     decoded = classifier.decode(big)
     assert decoded.shape[:2] == tuple(read_rgb(big, min_side=floor).shape[1:]) != (900, 1200)  # reduced
     [line] = predictions(trained, folder, tmp_path / "preds.jsonl", "--precision", "fp32")
-    expected = torch_classifier.predict_frame(model, preprocess, read_rgb(big, min_side=floor))
+    expected = torch_classifier.predict_frames(model, preprocess, [read_rgb(big, min_side=floor)])[0]
     wnids = trained["checkpoint"]["class_wnids"]
     assert probs_by_class(line, wnids) == pytest.approx(expected.tolist(), rel=RTOL, abs=ATOL)
 

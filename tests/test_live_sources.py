@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import run_webcam
-from pipeline.live import runner as live
-from pipeline.live import overlay
+from pipeline.live import overlay, session
 from pipeline.live import sources
 from tests.helpers import CPU_ARGS, one_error_line, read_jsonl
 from tests.test_live import FakeCamera, batch_sizes, trained, val_video  # noqa: F401
@@ -30,7 +29,7 @@ def test_display_stops_on_q_and_destroys_windows(trained, val_video, tmp_path, m
     def destroy():
         calls["destroy"] += 1
 
-    monkeypatch.setattr(live, "display_available", lambda: True)
+    monkeypatch.setattr(session, "display_available", lambda: True)
     monkeypatch.setattr(overlay.cv2, "imshow", imshow)
     monkeypatch.setattr(overlay.cv2, "waitKey", wait_key)
     monkeypatch.setattr(overlay.cv2, "destroyAllWindows", destroy)
@@ -46,7 +45,7 @@ def test_display_stops_on_q_and_destroys_windows(trained, val_video, tmp_path, m
 
 def test_window_is_destroyed_when_the_run_fails(trained, tmp_path, monkeypatch):
     destroyed = []
-    monkeypatch.setattr(live, "display_available", lambda: True)
+    monkeypatch.setattr(session, "display_available", lambda: True)
     monkeypatch.setattr(overlay.cv2, "imshow", lambda window, image: None)
     monkeypatch.setattr(overlay.cv2, "waitKey", lambda delay: -1)
     monkeypatch.setattr(overlay.cv2, "getWindowProperty", lambda window, prop: 1.0)

@@ -4,7 +4,7 @@ The stamp lets a rerun of run_extract.py see that a complete cache is up to date
 second (importing torch and torchvision alone takes seconds): same spec, same weights file (size and
 modification time), same torch for seeded random weights. Anything else falls back to the full check,
 which loads the weights and compares their fingerprint. ``load_state_dict`` reads a weights file with
-torch's weights-only loader (torch is imported there, when a file is read).
+torch's weights-only loader (pipeline.common.torch_files: torch is imported there, when a file is read).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.common.errors import UserError, first_line
+from pipeline.common.errors import UserError
+from pipeline.common.torch_files import load_weights_only
 
 
 def describe_weights(spec: str, seed: int = 0) -> str:
@@ -66,34 +67,14 @@ def weights_stamp(recorded: str, hub_name: str) -> str:
     return json.dumps({"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
 
 
-def load_refusal(err: BaseException) -> str:
-    """What torch's weights-only loader refused, in its own words, without its advice to load unsafely."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    found = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
-             and "documentation" not in line]
-    return found[0].rstrip(".") if found else "an object that is not a tensor"
-
-
 def load_state_dict(path: Path, what: str) -> dict:
     """The tensors of a state_dict file (a {"state_dict": ...} wrapper too), read weights-only: a file holding
     pickled objects besides tensors is refused for safety. ``what``: the model it must be, for the messages."""
-    import pickle
-
     import torch
 
     if not path.is_file():
         raise UserError(f"weights file not found: {path}; pass --weights imagenet, random, or an existing .pth file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never passed on
-        if "GLOBAL" in str(err):
-            raise UserError(f"{path} holds pickled objects besides tensors ({load_refusal(err)}), and is refused "
-                            f"for safety; pass a plain state_dict of {what}") from None
-        raise UserError(f"{path} is not a readable PyTorch weights file ({load_refusal(err)}); "
-                        f"pass a state_dict of {what}") from None
-    except Exception as err:  # an empty file raises EOFError with no message
-        raise UserError(f"{path} is not a readable PyTorch weights file ({first_line(err)}); "
-                        f"pass a state_dict of {what}") from None
+    state = load_weights_only(path, "PyTorch weights file", f"pass a plain state_dict of {what}")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

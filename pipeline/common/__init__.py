@@ -1,1 +1,2 @@
-"""What every stage shares: names, errors, settings, hardware, images and preprocessing, the backbone and its weights, checkpoints, run folders, frame sources and the dataset layout."""
+"""What every stage shares: names, errors, settings, hardware, the preprocessing, the head checkpoint, and reading a
+file torch saved (weights-only)."""

@@ -1,13 +1,19 @@
 """The head checkpoint: the one place that makes, saves, reads and checks it, and loads the head from it.
 
-A checkpoint is a plain dict of tensors and primitives, so ``torch.load(path, weights_only=True)`` reads
-it. It carries everything the live runner needs: the head (an ``nn.Linear`` on raw features), the
-classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
+``read_checkpoint`` is its one reader and ``check_checkpoint`` its one validator: every rule a checkpoint must meet
+(types, ranges, finite metrics and weights, shapes, preprocessing) is here, so the live runner and the export trust
+what it returns; only the memory a frame needs is the live runner's own (pipeline.live.checks).
+
+A checkpoint is a plain dict of tensors and primitives, so torch's weights-only loader reads it
+(pipeline.common.torch_files). It carries everything the live runner needs: the head (an ``nn.Linear`` on raw
+features), the classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -16,11 +22,13 @@ from torch import nn
 from features.atomic import write_atomic
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
-from pipeline.common.preprocess import Preprocess
+from pipeline.common.preprocess import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODES, Preprocess
+from pipeline.common.torch_files import load_weights_only
 
 READABLE_FORMATS = (CHECKPOINT_FORMAT, "fc7-linear-head/1")  # the stamp before heads on every layer: same file format
 REQUIRED_KEYS = ("head", "num_classes", "feature_dim", "class_wnids", "class_names", "weights_spec",
                  "weights_fingerprint", "preprocess")
+RETRAIN = "retrain the head with run_train_head.py"
 
 
 def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch: int, cache_attrs: dict,
@@ -67,25 +75,22 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     write_atomic(path, buffer.getvalue(), durable=True)
 
 
-def _load_reason(err: BaseException) -> str:
-    """torch.load's complaint, shortened to its gist (its weights-only message is paragraphs of advice)."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
-        return f"holds more than tensors and plain values, or is damaged: {detail[0] if detail else 'unpickling failed'}"
-    return first_line(err).split(". ")[0][:160]
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict from run_train_head.py, checked: a missing, corrupt or foreign file is a UserError."""
+def read_checkpoint(path: str | Path, *, weights_given: bool = False) -> dict:
+    """The checkpoint dict from run_train_head.py, checked (``check_checkpoint``): a missing, corrupt, foreign or
+    damaged file is one UserError line. ``weights_given``: --weights replaces the recorded weights spec."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train a head with run_train_head.py, or pass --checkpoint PATH")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling, zip and EOF errors alike
-        raise UserError(f"{path} is not a readable checkpoint ({_load_reason(err)}); "
-                        "pass a best.pt or last.pt written by run_train_head.py") from None
+    checkpoint = load_weights_only(path, "checkpoint", "pass a best.pt or last.pt written by run_train_head.py")
+    check_checkpoint(checkpoint, path, weights_given=weights_given)
+    return checkpoint
+
+
+def check_checkpoint(checkpoint: object, path: Path, *, weights_given: bool = False) -> None:
+    """Every rule a checkpoint must meet before anything is built from it: its stamp and keys, each field's exact
+    type and range (finite metrics among them), the head's shape against its classes and layer, the recorded
+    weights spec (unless ``weights_given``) and the preprocessing. One UserError line naming the file and the field.
+    """
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise UserError(f"{path} is not a head checkpoint from run_train_head.py (it has no 'format' entry)")
     if checkpoint["format"] not in READABLE_FORMATS:
@@ -93,31 +98,35 @@ def read_checkpoint(path: str | Path) -> dict:
                         "retrain the head with this version of run_train_head.py")
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
-        raise UserError(f"{path} is incomplete: it lacks {', '.join(missing)}; retrain the head with run_train_head.py")
+        raise UserError(f"{path} is incomplete: it lacks {', '.join(missing)}; {RETRAIN}")
     check_fields(path, checkpoint)
-    layer, dim = checkpoint.get("layer", "fc7"), layer_dim(path, checkpoint)
-    head, classes = checkpoint["head"], checkpoint["num_classes"]
-    weight = head.get("weight") if isinstance(head, dict) else None
-    bias = head.get("bias") if isinstance(head, dict) else None
-    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
-            and tuple(weight.shape) == (classes, checkpoint["feature_dim"]) and tuple(bias.shape) == (classes,)
+    _check_head(path, checkpoint)
+    if not weights_given:
+        _check_weights_spec(path, checkpoint["weights_spec"])
+    check_preprocess(checkpoint["preprocess"], path)
+
+
+def _check_head(path: Path, checkpoint: dict) -> None:
+    """The head is a (num_classes, width of its layer) linear layer with one class name per output, all finite."""
+    layer, dim, classes = checkpoint.get("layer", "fc7"), layer_dim(path, checkpoint), checkpoint["num_classes"]
+    weight, bias = checkpoint["head"]["weight"], checkpoint["head"]["bias"]  # float tensors (FIELD_CHECKS)
+    if not (tuple(weight.shape) == (classes, checkpoint["feature_dim"]) and tuple(bias.shape) == (classes,)
             and checkpoint["feature_dim"] == dim
-            and all(isinstance(checkpoint[key], list) for key in ("class_wnids", "class_names"))
             and len(checkpoint["class_wnids"]) == classes and len(checkpoint["class_names"]) == classes):
         raise UserError(f"{path} is inconsistent: its head, class lists and sizes do not agree "
-                        f"(expected a {dim} -> {classes} linear head on {layer}); retrain the head with run_train_head.py")
+                        f"(expected a {dim} -> {classes} linear head on {layer}); {RETRAIN}")
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
-        raise UserError(f"{path} holds a head with NaN or Inf weights (its training diverged); "
-                        "retrain the head with run_train_head.py (a lower --lr)")
-    if checkpoint.get("precision", "fp32") not in PRECISIONS:
-        raise UserError(f"{path} records an unknown precision {checkpoint['precision']!r}")
-    try:
-        Preprocess.from_dict(checkpoint["preprocess"])
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path} has unusable preprocessing settings ({first_line(err)}); retrain the head") from None
-    if checkpoint["preprocess"].get("color", "RGB") != "RGB":
-        raise UserError(f"{path} expects {checkpoint['preprocess']['color']} input; the live runner feeds RGB")
-    return checkpoint
+        raise UserError(f"{path} holds a head with NaN or Inf weights (its training diverged); {RETRAIN} "
+                        "(a lower --lr)")
+
+
+def _check_weights_spec(path: Path, spec: str) -> None:
+    """The recorded backbone weights are of a kind the backbone package rebuilds (pipeline.backbones.weights)."""
+    if not (spec == "imagenet" or re.fullmatch(r"random:seed=\d+", spec) or spec.startswith("file:")
+            or re.fullmatch(r"\w+_Weights\.\w+", spec)):
+        raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, random:seed=N, "
+                        f"file:PATH or a torchvision weights name); {RETRAIN}, or pass --weights with the backbone "
+                        "used for extraction")
 
 
 def layer_dim(path: Path, checkpoint: dict) -> int:
@@ -130,7 +139,7 @@ def layer_dim(path: Path, checkpoint: dict) -> int:
     if not (isinstance(spec, dict) and all(isinstance(spec.get(k), str) for k in ("name", "node", "reduction"))
             and _is_int(spec.get("dim")) and spec["dim"] > 0 and spec["name"] == layer):
         raise UserError(f"{path} holds a {checkpoint.get('backbone', 'backbone')} head without a usable layer_spec for "
-                        f"{layer!r} (its graph node, reduction and width); retrain the head with run_train_head.py")
+                        f"{layer!r} (its graph node, reduction and width); {RETRAIN}")
     return spec["dim"]
 
 
@@ -139,7 +148,8 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: NaN and Inf are no measurement, and no size."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _strings(value) -> bool:
@@ -158,11 +168,11 @@ FIELD_CHECKS = {
     "layer": (lambda v: isinstance(v, str), "a layer name"),
     "backbone": (lambda v: isinstance(v, str) and bool(v), "a backbone name"),
     "weights_enum": (lambda v: isinstance(v, str), "a string"),
-    "precision": (lambda v: isinstance(v, str), "a string"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "precision_auto": (lambda v: isinstance(v, bool), "true or false"),
     "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number, 0 or more"),
     "metrics": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
-                "a dict of numbers"),
+                "a dict of finite numbers"),
     "config": (lambda v: isinstance(v, dict), "a dict"),
     "head": (lambda v: isinstance(v, dict) and set(v) == {"weight", "bias"}
              and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v.values()),
@@ -181,6 +191,31 @@ def check_fields(path: Path, checkpoint: dict) -> None:
                 shown = f"{bad[0]!r}: {bad[1]!r}"[:60] if bad else shown
             raise UserError(f"{path}: field {name!r} must be {what}, got {shown}; the checkpoint is damaged or not "
                             "from run_train_head.py: retrain the head")
+
+
+def check_preprocess(d: dict, path: Path) -> Preprocess:
+    """The recorded preprocessing, each field of the exact type and range every reader relies on (sizes from
+    MIN_IMAGE_SIZE to MAX_IMAGE_SIZE, three finite means, three positive stds, RGB); returns it."""
+    for key in ("image_size", "resize_size"):
+        if not _is_int(d.get(key)) or not MIN_IMAGE_SIZE <= d[key] <= MAX_IMAGE_SIZE:
+            raise UserError(f"{path}: preprocess {key} is {d.get(key)!r}, expected a whole number from "
+                            f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}; {RETRAIN}")
+    if d["resize_size"] < d["image_size"] or d.get("mode") not in MODES:
+        raise UserError(f"{path}: preprocess has mode {d.get('mode')!r} and resize_size {d['resize_size']} < "
+                        f"image_size {d['image_size']} (expected mode {' or '.join(MODES)} and resize_size >= "
+                        f"image_size); {RETRAIN}")
+    for key in ("mean", "std"):
+        values = d.get(key)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(map(_is_number, values))
+                and (key == "mean" or all(v > 0 for v in values))):
+            raise UserError(f"{path}: preprocess {key} is {values!r}, expected 3 finite numbers"
+                            f"{' above 0' if key == 'std' else ''}; {RETRAIN}")
+    if d.get("color", "RGB") != "RGB":
+        raise UserError(f"{path} expects {d['color']!r} input; every reader feeds RGB; {RETRAIN}")
+    try:
+        return Preprocess.from_dict(d)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # an interpolation no backbone uses
+        raise UserError(f"{path} has unusable preprocessing settings ({first_line(err)}); {RETRAIN}") from None
 
 
 def load_head(checkpoint: dict) -> nn.Linear:

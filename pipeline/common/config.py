@@ -1,11 +1,12 @@
-"""The settings of the three stages, each default defined once, with their checks. Torch-free.
+"""The settings of the commands, each default defined once, with their checks. Torch-free.
 
-The entry scripts build their argparse defaults from these dataclasses, so a default lives here only.
+The entry scripts build their argparse defaults from these dataclasses (run_webcam.py leaves the flags not typed
+out, and the dataclass fills them in), so a default lives here only.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipeline.common.errors import UserError
@@ -175,10 +176,31 @@ RUNTIMES = ("torch", "onnxruntime", "opencv")  # live: what runs the classifier 
 
 
 @dataclass
-class LiveConfig:
-    """Live: the classifier (a checkpoint, or an exported graph and its runtime), the frame source, and what is
-    drawn and written. Each field is the run_webcam.py flag of the same name."""
+class FramesConfig:
+    """What both run_webcam.py commands (live classification and --collect) read frames from, and how they are shown."""
 
+    source: str = "0"  # camera index, video file, image file or folder of images
+    width: int | None = None  # requested camera resolution
+    height: int | None = None
+    max_frames: int | None = None  # stop after this many frames read
+    display: bool | None = None  # None: show a window when a display is present; --no-display: False
+    window: str = "live"  # the window's title
+
+    def check(self) -> None:
+        for name, value in (("--width", self.width), ("--height", self.height)):
+            _positive(name, value)
+        if self.max_frames is not None and self.max_frames < 1:
+            raise UserError(f"--max-frames must be at least 1, got {self.max_frames}")
+        if not str(self.source).strip():
+            raise UserError("--source is empty; pass a camera index (0), a video file, an image or a folder of images")
+
+
+@dataclass
+class LiveConfig(FramesConfig):
+    """Live: the classifier (a checkpoint, or an exported graph and its runtime; or --export, which writes one), the
+    frame source, and what is drawn and written. Each field is the run_webcam.py flag of the same name."""
+
+    window: str = "live classifier"
     checkpoint: Path = DEFAULT_CHECKPOINT
     weights: str | None = None  # None: the checkpoint's weights_spec
     seed: int = 0  # for weights="random"
@@ -186,36 +208,20 @@ class LiveConfig:
     onnx: Path | None = None  # an exported classifier (its .json sidecar beside it) instead of --checkpoint
     runtime: str | None = None  # torch, onnxruntime or opencv; None: torch for a checkpoint, else the fastest installed
     export: Path | None = None  # write --checkpoint's classifier as this .onnx (and its sidecar), then stop
-    source: str = "0"  # camera index, video file, image file or folder of images
-    width: int | None = None  # requested camera resolution
-    height: int | None = None
     top_k: int = 3
     smooth: int = 1  # average the probabilities over the last N frames
-    display: bool | None = None  # None: show a window when a display is present; --no-display: False
     output: Path | None = None  # annotated video (mp4v)
     predictions: Path | None = None  # one JSON line per frame
-    max_frames: int | None = None
     batch_frames: int | None = None  # frames per forward pass; None: 8 for files and folders, a camera always 1
-    window: str = "fc7 live"
     precision: str = "auto"  # the torch runtime's backbone: auto (measured at its own batch size), fp32, bf16, fp16
     # (checked by the live stage: pipeline.backbones.precision.check_choice)
-    collect: str | None = None  # collect frames of this class instead of classifying (pipeline.live.collect)
-    into: Path | None = None  # --collect: the ImageFolder the frames go to, as INTO/<collect>/
-    every: int | None = None  # --collect: save every N-th frame; None: COLLECT_EVERY
-    count: int | None = None  # --collect: stop after this many saved; None: COLLECT_COUNT
-    countdown: float | None = None  # --collect: seconds before saving starts; None: COLLECT_COUNTDOWN on a camera, else 0
 
     def check(self) -> None:
+        super().check()
         check_seed(self.seed)
-        self.check_collect()
-        for name, value in (("--top-k", self.top_k), ("--smooth", self.smooth), ("--max-frames", self.max_frames),
-                            ("--batch-frames", self.batch_frames)):
+        for name, value in (("--top-k", self.top_k), ("--smooth", self.smooth), ("--batch-frames", self.batch_frames)):
             if value is not None and value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
-        for name, value in (("--width", self.width), ("--height", self.height)):
-            _positive(name, value)
-        if not str(self.source).strip():
-            raise UserError("--source is empty; pass a camera index (0), a video file, an image or a folder of images")
         if self.batch_frames is not None and self.batch_frames > MAX_BATCH_FRAMES:
             raise UserError(f"--batch-frames {self.batch_frames} is too large (at most {MAX_BATCH_FRAMES}: a batch "
                             "is held in memory, and 8 already reads the backbone's weights once for all its frames)")
@@ -228,29 +234,42 @@ class LiveConfig:
         if self.export is not None and Path(self.export).suffix.lower() != ".onnx":
             raise UserError(f"--export {self.export}: name the file *.onnx (its sidecar .json goes beside it)")
 
-    def check_collect(self) -> None:
-        """--collect's flags: needed together, meaningless with a classifier's outputs."""
-        given = [flag for flag, value in (("--into", self.into), ("--every", self.every), ("--count", self.count),
-                                          ("--countdown", self.countdown)) if value is not None]
-        if self.collect is None:
-            if given:
-                raise UserError(f"{', '.join(given)} only apply to --collect CLASS; add --collect, or drop them")
-            return
+
+@dataclass(kw_only=True)
+class CollectConfig(FramesConfig):
+    """run_webcam.py --collect CLASS --into DIR: frames of the source saved as images of one class
+    (pipeline.live.collect); no checkpoint, no torch. Each field is the run_webcam.py flag of the same name."""
+
+    collect: str  # the class: its frames go to INTO/<collect>/
+    into: Path | None = None  # the ImageFolder the frames go to (needed: checked)
+    every: int = COLLECT_EVERY  # save every N-th frame
+    count: int = COLLECT_COUNT  # stop after this many saved
+    countdown: float | None = None  # seconds before saving starts; None: COLLECT_COUNTDOWN on a camera, else 0
+    window: str = "collect"
+
+    def check(self) -> None:
+        super().check()
         if self.into is None:
             raise UserError(f"--collect {self.collect} needs --into DIR: the folder its frames go to (DIR/<class>/)")
-        default = LiveConfig()
-        clash = [flag for flag, value in (("--export", self.export), ("--onnx", self.onnx), ("--output", self.output),
-                                          ("--predictions", self.predictions), ("--weights", self.weights),
-                                          ("--runtime", self.runtime), ("--batch-frames", self.batch_frames))
-                 if value is not None]
-        clash += [flag for flag, field in (("--checkpoint", "checkpoint"), ("--seed", "seed"), ("--device", "device"),
-                                           ("--precision", "precision"), ("--top-k", "top_k"), ("--smooth", "smooth"))
-                  if getattr(self, field) != getattr(default, field)]  # the classifier's settings: nothing runs one
-        if clash:
-            raise UserError(f"--collect saves frames and classifies nothing; drop {', '.join(clash)} "
-                            "(or run those without --collect)")
         for name, value in (("--every", self.every), ("--count", self.count)):
-            if value is not None and value < 1:
+            if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if self.countdown is not None and not (0 <= self.countdown <= 3600):
             raise UserError(f"--countdown must be from 0 to 3600 seconds, got {self.countdown}")
+
+
+def webcam_config(given: dict) -> LiveConfig | CollectConfig:
+    """The settings of run_webcam.py from the flags typed (``given``: field -> value, those typed only; the config's
+    own defaults fill in the rest): collection's with --collect, else live classification's.
+
+    One rule keeps the two apart: a command takes exactly its config's fields, so a flag of the other command is
+    one line naming it (``--collect mug --into d --checkpoint x``: "drop --checkpoint")."""
+    kind = CollectConfig if "collect" in given else LiveConfig
+    takes = {field.name for field in fields(kind)}
+    foreign = ", ".join(f"--{name.replace('_', '-')}" for name in given if name not in takes)
+    if foreign and kind is CollectConfig:
+        raise UserError(f"--collect saves frames and classifies nothing; drop {foreign} "
+                        "(or run those without --collect)")
+    if foreign:
+        raise UserError(f"{foreign} only apply to --collect CLASS; add --collect, or drop them")
+    return kind(**given)

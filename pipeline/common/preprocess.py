@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("crop", "resize")
+# the input sides a checkpoint or an export may record: far above any backbone's training size (224-518), far below
+# a runaway allocation; each backbone's own smallest input is checked when it is rebuilt (pipeline.backbones.rebuild)
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 4096
 INTERPOLATIONS = ("bilinear", "bicubic")  # what torchvision's ImageClassification presets use
 # the most elongated image used, longer side / shorter side: beyond it an image is a listed skip. The resize
 # takes the shorter side to resize_size before the crop, so a 1x4000 strip would become 256 x 1,024,000 pixels

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from features.atomic import sync_folder
-from pipeline.common.config import COLLECT_COUNT, COLLECT_COUNTDOWN, COLLECT_EVERY, LiveConfig
+from pipeline.common.config import COLLECT_COUNTDOWN, CollectConfig
 from pipeline.common.errors import UserError
 from pipeline.live.sources import FrameSource, decode_with_opencv, open_source
 from pipeline.common.names import VAL_FRACTION
 from pipeline.live.frame_files import (check_class_name, check_into, count_classes, pick_burst,
                                        remove_stale_partials, save_jpeg)
 from pipeline.live.overlay import Display, draw_lines, view
-from pipeline.live.runner import QUIT_KEYS, STATUS_SECONDS, _stop_on_sigterm, _wants_window
+from pipeline.live.session import QUIT_KEYS, STATUS_SECONDS, stop_on_sigterm, wants_window
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,11 @@ class CollectSummary:
 class Collector:
     """One collection's state: the source, the window, and the frames saved so far."""
 
-    def __init__(self, config: LiveConfig, source: FrameSource, folder: Path, display: Display | None):
+    def __init__(self, config: CollectConfig, source: FrameSource, folder: Path, display: Display | None):
         self.config, self.source, self.folder = config, source, folder
-        self.every = config.every or COLLECT_EVERY
-        self.count = config.count or COLLECT_COUNT
+        self.every, self.count = config.every, config.count
         self.countdown = countdown_seconds(config, source)
-        self.show = _wants_window(config, display)
+        self.show = wants_window(config.display, display)
         self.display = (display or Display(config.window)) if self.show else None
         burst, self.steered = pick_burst(folder, config.collect)
         self.summary = CollectSummary(config.collect, folder, burst)
@@ -115,7 +114,7 @@ class Collector:
         return None
 
 
-def countdown_seconds(config: LiveConfig, source: FrameSource) -> float:
+def countdown_seconds(config: CollectConfig, source: FrameSource) -> float:
     """--countdown on a camera (default COLLECT_COUNTDOWN); a video or folder starts at once."""
     if source.camera:
         return COLLECT_COUNTDOWN if config.countdown is None else config.countdown
@@ -124,7 +123,7 @@ def countdown_seconds(config: LiveConfig, source: FrameSource) -> float:
     return 0.0
 
 
-def _refuse_source_inside(config: LiveConfig, folder: Path) -> None:
+def _refuse_source_inside(config: CollectConfig, folder: Path) -> None:
     """Reading the class folder while saving into it would feed the collection its own frames."""
     text = str(config.source).strip()
     if not text.isdigit() and Path(text).expanduser().is_dir() and folder.is_dir():
@@ -132,7 +131,7 @@ def _refuse_source_inside(config: LiveConfig, folder: Path) -> None:
             raise UserError(f"--source {text} is the class folder the frames go to; collect from another folder")
 
 
-def collect_frames(config: LiveConfig, *, source: FrameSource | None = None,
+def collect_frames(config: CollectConfig, *, source: FrameSource | None = None,
                    display: Display | None = None) -> CollectSummary:
     """Save every --every-th frame of the source into --into/--collect until --count, --max-frames, the
     source's end, q/Esc or SIGTERM. ``source`` and ``display`` replace the ones ``config`` names (tests)."""
@@ -141,7 +140,7 @@ def collect_frames(config: LiveConfig, *, source: FrameSource | None = None,
     folder = check_into(into, config.collect)
     _refuse_source_inside(config, folder)
     stop: dict = {}
-    with _stop_on_sigterm(stop), ExitStack() as stack:
+    with stop_on_sigterm(stop), ExitStack() as stack:
         if source is None:
             source = open_source(config.source, width=config.width, height=config.height, decode=decode_with_opencv)
         stack.callback(source.release)

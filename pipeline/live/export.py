@@ -22,17 +22,15 @@ import torch
 from torch import nn
 
 from pipeline.backbones.catalog import recorded_backbone
-from pipeline.common.checkpoint import read_checkpoint
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import ONNX_FORMAT, VERSION
 from pipeline.common.preprocess import Preprocess
-from pipeline.live.checks import check_checkpoint_fields
 from pipeline.live.numpy_preprocess import TAPS
 from pipeline.live.onnx_proto import NotOnnx, read_graph_header
 from pipeline.live.overlay import check_output_paths
 from pipeline.live.sidecar import FACT_PREFIX, file_sha256, graph_metadata, is_export_sidecar, sidecar_path
-from pipeline.live.start import checkpoint_inputs
+from pipeline.live.start import checkpoint_inputs, read_live_checkpoint
 from pipeline.live.torch_classifier import build_classifier
 
 log = logging.getLogger(__name__)
@@ -132,8 +130,7 @@ def _sidecar(config: LiveConfig, checkpoint: dict, preprocess: Preprocess) -> di
 def export_classifier(config: LiveConfig) -> Path:
     """Write ``config.export`` (.onnx) and its sidecar from ``config.checkpoint``; return the .onnx path."""
     _require_exporter()
-    checkpoint = read_checkpoint(config.checkpoint)
-    preprocess = check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
+    checkpoint, preprocess = read_live_checkpoint(config)
     if preprocess.interpolation not in TAPS:  # what pipeline.live.numpy_preprocess ports bit for bit
         raise UserError(f"{recorded_backbone(checkpoint)}'s weights resize {preprocess.interpolation}, which the "
                         "exported runtimes' preprocessing does not do; run this head on torch (--checkpoint, no --export)")

@@ -14,11 +14,9 @@ read one frame at a time: there latency matters, and the camera's own frame rate
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections import deque
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -32,13 +30,12 @@ from pipeline.common.hardware import available_memory
 from pipeline.live.sources import CaptureSource, FrameSource, ImageSource, open_source
 from pipeline.backbones.weights import is_random
 from pipeline.live.classifier import Classifier
-from pipeline.live.overlay import Display, PredictionsOutput, VideoOutput, annotate, display_available, view
+from pipeline.live.overlay import Display, PredictionsOutput, VideoOutput, annotate, view
+from pipeline.live.session import QUIT_KEYS, STATUS_SECONDS, stop_on_sigterm, wants_window
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 30.0  # output video frame rate when the source has none (camera without one, images)
-STATUS_SECONDS = 2.0  # headless without outputs: how often a status line is logged
-QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
 DEFAULT_BATCH_FRAMES = 8  # frames per forward pass for video files, images and folders (cameras: always 1)
 RANDOM_WARNING = "RANDOM BACKBONE (test only)"  # drawn on every frame when the backbone has random weights
 
@@ -100,26 +97,6 @@ def frames_per_batch(config: LiveConfig, source: FrameSource, classifier: Classi
     return batch
 
 
-@contextmanager
-def _stop_on_sigterm(stop: dict):
-    """While the runner loops, SIGTERM asks it to stop after the current frame (as q does), so the video and the
-    predictions are finished as on Ctrl-C; a second SIGTERM interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if stop.get("signal"):
-            raise KeyboardInterrupt
-        stop["signal"] = "SIGTERM"
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _finish(outputs: list) -> list[Path]:
     """Finish every output (the video is checked first); if one fails, the others are discarded too."""
     try:
@@ -130,23 +107,13 @@ def _finish(outputs: list) -> list[Path]:
         raise
 
 
-def _wants_window(config: LiveConfig, display: Display | None) -> bool:
-    if config.display is not None:
-        return config.display
-    if display is not None or display_available():
-        return True
-    log.info("no display found (DISPLAY/WAYLAND_DISPLAY unset, or OpenCV without a GUI): running headless; "
-             "pass --no-display to say so")
-    return False
-
-
 class Session:
     """One run's state: the outputs, the window, the smoothing and the frame-rate estimate."""
 
     def __init__(self, config: LiveConfig, classifier: Classifier, source: FrameSource, display: Display | None,
                  stack: ExitStack):
         self.config, self.classifier, self.source = config, classifier, source
-        self.show = _wants_window(config, display)
+        self.show = wants_window(config.display, display)
         self.display = None
         if self.show:
             self.display = display or Display(config.window)
@@ -242,7 +209,7 @@ def run_live(config: LiveConfig, classifier: Classifier, *, source: FrameSource 
     ``source`` and ``display`` replace the ones ``config`` describes (benchmarks, tests).
     """
     stop: dict = {}  # {"signal": "SIGTERM"} once asked to stop
-    with _stop_on_sigterm(stop), ExitStack() as stack:
+    with stop_on_sigterm(stop), ExitStack() as stack:
         if source is None:
             source = open_source(config.source, width=config.width, height=config.height, decode=classifier.decode)
         stack.callback(source.release)

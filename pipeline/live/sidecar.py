@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import ONNX_FORMAT, ONNX_FORMATS_READ
-from pipeline.common.preprocess import Preprocess
+from pipeline.common.preprocess import MAX_IMAGE_SIZE, Preprocess
 from pipeline.live.checks import check_memory
 from pipeline.live.numpy_preprocess import TAPS
 from pipeline.live.onnx_proto import GraphHeader, NotOnnx, read_graph_header
@@ -58,15 +58,35 @@ def graph_metadata(meta: dict) -> dict[str, str]:
             **{FACT_PREFIX + key: json.dumps(value) for key, value in facts_of(meta).items()}}
 
 
+class NotASidecar(ValueError):
+    """A file that is not an exported classifier's sidecar: why, in a few words."""
+
+
+def load_sidecar(path: Path) -> dict:
+    """The JSON of a sidecar file, of a format this version reads: the one place a sidecar is parsed.
+    Raises OSError (FileNotFoundError when there is none) or NotASidecar."""
+    with open(path, "rb") as f:
+        text = f.read(MAX_SIDECAR_BYTES + 1)  # a larger "sidecar" is some other file: never read whole
+    if len(text) > MAX_SIDECAR_BYTES:
+        raise NotASidecar(f"larger than {MAX_SIDECAR_BYTES // 2**20} MiB")
+    try:
+        meta = json.loads(text)
+    except ValueError as err:
+        raise NotASidecar(f"not JSON: {first_line(err)}") from None
+    if not isinstance(meta, dict):
+        raise NotASidecar(f"a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") not in ONNX_FORMATS_READ:
+        raise NotASidecar(f"format {str(meta.get('format'))[:60]!r}, where this version reads {ONNX_FORMAT!r}")
+    return meta
+
+
 def is_export_sidecar(path: Path) -> bool:
     """Whether ``path`` is an exported classifier's sidecar (any format this version reads)."""
     try:
-        if Path(path).stat().st_size > MAX_SIDECAR_BYTES:
-            return False
-        meta = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError):
+        load_sidecar(path)
+    except (OSError, NotASidecar):
         return False
-    return isinstance(meta, dict) and meta.get("format") in ONNX_FORMATS_READ
+    return True
 
 
 def read_sidecar(onnx_path: Path) -> dict:
@@ -76,13 +96,13 @@ def read_sidecar(onnx_path: Path) -> dict:
         raise UserError(f"no exported graph at {onnx_path}; {EXPORT}")
     path = sidecar_path(onnx_path)
     try:
-        meta = json.loads(path.read_text())
+        meta = load_sidecar(path)
     except FileNotFoundError:
         raise UserError(f"{onnx_path} has no sidecar {path} (its classes and preprocessing); {EXPORT}") from None
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise UserError(f"{path} is not a readable sidecar ({first_line(err)}); {EXPORT}") from None
-    if not isinstance(meta, dict) or meta.get("format") not in ONNX_FORMATS_READ:
-        raise UserError(f"{path} is not the sidecar of an exported classifier (format {ONNX_FORMAT}); {EXPORT}")
+    except NotASidecar as err:
+        raise UserError(f"{path} is not the sidecar of an exported classifier ({err}); {EXPORT}") from None
     for key, kind in SIDECAR_KEYS.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise UserError(f"{path}: {key} is {meta.get(key)!r}, expected a {kind.__name__}; {EXPORT}")
@@ -102,7 +122,7 @@ def sidecar_preprocess(meta: dict, path: Path) -> Preprocess:
     try:
         preprocess = Preprocess.from_dict(d)
         ok = (d.get("channel_order", "RGB") == "RGB" and len(preprocess.mean) == 3 and len(preprocess.std) == 3
-              and all(float(v) > 0 for v in preprocess.std) and 0 < preprocess.image_size <= 4096)
+              and all(float(v) > 0 for v in preprocess.std) and 0 < preprocess.image_size <= MAX_IMAGE_SIZE)
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: unusable preprocessing ({first_line(err)}); {EXPORT}") from None
     if not ok:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError
+from pipeline.common.preprocess import Preprocess
 from pipeline.backbones.catalog import hub_file, recorded_backbone
 from pipeline.backbones.weights import describe_weights, weights_file
+from pipeline.live.checks import check_memory
 from pipeline.live.classifier import Classifier
 from pipeline.live.overlay import check_output_paths
 
@@ -42,14 +44,22 @@ def checkpoint_inputs(config: LiveConfig, checkpoint: dict) -> dict[str, Path | 
     return {"--checkpoint": Path(config.checkpoint), "--weights": weights}
 
 
+def read_live_checkpoint(config: LiveConfig) -> tuple[dict, Preprocess]:
+    """(--checkpoint read and checked by its one reader, its preprocessing), once a frame of that preprocessing is
+    known to fit in memory: before anything large is allocated. Imports torch."""
+    from pipeline.common.checkpoint import checkpoint_preprocess, read_checkpoint
+
+    checkpoint = read_checkpoint(config.checkpoint, weights_given=config.weights is not None)
+    preprocess = checkpoint_preprocess(checkpoint)
+    check_memory(preprocess, str(config.checkpoint))
+    return checkpoint, preprocess
+
+
 def torch_classifier(config: LiveConfig) -> Classifier:
     """The checkpoint's backbone + head on torch, its fields checked before anything large is allocated."""
-    from pipeline.common.checkpoint import read_checkpoint
-    from pipeline.live.checks import check_checkpoint_fields
     from pipeline.live.torch_classifier import TorchClassifier
 
-    checkpoint = read_checkpoint(config.checkpoint)
-    check_checkpoint_fields(checkpoint, config.checkpoint, weights_given=config.weights is not None)
+    checkpoint, _ = read_live_checkpoint(config)
     check_outputs(config, checkpoint_inputs(config, checkpoint))
     return TorchClassifier(checkpoint, weights=config.weights, seed=config.seed, device=config.device,
                            precision=config.precision)

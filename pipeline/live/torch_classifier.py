@@ -100,11 +100,6 @@ def predict_frames(model: LayerClassifier, preprocess: Preprocess,
     return torch.softmax(model(x), dim=1).cpu()
 
 
-def predict_frame(model: LayerClassifier, preprocess: Preprocess, rgb: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """One RGB uint8 image -> (C,) float32 class probabilities on the CPU: ``predict_frames`` on one image."""
-    return predict_frames(model, preprocess, [rgb])[0]
-
-
 def describe(checkpoint: dict, weights: str, where: str) -> str:
     """The log line's account of a head and its backbone."""
     top1 = checkpoint.get("metrics", {}).get("val_top1")
