@@ -152,3 +152,14 @@ def test_a_head_with_nan_weights_is_never_saved(old_run, tmp_path):
     with pytest.raises(UserError, match="NaN or Inf"):
         checkpoint_module.save_checkpoint(checkpoint, tmp_path / "never.pt")
     assert not (tmp_path / "never.pt").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_head_with_a_nan_or_inf_metric_is_never_saved(old_run, tmp_path, value):
+    """What read_checkpoint would refuse is never written: a diverged val loss is one line, and no file."""
+    out, _ = old_run
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    checkpoint["metrics"]["val_loss"] = value
+    with pytest.raises(UserError, match="NaN or Inf val_loss"):
+        checkpoint_module.save_checkpoint(checkpoint, tmp_path / "never.pt")
+    assert not (tmp_path / "never.pt").exists()

@@ -70,6 +70,10 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     head = checkpoint.get("head", {})
     if not all(torch.isfinite(t).all() for t in head.values() if isinstance(t, torch.Tensor)):
         raise UserError(f"the head to be saved as {path} has NaN or Inf weights (training diverged); lower --lr")
+    diverged = [name for name, value in checkpoint.get("metrics", {}).items() if not _is_number(value)]
+    if diverged:
+        raise UserError(f"the head to be saved as {path} has a NaN or Inf {diverged[0]} (training diverged); lower --lr")
+    check_checkpoint(checkpoint, path)  # nothing is written that read_checkpoint would refuse
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     write_atomic(path, buffer.getvalue(), durable=True)
