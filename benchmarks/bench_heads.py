@@ -30,7 +30,9 @@ import torch
 from benchmarks.synthetic_cache import add_shape_args
 from pipeline.common.config import LOGREG_WEIGHT_DECAY, HeadConfig
 from pipeline.heads import knn
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.readers import InMemoryFeatures
+from pipeline.heads.standardize import Standardizer
 from pipeline.heads.logreg import fit_logreg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from pipeline.common.config import HeadConfig
 from pipeline.common.names import CHECKPOINT_FORMAT
 from pipeline.heads import registry
 from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.experiments.naming import shots_name
+from pipeline.heads.naming import shots_name
 from pipeline.heads.readers import FeatureReader
 from pipeline.heads.staging import config_record, write_config
-from pipeline.heads.experiments.table import Experiment
+from pipeline.heads.rows import Experiment
 from tests.helpers import one_error_line, train_quick_head, write_synthetic_cache
 
 COMPAT = Path(__file__).parent / "data" / "compat"

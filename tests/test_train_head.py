@@ -23,7 +23,10 @@ from features.cache import open_split
 from pipeline.heads import linear as train_head
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import WORDS
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
+from pipeline.heads import standardize
+from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.readers import InMemoryFeatures, batch_order
+from pipeline.heads.standardize import Standardizer
 from tests.helpers import random_backbone, read_csv, write_synthetic_cache  # noqa: F401 (write_synthetic_cache: others import it from here)
 
 CPU_DEVICE = torch.device("cpu")
@@ -237,10 +240,10 @@ def test_saved_head_works_on_raw_features(noisy, tmp_path, standardize):
 def test_standardizer_z_scores_with_train_statistics(feats):
     """Mean and population std over all train rows; dead units (std 0) are left unscaled."""
     source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU_DEVICE, progress=False)
-    standardizer = train_head.Standardizer.fit(source, CPU_DEVICE)
+    standardizer = Standardizer.fit(source, CPU_DEVICE)
     x = source.features.double()
     std = x.std(0, unbiased=False)
-    live = std > train_head.STD_FLOOR
+    live = std > standardize.STD_FLOOR
     assert 0 < live.sum() < len(live)  # random fc7 on 18 images: many units are dead
     assert torch.allclose(standardizer.mean.double(), x.mean(0), rtol=1e-5, atol=1e-9)
     assert torch.allclose(standardizer.inv_std.double()[live], 1 / std[live], rtol=1e-4)

@@ -13,7 +13,9 @@ from pipeline.datasets.dataset import index_dataset
 from pipeline.datasets.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads import linear as train_head
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
+from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.readers import InMemoryFeatures, batch_order
+from pipeline.heads.standardize import Standardizer
 from tests.helpers import random_backbone
 from tests.test_train_head import CPU_DEVICE, data, feats  # noqa: F401 (fixtures)
 

@@ -18,9 +18,9 @@ import torch
 
 from pipeline.common.config import HeadConfig
 from pipeline.heads.run_folder import StagedRun
-from pipeline.heads.experiments.naming import folder_name
+from pipeline.heads.naming import folder_name
 from pipeline.heads.staging import final_path
-from pipeline.heads.experiments.table import Experiment
+from pipeline.heads.rows import Experiment
 
 
 @dataclass

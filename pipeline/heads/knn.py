@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from pipeline.heads import report
 from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.experiments.naming import shots_name
+from pipeline.heads.naming import shots_name
 from pipeline.heads.readers import FeatureReader
 from pipeline.heads.staging import append_csv, config_record, write_config, writing
-from pipeline.heads.experiments.table import Experiment
+from pipeline.heads.rows import Experiment
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from pipeline.common.config import LOGREG_MAX_ITER, LOGREG_WEIGHT_DECAY
 from pipeline.common.errors import UserError
 from pipeline.heads import readers, report
 from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.linear import Standardizer
-from pipeline.heads.experiments.naming import number, shots_name
+from pipeline.heads.naming import number, shots_name
 from pipeline.heads.readers import FeatureReader, InMemoryFeatures, StreamedFeatures
 from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
-from pipeline.heads.experiments.table import Experiment
-from pipeline.heads.solvers.lbfgs import HISTORY_SIZE, Solved, minimize_lbfgs  # noqa: F401 (HISTORY_SIZE re-exported)
+from pipeline.heads.rows import Experiment
+from pipeline.heads.standardize import Standardizer
+from pipeline.heads.solvers.lbfgs import Solved, minimize_lbfgs
 from pipeline.heads.solvers.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta, threads
 
 log = logging.getLogger(__name__)

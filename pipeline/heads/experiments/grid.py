@@ -5,7 +5,7 @@ the backbone (``resnet18_penultimate_linear_all``) and the table's backbone colu
 
 One combination is a plain run: its outputs go straight into ``--out`` (a plain linear run, or a linear
 lr x weight-decay sweep). Several make a grid: one folder per combination,
-``<out>/<layer>_<head>_<shots>[_lr.._wd..]/`` (pipeline.heads.experiments.naming), one table (experiments.csv and .md),
+``<out>/<layer>_<head>_<shots>[_lr.._wd..]/`` (pipeline.heads.naming), one table (experiments.csv and .md),
 one plot (experiments.png), and the best head that has a checkpoint copied to ``<out>/best.pt``. Every kind
 of run is one staged run (pipeline.heads.run_folder) under ``--out``'s lock, published whole with run.json.
 
@@ -29,9 +29,11 @@ from pipeline.heads.interface import HeadOutcome, HeadSettings
 from pipeline.heads.readers import FeatureReader
 from pipeline.heads.sources import Source, open_sources
 from pipeline.heads.registry import HEADS
-from pipeline.heads.experiments.shots import few_shot_rows, shots_name
+from pipeline.heads.experiments.shots import few_shot_rows
+from pipeline.heads.naming import shots_name
 from pipeline.heads.staging import commit, config_record, final_path, prepare_out, write_config, writing
-from pipeline.heads.experiments.table import Experiment, write_table
+from pipeline.heads.experiments.table import write_table
+from pipeline.heads.rows import Experiment
 
 log = logging.getLogger(__name__)
 
