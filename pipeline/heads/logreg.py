@@ -125,17 +125,6 @@ def solve(problem, weight: torch.Tensor, bias: torch.Tensor, *, max_iter: int = 
     return solved
 
 
-def minimize(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float, *,
-             max_iter: int, tolerance_grad: float = TOLERANCE_GRAD, progress: bool = False) -> tuple[int, int]:
-    """Run L-BFGS from (weight, bias), updating them in place. Returns (iterations, evaluations).
-
-    It stops when the largest gradient entry is below ``tolerance_grad``, or after ``max_iter`` iterations.
-    """
-    solved = solve(InMemorySoftmax(x, y, len(bias), weight_decay), weight, bias, max_iter=max_iter,
-                   tolerance_grad=tolerance_grad, progress=progress)
-    return solved.iterations, solved.evaluations
-
-
 def train_state_chunks(chunks, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float) -> dict:
     """At (weight, bias): the objective, the train cross-entropy and top-1 (%), and the largest |gradient|
     entry (0 at the exact optimum), from one pass over the chunks."""
