@@ -86,7 +86,7 @@ def bench_sgd(train: InMemoryFeatures, val: InMemoryFeatures, classes: int, conf
     recipe = Recipe.from_config(config, config.lr[0], config.weight_decays((0.0,))[0])
     fitted = fit_head(train, val, recipe, standardizer, num_classes=classes, device=torch.device("cpu"), progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    best = fitted.best["metrics"]
+    best = fitted.best.metrics
     print(f"sgd: {recipe.epochs} epochs {seconds:.1f}s ({cpu_seconds:.1f} CPU-s)  best val top-1 {best['val_top1']:.2f}% (epoch {best['epoch']})",
           flush=True)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "epochs": recipe.epochs, "best_epoch": best["epoch"], "val_top1": best["val_top1"],

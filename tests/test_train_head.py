@@ -312,4 +312,4 @@ def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
                       Recipe(lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2, batch_size=40, val_batch_size=10, seed=0),
                       Standardizer.fit(train_source, CPU_DEVICE), num_classes=4, device=CPU_DEVICE, progress=False)
     swept = load_ckpt(out / "lr0.01_wd0.0001" / "last.pt")["head"]
-    assert all(torch.equal(swept[k], single.last["state"][k]) for k in ("weight", "bias"))
+    assert all(torch.equal(swept[k], single.last.state[k]) for k in ("weight", "bias"))

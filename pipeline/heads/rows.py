@@ -8,7 +8,7 @@ from pathlib import Path
 COLUMNS = ["backbone", "layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experiment:
     """One row of the table: a trained head (linear, logreg) or one k of a kNN run."""
 

@@ -6,10 +6,10 @@ import io
 import os
 from pathlib import Path
 
-from matplotlib.figure import Figure  # the object API, as pipeline.heads.report
+from matplotlib.figure import Figure  # the object API, as pipeline.heads.publish.report
 
 from features.atomic import write_atomic
-from pipeline.heads.report import shown
+from pipeline.heads.publish.report import shown
 from pipeline.heads.rows import COLUMNS, Experiment
 
 HEAD_COLOURS = {"linear": "tab:blue", "logreg": "tab:orange", "knn": "tab:green"}
