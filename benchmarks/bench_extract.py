@@ -261,7 +261,9 @@ def measure_head(head_rows: int, results: dict, full, paths, labels, f32, device
     """(d) head epochs, and (e) the 20-epoch job against the backbone in every epoch."""
     import torch
 
-    from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+    from pipeline.heads.linear import Recipe, fit_head
+    from pipeline.heads.readers import InMemoryFeatures
+    from pipeline.heads.standardize import Standardizer
 
     head = results["head"] = time_head_epochs(head_rows, 200, device)
     print(f"(d) head epoch on {head['rows']} rows: project {head['project_epoch_s']:.2f} s, bare loop "

@@ -111,9 +111,10 @@ def child(args) -> dict:
     import torch
 
     from pipeline.heads import knn
-    from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+    from pipeline.heads.linear import Recipe, fit_head
+    from pipeline.heads.standardize import Standardizer
     from features.cache import open_split
-    from pipeline.heads.readers import STREAM_ROWS, FeatureReader, StreamedFeatures
+    from pipeline.heads.readers import STREAM_ROWS, FeatureReader, InMemoryFeatures, StreamedFeatures
     from pipeline.heads.solvers.softmax import StreamedSoftmax
 
     split = open_split(args.cache)

@@ -30,7 +30,9 @@ import torch
 from benchmarks.synthetic_cache import add_shape_args
 from pipeline.common.config import LOGREG_WEIGHT_DECAY, HeadConfig
 from pipeline.heads import knn
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.readers import InMemoryFeatures
+from pipeline.heads.standardize import Standardizer
 from pipeline.heads.logreg import fit_logreg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +86,7 @@ def bench_sgd(train: InMemoryFeatures, val: InMemoryFeatures, classes: int, conf
     recipe = Recipe.from_config(config, config.lr[0], config.weight_decays((0.0,))[0])
     fitted = fit_head(train, val, recipe, standardizer, num_classes=classes, device=torch.device("cpu"), progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    best = fitted.best["metrics"]
+    best = fitted.best.metrics
     print(f"sgd: {recipe.epochs} epochs {seconds:.1f}s ({cpu_seconds:.1f} CPU-s)  best val top-1 {best['val_top1']:.2f}% (epoch {best['epoch']})",
           flush=True)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "epochs": recipe.epochs, "best_epoch": best["epoch"], "val_top1": best["val_top1"],

@@ -32,7 +32,9 @@ def time_head_epochs(rows: int, num_classes: int, device, epochs: int = 2) -> di
     """Seconds per epoch: the project's trainer vs a bare SGD loop over an in-memory tensor."""
     import torch
 
-    from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, fit_head
+    from pipeline.heads.linear import Recipe, fit_head
+    from pipeline.heads.readers import InMemoryFeatures
+    from pipeline.heads.standardize import Standardizer
 
     g = torch.Generator().manual_seed(0)
     features = torch.rand(rows, 4096, generator=g).to(device)

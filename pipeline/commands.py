@@ -87,22 +87,13 @@ def train_head(config: HeadConfig) -> int:
     from pipeline.heads.experiments.grid import run_experiments
 
     experiments = run_experiments(config)
-    outcome = experiments.outcome
-    if outcome is None or not outcome.runs:  # a grid, a logreg or a knn run: the experiments table
-        log.info("%-12s %-11s %-7s %-44s %-6s %8s %8s %7s %8s", "backbone", "layer", "head", "hyper-parameters", "shots",
-                 "top-1", "top-5", "train", "seconds")
-        for r in experiments.rows:
-            log.info("%-12s %-11s %-7s %-44s %-6s %7.2f%% %7.2f%% %7d %8.1f", r.backbone, r.layer, r.head, r.params,
-                     r.shots, r.val_top1, r.val_top5, r.train_images, r.seconds)
-        if experiments.best:
-            log.info("best head: %s", experiments.best)
-    else:  # a plain linear run or sweep: its heads, best first
-        if len(outcome.runs) > 1:
-            log.info("%-22s %8s %8s %6s", "head", "top-1", "top-5", "epoch")
-            for r in outcome.runs:
-                log.info("%-22s %7.2f%% %7.2f%% %6d", r.name, r.best_val_top1, r.best_val_top5, r.best_epoch)
-        best = outcome.runs[0]
-        log.info("best head: %s  val top-1 %.2f%% (epoch %d)", experiments.best, best.best_val_top1, best.best_epoch)
+    log.info("%-12s %-11s %-7s %-44s %-6s %8s %8s %7s %8s", "backbone", "layer", "head", "hyper-parameters", "shots",
+             "top-1", "top-5", "train", "seconds")
+    for r in experiments.rows:
+        log.info("%-12s %-11s %-7s %-44s %-6s %7.2f%% %7.2f%% %7d %8.1f", r.backbone, r.layer, r.head, r.params,
+                 r.shots, r.val_top1, r.val_top5, r.train_images, r.seconds)
+    if experiments.best:
+        log.info("best head: %s", experiments.best)
     warn_random(experiments.weights_spec, "accuracy is not meaningful")
     return 0
 

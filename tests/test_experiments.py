@@ -22,12 +22,13 @@ from features.cache import open_split
 from pipeline.heads import knn
 from pipeline.backbones.precision import place_backbone
 from pipeline.common.checkpoint import read_checkpoint
-from pipeline.heads.experiments.table import COLUMNS
+from pipeline.heads.rows import COLUMNS
 from pipeline.datasets.images import read_rgb
 from pipeline.heads.logreg import fit_logreg, objective
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads.experiments.shots import few_shot_rows
-from pipeline.heads.linear import InMemoryFeatures, Standardizer
+from pipeline.heads.readers import InMemoryFeatures
+from pipeline.heads.standardize import Standardizer
 from tests.helpers import CPU_ARGS, one_error_line, random_backbone, read_csv, write_synthetic_cache
 from tests.test_train_head import PNG_MAGIC, RUN_FILES
 

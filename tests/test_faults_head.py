@@ -5,6 +5,7 @@ Caches are small synthetic files (8-d "features") written with the cache module,
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -21,9 +22,8 @@ import torch
 import run_train_head
 from features import atomic
 from pipeline.common import checkpoint as checkpoint_module
-from pipeline.heads import report
-from pipeline.heads import run_folder
-from pipeline.heads import linear as train_head
+from pipeline.heads import registry, run_folder
+from pipeline.heads.publish import heads as publish, report, run as publish_run
 from tests.helpers import HEAD_BATCH_ARGS, one_error_line, tree_bytes, write_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,14 +84,14 @@ def test_second_training_into_the_same_out_is_refused(cache, old_run, capsys):
 
 def test_kill_after_the_new_best_pt_leaves_the_old_run_untouched(cache, old_run, monkeypatch):
     out, before = old_run
-    real = train_head.save_checkpoint
+    real = publish.save_checkpoint
 
     def killed_at_last(checkpoint, path):
         if Path(path).name == "last.pt":
             raise KeyboardInterrupt  # the new best.pt is written (in staging) by now
         real(checkpoint, path)
 
-    monkeypatch.setattr(train_head, "save_checkpoint", killed_at_last)
+    monkeypatch.setattr(publish, "save_checkpoint", killed_at_last)
     assert train(cache, out, "--lr", "0.1", "--epochs", "3") == 130
     assert snapshot(out) == before  # the complete old run, byte for byte; nothing new beside it
     monkeypatch.undo()
@@ -100,16 +100,18 @@ def test_kill_after_the_new_best_pt_leaves_the_old_run_untouched(cache, old_run,
     assert (out / "notes.txt").read_text() == "the user's own notes"
 
 
-def test_sigkill_mid_run_then_rerun(cache, old_run):
+def test_sigkill_mid_run_then_rerun(cache, old_run, tmp_path):
     """A real kill -9 while the new run trains: the old run stays whole; the rerun clears the stale staging."""
     out, before = old_run
-    child = subprocess.Popen([sys.executable, str(ROOT / "run_train_head.py"), "--features", str(cache), "--out",
-                              str(out), "--device", "cpu", "--no-progress", *HEAD_BATCH_ARGS, "--lr", "0.1", "--epochs", "100000"],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child_log = tmp_path / "child.log"
+    with open(child_log, "wb") as stderr:
+        child = subprocess.Popen([sys.executable, str(ROOT / "run_train_head.py"), "--features", str(cache), "--out",
+                                  str(out), "--device", "cpu", "--no-progress", *HEAD_BATCH_ARGS, "--lr", "0.1",
+                                  "--epochs", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.time() + 120
-        while not list(out.glob(".staging-*/best.pt")):
-            assert child.poll() is None and time.time() < deadline, "the child never wrote its staged best.pt"
+        while "epoch  2/100000" not in child_log.read_text():  # training, its staging folder made
+            assert child.poll() is None and time.time() < deadline, "the child never logged its second epoch"
             time.sleep(0.1)
     finally:
         child.send_signal(signal.SIGKILL)
@@ -176,16 +178,16 @@ class FullFile:
 def test_disk_full_while_writing_the_run(cache, old_run, monkeypatch, capsys, step):
     out, before = old_run
     if step in ("best.pt", "last.pt"):
-        real = train_head.save_checkpoint
+        real = publish.save_checkpoint
 
         def save(checkpoint, path):
             if Path(path).name == step:
                 monkeypatch.setattr(atomic, "open", FullFile, raising=False)  # the real write path fails
             real(checkpoint, path)
 
-        monkeypatch.setattr(train_head, "save_checkpoint", save)
-    elif step == "history":
-        monkeypatch.setattr(train_head, "append_csv", _no_space)
+        monkeypatch.setattr(publish, "save_checkpoint", save)
+    elif step == "history":  # the first CSV a linear run writes
+        monkeypatch.setattr(publish, "write_csv", _no_space)
     elif step == "plots":
         monkeypatch.setattr(report, "plot_history", _no_space)
     elif step == "manifest":  # the staged run's manifest, the last write before the publish
@@ -284,7 +286,7 @@ def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_r
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = {"fit": (logreg, "fit_logreg"), "checkpoint": (logreg, "save_checkpoint"),
+    target = {"fit": (logreg, "fit_logreg"), "checkpoint": (publish, "save_checkpoint"),
               "report": (report, "write_class_report")}[where]
     monkeypatch.setattr(*target, killed)
     assert train(cache, out, "--head", "logreg", "--max-iter", "10") == 130
@@ -297,9 +299,6 @@ def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_r
 @pytest.mark.parametrize("previous", ["linear", "grid"])
 @pytest.mark.parametrize("where", ["second combination", "table", "disk full at the table"])
 def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, monkeypatch, capsys, previous, where):
-    from pipeline.heads.experiments import grid as experiments
-    from pipeline.heads import logreg
-
     out = tmp_path / "head"
     grid = ("--head", "linear,logreg", "--max-iter", "10", "--epochs", "2")
     assert train(cache, out, *(grid if previous == "grid" else ("--epochs", "2"))) == 0
@@ -310,11 +309,11 @@ def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, m
         raise KeyboardInterrupt
 
     if where == "second combination":  # the linear combination is written (in staging) by now
-        monkeypatch.setattr(logreg, "fit", killed)
+        monkeypatch.setitem(registry.HEADS, "logreg", dataclasses.replace(registry.HEADS["logreg"], fit=killed))
     elif where == "table":
-        monkeypatch.setattr(experiments, "write_table", killed)
+        monkeypatch.setattr(publish_run, "write_table", killed)
     else:
-        monkeypatch.setattr(experiments, "write_table", _no_space)
+        monkeypatch.setattr(publish_run, "write_table", _no_space)
     capsys.readouterr()
     code = train(cache, out, *grid, "--lr", "0.1")
     if where == "disk full at the table":

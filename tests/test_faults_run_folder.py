@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.heads.experiments.naming import folder_name, number
+from pipeline.heads.naming import folder_name, number
 from tests.helpers import one_error_line, train_quick_head, tree_hash, write_synthetic_cache
 
 GRID = ("--head", "linear,knn", "--k", "1,3")

@@ -16,11 +16,11 @@ from pipeline.common.checkpoint import read_checkpoint
 from pipeline.common.config import HeadConfig
 from pipeline.common.names import CHECKPOINT_FORMAT
 from pipeline.heads import registry
-from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.experiments.naming import shots_name
+from pipeline.heads.interface import HeadResult, HeadSettings, Predictions
+from pipeline.heads.publish.files import write_config, write_csv, writing
+from pipeline.heads.publish.heads import write_report
+from pipeline.heads.publish.place import HeadOutcome, Place, Publisher, one_folder
 from pipeline.heads.readers import FeatureReader
-from pipeline.heads.staging import config_record, write_config
-from pipeline.heads.experiments.table import Experiment
 from tests.helpers import one_error_line, train_quick_head, write_synthetic_cache
 
 COMPAT = Path(__file__).parent / "data" / "compat"
@@ -39,41 +39,63 @@ def cache(tmp_path_factory) -> Path:
 
 def test_every_head_has_the_same_entry_point():
     for name, head in registry.HEADS.items():
-        assert callable(head.fit) and callable(head.folders) and "config.json" in head.FILES, name
+        assert callable(head.fit) and callable(head.publisher.folders) and callable(head.publisher.write), name
+        assert "config.json" in head.publisher.files and "report.md" in head.publisher.files, name
+
+
+def test_no_head_module_writes_a_file():
+    """Heads return, one publisher writes: a head module (and its solvers) opens nothing for writing."""
+    heads = Path(registry.__file__).parent
+    writes = ("open(", "write_text", "write_bytes", "savefig", "np.save", "torch.save", "save_checkpoint",
+              "write_atomic", "csv.writer", "csv.DictWriter", "shutil", "mkdir")
+    for path in [heads / f"{name}.py" for name in registry.HEADS] + sorted((heads / "solvers").glob("*.py")):
+        text = path.read_text()
+        assert not [call for call in writes if call in text], path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeanResult(HeadResult):
+    means: torch.Tensor  # (C, D) the class means
+    predictions: Predictions
 
 
 class NearestMean:
     """A fourth head written as a test would add one: the nearest class mean, no checkpoint."""
 
-    FILES = ("config.json", "means.csv")
-
     @staticmethod
-    def folders(settings: HeadSettings) -> list[str]:
-        return [settings.folder().name] if settings.grid else []
-
-    @staticmethod
-    def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
-        folder = settings.folder()
-        write_config(settings.stage, folder, config_record(settings.config))
+    def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> MeanResult:
         x, y = train.load_float32(settings.device, False)
         vx, vy = val.load_float32(settings.device, False)
         means = torch.stack([x[y == c].mean(0) for c in range(int(y.max()) + 1)])
-        top1 = 100.0 * (torch.cdist(vx, means).argmin(1) == vy).float().mean().item()
-        (folder / "means.csv").write_text(f"classes,{len(means)}\n")
-        row = Experiment(layer=settings.layer, head=settings.name, params="-", shots=shots_name(settings.shots),
-                         val_top1=top1, val_top5=100.0, train_images=train.num_rows, seconds=0.0, folder=folder,
-                         checkpoint=None)
-        return HeadOutcome(rows=[row], names=[settings.name], best=None)
+        predicted = torch.cdist(vx, means).argmin(1)
+        top1 = 100.0 * (predicted == vy).float().mean().item()
+        return MeanResult(means=means, predictions=Predictions(predicted.numpy(), top1, 100.0),
+                          train_images=train.num_rows, seconds=0.0)
+
+    @staticmethod
+    def write(result: MeanResult, place: Place) -> HeadOutcome:
+        folder = place.folder()
+        write_config(place.stage, folder, place.record(place.settings.config))
+        with writing(place.stage, folder / "means.csv"):
+            write_csv(folder / "means.csv", [{"classes": len(result.means)}])
+        write_report(place, folder, result.predictions, epoch=0, summary="Nearest class mean:")
+        row = place.row(params="-", val_top1=result.predictions.val_top1, val_top5=100.0,
+                        train_images=result.train_images, seconds=result.seconds, folder=folder, checkpoint=None)
+        return HeadOutcome(rows=(row,), names=(place.settings.name,), best=None)
 
 
-def test_a_fourth_head_is_one_module_in_the_registry(cache, tmp_path, monkeypatch):
-    monkeypatch.setitem(registry.HEADS, "mean", NearestMean)
+def test_a_fourth_head_is_one_module_its_writer_and_one_line_in_the_registry(cache, tmp_path, monkeypatch):
+    publisher = Publisher(files=("config.json", "means.csv", "per_class.csv", "confusions.csv", "report.md"),
+                          folders=one_folder, write=NearestMean.write)
+    monkeypatch.setitem(registry.HEADS, "mean", registry.Head(NearestMean.fit, publisher))
     out = tmp_path / "grid"
     assert train(cache, out, "--head", "knn,mean", "--k", "1") == 0
-    assert (out / "fc7_mean_all" / "means.csv").read_text() == "classes,3\n"
+    assert (out / "fc7_mean_all" / "means.csv").read_text().splitlines() == ["classes", "3"]
+    assert (out / "fc7_mean_all" / "report.md").read_text().startswith(f"# Head report: {out / 'fc7_mean_all'}")
     assert "| fc7 | mean |" in (out / "experiments.md").read_text()
     record = json.loads((out / "run.json").read_text())
-    assert set(record["contents"]["fc7_mean_all"]) == {"config.json", "means.csv"}
+    assert set(record["contents"]["fc7_mean_all"]) == {"config.json", "means.csv", "per_class.csv", "confusions.csv",
+                                                       "report.md"}
 
 
 # ---------------------------------------------------------------------------------------------

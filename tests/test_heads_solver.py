@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.heads import knn
-from pipeline.heads.logreg import fit_logreg, fit_logreg_streamed, minimize, objective, row_blocks
-from pipeline.heads.solvers.softmax import chunked_loss_and_grad
+from pipeline.heads.logreg import fit_logreg, fit_logreg_streamed, objective, row_blocks, solve
+from pipeline.heads.solvers.softmax import InMemorySoftmax, chunked_loss_and_grad
 
 CLASSES, DIM = 5, 40
 
@@ -70,11 +70,12 @@ def test_a_budget_that_runs_out_is_reported_in_the_result_and_the_log(caplog):
     assert timed.stopped == "time budget" and timed.iterations == 0
 
 
-def test_minimize_keeps_its_signature_and_updates_the_model_in_place():
+def test_one_solve_in_memory_takes_one_pass_per_iteration_and_updates_the_model_in_place():
     x, y = clustered(200, seed=3)
     weight, bias = torch.zeros(CLASSES, DIM), torch.zeros(CLASSES)
-    iterations, evaluations = minimize(x, y, weight, bias, 0.01, max_iter=500)
-    assert 0 < iterations <= 500 and evaluations == iterations + 1  # in memory, one pass per iteration
+    solved = solve(InMemorySoftmax(x, y, CLASSES, 0.01), weight, bias, max_iter=500)
+    assert solved.stopped == "converged" and 0 < solved.iterations <= 500
+    assert solved.evaluations == solved.iterations + 1  # line-search trials cost no pass in memory
     assert objective(x, y, weight, bias, 0.01).item() == pytest.approx(tight_optimum(200, 3, 0.01), rel=1e-5)
 
 

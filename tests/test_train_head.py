@@ -23,7 +23,10 @@ from features.cache import open_split
 from pipeline.heads import linear as train_head
 from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import WORDS
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
+from pipeline.heads import standardize
+from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.readers import InMemoryFeatures, batch_order
+from pipeline.heads.standardize import Standardizer
 from tests.helpers import random_backbone, read_csv, write_synthetic_cache  # noqa: F401 (write_synthetic_cache: others import it from here)
 
 CPU_DEVICE = torch.device("cpu")
@@ -237,10 +240,10 @@ def test_saved_head_works_on_raw_features(noisy, tmp_path, standardize):
 def test_standardizer_z_scores_with_train_statistics(feats):
     """Mean and population std over all train rows; dead units (std 0) are left unscaled."""
     source = InMemoryFeatures.load(open_split(feats / "train.h5"), CPU_DEVICE, progress=False)
-    standardizer = train_head.Standardizer.fit(source, CPU_DEVICE)
+    standardizer = Standardizer.fit(source, CPU_DEVICE)
     x = source.features.double()
     std = x.std(0, unbiased=False)
-    live = std > train_head.STD_FLOOR
+    live = std > standardize.STD_FLOOR
     assert 0 < live.sum() < len(live)  # random fc7 on 18 images: many units are dead
     assert torch.allclose(standardizer.mean.double(), x.mean(0), rtol=1e-5, atol=1e-9)
     assert torch.allclose(standardizer.inv_std.double()[live], 1 / std[live], rtol=1e-4)
@@ -309,4 +312,4 @@ def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
                       Recipe(lr=0.01, weight_decay=1e-4, momentum=0.9, epochs=2, batch_size=40, val_batch_size=10, seed=0),
                       Standardizer.fit(train_source, CPU_DEVICE), num_classes=4, device=CPU_DEVICE, progress=False)
     swept = load_ckpt(out / "lr0.01_wd0.0001" / "last.pt")["head"]
-    assert all(torch.equal(swept[k], single.last["state"][k]) for k in ("weight", "bias"))
+    assert all(torch.equal(swept[k], single.last.state[k]) for k in ("weight", "bias"))

@@ -13,7 +13,9 @@ from pipeline.datasets.dataset import index_dataset
 from pipeline.datasets.images import read_rgb
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads import linear as train_head
-from pipeline.heads.linear import InMemoryFeatures, Recipe, Standardizer, batch_order, fit_head
+from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.readers import InMemoryFeatures, batch_order
+from pipeline.heads.standardize import Standardizer
 from tests.helpers import random_backbone
 from tests.test_train_head import CPU_DEVICE, data, feats  # noqa: F401 (fixtures)
 
@@ -85,7 +87,7 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
 
     assert [h["val_top1"] for h in from_cache["history"]] == [h["val_top1"] for h in in_the_loop["history"]]
     assert [h["train_acc"] for h in from_cache["history"]] == [h["train_acc"] for h in in_the_loop["history"]]
-    assert from_cache["best"]["metrics"]["epoch"] == in_the_loop["best"]["metrics"]["epoch"]
+    assert from_cache["best"].metrics["epoch"] == in_the_loop["best"].metrics["epoch"]
     # Same standardizer, and the same head in the space it was trained in. The folded weights are
     # W * inv_std, and units that are nearly dead on 18 images have a tiny std, so there the folded
     # weights are huge and carry the features' float32 rounding amplified: compare before folding.
@@ -93,7 +95,7 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
     assert torch.allclose(std_a.mean, std_b.mean, rtol=1e-5, atol=1e-8)
     assert torch.allclose(std_a.inv_std, std_b.inv_std, rtol=1e-3)
     for which in ("best", "last"):
-        a, b = from_cache[which]["state"], in_the_loop[which]["state"]
+        a, b = from_cache[which].state, in_the_loop[which].state
         (wa, ba), (wb, bb) = unfold(a, std_a), unfold(b, std_b)
         assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-5), which
         assert torch.allclose(ba, bb, rtol=1e-4, atol=1e-5), which
@@ -103,4 +105,4 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
     else:  # raw fc7 of a random backbone barely separates the classes, but the weights move
         torch.manual_seed(0)
         init = train_head.LinearHead(3, 4096).weight.detach()
-        assert (from_cache["last"]["state"]["weight"] - init).abs().max() > 1e-3
+        assert (from_cache["last"].state["weight"] - init).abs().max() > 1e-3

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from features.cache import open_split
-from pipeline.heads.linear import StreamedFeatures
+from pipeline.heads.readers import StreamedFeatures
 from tests.helpers import one_error_line, write_synthetic_cache
 from tests.test_train_head import accuracy_and_loss, data, extract, feats, history, load_ckpt, raw_features, train  # noqa: F401
 

@@ -1,44 +1,31 @@
-"""What every head shares: the settings one head run gets, and the outcome it returns.
+"""The head contract: what one head run gets (``HeadSettings``) and what it returns (a ``HeadResult``).
 
 A head is one module of pipeline.heads with
 
-- ``FILES``: the names it may write into a folder (the run folder code knows none of them by name);
-- ``folders(settings) -> list[str]``: the folders it writes under the run folder (a grid's clash check);
-- ``fit(train, val, settings) -> HeadOutcome``: train (or index) on the train reader, score on val, write
-  its files under ``settings.root``.
+- ``fit(train, val, settings) -> HeadResult``: train (or index) on the train reader, score on val, and return
+  what it found (weights, per-fit rows, val predictions, metrics) as a frozen dataclass of its own, a
+  ``HeadResult``. It writes no file: pipeline.heads.publish turns the result into the run folder's files and
+  the grid's table rows (dinov2's ``sweep_C_values`` returns its best and lets its caller write).
 
-pipeline.heads.registry lists them; pipeline.heads.experiments.grid loops over it. A fourth head is one new module.
+pipeline.heads.registry pairs each head with its publisher; pipeline.heads.experiments.grid loops over it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.common.config import HeadConfig
-from pipeline.heads.run_folder import StagedRun
-from pipeline.heads.experiments.naming import folder_name
-from pipeline.heads.staging import final_path
-from pipeline.heads.experiments.table import Experiment
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadSettings:
     """One head on one layer and shot count: the config narrowed to them (``config.layers == (layer,)``,
-    ``config.head == (name,)``, ``config.shots == (shots,)``), and where its files go."""
+    ``config.head == (name,)``, ``config.shots == (shots,)``), and the device it runs on."""
 
     config: HeadConfig
-    stage: StagedRun  # the run being staged, under --out's lock
     device: torch.device
-    grid: bool  # part of a grid: each combination gets its own folder under ``root``
-    source: str | None = None  # the cache's label when several are compared (its folders start with it)
-    notes: list[str] = field(default_factory=list)  # lines ending each report.md
-
-    @property
-    def root(self) -> Path:
-        """The staged run folder."""
-        return self.stage.path
 
     @property
     def name(self) -> str:
@@ -52,30 +39,19 @@ class HeadSettings:
     def shots(self) -> int | None:
         return self.config.shots[0]
 
-    def folder(self, **hyper) -> Path:
-        """Where a head with hyper-parameters ``hyper`` (lr, weight_decay) writes: in a grid its own combination
-        folder; alone, the run folder itself."""
-        if not self.grid:
-            return self.root
-        name = folder_name(layer=self.layer, head=self.name, shots=self.shots, **hyper)
-        return self.root / (name if self.source is None else f"{self.source}_{name}")
 
-    def title(self, folder: Path) -> Path:
-        """The folder a report names: the published one, not the staging one."""
-        return final_path(self.stage, folder)
+@dataclass(frozen=True)
+class Predictions:
+    """A trained head's answers on the val rows: what its report is made of."""
 
-    def drawn(self, count: int) -> str:
-        """How the train rows were chosen, for the reports."""
-        shots = "all of them" if self.shots is None else f"{self.shots} per class, drawn with seed {self.config.seed}"
-        return f"{count} train images ({shots})"
+    classes: np.ndarray  # (M,) the top-1 class of each val row
+    val_top1: float  # %
+    val_top5: float  # %
 
 
-@dataclass
-class HeadOutcome:
-    """What a head run returns, the same for every head."""
+@dataclass(frozen=True, kw_only=True)
+class HeadResult:
+    """What every head's ``fit`` returns; each head's result adds its own typed fields."""
 
-    rows: list[Experiment]  # one table row per trained head (a kNN run: one per k), best first or in order
-    names: list[str]  # the heads run.json lists when this is the whole run (a sweep: one per lr, weight decay)
-    best: Experiment | None  # the best row with a checkpoint (None: the head saves none)
-    best_name: str | None = None  # how run.json names the best head when this is the whole run
-    runs: list = field(default_factory=list)  # head-specific detail (linear: its HeadRun records, best first)
+    train_images: int  # the train rows used (few-shot: the rows drawn)
+    seconds: float  # wall time of the fit, loading the features included

@@ -8,7 +8,8 @@ Similarities are computed for ``chunk_rows`` val rows at a time, so beyond the f
 memory is one (chunk_rows, N) block, never (M, N). The top-k search runs once per chunk with the largest
 k; a smaller k reuses the first k of those neighbours (they come sorted by similarity).
 
-``fit`` is this head's entry point (pipeline.heads.interface): one search answering every --k, one table row per k.
+``fit`` is this head's entry point (pipeline.heads.interface): one search answering every --k, returned as a
+``KnnResult`` (each k's accuracy, the best k's predictions); pipeline.heads.publish writes its files.
 
 ``knn_predict_streamed`` does the same search when the train features do not fit in memory (or with
 --stream): it reads them once, in row chunks, and keeps a running top-k of every val row: (M, k)
@@ -18,17 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
-from pipeline.heads import report
-from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.experiments.naming import shots_name
+from pipeline.heads.interface import HeadResult, HeadSettings, Predictions
 from pipeline.heads.readers import FeatureReader
-from pipeline.heads.staging import append_csv, config_record, write_config, writing
-from pipeline.heads.experiments.table import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +126,32 @@ def accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The head's entry point
 
-FILES = ("config.json", "knn.csv", "per_class.csv", "confusions.csv", "report.md")
+
+@dataclass(frozen=True)
+class KnnScore:
+    """One --k and its accuracy on val: one row of knn.csv."""
+
+    k: int
+    k_used: int  # the neighbours that voted: k, or every train row when k is more than them
+    val_top1: float  # %
+    val_top5: float  # %
 
 
-def folders(settings: HeadSettings) -> list[str]:
-    return [settings.folder().name] if settings.grid else []
+@dataclass(frozen=True, kw_only=True)
+class KnnResult(HeadResult):
+    """A kNN run: every k from one search; nothing is trained, so there is no checkpoint."""
+
+    scores: tuple[KnnScore, ...]  # one per --k, in the order asked
+    best: KnnScore  # the best val top-1 (the first of equals)
+    predictions: Predictions  # of the best k on val
+    temperature: float
+    streamed: bool  # the train features were read once from disk, in chunks
 
 
-def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
-    """Every --k from one search: knn.csv (one row per k) and the report of the best k; no checkpoint."""
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> KnnResult:
+    """Every --k from one search with the largest; a k above the train rows uses them all (and says so)."""
     start = time.perf_counter()
-    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
-    write_config(stage, folder, config_record(config, device=str(device), features_weights=train.split.attrs["weights_spec"]))
+    config, device = settings.config, settings.device
     count = train.num_rows
     val_x, val_y = val.load_float32(device, config.progress)
     normalize_rows(val_x)
@@ -159,26 +171,8 @@ def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> Hea
     else:
         train_x, train_y = train.load_float32(device, config.progress, extra_bytes=extra)
         ranked = knn_predict(normalize_rows(train_x), train_y, val_x, **search)
-    results = {k: accuracy(ranked[used[k]], val_y) for k in config.k}
-    seconds = time.perf_counter() - start
-    with writing(stage, folder / "knn.csv"):
-        for k in config.k:
-            append_csv(folder / "knn.csv", {"k": k, "k_used": used[k], "temperature": config.temperature, **results[k]})
-    best_k = max(config.k, key=lambda k: results[k]["val_top1"])
-    shown = {k: f"{k}{'' if used[k] == k else f' (all {count})'}" for k in config.k}
-    lines = ["## Every k", "", "| k | val top-1 | val top-5 |", "|---|---|---|"]
-    lines += [f"| {shown[k]} | {results[k]['val_top1']:.2f}% | {results[k]['val_top5']:.2f}% |" for k in config.k]
-    with writing(stage, folder / "report.md"):
-        report.write_class_report(
-            folder, labels=val.split.labels, predictions=ranked[used[best_k]][:, 0].cpu().numpy(),
-            metrics=results[best_k], wnids=train.split.wnids, names=train.split.names, epoch=0,
-            weights_spec=train.split.attrs["weights_spec"], title=settings.title(folder),
-            summary=f"Weighted kNN (DINO), k={best_k} (best of {','.join(map(str, config.k))}), "
-                    f"T={config.temperature:g}:",
-            extra=["", *lines, "", f"Neighbours from {settings.drawn(count)}{' (streamed)' if streamed else ''}; "
-                   "val untouched."])
-    rows = [Experiment(layer=settings.layer, head=settings.name, params=f"k={shown[k]} T={config.temperature:g}",
-                       shots=shots_name(settings.shots), val_top1=results[k]["val_top1"],
-                       val_top5=results[k]["val_top5"], train_images=count, seconds=seconds, folder=folder,
-                       checkpoint=None) for k in config.k]
-    return HeadOutcome(rows=rows, names=[settings.name], best=None)
+    scores = tuple(KnnScore(k=k, k_used=used[k], **accuracy(ranked[used[k]], val_y)) for k in config.k)
+    best = max(scores, key=lambda score: score.val_top1)  # max: the first of equals
+    predictions = Predictions(ranked[best.k_used][:, 0].cpu().numpy(), best.val_top1, best.val_top5)
+    return KnnResult(scores=scores, best=best, predictions=predictions, temperature=config.temperature,
+                     streamed=streamed, train_images=count, seconds=time.perf_counter() - start)

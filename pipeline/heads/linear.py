@@ -5,45 +5,35 @@ indexed from it; a cache larger than memory is streamed block by block instead (
 which also checks the cache). By default the features are z-scored with train-set statistics, which
 are folded into the saved layer, so the checkpoint's head is one ``nn.Linear(4096, C)`` that takes raw
 fc7 activations. ``fit`` is this head's entry point (pipeline.heads.interface): one head per (lr, weight
-decay), each in its own folder when there are several (a sweep), with a sweep table and the best copied up.
+decay), returned as a ``LinearResult``; pipeline.heads.publish writes their folders, a sweep's table and its best.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from features.cache import CachedSplit
 from models import LinearHead
-from pipeline.heads import report
-from pipeline.common.checkpoint import load_head, make_checkpoint, save_checkpoint
+from pipeline.common.checkpoint import load_head
 from pipeline.common.config import LINEAR_WEIGHT_DECAY, HeadConfig
 from pipeline.common.errors import UserError
-from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.experiments.naming import folder_name, number, shots_name
-from pipeline.heads.readers import (LOAD_ROWS, FeatureReader, FeatureSource, InMemoryFeatures,  # noqa: F401 (public here)
-                                    StreamedFeatures, available_memory, batch_order)
-from pipeline.heads.staging import append_csv, config_record, layer_attrs, writing, write_config
-from pipeline.heads.experiments.table import Experiment
+from pipeline.heads.interface import HeadResult, HeadSettings, Predictions
+from pipeline.heads.naming import folder_name
+from pipeline.heads.readers import FeatureReader, FeatureSource
+from pipeline.heads.standardize import Standardizer
 
 log = logging.getLogger(__name__)
 
-STATS_ROWS = 4096  # rows per step when computing the standardization statistics
-STD_FLOOR = 1e-6  # dead ReLU units have std 0: leave them unscaled
-
-
 _DEFAULTS = HeadConfig()
+REPORT_BATCH = 1024  # val rows per batch when the saved head is scored for its report
 
 
 @dataclass(frozen=True)
@@ -65,65 +55,43 @@ class Recipe:
                    batch_size=config.batch_size, val_batch_size=config.val_batch_size, seed=config.seed)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Snapshot:
+    """The head after one epoch: its state on raw features (the standardization folded in) and the epoch's record."""
+
+    state: dict[str, torch.Tensor]  # {"weight": (C, D), "bias": (C,)}
+    metrics: dict  # epoch, train_loss, train_acc, val_loss, val_top1, val_top5, train_seconds, seconds
+
+
+@dataclass(frozen=True)
 class FitResult:
-    best: dict  # {"state": head state on raw features, "metrics": the epoch's record}
-    last: dict
-    history: list[dict]
+    """One head's training: its best epoch (the first of the best val top-1), its last, and every epoch's record."""
+
+    best: Snapshot
+    last: Snapshot
+    history: tuple[dict, ...]
 
 
-@dataclass
-class HeadRun:
-    """One trained head of a run (a sweep has several)."""
+@dataclass(frozen=True)
+class LinearFit:
+    """One trained head of a run: one (lr, weight decay)."""
 
-    name: str
-    lr: float
-    weight_decay: float
-    folder: Path
-    best_epoch: int
-    best_val_top1: float
-    best_val_top5: float
-    best_val_loss: float
-    last_val_top1: float
-    epoch_seconds: float
-    history: list[dict]
-    seconds: float = 0.0  # wall time of its training and files
+    recipe: Recipe
+    trained: FitResult
+    predictions: Predictions  # of the saved (folded) best head on val, as a user will load it
+    seconds: float  # its training and scoring
+
+    @property
+    def best_top1(self) -> float:
+        return self.trained.best.metrics["val_top1"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
+@dataclass(frozen=True, kw_only=True)
+class LinearResult(HeadResult):
+    """Every head of a linear run, in the order of ``combos``; standardized once for all of them."""
 
-
-@dataclass
-class Standardizer:
-    mean: torch.Tensor  # (D,)
-    inv_std: torch.Tensor  # (D,)
-
-    @classmethod
-    def identity(cls, dim: int, device) -> "Standardizer":
-        return cls(torch.zeros(dim, device=device), torch.ones(dim, device=device))
-
-    @classmethod
-    def fit(cls, source: FeatureSource, device) -> "Standardizer":
-        """Mean and std over the whole train set, accumulated in float64."""
-        total = sq = None
-        for x, _ in source.batches(STATS_ROWS, None):  # small blocks: float64 copies stay ~100 MiB
-            x = x.to(device, torch.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
-            sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
-        mean = total / source.num_rows
-        std = (sq / source.num_rows - mean * mean).clamp_min(0).sqrt()
-        inv_std = torch.where(std > STD_FLOOR, 1.0 / std, torch.ones_like(std))
-        return cls(mean.float(), inv_std.float())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) * self.inv_std
-
-    def fold_into(self, head: nn.Linear) -> dict[str, torch.Tensor]:
-        """The state of a Linear on raw features equal to ``head`` on standardized ones."""
-        weight = head.weight.detach() * self.inv_std  # (C, D)
-        bias = head.bias.detach() - weight @ self.mean
-        return {"weight": weight.cpu().clone(), "bias": bias.cpu().clone()}
+    fits: tuple[LinearFit, ...]
+    loading_seconds: float  # loading the features and their standardization, shared by the fits
 
 
 @torch.inference_mode()
@@ -151,8 +119,10 @@ def evaluate(head: nn.Module, source: FeatureSource, standardize: Standardizer, 
 
 
 def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardizer: Standardizer, *,
-             num_classes: int, device: torch.device, on_epoch=None, progress: bool = True) -> FitResult:
-    """Train one head with SGD + cross-entropy on standardized features; the saved states are folded.
+             num_classes: int, device: torch.device, on_epoch: Callable[[dict], None] | None = None,
+             progress: bool = True) -> FitResult:
+    """Train one head with SGD + cross-entropy on standardized features; the states kept are folded.
+    ``on_epoch`` gets each epoch's record as it ends.
 
     Deterministic on the CPU for a given seed: the head's init and every epoch's batch order come from it.
     """
@@ -189,159 +159,55 @@ def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardi
                   "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - start, 3)}
         history.append(record)
         state = standardizer.fold_into(head)
-        if best is None or record["val_top1"] > best["metrics"]["val_top1"]:
-            best = {"state": state, "metrics": record}
+        if best is None or record["val_top1"] > best.metrics["val_top1"]:
+            best = Snapshot(state, record)
         if on_epoch:
-            on_epoch(record, state, best)
-    return FitResult(best=best, last={"state": state, "metrics": history[-1]}, history=history)
+            on_epoch(record)
+    return FitResult(best=best, last=Snapshot(state, history[-1]), history=tuple(history))
 
 
 # ---------------------------------------------------------------------------------------------
-# The head's entry point: one head per (lr, weight decay), its files, a sweep's table
-
-FILES = ("config.json", "history.csv", "best.pt", "last.pt", "accuracy.png", "loss.png", "per_class.csv",
-         "confusions.csv", "report.md", "sweep.csv", "sweep.png")
+# The head's entry point
 
 
-@dataclass
-class LoadedFeatures:
-    """What every head of a sweep shares: the feature sources and the standardization, computed once."""
-
-    train: FeatureSource
-    val: FeatureSource
-    train_split: CachedSplit
-    val_split: CachedSplit
-    standardizer: Standardizer
-    seconds: float  # loading and standardization
-
-
-@dataclass
-class LinearRun:
-    """One head of a sweep: its recipe, where it writes and how it is named."""
-
-    recipe: Recipe
-    config: HeadConfig  # what its config.json records
-    folder: Path
-    name: str
-    title: str | None  # the plots' title (a sweep's head name)
-
-
-def _combos(config: HeadConfig) -> list[tuple[float, float]]:
+def combos(config: HeadConfig) -> list[tuple[float, float]]:
+    """Every (lr, weight decay) of ``config``: one head each."""
     return list(itertools.product(config.lr, config.weight_decays(LINEAR_WEIGHT_DECAY)))
 
 
-def folders(settings: HeadSettings) -> list[str]:
-    """A grid: one combination folder per (lr, weight decay); alone: a sweep's head folders (none for one head)."""
-    combos = _combos(settings.config)
-    if settings.grid:
-        return [settings.folder(lr=lr, weight_decay=wd).name for lr, wd in combos]
-    return [folder_name(lr=lr, weight_decay=wd) for lr, wd in combos] if len(combos) > 1 else []
-
-
-def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
-    """Train one head per (lr, weight decay): alone, into the run folder (a sweep: one folder each, plus
-    sweep.csv/.png and the best head's best.pt); in a grid, each into its own combination folder."""
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> LinearResult:
+    """Train one head per (lr, weight decay) on features standardized once; each is scored as it is saved."""
     config, device = settings.config, settings.device
-    if settings.shots is not None and not settings.notes:
-        settings = replace(settings, notes=[f"Trained on {settings.drawn(train.num_rows)}; val untouched."])
     start = time.perf_counter()
-    sources = (train.source(device, config.stream, config.progress), val.source(device, config.stream, config.progress))
-    standardizer = (Standardizer.fit(sources[0], device) if config.standardize
+    train_source = train.source(device, config.stream, config.progress)
+    val_source = val.source(device, config.stream, config.progress)
+    standardizer = (Standardizer.fit(train_source, device) if config.standardize
                     else Standardizer.identity(train.split.feature_dim, device))
-    combos = _combos(config)
-    data = LoadedFeatures(*sources, train.split, val.split, standardizer, time.perf_counter() - start)
-    if settings.grid:
-        groups = [(replace(config, out=settings.title(settings.folder(lr=lr, weight_decay=wd)), lr=(lr,),
-                           weight_decay=(wd,)), settings.folder(lr=lr, weight_decay=wd)) for lr, wd in combos]
-    else:
-        groups = [(config, settings.root)]
-    rows, runs = [], []
-    for group_config, folder in groups:
-        group_runs = _sweep(settings, data, group_config, folder)
-        runs += group_runs
-        rows += [Experiment(layer=settings.layer, head=settings.name, params=f"lr={number(run.lr)} wd="
-                            f"{number(run.weight_decay)}, epoch {run.best_epoch}/{config.epochs}",
-                            shots=shots_name(settings.shots), val_top1=run.best_val_top1,
-                            val_top5=run.best_val_top5, train_images=train.num_rows,
-                            seconds=run.seconds + data.seconds / len(combos), folder=run.folder,
-                            checkpoint=run.folder / "best.pt") for run in group_runs]
-    runs.sort(key=lambda r: -r.best_val_top1)
-    best = max(rows, key=lambda r: r.val_top1)  # max: the first of equals
-    return HeadOutcome(rows=rows, names=[r.name for r in runs], best=best, best_name=runs[0].name, runs=runs)
+    loading_seconds = time.perf_counter() - start
+    fits = tuple(_fit_one(train_source, val_source, standardizer, Recipe.from_config(config, lr, weight_decay),
+                          num_classes=len(train.split.wnids), device=device, progress=config.progress)
+                 for lr, weight_decay in combos(config))
+    return LinearResult(fits=fits, loading_seconds=loading_seconds, train_images=train.num_rows,
+                        seconds=time.perf_counter() - start)
 
 
-def _sweep(settings: HeadSettings, data: LoadedFeatures, config: HeadConfig, folder: Path) -> list[HeadRun]:
-    """Every (lr, weight decay) of ``config`` into ``folder`` (one: the folder itself); best first."""
-    combos = _combos(config)
-    sweep = len(combos) > 1
-    runs = []
-    for lr, weight_decay in combos:
-        name = folder_name(lr=lr, weight_decay=weight_decay) if sweep else settings.title(folder).name
-        run = LinearRun(recipe=Recipe.from_config(config, lr, weight_decay), config=config,
-                        folder=folder / name if sweep else folder, name=name, title=name if sweep else None)
-        runs.append(_train_one(settings, data, run))
-    runs.sort(key=lambda r: -r.best_val_top1)
-    if sweep:
-        with writing(settings.stage, folder / "best.pt"):
-            shutil.copyfile(runs[0].folder / "best.pt", folder / "best.pt")
-        with writing(settings.stage, folder / "sweep.csv"):
-            _write_table(folder / "sweep.csv", runs)
-            report.plot_sweep([(r.name, r.history, r.best_val_top1) for r in runs], folder)
-    return runs
-
-
-def _train_one(settings: HeadSettings, data: LoadedFeatures, run: LinearRun) -> HeadRun:
-    """Train one head and write its (staged) folder: config.json, history.csv, best.pt, last.pt, plots, report."""
+def _fit_one(train: FeatureSource, val: FeatureSource, standardizer: Standardizer, recipe: Recipe, *,
+             num_classes: int, device: torch.device, progress: bool) -> LinearFit:
+    """Train one head, then score its saved (folded) best state on val for the report."""
     start = time.perf_counter()
-    stage, recipe, folder, device = settings.stage, run.recipe, run.folder, settings.device
-    # the checkpoint's config equals config.json's
-    record = config_record(run.config, lr=recipe.lr, weight_decay=recipe.weight_decay, lrs=run.config.lr,
-                           weight_decays=run.config.weight_decays(LINEAR_WEIGHT_DECAY), device=str(device),
-                           features_weights=data.train_split.attrs["weights_spec"])
-    write_config(stage, folder, record)
-    history_path = folder / "history.csv"
-    train_split, val_split = data.train_split, data.val_split
+    trained = fit_head(train, val, recipe, standardizer, num_classes=num_classes, device=device,
+                       on_epoch=_epoch_logger(folder_name(lr=recipe.lr, weight_decay=recipe.weight_decay), recipe.epochs),
+                       progress=progress)
+    dim = len(standardizer.mean)
+    head = load_head({"feature_dim": dim, "num_classes": num_classes, "head": trained.best.state}).to(device)
+    scored = evaluate(head, val, Standardizer.identity(dim, device), REPORT_BATCH, device, keep_predictions=True)
+    predictions = Predictions(scored["predictions"], scored["val_top1"], scored["val_top5"])
+    return LinearFit(recipe=recipe, trained=trained, predictions=predictions, seconds=time.perf_counter() - start)
 
-    def checkpoint(state: dict, metrics: dict) -> dict:
-        return make_checkpoint(state, metrics=metrics, epoch=metrics["epoch"], cache_attrs=layer_attrs(train_split),
-                               wnids=train_split.wnids, names=train_split.names, config=record)
 
-    def on_epoch(metrics, state, best):
-        with writing(stage, history_path):
-            append_csv(history_path, metrics)
+def _epoch_logger(name: str, epochs: int) -> Callable[[dict], None]:
+    def log_epoch(metrics: dict) -> None:
         log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
-                 run.name, metrics["epoch"], recipe.epochs, metrics["train_loss"], metrics["train_acc"],
+                 name, metrics["epoch"], epochs, metrics["train_loss"], metrics["train_acc"],
                  metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], metrics["seconds"])
-        if best["metrics"] is metrics:
-            with writing(stage, folder / "best.pt"):
-                save_checkpoint(checkpoint(state, metrics), folder / "best.pt")
-
-    result = fit_head(data.train, data.val, recipe, data.standardizer, num_classes=len(train_split.wnids),
-                      device=device, on_epoch=on_epoch, progress=run.config.progress)
-    with writing(stage, folder / "last.pt"):
-        save_checkpoint(checkpoint(result.last["state"], result.last["metrics"]), folder / "last.pt")
-    with writing(stage, folder / "accuracy.png"):
-        report.plot_history(result.history, folder, title=run.title)
-    best = result.best["metrics"]
-    dim = len(data.standardizer.mean)
-    head = load_head({"feature_dim": dim, "num_classes": len(train_split.wnids), "head": result.best["state"]}).to(device)
-    metrics = evaluate(head, data.val, Standardizer.identity(dim, device), 1024, device,
-                       keep_predictions=True)  # the saved (folded) head, as a user will load it
-    with writing(stage, folder / "report.md"):  # its title names the final folder, not the staging one
-        report.write_class_report(folder, labels=val_split.labels, predictions=metrics.pop("predictions"),
-                                  metrics=metrics, wnids=train_split.wnids, names=train_split.names,
-                                  epoch=best["epoch"], weights_spec=train_split.attrs["weights_spec"],
-                                  title=settings.title(folder), extra=settings.notes)
-    return HeadRun(name=run.name, lr=recipe.lr, weight_decay=recipe.weight_decay, folder=folder,
-                   best_epoch=best["epoch"], best_val_top1=best["val_top1"], best_val_top5=best["val_top5"],
-                   best_val_loss=best["val_loss"], last_val_top1=result.last["metrics"]["val_top1"],
-                   epoch_seconds=float(np.mean([h["train_seconds"] for h in result.history])),
-                   history=result.history, seconds=time.perf_counter() - start)
-
-
-def _write_table(path: Path, runs: list[HeadRun]) -> None:
-    columns = ["name", "lr", "weight_decay", "best_val_top1", "best_val_top5", "best_epoch", "last_val_top1", "epoch_seconds"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(asdict(run) for run in runs)
+    return log_epoch

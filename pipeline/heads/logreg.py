@@ -8,31 +8,28 @@ are solved strongest first, each warm-started from the previous optimum (a weake
 near a stronger one's), and the caller keeps the best by val top-1. This is how CLIP's linear probes were
 trained (scikit-learn's L-BFGS), here in torch on the CPU or the GPU.
 
-``fit`` is this head's entry point (pipeline.heads.interface): one run per --weight-decay path, the best kept.
+``fit`` is this head's entry point (pipeline.heads.interface): one solve of the --weight-decay path, the best
+kept, returned as a ``LogregResult``; pipeline.heads.publish writes its files.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.common.checkpoint import make_checkpoint, save_checkpoint
 from pipeline.common.config import LOGREG_MAX_ITER, LOGREG_WEIGHT_DECAY
 from pipeline.common.errors import UserError
-from pipeline.heads import readers, report
-from pipeline.heads.interface import HeadOutcome, HeadSettings
-from pipeline.heads.linear import Standardizer
-from pipeline.heads.experiments.naming import number, shots_name
+from pipeline.heads import readers
+from pipeline.heads.interface import HeadResult, HeadSettings, Predictions
 from pipeline.heads.readers import FeatureReader, InMemoryFeatures, StreamedFeatures
-from pipeline.heads.staging import append_csv, config_record, layer_attrs, write_config, writing
-from pipeline.heads.experiments.table import Experiment
-from pipeline.heads.solvers.lbfgs import HISTORY_SIZE, Solved, minimize_lbfgs  # noqa: F401 (HISTORY_SIZE re-exported)
+from pipeline.heads.standardize import Standardizer
+from pipeline.heads.solvers.lbfgs import Solved, minimize_lbfgs
 from pipeline.heads.solvers.softmax import Chunks, InMemorySoftmax, StreamedSoftmax, chunked_loss_and_grad, split_theta, threads
 
 log = logging.getLogger(__name__)
@@ -46,9 +43,10 @@ TOLERANCE_GRAD = 1e-6
 MAX_ITER = LOGREG_MAX_ITER  # the guard: iterations per penalty; a solve that hits it says so (PenaltyFit.stopped)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PenaltyFit:
-    """The optimum for one L2 penalty and how good it is (losses are mean cross-entropy, accuracies in %)."""
+    """The optimum for one L2 penalty and how good it is (losses are mean cross-entropy, accuracies in %):
+    one row of path.csv, its fields its columns."""
 
     weight_decay: float
     iterations: int  # L-BFGS iterations
@@ -64,9 +62,11 @@ class PenaltyFit:
     stopped: str = "converged"  # or "iteration budget", "time budget", "no progress": not at the optimum
 
 
-@dataclass
-class LogregResult:
-    fits: list[PenaltyFit]  # one per penalty, in the order solved (strongest first)
+@dataclass(frozen=True)
+class PenaltyPath:
+    """The solver's answer: every penalty's fit, and the parameters of the best."""
+
+    fits: tuple[PenaltyFit, ...]  # one per penalty, in the order solved (strongest first)
     best: int  # index into fits: the best val top-1 (the first of equals: the stronger penalty)
     weight: torch.Tensor  # (C, D) of the best fit, on standardized features
     bias: torch.Tensor  # (C,)
@@ -125,17 +125,6 @@ def solve(problem, weight: torch.Tensor, bias: torch.Tensor, *, max_iter: int = 
     return solved
 
 
-def minimize(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float, *,
-             max_iter: int, tolerance_grad: float = TOLERANCE_GRAD, progress: bool = False) -> tuple[int, int]:
-    """Run L-BFGS from (weight, bias), updating them in place. Returns (iterations, evaluations).
-
-    It stops when the largest gradient entry is below ``tolerance_grad``, or after ``max_iter`` iterations.
-    """
-    solved = solve(InMemorySoftmax(x, y, len(bias), weight_decay), weight, bias, max_iter=max_iter,
-                   tolerance_grad=tolerance_grad, progress=progress)
-    return solved.iterations, solved.evaluations
-
-
 def train_state_chunks(chunks, weight: torch.Tensor, bias: torch.Tensor, weight_decay: float) -> dict:
     """At (weight, bias): the objective, the train cross-entropy and top-1 (%), and the largest |gradient|
     entry (0 at the exact optimum), from one pass over the chunks."""
@@ -176,12 +165,12 @@ def keep_columns(x: torch.Tensor, columns: torch.Tensor, *, overwrite: bool, row
 
 def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
                num_classes: int, weight_decays: tuple[float, ...], max_iter: int = MAX_ITER, progress: bool = False,
-               on_fit=None, tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None,
-               overwrite: bool = False) -> LogregResult:
+               tolerance_grad: float = TOLERANCE_GRAD, max_seconds: float | None = None,
+               overwrite: bool = False) -> PenaltyPath:
     """Solve for each penalty, strongest first, warm-starting each from the previous optimum.
 
-    ``train_x``/``val_x``: (N, D) / (M, D) float32 standardized features on one device; ``on_fit`` is
-    called with each PenaltyFit as it finishes. The start is zero, so results depend on nothing random.
+    ``train_x``/``val_x``: (N, D) / (M, D) float32 standardized features on one device. The start is zero,
+    so results depend on nothing random.
     ``max_iter`` / ``max_seconds``: the budget per penalty; a solve that runs out says so.
     Columns zero in every train row are left out of the solve (their weight is 0); ``overwrite``: train_x
     is the caller's to give up, and those columns are squeezed out in place instead of copied.
@@ -196,7 +185,7 @@ def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     result = fit_path(lambda wd: InMemorySoftmax(train_x, train_y, num_classes, wd), row_blocks(train_x, train_y),
                       val_chunks, num_classes=num_classes, dim=train_x.shape[1], device=train_x.device,
                       weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                      max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+                      max_seconds=max_seconds, progress=progress)
     if live is not None:
         weight = torch.zeros(num_classes, dim, device=result.weight.device)
         weight[:, live] = result.weight
@@ -206,8 +195,8 @@ def fit_logreg(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
 
 def fit_logreg_streamed(train_chunks: Chunks, val_chunks: Chunks, *, num_classes: int, dim: int,
                         weight_decays: tuple[float, ...], max_iter: int = MAX_ITER, device=None,
-                        progress: bool = False, on_fit=None, tolerance_grad: float = TOLERANCE_GRAD,
-                        max_seconds: float | None = None) -> LogregResult:
+                        progress: bool = False, tolerance_grad: float = TOLERANCE_GRAD,
+                        max_seconds: float | None = None) -> PenaltyPath:
     """``fit_logreg`` over row chunks: each L-BFGS trial step is one pass over ``train_chunks()``.
 
     The chunk factories yield (x (B, D) float32 standardized, y (B,)) on ``device``, in the same rows each pass.
@@ -215,12 +204,12 @@ def fit_logreg_streamed(train_chunks: Chunks, val_chunks: Chunks, *, num_classes
     return fit_path(lambda wd: StreamedSoftmax(train_chunks, num_classes, wd), train_chunks, val_chunks,
                     num_classes=num_classes, dim=dim, device=device or torch.device("cpu"),
                     weight_decays=weight_decays, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                    max_seconds=max_seconds, progress=progress, on_fit=on_fit)
+                    max_seconds=max_seconds, progress=progress)
 
 
 def fit_path(problem_for, train_chunks: Chunks, val_chunks: Chunks, *, num_classes: int, dim: int, device,
              weight_decays: tuple[float, ...], max_iter: int, tolerance_grad: float, max_seconds: float | None,
-             progress: bool, on_fit) -> LogregResult:
+             progress: bool) -> PenaltyPath:
     """The penalty path over a problem factory (weight_decay -> InMemorySoftmax or StreamedSoftmax)."""
     weight = torch.zeros(num_classes, dim, device=device)  # (C, D)
     bias = torch.zeros(num_classes, device=device)
@@ -248,23 +237,29 @@ def fit_path(problem_for, train_chunks: Chunks, val_chunks: Chunks, *, num_class
             log.warning("logreg wd=%g stopped on its %s after %d iterations (%.0fs) with max |grad| %.1e above the "
                         "tolerance %.0e: its objective may be above the optimum; raise --max-iter", weight_decay,
                         solved.stopped, solved.iterations, solved.seconds, fit.grad_max, tolerance_grad)
-        if on_fit:
-            on_fit(fit)
-    return LogregResult(fits=fits, best=best, weight=best_state[0], bias=best_state[1])
+    return PenaltyPath(fits=tuple(fits), best=best, weight=best_state[0], bias=best_state[1])
 
 
 # ---------------------------------------------------------------------------------------------
 # The head's entry point
 
-FILES = ("config.json", "path.csv", "best.pt", "per_class.csv", "confusions.csv", "report.md")
 
+@dataclass(frozen=True, kw_only=True)
+class LogregResult(HeadResult):
+    """A logreg run: the penalty path, and its best head as best.pt holds it."""
 
-def folders(settings: HeadSettings) -> list[str]:
-    return [settings.folder().name] if settings.grid else []
+    path: PenaltyPath  # every penalty's fit (path.csv), and the best's parameters on standardized features
+    state: dict[str, torch.Tensor]  # the best head on raw features (standardization folded): {"weight", "bias"}
+    predictions: Predictions  # of the best head on val
+    streamed: bool  # the train features were read from disk on every pass
+
+    @property
+    def best(self) -> PenaltyFit:
+        return self.path.fits[self.path.best]
 
 
 def _fit_in_memory(train: FeatureReader, val: FeatureReader, settings: HeadSettings, **path):
-    """The path on features held in memory: (LogregResult, Standardizer, val top-1 predictions)."""
+    """The path on features held in memory: (PenaltyPath, Standardizer, val top-1 predictions)."""
     config, device = settings.config, settings.device
     train_x, train_y = train.load_float32(device, config.progress, extra_bytes=logits_bytes(train))
     dim = train_x.shape[1]
@@ -280,7 +275,7 @@ def _fit_in_memory(train: FeatureReader, val: FeatureReader, settings: HeadSetti
 
 
 def _fit_streamed(train: FeatureReader, val: FeatureReader, settings: HeadSettings, **path):
-    """The path over chunks read from disk on every pass (one pass per L-BFGS evaluation): (LogregResult,
+    """The path over chunks read from disk on every pass (one pass per L-BFGS evaluation): (PenaltyPath,
     Standardizer, val top-1 predictions). Memory: one chunk, the parameters and the L-BFGS history."""
     config, device = settings.config, settings.device
     dim = train.split.feature_dim
@@ -299,56 +294,26 @@ def logits_bytes(train: FeatureReader) -> int:
     return 4 * train.num_rows * len(train.split.wnids) * 4
 
 
-def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> HeadOutcome:
-    """Standardize, solve the penalty path, keep the best by val top-1: best.pt, path.csv and the report.
+def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> LogregResult:
+    """Standardize, solve the penalty path, keep the best by val top-1.
 
     In memory when the features fit, else (or with --stream) streamed from the cache: the same path.
     """
     start = time.perf_counter()
-    config, device, stage, folder = settings.config, settings.device, settings.stage, settings.folder()
-    weight_decays = config.weight_decays(LOGREG_WEIGHT_DECAY)
-    record = config_record(replace(config, weight_decay=weight_decays), device=str(device),
-                           features_weights=train.split.attrs["weights_spec"])
-    write_config(stage, folder, record)
+    config, device = settings.config, settings.device
     num_classes, dim = len(train.split.wnids), train.split.feature_dim
-
-    def on_fit(penalty_fit) -> None:
-        with writing(stage, folder / "path.csv"):
-            append_csv(folder / "path.csv", asdict(penalty_fit))
-
     streamed = bool(config.stream) or not train.fits_float32(device, logits_bytes(train))
     if streamed and not config.stream:
         log.info("logreg: %s (%d rows, %.1f GiB as float32) does not fit in memory: streaming it, one pass per "
                  "L-BFGS evaluation", train.split.path, train.num_rows, train.float32_bytes() / 2**30)
     fitted, standardizer, predictions = (_fit_streamed if streamed else _fit_in_memory)(
-        train, val, settings, num_classes=num_classes, weight_decays=weight_decays, max_iter=config.max_iter,
-        progress=config.progress, on_fit=on_fit)
+        train, val, settings, num_classes=num_classes, weight_decays=config.weight_decays(LOGREG_WEIGHT_DECAY),
+        max_iter=config.max_iter, progress=config.progress)
     best = fitted.fits[fitted.best]
     head = nn.Linear(dim, num_classes).to(device)
     with torch.no_grad():
         head.weight.copy_(fitted.weight)
         head.bias.copy_(fitted.bias)
-    metrics = {"epoch": best.iterations, **asdict(best)}  # a logreg checkpoint's "epoch": its L-BFGS iterations
-    with writing(stage, folder / "best.pt"):
-        save_checkpoint(make_checkpoint(standardizer.fold_into(head), metrics=metrics, epoch=best.iterations,
-                                        cache_attrs=layer_attrs(train.split), wnids=train.split.wnids,
-                                        names=train.split.names, config=record), folder / "best.pt")
-    predictions = predictions.cpu().numpy()
-    penalties = ",".join(number(f.weight_decay) for f in fitted.fits)
-    with writing(stage, folder / "report.md"):
-        report.write_class_report(
-            folder, labels=val.split.labels, predictions=predictions,
-            metrics={"val_top1": best.val_top1, "val_top5": best.val_top5}, wnids=train.split.wnids,
-            names=train.split.names, epoch=best.iterations, weights_spec=train.split.attrs["weights_spec"],
-            title=settings.title(folder),
-            summary=f"Logistic regression (L-BFGS), weight decay {number(best.weight_decay)} (best of {penalties}), "
-                    f"{best.iterations} iterations:",
-            extra=[f"Trained on {settings.drawn(train.num_rows)}{' (streamed)' if streamed else ''}; val untouched. "
-                   "The penalty path is in path.csv."])
-    row = Experiment(layer=settings.layer, head=settings.name,
-                     params=f"wd={number(best.weight_decay)} (best of {penalties}), {best.iterations} it.",
-                     shots=shots_name(settings.shots), val_top1=best.val_top1, val_top5=best.val_top5,
-                     train_images=train.num_rows, seconds=time.perf_counter() - start, folder=folder,
-                     checkpoint=folder / "best.pt")
-    return HeadOutcome(rows=[row], names=[settings.name], best=row, best_name=settings.title(folder).name
-                       if settings.grid else ".")
+    return LogregResult(path=fitted, state=standardizer.fold_into(head), streamed=streamed,
+                        predictions=Predictions(predictions.cpu().numpy(), best.val_top1, best.val_top5),
+                        train_images=train.num_rows, seconds=time.perf_counter() - start)

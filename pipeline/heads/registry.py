@@ -1,13 +1,30 @@
-"""The heads, by name: each is one module with ``FILES``, ``folders`` and ``fit`` (pipeline.heads.interface).
+"""The heads, by name: each is one module whose ``fit`` returns a result (pipeline.heads.interface), paired
+with the publisher that writes that result (pipeline.heads.publish).
 
-A fourth head is one new module and one line here.
+A fourth head is one new module, its writer in pipeline.heads.publish.heads, and one line here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from pipeline.heads import knn, linear, logreg
+from pipeline.heads.interface import HeadResult, HeadSettings
+from pipeline.heads.publish.heads import KNN, LINEAR, LOGREG
+from pipeline.heads.publish.place import Publisher
+from pipeline.heads.readers import FeatureReader
+
+
+@dataclass(frozen=True)
+class Head:
+    """One head: its ``fit`` (solves and returns, writes nothing) and the publisher of what it returns."""
+
+    fit: Callable[[FeatureReader, FeatureReader, HeadSettings], HeadResult]
+    publisher: Publisher
+
 
 HEADS = {
-    "linear": linear,  # the SGD seed recipe
-    "logreg": logreg,  # L-BFGS logistic regression, best of a penalty path
-    "knn": knn,  # DINO's weighted kNN
+    "linear": Head(linear.fit, LINEAR),  # the SGD seed recipe
+    "logreg": Head(logreg.fit, LOGREG),  # L-BFGS logistic regression, best of a penalty path
+    "knn": Head(knn.fit, KNN),  # DINO's weighted kNN
 }

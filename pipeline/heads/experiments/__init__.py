@@ -1,1 +1,1 @@
-"""The experiment grid over layers, heads and shots (grid), its folder names (naming), table (table) and few-shot draws (shots)."""
+"""The experiment grid over layers, heads and shots (grid) and its few-shot draws (shots); pipeline.heads.publish writes it."""

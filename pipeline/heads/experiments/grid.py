@@ -5,46 +5,44 @@ the backbone (``resnet18_penultimate_linear_all``) and the table's backbone colu
 
 One combination is a plain run: its outputs go straight into ``--out`` (a plain linear run, or a linear
 lr x weight-decay sweep). Several make a grid: one folder per combination,
-``<out>/<layer>_<head>_<shots>[_lr.._wd..]/`` (pipeline.heads.experiments.naming), one table (experiments.csv and .md),
+``<out>/<layer>_<head>_<shots>[_lr.._wd..]/`` (pipeline.heads.naming), one table (experiments.csv and .md),
 one plot (experiments.png), and the best head that has a checkpoint copied to ``<out>/best.pt``. Every kind
 of run is one staged run (pipeline.heads.run_folder) under ``--out``'s lock, published whole with run.json.
 
 The grid is a loop over pipeline.heads.registry: each head's ``fit`` gets the same readers and settings and
-returns the same HeadOutcome (pipeline.heads.interface).
+returns its result (pipeline.heads.interface); its publisher writes it into the staged run (pipeline.heads.publish).
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.common.hardware import resolve_device
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
-from pipeline.heads.run_folder import MARKER, StagedRun, check_clashes, exclusive_run, refuse_foreign
-from pipeline.heads.interface import HeadOutcome, HeadSettings
+from pipeline.heads.experiments.shots import few_shot_rows
+from pipeline.heads.interface import HeadSettings
+from pipeline.heads.naming import shots_name
+from pipeline.heads.publish.files import commit, final_path, prepare_out
+from pipeline.heads.publish.place import HeadOutcome, Place
+from pipeline.heads.publish.run import GRID_FILES, write_run
 from pipeline.heads.readers import FeatureReader
-from pipeline.heads.sources import Source, open_sources
 from pipeline.heads.registry import HEADS
-from pipeline.heads.experiments.shots import few_shot_rows, shots_name
-from pipeline.heads.staging import commit, config_record, final_path, prepare_out, write_config, writing
-from pipeline.heads.experiments.table import Experiment, write_table
+from pipeline.heads.rows import Experiment
+from pipeline.heads.run_folder import MARKER, TOOL, StagedRun, check_clashes, exclusive_run, refuse_foreign
+from pipeline.heads.sources import Source, open_sources
 
 log = logging.getLogger(__name__)
 
-GRID_FILES = ("config.json", "best.pt", "experiments.csv", "experiments.md", "experiments.png")
 
-
-@dataclass
+@dataclass(frozen=True)
 class ExperimentsResult:
     out: Path
-    rows: list[Experiment]  # in grid order
+    rows: tuple[Experiment, ...]  # in grid order
     best: Path | None  # the best checkpoint (None when only knn ran)
     weights_spec: str
-    outcome: HeadOutcome | None = None  # a plain run (one combination): its head's own outcome
 
 
 def is_grid(config: HeadConfig, sources: list[Source] | None = None) -> bool:
@@ -54,7 +52,7 @@ def is_grid(config: HeadConfig, sources: list[Source] | None = None) -> bool:
 
 def own_names() -> set[str]:
     """Every name a head run writes at the top of a folder: what a folder without run.json must not hold."""
-    return {MARKER, *GRID_FILES, *(name for head in HEADS.values() for name in head.FILES)}
+    return {MARKER, *GRID_FILES, *(name for head in HEADS.values() for name in head.publisher.files)}
 
 
 def checked(config: HeadConfig) -> HeadConfig:
@@ -69,8 +67,13 @@ def checked(config: HeadConfig) -> HeadConfig:
                    weight_decay=config.weight_decay and tuple(dict.fromkeys(config.weight_decay)))
 
 
-def _narrow(config: HeadConfig, source: Source, layer: str, head: str, shots: int | None) -> HeadConfig:
-    return replace(config, features=source.folder, layers=(layer,), head=(head,), shots=(shots,))
+def _places(config: HeadConfig, sources: list[Source], stage: StagedRun, device) -> list[Place]:
+    """Every (cache, layer, head, shots) combination: its settings, and where its files go."""
+    grid = is_grid(config, sources)
+    return [Place(HeadSettings(replace(config, features=source.folder, layers=(layer,), head=(head,), shots=(shots,)),
+                               device), stage=stage, grid=grid, train=source.splits[layer][0], val=source.splits[layer][1],
+                  source=source.label, backbone=source.label or source.backbone)  # two caches of one backbone: by folder
+            for source in sources for layer, head, shots in itertools.product(source.layers, config.head, config.shots)]
 
 
 def run_experiments(config: HeadConfig) -> ExperimentsResult:
@@ -85,67 +88,31 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
     train_rows = {(s.label, shots): None if shots is None else few_shot_rows(s.train.labels, shots, seed=config.seed,
                                                                              wnids=s.train.wnids)
                   for s in sources for shots in config.shots}  # per cache: one dataset, but its own skips
+    weights_spec = train_split.attrs["weights_spec"]
     out = Path(config.out)
     prepare_out(out)  # a --out that cannot be written is one line, before anything runs
     # every kind of run is one staged run under --out's lock, published whole with run.json: a rerun replaces
     # exactly the previous run's files, and a kill or a full disk before the publish leaves the previous run
-    with exclusive_run(out, "run_train_head.py"), StagedRun(out) as stage:
+    with exclusive_run(out, TOOL), StagedRun(out) as stage:
         refuse_foreign(out, own_names())  # a folder the tool did not make is not the tool's to clean
-        grid = is_grid(config, sources)
-        settings = [HeadSettings(config=_narrow(config, source, layer, head, shots), stage=stage, device=device,
-                                 grid=grid, source=source.label)
-                    for source in sources for layer, head, shots in
-                    itertools.product(source.layers, config.head, config.shots)]
+        places = _places(config, sources, stage, device)
         # a folder of the user's named like a combination or a sweep's head: one line now, not after the training
-        check_clashes(out, [name for s in settings for name in HEADS[s.name].folders(s)])
-        result, run = _run_all(config, {s.label: s for s in sources}, train_rows, settings)
-        commit(stage, run, own_names())
-    for row in result.rows:
-        row.folder = final_path(stage, row.folder)
-        row.checkpoint = row.checkpoint and final_path(stage, row.checkpoint)
-    for head_run in result.outcome.runs if result.outcome else ():
-        head_run.folder = final_path(stage, head_run.folder)
-    result.out = out
-    result.best = result.best and final_path(stage, result.best)
-    return result
+        check_clashes(out, [name for place in places for name in HEADS[place.settings.name].publisher.folders(place)])
+        outcomes = [_run_one(number, place, train_rows, len(places)) for number, place in enumerate(places, 1)]
+        published = write_run(stage, config, outcomes, grid=places[0].grid, weights_spec=weights_spec)
+        commit(stage, published.record, own_names())
+    rows = tuple(replace(row, folder=final_path(stage, row.folder),
+                         checkpoint=row.checkpoint and final_path(stage, row.checkpoint)) for row in published.rows)
+    return ExperimentsResult(out=out, rows=rows, best=published.best and final_path(stage, published.best),
+                             weights_spec=weights_spec)
 
 
-def _run_all(config: HeadConfig, sources: dict[str | None, Source], train_rows: dict,
-             settings: list[HeadSettings]) -> tuple[ExperimentsResult, dict]:
-    """Every combination's ``fit``, into the staging folder; returns the result (staged paths) and run.json's record."""
-    stage, grid = settings[0].stage, settings[0].grid
-    root = stage.path
-    if grid:
-        write_config(stage, root, config_record(config))
-    rows, outcomes = [], []
-    for number, head_settings in enumerate(settings, 1):
-        layer, shots, source = head_settings.layer, head_settings.shots, sources[head_settings.source]
-        log.info("[%d/%d] %s%s %s %s", number, len(settings), f"{source.label} " if source.label else "", layer,
-                 head_settings.name, shots_name(shots))
-        train_split, val_split = source.splits[layer]
-        train = FeatureReader(train_split, train_rows[source.label, shots])
-        outcome = HEADS[head_settings.name].fit(train, FeatureReader(val_split), head_settings)
-        for row in outcome.rows:
-            row.backbone = source.label or source.backbone  # two caches of one backbone: told apart by folder
-        rows += outcome.rows
-        outcomes.append(outcome)
-    with_checkpoint = [r for r in rows if r.checkpoint is not None]
-    best = max(with_checkpoint, key=lambda r: r.val_top1) if with_checkpoint else None  # max: the first of equals
-    weights_spec = next(iter(sources.values())).train.attrs["weights_spec"]
-    run = {"tool": "run_train_head.py", "kind": "grid" if grid else config.head[0], "features": str(config.features),
-           "weights_spec": weights_spec}
-    if not grid:
-        outcome = outcomes[0]
-        best_record = outcome.best and {"head": outcome.best_name, "val_top1": outcome.best.val_top1}
-        best_path = best and (root / "best.pt" if (root / "best.pt").is_file() else best.checkpoint)  # a sweep's copy
-        result = ExperimentsResult(out=root, rows=rows, best=best_path, weights_spec=weights_spec, outcome=outcome)
-        return result, {**run, "heads": outcome.names, "best": best_record}
-    if best is not None:
-        with writing(stage, root / "best.pt"):
-            shutil.copyfile(best.checkpoint, root / "best.pt")
-    with writing(stage, root / "experiments.csv"):
-        write_table(root, rows, best, weights_spec, title=stage.out)
-    result = ExperimentsResult(out=root, rows=rows, best=best and root / "best.pt", weights_spec=weights_spec)
-    return result, {**run, "heads": sorted({os.path.relpath(r.folder, root) for r in rows}),
-                    "best": None if best is None else {"head": os.path.relpath(best.folder, root),
-                                                       "val_top1": best.val_top1}}
+def _run_one(number: int, place: Place, train_rows: dict, total: int) -> HeadOutcome:
+    """One combination: its head's ``fit`` on the cache, then its publisher, into the staging folder."""
+    settings = place.settings
+    log.info("[%d/%d] %s%s %s %s", number, total, f"{place.source} " if place.source else "", settings.layer,
+             settings.name, shots_name(settings.shots))
+    head = HEADS[settings.name]
+    result = head.fit(FeatureReader(place.train, train_rows[place.source, settings.shots]), FeatureReader(place.val),
+                      settings)
+    return head.publisher.write(result, place)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.common.errors import UserError
-from pipeline.heads.experiments.naming import shots_name  # noqa: F401 (also imported from here)
 
 
 def few_shot_rows(labels: np.ndarray, shots: int, *, seed: int, wnids: list[str]) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Writing a head run's files into its staged run folder: the one config record, the one CSV row, and one
-line for a failed write. The publish itself is pipeline.heads.run_folder's."""
+"""The publisher's tools for a staged run folder: the one config record, the one CSV and checkpoint writer,
+and one line for a failed write. Moving the staged run into --out is pipeline.heads.run_folder's."""
 from __future__ import annotations
 
 import csv
@@ -74,14 +74,12 @@ def write_config(stage: StagedRun, folder: Path, record: dict) -> None:
         (folder / "config.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
-def append_csv(path: Path, record: dict) -> None:
-    """Add ``record`` as a row of the CSV at ``path`` (with a header when the file is new)."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(record))
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as the CSV at ``path``, the first row's keys its header (the same keys in every row)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def layer_attrs(split: CachedSplit) -> dict:

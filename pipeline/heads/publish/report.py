@@ -56,7 +56,7 @@ def plot_sweep(runs: list[tuple[str, list[dict], float]], folder: Path) -> None:
 
 def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndarray, metrics: dict,
                        wnids: list[str], names: list[str], epoch: int, weights_spec: str, title: Path | str | None = None,
-                       summary: str | None = None, extra: list[str] = ()) -> dict:
+                       summary: str | None = None, extra: list[str] = ()) -> None:
     """per_class.csv (accuracy per class, with names), confusions.csv (most-confused pairs), report.md.
 
     ``labels`` and ``predictions`` are the val classes and the head's top-1 for each val row; ``metrics``
@@ -98,4 +98,3 @@ def write_class_report(folder: Path, *, labels: np.ndarray, predictions: np.ndar
     if extra:
         lines += ["", *extra]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
-    return {"val_top1": metrics["val_top1"], "per_class_accuracy": accuracy}

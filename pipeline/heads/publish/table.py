@@ -4,39 +4,15 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure  # the object API, as pipeline.heads.report
+from matplotlib.figure import Figure  # the object API, as pipeline.heads.publish.report
 
 from features.atomic import write_atomic
-from pipeline.heads.report import shown
+from pipeline.heads.publish.report import shown
+from pipeline.heads.rows import COLUMNS, Experiment
 
-COLUMNS = ["backbone", "layer", "head", "hyper_parameters", "shots", "val_top1", "val_top5", "train_images", "seconds", "folder"]
 HEAD_COLOURS = {"linear": "tab:blue", "logreg": "tab:orange", "knn": "tab:green"}
-
-
-@dataclass
-class Experiment:
-    """One row of the table: a trained head (linear, logreg) or one k of a kNN run."""
-
-    layer: str
-    head: str
-    params: str  # the hyper-parameters, as a person reads them
-    shots: str  # "5shot" or "all"
-    val_top1: float  # %
-    val_top5: float
-    train_images: int
-    seconds: float  # wall time of the run, loading the features included (a kNN run's k share one)
-    folder: Path
-    checkpoint: Path | None  # best.pt (linear, logreg); None for knn
-    backbone: str = ""  # the cache's backbone (set by the grid, which may compare several)
-
-    def record(self, out: Path) -> dict:
-        return {"backbone": self.backbone, "layer": self.layer, "head": self.head, "hyper_parameters": self.params, "shots": self.shots,
-                "val_top1": round(self.val_top1, 4), "val_top5": round(self.val_top5, 4),
-                "train_images": self.train_images, "seconds": round(self.seconds, 2),
-                "folder": os.path.relpath(self.folder, out)}
 
 
 def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weights_spec: str, *,
