@@ -16,10 +16,10 @@ import torch
 
 import run_train_head
 from pipeline.data.synthetic import make_tiny_imagenet
-from tests.helpers import (CPU_ARGS, FAST_EXTRACT_ARGS, error_line, extract_args,  # noqa: F401 (re-exported)
+from tests.helpers import (CPU_ARGS, FAST_EXTRACT_ARGS, ROOT, error_line, extract_args,  # noqa: F401 (re-exported)
                            extract_into, one_error_line)
 
-COMPAT = Path(__file__).resolve().parent / "data" / "compat" / "best.pt"  # 3 classes, random backbone, 64 px inputs
+COMPAT = ROOT / "tests" / "data" / "compat" / "best.pt"  # 3 classes, random backbone, 64 px inputs
 CPU = CPU_ARGS  # re-exported names: argv for the CPU, and the fast extraction arguments
 FAST = FAST_EXTRACT_ARGS
 

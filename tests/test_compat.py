@@ -23,9 +23,9 @@ import run_extract
 import run_train_head
 import run_webcam
 from features.cache import open_split
-from tests.helpers import CPU_ARGS
+from tests.helpers import CPU_ARGS, ROOT
 
-COMPAT = Path(__file__).parent / "data" / "compat"
+COMPAT = ROOT / "tests" / "data" / "compat"
 
 
 def _digests() -> dict[str, str]:
@@ -85,7 +85,7 @@ def test_the_old_checkpoint_runs_live_with_the_cached_answers(copies):
 # ---------------------------------------------------------------------------------------------
 # The set made at 0cda565: a cache with per-row stamps (no content digests), with its dataset
 
-COMPAT_0CDA565 = Path(__file__).parent / "data" / "compat-0cda565"
+COMPAT_0CDA565 = ROOT / "tests" / "data" / "compat-0cda565"
 MADE_WITH = ("--weights", "random", "--seed", "0", "--image-size", "64", "--resize-size", "72", "--precision", "fp32",
              "--layers", "pool5,fc6,fc7", "--device", "cpu", "--no-progress")
 MTIME = 1_764_000_000_000_000_000  # every file's mtime when the cache was made (README there)
