@@ -8,8 +8,8 @@ Torch-free: the memory estimate is shared with the torch-free runtimes.
 from __future__ import annotations
 
 import math
-import re
 
+from pipeline.backbones.weights import is_recorded_spec
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import available_memory
 from pipeline.common.preprocess import MODES, Preprocess
@@ -88,10 +88,9 @@ def check_checkpoint_fields(checkpoint: dict, path, *, weights_given: bool = Fal
             raise UserError(f"{path}: {key} is {type(checkpoint[key]).__name__} {checkpoint[key]!r}, expected a "
                             f"string; {RETRAIN}")
     spec = checkpoint["weights_spec"]
-    if not weights_given and not (spec == "imagenet" or re.fullmatch(r"random:seed=\d+", spec) or spec.startswith("file:")
-                                  or re.fullmatch(r"\w+_Weights\.\w+", spec)):
-        raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, random:seed=N or "
-                        f"file:PATH); {RETRAIN}, or pass --weights with the backbone used for extraction")
+    if not weights_given and not is_recorded_spec(spec):
+        raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, pretrained, "
+                        f"random:seed=N or file:PATH); {RETRAIN}, or pass --weights with the backbone used for extraction")
     metrics = checkpoint.get("metrics", {})
     if not isinstance(metrics, dict):
         raise UserError(f"{path}: metrics is {type(metrics).__name__}, expected a dict of numbers; {RETRAIN}")
