@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbones.catalog import safe_name
 from pipeline.common.config import HeadConfig
 from pipeline.heads.run_folder import StagedRun
 from pipeline.heads.experiments.naming import folder_name
@@ -58,7 +59,8 @@ class HeadSettings:
         if not self.grid:
             return self.root
         name = folder_name(layer=self.layer, head=self.name, shots=self.shots, **hyper)
-        return self.root / (name if self.source is None else f"{self.source}_{name}")
+        # a backbone as one folder name ('open_clip:ViT-B-32/laion2b_s34b_b79k' holds a slash)
+        return self.root / (name if self.source is None else f"{safe_name(self.source)}_{name}")
 
     def title(self, folder: Path) -> Path:
         """The folder a report names: the published one, not the staging one."""
