@@ -19,11 +19,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.common.errors import UserError
 from pipeline.common.names import DEFAULT_FEATURES
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+if TYPE_CHECKING:  # the families import torch; this module does not
+    import torch
 
 PENULTIMATE = "penultimate"  # the input of the model's last Linear: what linear probes train on
 LIST_LAYERS = "python run_extract.py --list-layers"  # how a user lists a model's layer names
@@ -87,7 +90,7 @@ LAYER_ALIASES = {"open_clip:": {PENULTIMATE: EMBEDDING}}
 class Loaded:
     """A whole network in eval mode on the CPU, as a family's ``load`` returns it, and what names its weights."""
 
-    model: "torch.nn.Module"  # noqa: F821 (torch is imported by the families, not here)
+    model: torch.nn.Module
     name: str  # 'resnet50', 'timm:vit_small_patch16_224.augreg_in21k_ft_in1k'
     weights: str  # the spec as recorded: 'imagenet', 'pretrained', 'random:seed=S', 'file:/abs/path', an exact enum
     weights_enum: str  # the exact pretrained weights ('ResNet50_Weights.IMAGENET1K_V2', 'timm:resnet18.a1_in1k'), else ""

@@ -22,12 +22,10 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-from models.backbones import weights_fingerprint
 from models.zoo import ImageEmbedding
 from pipeline.backbones import zoo
 from pipeline.backbones.catalog import (EMBEDDING, LIST_BACKBONES, LIST_LAYERS, PENULTIMATE, PRETRAINED, LayerSpec,
                                         Loaded, recorded_backbone)
-from pipeline.backbones.weights import describe_weights
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.preprocess import Preprocess
 
@@ -157,17 +155,8 @@ def load(name: str, spec: str = PRETRAINED, *, seed: int = 0, progress: bool = T
                 else zoo.url_weights(where, URL_CACHE.expanduser(), name, progress=progress))
         model, recorded, enum = _create(name, str(path)), PRETRAINED, f"{kind}:{where}"
     else:
-        recorded = describe_weights(spec, seed)
-        if recorded.startswith("random:"):
-            model = zoo.seeded(lambda: _create(name), int(recorded.split("=", 1)[1]), name, recorded)
-        elif recorded.startswith("file:"):
-            model = zoo.load_matching(_create(name), Path(recorded[5:]), f"open_clip's {arch}")
-        else:
-            raise UserError(f"--weights {spec} is not for open_clip models; pass pretrained (the tag's weights), "
-                            f"random, or a state_dict file ({zoo.FILE_KINDS})")
-    model.requires_grad_(False)
-    model.eval()
-    return Loaded(model, name, recorded, enum, weights_fingerprint(model))
+        model, recorded = zoo.other_weights(spec, seed, lambda: _create(name), name, f"open_clip's {arch}")
+    return zoo.frozen(model, name, recorded, enum)
 
 
 def list_layers(name: str) -> list[str]:

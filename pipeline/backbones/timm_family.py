@@ -22,11 +22,9 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
-from models.backbones import weights_fingerprint
 from models.zoo import PRE_LOGITS, TimmLayers
 from pipeline.backbones import zoo
 from pipeline.backbones.catalog import LIST_BACKBONES, LIST_LAYERS, PENULTIMATE, PRETRAINED, LayerSpec, Loaded
-from pipeline.backbones.weights import describe_weights
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.preprocess import INTERPOLATIONS, Preprocess
 
@@ -157,17 +155,8 @@ def load(name: str, spec: str = PRETRAINED, *, seed: int = 0, progress: bool = T
                             f"again, or pass --weights FILE ({zoo.FILE_KINDS})") from None
         recorded = PRETRAINED
     else:
-        recorded = describe_weights(spec, seed)
-        if recorded.startswith("random:"):
-            model = zoo.seeded(lambda: timm.create_model(arch), int(recorded.split("=", 1)[1]), name, recorded)
-        elif recorded.startswith("file:"):
-            model = zoo.load_matching(timm.create_model(arch), Path(recorded[5:]), f"timm's {arch}")
-        else:
-            raise UserError(f"--weights {spec} is not for timm models; pass pretrained (the tag's weights), random, "
-                            f"or a state_dict file ({zoo.FILE_KINDS})")
-    model.requires_grad_(False)
-    model.eval()
-    return Loaded(model, name, recorded, enum, weights_fingerprint(model))
+        model, recorded = zoo.other_weights(spec, seed, lambda: timm.create_model(arch), name, f"timm's {arch}")
+    return zoo.frozen(model, name, recorded, enum)
 
 
 def _first_tagged(arch: str) -> str:

@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.backbones.catalog import batch_size_for
-from pipeline.backbones.weights import hf_cache_dir, hf_offline, load_state_dict
+from models.backbones import weights_fingerprint
+from pipeline.backbones.catalog import Loaded, batch_size_for
+from pipeline.backbones.weights import describe_weights, hf_cache_dir, hf_offline, load_state_dict
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.hardware import available_memory
 
@@ -94,12 +95,26 @@ def load_matching(model: nn.Module, path: Path, what: str) -> nn.Module:
                     f"({FILE_KINDS}), or another --backbone")
 
 
-def seeded(build: Callable[[], nn.Module], seed: int, name: str, recorded: str) -> nn.Module:
-    """``torch.manual_seed(seed); build()``: random weights, for tests only, with their warning."""
-    torch.manual_seed(seed)
-    model = build()
-    log.warning("backbone %s has RANDOM weights (%s): its features are not pretrained features", name, recorded)
-    return model
+def other_weights(spec: str, seed: int, build: Callable[[], nn.Module], name: str, what: str) -> tuple[nn.Module, str]:
+    """(the model, the spec as recorded) for weights other than pretrained: random (``torch.manual_seed(seed);
+    build()``, for tests only, with its warning) or a state_dict file of ``what``; anything else is one line."""
+    recorded = describe_weights(spec, seed)
+    if recorded.startswith("random:"):
+        torch.manual_seed(int(recorded.split("=", 1)[1]))
+        model = build()
+        log.warning("backbone %s has RANDOM weights (%s): its features are not pretrained features", name, recorded)
+        return model, recorded
+    if recorded.startswith("file:"):
+        return load_matching(build(), Path(recorded[5:]), what), recorded
+    raise UserError(f"--weights {spec} is not for {name.split(':', 1)[0]} models; pass pretrained (the tag's weights), "
+                    f"random, or a state_dict file ({FILE_KINDS})")
+
+
+def frozen(model: nn.Module, name: str, recorded: str, enum: str) -> Loaded:
+    """The loaded model in eval mode without gradients, and what names its weights (its fingerprint too)."""
+    model.requires_grad_(False)
+    model.eval()
+    return Loaded(model, name, recorded, enum, weights_fingerprint(model))
 
 
 def gflops(model: nn.Module, run: Callable[[nn.Module, torch.Tensor], object], image_size: int) -> float:
