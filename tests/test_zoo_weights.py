@@ -116,3 +116,23 @@ def test_open_clip_file_weights_rebuild_from_the_record(tmp_path):
     assert rebuild(record).fingerprint == backbone.fingerprint
     with pytest.raises(UserError, match="fingerprint"):
         rebuild(record, weights="random")
+
+
+def test_no_network_is_one_line_at_once_without_offline_mode(tmp_path, monkeypatch):
+    """Not cached, HF_HUB_OFFLINE unset, and the hub's host does not resolve (as on a machine with no network): one
+    line saying so, before huggingface_hub's retries (about 23 s a file)."""
+    import socket
+
+    from pipeline.backbones import zoo
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(UserError) as refused:
+        zoo.hub_weights("timm/resnet18.a1_in1k", ["model.safetensors"], TAGGED)
+    assert "no network: huggingface.co does not resolve" in str(refused.value) and "--weights" in str(refused.value)

@@ -9,6 +9,7 @@ HF_HUB_OFFLINE=1, that is one line naming the file and ``--weights FILE``: never
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -35,9 +36,9 @@ def _missing(what: str, where: str, why: str, filename: str) -> UserError:
 
 def hub_weights(repo: str, filenames: list[str], what: str, *, revision: str | None = None) -> Path:
     """The local path of the first of ``filenames`` that Hugging Face repo ``repo`` holds: from the cache, else
-    downloaded into it (one line when offline or unreachable)."""
+    downloaded into it (one line when offline or unreachable, without huggingface_hub's retries and their log)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     cache = hf_cache_dir()
     for filename in filenames:
@@ -45,17 +46,42 @@ def hub_weights(repo: str, filenames: list[str], what: str, *, revision: str | N
         if isinstance(found, str):
             return Path(found)
     where = f"the Hugging Face cache {cache / ('models--' + repo.replace('/', '--'))}"
-    if hf_offline():
-        raise _missing(what, where, "HF_HUB_OFFLINE=1", filenames[0])
-    for filename in filenames:
-        try:
-            return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache))
-        except EntryNotFoundError:  # the repo is reachable and has another of the names
-            continue
-        except Exception as err:  # no network, a proxy refusing, a repo that moved
-            raise _missing(what, where, first_line(err), filenames[0]) from None
+    unreachable = "HF_HUB_OFFLINE=1" if hf_offline() else _no_route()
+    if unreachable:
+        raise _missing(what, where, unreachable, filenames[0])
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry chatter is not the user's line
+    try:
+        for filename in filenames:
+            try:
+                return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache))
+            except LocalEntryNotFoundError as err:  # (a subclass of the next) the hub could not be reached
+                raise _missing(what, where, first_line(err), filenames[0]) from None
+            except EntryNotFoundError:  # the repo is reachable and has another of the names
+                continue
+            except Exception as err:  # a proxy refusing, a repo that moved
+                raise _missing(what, where, first_line(err), filenames[0]) from None
+    finally:
+        hub_log.setLevel(level)
     raise UserError(f"{what}: Hugging Face repo {repo} holds none of {', '.join(filenames)}; pass --weights FILE "
                     f"({FILE_KINDS})")
+
+
+def _no_route() -> str | None:
+    """Why the hub cannot be reached, found at once (its host does not resolve), else None: without this a machine
+    with no network waits through huggingface_hub's retries (about 23 s a file). Through a proxy, not checked."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.getenv(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.getenv("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"no network: {host} does not resolve ({err.strerror or err})"
+    return None
 
 
 def url_weights(url: str, folder: Path, what: str, *, progress: bool = True) -> Path:
