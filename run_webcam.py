@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", type=Path, default=d.checkpoint, help="head checkpoint from run_train_head.py")
     model.add_argument("--weights", default=d.weights,
-                       help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
+                       help="backbone weights instead of the checkpoint's own spec: pretrained (imagenet), random, "
                             "or a state_dict path (must match the checkpoint's fingerprint)")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
     model.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (the torch runtime)")

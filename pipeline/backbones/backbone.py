@@ -25,9 +25,9 @@ class Backbone:
     """A frozen backbone, on the CPU in fp32 until placed (``pipeline.backbones.precision.place_backbone``)."""
 
     name: str  # 'alexnet', 'resnet50'
-    weights: str  # the spec as recorded: 'imagenet', 'random:seed=S', 'file:/abs/path', 'X_Weights.MEMBER'
+    weights: str  # the spec as recorded: 'imagenet', 'pretrained', 'random:seed=S', 'file:/abs/path', 'X_Weights.MEMBER'
     weights_enum: str  # the exact enum of pretrained weights ('AlexNet_Weights.IMAGENET1K_V1'); else ""
-    weights_file: str  # the basename of its weights' file in the torch hub cache
+    weights_file: str  # its weights' file: a basename in the torch hub cache, or a path (the Hugging Face cache)
     fingerprint: str  # sha256 over the tensors the backbone runs (models.backbones.weights_fingerprint)
     layers: tuple[LayerSpec, ...]  # what ``module`` computes, in this order
     preprocess: Preprocess

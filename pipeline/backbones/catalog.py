@@ -222,8 +222,8 @@ def preprocess_of(name: str, weights: str, *, image_size: int | None = None, res
 
 
 def hub_file(name: str, weights: str) -> str:
-    """The basename of the file ``weights`` (imagenet, or an exact enum; for random or file weights, the default
-    weights') are read from in the torch hub cache."""
+    """The file ``weights`` (imagenet or pretrained, or an exact enum; for random or file weights, the default
+    weights') are read from: a basename in the torch hub cache, or a path (the zoo's Hugging Face cache)."""
     found = entry(name)
     return found.hub_file if found else family(name).hub_file(name, weights)
 
