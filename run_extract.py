@@ -4,7 +4,8 @@
     python run_extract.py --device cuda --layers pool5,fc6,fc7   # DeCAF's three layers, one backbone pass
     python run_extract.py --backbone resnet50                    # -> runs/features-resnet50 (penultimate layer)
     python run_extract.py --backbone vit_b_16 --layers penultimate,encoder.layers.encoder_layer_6
-    python run_extract.py --list-backbones                       # every torchvision classifier name
+    python run_extract.py --list-backbones                       # every backbone name, of the three families
+    python run_extract.py --backbone timm:vit_small_patch14_dinov2.lvd142m   # timm and open_clip: requirements-zoo.txt
     python run_extract.py --list-layers resnet50                 # the layer names --layers takes for one
     python run_extract.py --data tiny-imagenet-200.zip --weights alexnet-owt-7be5be79.pth
     python run_extract.py --download                             # fetch and check the official zip first
@@ -58,16 +59,20 @@ def _backbone_options(p: argparse.ArgumentParser, d) -> None:
 
     model = p.add_argument_group("backbone")
     model.add_argument("--backbone", default=d.backbone,
-                       help=f"any torchvision classification model (default {d.backbone}): resnet50, vit_b_16, "
-                            "... (--list-backbones)")
-    model.add_argument("--list-backbones", action="store_true", help="print every backbone name and stop")
+                       help=f"a torchvision classification model (default {d.backbone}): resnet50, vit_b_16, ...; "
+                            "timm:ARCH[.TAG] (timm:vit_small_patch14_dinov2.lvd142m) or open_clip:ARCH[/TAG] "
+                            "(open_clip:ViT-B-32/laion2b_s34b_b79k) with the zoo extra (--list-backbones)")
+    model.add_argument("--list-backbones", nargs="?", const="*", default=d.list_backbones, metavar="PATTERN",
+                       help="print the backbone names of the three families (those matching PATTERN, such as "
+                            "'*dinov2*') and stop")
     model.add_argument("--list-layers", metavar="NAME", default=d.list_layers,
                        help="print the layer names --layers takes for backbone NAME (its named layers, then its graph "
                             "nodes in order) and stop")
     model.add_argument("--weights", default=d.weights,
-                       help="imagenet (the model's DEFAULT weights, recorded by their exact enum, such as "
-                            "ResNet50_Weights.IMAGENET1K_V2), an exact X_Weights.MEMBER, random (for tests), or a "
-                            "state_dict path")
+                       help="pretrained (the default: the weights the backbone's name names, from its family's "
+                            "local cache or downloaded; on torchvision models the DEFAULT weights, also called "
+                            "imagenet, recorded by their exact enum), an exact X_Weights.MEMBER, random (for tests), "
+                            "or a .pth, .bin or .safetensors state_dict")
     model.add_argument("--seed", type=int, default=d.seed, help="seed for --weights random")
     model.add_argument("--layers", type=comma_list(), default=None,  # None: the backbone's default (ExtractConfig)
                        help="comma list of cached layers: the backbone's named layers (the default backbone's: pool5 "
@@ -80,7 +85,8 @@ def _backbone_options(p: argparse.ArgumentParser, d) -> None:
                        help="shorter side before the centre crop, raised to --image-size if smaller (default: the "
                             "weights' own, 256 for most)")
     model.add_argument("--resize-mode", choices=MODES, default=d.resize_mode,
-                       help="crop: resize the shorter side, then centre-crop; resize: squash to image-size")
+                       help="crop: resize the shorter side, then centre-crop; resize: squash to image-size (default: "
+                            "the weights' own)")
 
 
 def _run_options(p: argparse.ArgumentParser, d) -> None:

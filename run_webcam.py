@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", type=Path,
                        help=f"head checkpoint from run_train_head.py (default {live.checkpoint})")
-    model.add_argument("--weights", help="backbone weights instead of the checkpoint's own spec: imagenet, random, "
+    model.add_argument("--weights", help="backbone weights instead of the checkpoint's own spec: pretrained (imagenet), random, "
                                          "or a state_dict path (must match the checkpoint's fingerprint)")
     model.add_argument("--seed", type=int, help="seed for --weights random")
     model.add_argument("--device", help="auto (the default), cpu, cuda or cuda:N (the torch runtime)")

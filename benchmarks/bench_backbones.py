@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_backbones                              # alexnet, resnet50, vit_b_16
     python -m benchmarks.bench_backbones --backbones resnet18 --images 32
+    python -m benchmarks.bench_backbones --backbones timm:vit_small_patch16_224,open_clip:ViT-B-32 --results backbones-zoo
 
 For each backbone, on generated 64 px JPEGs (Tiny ImageNet's size), random weights, fp32, its default batch:
 - bare forward: the one-pass module (AlexNet: its fc7 cut) on ready-made (B, 3, S, S) tensors, channels_last;
@@ -9,7 +10,8 @@ For each backbone, on generated 64 px JPEGs (Tiny ImageNet's size), random weigh
   workers, decoding, writing included), and its steady state as the extractor logs it (train split);
 - peak memory: the whole process's maximum resident set (its DataLoader workers' separately).
 Big models get fewer images (vit_b_16: about 17.5 GFLOPs per image). The CPU kind is printed and recorded.
-Writes benchmarks/results/backbones-<cpu tag>.json.
+timm and open_clip backbones (the zoo extra) are measured the same way. Writes
+benchmarks/results/<--results, default backbones>-<cpu tag>.json.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_IMAGES = {"alexnet": 64, "resnet50": 32, "vit_b_16": 16}  # per backbone: fewer for the big ones
+ZOO_IMAGES = {"timm:vit_small_patch16_224": 32, "open_clip:ViT-B-32": 32}  # one timm ViT, one CLIP image tower
 
 
 def child(args) -> int:
@@ -73,19 +76,20 @@ def bare_forward(name: str, batch: int, image_size: int, batches: int = 2) -> fl
 
 
 def measure(name: str, images: int, tmp: Path) -> dict:
-    from pipeline.backbones.catalog import default_batch_size, preprocess_of
+    from pipeline.backbones.catalog import default_batch_size, preprocess_of, safe_name
     from pipeline.data.synthetic import make_tiny_imagenet
 
     classes = 2
     per_class = max(1, (images - classes) // classes)  # plus one val image per class
-    data = make_tiny_imagenet(tmp / f"ds-{name}", num_classes=classes, train_per_class=per_class, val_per_class=1)
+    data = make_tiny_imagenet(tmp / f"ds-{safe_name(name)}", num_classes=classes, train_per_class=per_class,
+                              val_per_class=1)
     total = classes * (per_class + 1)
     batch = default_batch_size(name, "cpu")
-    size = preprocess_of(name, "imagenet").image_size
+    size = preprocess_of(name, "pretrained").image_size
     bare = bare_forward(name, min(batch, per_class * classes), size)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_backbones", "--child", name, "--data", str(data),
-                           "--out", str(tmp / f"out-{name}")], cwd=ROOT, capture_output=True, text=True)
+                           "--out", str(tmp / f"out-{safe_name(name)}")], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{name}: the extraction failed:\n{done.stderr[-2000:]}")
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", default=",".join(DEFAULT_IMAGES))
     p.add_argument("--images", type=int, default=None, help="images per backbone (default: 64, 32 resnet50, 16 vit)")
+    p.add_argument("--results", default="backbones", help="the results file's name, before the CPU tag")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -119,14 +124,14 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in [n.strip() for n in args.backbones.split(",") if n.strip()]:
-            row = measure(name, args.images or DEFAULT_IMAGES.get(name, 32), Path(tmp))
+            row = measure(name, args.images or {**DEFAULT_IMAGES, **ZOO_IMAGES}.get(name, 32), Path(tmp))
             rows.append(row)
-            print(f"{name:10s} {row['images']:4d} img  bare {row['bare_img_s']:7.1f} img/s  whole process "
+            print(f"{name:26s} {row['images']:4d} img  bare {row['bare_img_s']:7.1f} img/s  whole process "
                   f"{row['whole_process_img_s']:6.1f} img/s ({row['whole_ratio']:.2f} of bare)  steady "
                   f"{row['steady_img_s']} img/s ({row['steady_ratio']} of bare)  peak {row['peak_rss_mib']} MiB "
                   f"(+ workers {row['workers_peak_rss_mib']} MiB)", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"backbones-{cpu_tag(kind)}.json"
+    path = RESULTS / f"{args.results}-{cpu_tag(kind)}.json"
     path.write_text(json.dumps({"cpu": kind, "torch": torch.__version__, "threads": torch.get_num_threads(),
                                 "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")

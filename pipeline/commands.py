@@ -29,7 +29,7 @@ def run_extract(config: ExtractConfig) -> int:
     if config.list_backbones or config.list_layers:
         from pipeline.backbones.backbone import backbone_listing, layer_listing
 
-        print(layer_listing(config.list_layers) if config.list_layers else backbone_listing())
+        print(layer_listing(config.list_layers) if config.list_layers else backbone_listing(config.list_backbones))
         return 0
     config = settle(config)  # an unknown backbone name is one line before any data is read
     return prepare(config) if config.prepare_only else extract(config)

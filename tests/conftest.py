@@ -97,32 +97,49 @@ def reuse_random_models():
 
     Loading ``random`` weights is a pure function of the model name and the seed, and for AlexNet it costs about
     2 s of CPU (61 M random numbers and the SHA-256 fingerprint of 228 MB) in each of the suite's many in-process
-    extractions and live runs. A load here returns a deep copy (callers cast it in place), the same spec and
-    fingerprint, the same warning, and leaves the global RNG where the real load leaves it.
-    tests/test_backbone.py calls the real function; other specs (imagenet, files) and subprocesses are not
-    affected.
+    extractions and live runs (a CLIP ViT-B-32, 151 M). A load here returns a deep copy (callers cast it in place),
+    the same spec and fingerprint, the same warning, and leaves the global RNG where the real load leaves it. Every
+    family's ``load`` is wrapped (timm's and open_clip's where the zoo extra is installed).
+    tests/backbones/test_alexnet.py calls the real function; other specs (imagenet, pretrained, files) and subprocesses are
+    not affected.
     """
-    from pipeline.backbones import torchvision_family as family
+    import importlib
 
-    real = family.load
+    from pipeline.backbones.catalog import FAMILIES
 
-    def load(name: str, spec: str = "imagenet", *, seed: int = 0, progress: bool = True):
+    with pytest.MonkeyPatch.context() as patch:
+        for module in FAMILIES.values():
+            try:
+                family = importlib.import_module(module)
+            except ModuleNotFoundError:  # a zoo family without the zoo extra
+                continue
+            patch.setattr(family, "load", _reusing(family.load, family))
+        yield
+
+
+def _reusing(real, family):
+    """``family.load`` returning a copy of the first load of each (name, random seed)."""
+    from pipeline.backbones import torchvision_family, zoo
+
+    warn, text = ((torchvision_family.log, "backbone %s has RANDOM weights (%s): features are not ImageNet features")
+                  if family is torchvision_family else
+                  (zoo.log, "backbone %s has RANDOM weights (%s): its features are not pretrained features"))
+
+    def load(name: str, spec: str = "pretrained", *, seed: int = 0, progress: bool = True):
         recorded = f"random:seed={seed}" if spec == "random" else spec
         if not recorded.startswith("random:seed="):
             return real(name, spec, seed=seed, progress=progress)
         key = (name, recorded)
         if key in _RANDOM_MODELS:
-            family.log.warning("backbone %s has RANDOM weights (%s): features are not ImageNet features", name, recorded)
+            warn.warning(text, name, recorded)
         else:
             _RANDOM_MODELS[key] = (real(name, spec, seed=seed, progress=progress), torch.get_rng_state())
         loaded, rng_after = _RANDOM_MODELS[key]
         torch.set_rng_state(rng_after)
         return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
 
-    load.__wrapped__ = real  # tests/test_backbone.py tests the real one
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(family, "load", load)
-        yield
+    load.__wrapped__ = real  # tests/backbones/test_alexnet.py tests the real one
+    return load
 
 
 def pytest_configure(config):

@@ -1,10 +1,11 @@
 """Which family a backbone name belongs to, and the facts known about a backbone without importing torch.
 
-A backbone name is a torchvision classification model (``alexnet``, ``resnet50``, ``vit_b_16``); a later family
-is a prefix (``timm:``, ``open_clip:``) routed to its own module. The rerun of a finished extraction answers "up
-to date" without importing torch, so what it needs (the default layers, the preprocessing, the weights' hub
-file, the default batch size and cache folder) is answered here: from a catalog entry where the backbone has
-one, else by asking its family (which imports torch).
+A plain backbone name is a torchvision classification model (``alexnet``, ``resnet50``, ``vit_b_16``); a prefix
+names another family, each served by its own module: ``timm:ARCH[.TAG]`` (timm_family) and
+``open_clip:ARCH[/TAG]`` (open_clip_family), which need the zoo extra (requirements-zoo.txt). The rerun of a
+finished extraction answers "up to date" without importing torch, so what it needs (the default layers, the
+preprocessing, the weights' file, the default batch size and cache folder) is answered here: from a catalog entry
+where the backbone has one, else by asking its family (which imports torch).
 
 Catalog entries hold what a backbone cannot say about itself through its family's generic path. AlexNet has one:
 its DeCAF layer names (pool5, fc6 and fc7 are graph nodes of torchvision's AlexNet), the cut after fc7 that its
@@ -14,17 +15,25 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.common.errors import UserError
 from pipeline.common.names import DEFAULT_FEATURES
 from pipeline.common.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
+if TYPE_CHECKING:  # the families import torch; this module does not
+    import torch
+
 PENULTIMATE = "penultimate"  # the input of the model's last Linear: what linear probes train on
 LIST_LAYERS = "python run_extract.py --list-layers"  # how a user lists a model's layer names
 LIST_BACKBONES = "python run_extract.py --list-backbones"
+EMBEDDING = "embedding"  # open_clip's layer: the image embedding (encode_image, unnormalised)
+PRETRAINED = "pretrained"  # --weights: the weights the backbone's name names (torchvision: imagenet)
+ZOO_EXTRA = "pip install -r requirements-zoo.txt"  # timm and open_clip: the optional zoo extra
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,23 @@ ALEXNET = Entry(
 )
 ENTRIES = {entry.name: entry for entry in (ALEXNET,)}
 # a family: the module (beside this one) that serves names with its prefix; "" serves plain names
-FAMILIES = {"": "pipeline.backbones.torchvision_family"}
+FAMILIES = {"": "pipeline.backbones.torchvision_family", "timm:": "pipeline.backbones.timm_family",
+            "open_clip:": "pipeline.backbones.open_clip_family"}
+ZOO_PACKAGES = ("timm", "open_clip", "huggingface_hub", "safetensors", "ftfy", "regex")  # requirements-zoo.txt
+# torch-free facts of a family: its default layer (others: penultimate) and the aliases of its layer names
+DEFAULT_LAYER = {"open_clip:": EMBEDDING}
+LAYER_ALIASES = {"open_clip:": {PENULTIMATE: EMBEDDING}}
+
+
+@dataclass
+class Loaded:
+    """A whole network in eval mode on the CPU, as a family's ``load`` returns it, and what names its weights."""
+
+    model: torch.nn.Module
+    name: str  # 'resnet50', 'timm:vit_small_patch16_224.augreg_in21k_ft_in1k'
+    weights: str  # the spec as recorded: 'imagenet', 'pretrained', 'random:seed=S', 'file:/abs/path', an exact enum
+    weights_enum: str  # the exact pretrained weights ('ResNet50_Weights.IMAGENET1K_V2', 'timm:resnet18.a1_in1k'), else ""
+    fingerprint: str  # sha256 over the model's tensors: models.backbones.weights_fingerprint
 
 
 class Family(Protocol):
@@ -79,13 +104,15 @@ class Family(Protocol):
     def names(self) -> tuple[str, ...]: ...  # every name it serves, for --list-backbones
     def check(self, name: str) -> str: ...  # the name, or one line with close names
     # .model (eval, CPU), .weights (the recorded spec), .weights_enum, .fingerprint
-    def load(self, name: str, spec: str, *, seed: int = 0, progress: bool = True): ...
+    def load(self, name: str, spec: str, *, seed: int = 0, progress: bool = True) -> Loaded: ...
     def preset(self, name: str, spec: str) -> Preprocess: ...  # the weights' own preprocessing
-    def hub_file(self, name: str, spec: str) -> str: ...  # the weights' file name in its local cache
+    def hub_file(self, name: str, spec: str) -> str: ...  # the weights' file in its local cache (a basename:
+    # in the torch hub's checkpoints/; or an absolute path)
     def list_layers(self, name: str) -> list[str]: ...  # what --layers takes, from the structure alone
+    def resolve_layers(self, name: str, layers) -> tuple[str, ...]: ...  # block indices ('-4') -> their names
     def plan(self, model, name: str, layers, *, image_size: int): ...  # (module, [LayerSpec]) checked and sized
     def features(self, model, specs: list[LayerSpec]): ...  # the module of recorded layers
-    def probe(self, extractor, model, name: str, image_size: int) -> dict: ...  # each node's output shape
+    def widths(self, module, model, name: str, image_size: int) -> dict[str, int]: ...  # each layer's width
     def default_batch_size(self, name: str, device_type: str, free_bytes: int | None) -> int: ...
 
 
@@ -94,13 +121,25 @@ def entry(name: str) -> Entry | None:
     return ENTRIES.get(name)
 
 
+def prefix_of(name: str) -> str:
+    """A name's family prefix: 'timm:', 'open_clip:', or '' for torchvision's plain names."""
+    return name.split(":", 1)[0] + ":" if ":" in name else ""
+
+
 def family(name: str) -> Family:
-    """The module serving ``name``'s family (imports torch): torchvision's for plain names."""
-    prefix = name.split(":", 1)[0] + ":" if ":" in name else ""
+    """The module serving ``name``'s family (imports torch): torchvision's for plain names. A zoo family whose
+    packages are not installed is one line naming the extra."""
+    prefix = prefix_of(name)
     if prefix not in FAMILIES:
-        raise UserError(f"unknown backbone family {prefix!r} in {name!r}; backbones are torchvision model names "
-                        f"(list them with: {LIST_BACKBONES})")
-    return importlib.import_module(FAMILIES[prefix])
+        raise UserError(f"unknown backbone family {prefix!r} in {name!r}; backbones are torchvision model names, "
+                        f"timm:ARCH[.TAG] or open_clip:ARCH[/TAG] (list them with: {LIST_BACKBONES})")
+    try:
+        return importlib.import_module(FAMILIES[prefix])
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in ZOO_PACKAGES:
+            raise
+        raise UserError(f"backbone {name!r} needs the {prefix[:-1]} family's packages ({err.name} is not installed); "
+                        f"{ZOO_EXTRA}") from None
 
 
 def check_name(name: str) -> str:
@@ -108,10 +147,25 @@ def check_name(name: str) -> str:
     return name if name in ENTRIES else family(name).check(name)
 
 
+def own_weights(name: str, weights: str) -> str:
+    """--weights as ``name``'s family records it: ``pretrained`` on a torchvision model is ``imagenet``."""
+    return "imagenet" if weights == PRETRAINED and prefix_of(name) == "" else weights
+
+
 def default_layers(name: str) -> tuple[str, ...]:
     """The layers cached when --layers is not given: AlexNet's fc7 (as always), the penultimate elsewhere."""
     found = entry(name)
-    return found.default_layers if found else (PENULTIMATE,)
+    return found.default_layers if found else (DEFAULT_LAYER.get(prefix_of(name), PENULTIMATE),)
+
+
+def canonical_layers(name: str, layers) -> tuple[str, ...]:
+    """The layer names a file records for ``layers``: aliases replaced (open_clip's ``penultimate`` is its
+    ``embedding``) and block indices ('-4') resolved to the blocks' names by the family, before anything is written."""
+    aliases = LAYER_ALIASES.get(prefix_of(name), {})
+    named = tuple(dict.fromkeys(aliases.get(layer, layer) for layer in layers))
+    if any(re.fullmatch(r"-?\d+", layer) for layer in named):
+        named = tuple(dict.fromkeys(family(name).resolve_layers(name, named)))
+    return named
 
 
 def default_out(name: str) -> Path:
@@ -119,7 +173,13 @@ def default_out(name: str) -> Path:
     found = entry(name)
     if found and found.out is not None:
         return found.out
-    return DEFAULT_FEATURES.with_name(f"{DEFAULT_FEATURES.name}-{name.replace(':', '-').replace('/', '-')}")
+    return DEFAULT_FEATURES.with_name(f"{DEFAULT_FEATURES.name}-{safe_name(name)}")
+
+
+def safe_name(name: str) -> str:
+    """A backbone name as one folder name: 'timm:vit_small_patch14_dinov2.lvd142m' -> 'timm-vit_small_patch14_dinov2.lvd142m',
+    'open_clip:ViT-B-32/laion2b_s34b_b79k' -> 'open_clip-ViT-B-32-laion2b_s34b_b79k'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "backbone"
 
 
 def default_batch_size(name: str, device_type: str = "cpu", free_bytes: int | None = None) -> int:
@@ -130,31 +190,47 @@ def default_batch_size(name: str, device_type: str = "cpu", free_bytes: int | No
     return family(name).default_batch_size(name, device_type, free_bytes)
 
 
+def batch_size_for(gflops: float, device_type: str = "cpu", free_bytes: int | None = None) -> int:
+    """The extraction batch for a model of ``gflops`` (multiply-adds, in billions, per image at its input size):
+    on the CPU the largest power of two at most 256 / GFLOPs (the CPU costs per image), and at most what a quarter
+    of ``free_bytes`` holds at about 2 MB per GFLOP per image; on CUDA from ``free_bytes`` alone. 8 to 64 on the
+    CPU (resnet50: 32, vit_b_16: 8), 8 to 256 on CUDA."""
+    per_image = 2e6 * max(gflops, 1.0)
+    by_memory = free_bytes / 4 / per_image if free_bytes is not None else math.inf
+    if device_type != "cuda":
+        budget = min(256 / max(gflops, 1e-3), by_memory)
+        return int(min(64, max(8, 2 ** math.floor(math.log2(max(budget, 1))))))
+    if free_bytes is None:
+        return 256
+    return int(min(256, max(8, 2 ** math.floor(math.log2(max(by_memory, 1))))))
+
+
 def preprocess_of(name: str, weights: str, *, image_size: int | None = None, resize_size: int | None = None,
-                  mode: str = "crop") -> Preprocess:
+                  mode: str | None = None) -> Preprocess:
     """The preprocessing an extraction of ``name`` with ``weights`` uses: the weights' own (random or file weights:
-    the model's default weights'), with only the sizes given replacing theirs (the resize never below the crop)."""
+    the model's default weights'), with only the sizes and mode given replacing theirs (the resize never below the
+    crop)."""
     found = entry(name)
     preset = found.preset if found else family(name).preset(name, weights)
     image = image_size if image_size is not None else preset.image_size
     resize = max(resize_size if resize_size is not None else preset.resize_size, image)
     try:
         return Preprocess(image_size=image, resize_size=resize, mean=preset.mean, std=preset.std,
-                          interpolation=preset.interpolation, mode=mode)
+                          interpolation=preset.interpolation, mode=mode or preset.mode)
     except ValueError as err:
         raise UserError(f"bad preprocessing options: {err}") from None
 
 
 def hub_file(name: str, weights: str) -> str:
-    """The basename of the file ``weights`` (imagenet, or an exact enum; for random or file weights, the default
-    weights') are read from in the torch hub cache."""
+    """The file ``weights`` (imagenet or pretrained, or an exact enum; for random or file weights, the default
+    weights') are read from: a basename in the torch hub cache, or a path (the zoo's Hugging Face cache)."""
     found = entry(name)
     return found.hub_file if found else family(name).hub_file(name, weights)
 
 
 def order_layers(name: str, layers) -> list[str]:
     """Layers as a file stores them: the entry's named layers in network order first, the others as given."""
-    named = list(entry(name).layers) if entry(name) else [PENULTIMATE]
+    named = list(entry(name).layers) if entry(name) else list(default_layers(name))
     return [layer for layer in named if layer in layers] + [layer for layer in layers if layer not in named]
 
 

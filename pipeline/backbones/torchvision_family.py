@@ -4,10 +4,10 @@ Everything comes from torchvision's own registry (``list_models``, ``get_model``
 weights API (``weights.transforms()``, the hub cache) and its graph-based feature extraction. A catalog entry
 (pipeline.backbones.catalog: AlexNet's) adds named layers and a cut; nothing else knows a model by hand.
 
-A family module offers: ``names``, ``check``, ``load`` (a model and what names its weights), ``preset`` (the
-weights' preprocessing), ``hub_file``, ``layer_names``, ``plan`` (layers checked and sized), ``features``
-(recorded layers rebuilt) and ``default_batch_size``. Another family (timm, open_clip) is one module like this,
-registered in ``catalog.FAMILIES``.
+A family module offers what ``catalog.Family`` lists: ``names``, ``check``, ``load`` (a model and what names its
+weights), ``preset`` (the weights' preprocessing), ``hub_file``, ``list_layers``, ``resolve_layers``, ``plan``
+(layers checked and sized), ``features`` (recorded layers rebuilt), ``widths`` and ``default_batch_size``. The
+other families (timm_family, open_clip_family) are modules like this, registered in ``catalog.FAMILIES``.
 """
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ import contextlib
 import difflib
 import functools
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +25,8 @@ from torchvision import models as tv_models
 from features.attrs import NOT_LAYERS
 from models.backbones import (LayerFeatures, graph_node_names, node_extractor, penultimate_node, reduce_to_vector,
                               reduction_for, weights_fingerprint)
-from pipeline.backbones.catalog import LIST_BACKBONES, LIST_LAYERS, PENULTIMATE, LayerSpec, entry
+from pipeline.backbones.catalog import (LIST_BACKBONES, LIST_LAYERS, PENULTIMATE, LayerSpec, Loaded, batch_size_for,
+                                        entry, own_weights)
 from pipeline.backbones.weights import describe_weights, load_state_dict
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.preprocess import Preprocess
@@ -64,7 +63,9 @@ def default_weights(name: str) -> tv_models.WeightsEnum:
 
 
 def named_weights(name: str, spec: str) -> tv_models.WeightsEnum | None:
-    """The weights enum a spec names: 'imagenet' (the DEFAULT, resolved) or an exact 'X_Weights.MEMBER'."""
+    """The weights enum a spec names: 'imagenet' or 'pretrained' (the DEFAULT, resolved) or an exact
+    'X_Weights.MEMBER'."""
+    spec = own_weights(name, spec)
     if spec == "imagenet":
         return default_weights(name)
     if "_Weights." not in spec or os.sep in spec:
@@ -101,17 +102,6 @@ def preset(name: str, spec: str) -> Preprocess:
     return Preprocess(image_size=transforms.crop_size[0], resize_size=transforms.resize_size[0],
                       mean=tuple(transforms.mean), std=tuple(transforms.std),
                       interpolation=transforms.interpolation.value)
-
-
-@dataclass
-class Loaded:
-    """A whole classifier in eval mode on the CPU (cut as its catalog entry says), and what names its weights."""
-
-    model: torch.nn.Module
-    name: str  # 'resnet50'
-    weights: str  # the spec as recorded: 'imagenet', 'random:seed=S', 'file:/abs/path' or 'X_Weights.MEMBER'
-    weights_enum: str  # the exact enum of pretrained weights, 'ResNet50_Weights.IMAGENET1K_V2'; else ""
-    fingerprint: str  # sha256 over the (cut) model's tensors: models.backbones.weights_fingerprint
 
 
 @contextlib.contextmanager
@@ -201,10 +191,11 @@ def _cut(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def load(name: str, spec: str = "imagenet", *, seed: int = 0, progress: bool = True) -> Loaded:
-    """The classifier ``name`` with weights ``spec``: 'imagenet' (the model's DEFAULT weights, recorded by their
-    exact enum), an exact 'X_Weights.MEMBER', 'random' (``torch.manual_seed(seed); get_model(name)``), or a
-    state_dict file. Never random weights unless asked for."""
+    """The classifier ``name`` with weights ``spec``: 'imagenet' or 'pretrained' (the model's DEFAULT weights,
+    recorded as 'imagenet' and by their exact enum), an exact 'X_Weights.MEMBER', 'random'
+    (``torch.manual_seed(seed); get_model(name)``), or a state_dict file. Never random weights unless asked for."""
     name = check(name)
+    spec = own_weights(name, spec)
     weights = named_weights(name, spec)
     if weights is not None:
         model = _pretrained_model(name, weights, progress)
@@ -248,6 +239,11 @@ def structure(name: str) -> torch.nn.Module:
 def list_layers(name: str) -> list[str]:
     """Every layer name ``name`` takes, from its structure alone (no weights are read)."""
     return layer_names(structure(name), name)
+
+
+def resolve_layers(name: str, layers) -> tuple[str, ...]:
+    """torchvision layers are named, never numbered: the names as given (a number is refused by ``plan``)."""
+    return tuple(layers)
 
 
 def _module_ends(nodes: list[str]) -> dict[str, int]:
@@ -349,14 +345,14 @@ def features(model: torch.nn.Module, specs: list[LayerSpec], *, extractor=None) 
     return LayerFeatures(model, {spec.name: (spec.node, spec.reduction) for spec in specs}, extractor=extractor)
 
 
+def widths(module: LayerFeatures, model: torch.nn.Module, name: str, image_size: int) -> dict[str, int]:
+    """Each layer's vector length at ``image_size``, from one pass on the meta device (``probe``)."""
+    shapes = probe(module.extractor, model, name, image_size)
+    return {layer: int(reduce_to_vector(torch.empty(shapes[node], device="meta"), reduction).shape[1])
+            for layer, (node, reduction) in module.layers.items()}
+
+
 def default_batch_size(name: str, device_type: str = "cpu", free_bytes: int | None = None) -> int:
-    """The extraction batch from the model's GFLOPs per image (the CPU costs per image, so big models take fewer)
-    and, on CUDA, ``free_bytes`` of device memory (a quarter of it for activations, about 2 MB per GFLOP)."""
-    gflops = float(default_weights(name).meta.get("_ops", 4.0))
-    if device_type != "cuda":
-        budget = 256 / gflops  # 64 for <= 4 GFLOPs (resnet50: 32), 8 for vit_b_16 (17.6)
-        return int(min(64, max(8, 2 ** math.floor(math.log2(max(budget, 1))))))
-    if free_bytes is None:
-        return 256
-    per_image = 2e6 * max(gflops, 1.0)
-    return int(min(256, max(8, 2 ** math.floor(math.log2(max(free_bytes / 4 / per_image, 1))))))
+    """The extraction batch from the model's GFLOPs per image (``catalog.batch_size_for``: the CPU costs per image,
+    so big models take fewer; on CUDA from ``free_bytes`` of device memory)."""
+    return batch_size_for(float(default_weights(name).meta.get("_ops", 4.0)), device_type, free_bytes)

@@ -21,7 +21,7 @@ from torch import nn
 
 from features.atomic import write_atomic
 from pipeline.common.errors import UserError, first_line
-from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS
+from pipeline.common.names import CHECKPOINT_FORMAT, PRECISIONS, PRETRAINED_SPECS
 from pipeline.common.preprocess import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODES, Preprocess
 from pipeline.common.torch_files import load_weights_only
 
@@ -124,13 +124,19 @@ def _check_head(path: Path, checkpoint: dict) -> None:
                         "(a lower --lr)")
 
 
+def is_recorded_spec(spec: str) -> bool:
+    """Whether a cache's or checkpoint's weights_spec is one a backbone records (pipeline.backbones.weights):
+    imagenet, pretrained, random:seed=N, file:PATH, or an exact torchvision enum."""
+    return (spec in PRETRAINED_SPECS or re.fullmatch(r"random:seed=\d+", spec) is not None or spec.startswith("file:")
+            or re.fullmatch(r"\w+_Weights\.\w+", spec) is not None)
+
+
 def _check_weights_spec(path: Path, spec: str) -> None:
-    """The recorded backbone weights are of a kind the backbone package rebuilds (pipeline.backbones.weights)."""
-    if not (spec == "imagenet" or re.fullmatch(r"random:seed=\d+", spec) or spec.startswith("file:")
-            or re.fullmatch(r"\w+_Weights\.\w+", spec)):
-        raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, random:seed=N, "
-                        f"file:PATH or a torchvision weights name); {RETRAIN}, or pass --weights with the backbone "
-                        "used for extraction")
+    """The recorded backbone weights are of a kind the backbone package rebuilds."""
+    if not is_recorded_spec(spec):
+        raise UserError(f"{path}: weights_spec is {spec!r}, not a recorded backbone (imagenet, pretrained, "
+                        f"random:seed=N, file:PATH or a torchvision weights name); {RETRAIN}, or pass --weights with "
+                        "the backbone used for extraction")
 
 
 def layer_dim(path: Path, checkpoint: dict) -> int:

@@ -52,10 +52,10 @@ class ExtractConfig:
     url: str = TINY_IMAGENET_URL
     md5: str | None = TINY_IMAGENET_MD5
     out: Path | None = None  # train.h5 and val.h5 go here; None: the backbone's own (runs/features, -NAME for others)
-    backbone: str = "alexnet"  # the default backbone; any torchvision classification model (pipeline.backbones)
-    list_backbones: bool = False  # print every backbone name and stop
+    backbone: str = "alexnet"  # the default backbone; a torchvision model, timm:ARCH[.TAG], open_clip:ARCH[/TAG]
+    list_backbones: str | None = None  # print the backbone names (matching this pattern; "*": all) and stop
     list_layers: str | None = None  # print this backbone's layer names (what --layers takes) and stop
-    weights: str = "imagenet"  # imagenet, random, or a state_dict path
+    weights: str = "pretrained"  # pretrained (the weights the name names; torchvision: imagenet), random, or a file
     seed: int = 0  # for --weights random
     device: str = "auto"
     precision: str = "auto"  # auto (the fastest faithful, measured: pipeline.backbones.precision), fp32, bf16 or fp16
@@ -66,7 +66,8 @@ class ExtractConfig:
     image_size: int | None = None  # the side of the network input; None: the weights' own
     resize_size: int | None = None  # "crop": the shorter side before the centre crop (raised to image_size if
     # smaller); None: the weights' own
-    resize_mode: str = "crop"  # "crop" (resize the shorter side, then centre-crop) or "resize" (squash to image_size)
+    resize_mode: str | None = None  # "crop" (resize the shorter side, then centre-crop) or "resize" (squash to
+    # image_size); None: the weights' own
     shard_size: int = 2048  # rows per resumable shard
     compression: str | None = None  # None, "gzip" or "lzf"
     overwrite: bool = False
@@ -87,7 +88,7 @@ class ExtractConfig:
                 raise UserError(f"--layers {','.join(self.layers)}: use a comma list of the model's layer names "
                                 f"(list them with: python run_extract.py --list-layers {self.backbone})")
             self.layers = tuple(dict.fromkeys(self.layers))
-        if self.resize_mode not in MODES:
+        if self.resize_mode is not None and self.resize_mode not in MODES:
             raise UserError(f"--resize-mode {self.resize_mode}: use {' or '.join(MODES)}")
         for name, value in (("--image-size", self.image_size), ("--resize-size", self.resize_size)):
             _positive(name, value)

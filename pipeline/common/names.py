@@ -24,6 +24,7 @@ DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
 DEFAULT_HEAD = Path("runs/head")  # a head's run folder
 DEFAULT_CHECKPOINT = DEFAULT_HEAD / "best.pt"
 
+PRETRAINED_SPECS = ("imagenet", "pretrained")  # weights read from the family's own cache (torchvision: imagenet)
 VERSION = "0.8.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
 ONNX_FORMAT = "fc7-onnx-classifier/2"  # the sidecar JSON of an exported graph (pipeline.live.export); 2: the graph
 # carries the classes and preprocessing in its metadata_props too, and the sidecar must agree (issue 29, finding 5)

@@ -14,13 +14,15 @@ from pipeline.common.preprocess import Preprocess
 
 
 def settle(config: ExtractConfig) -> ExtractConfig:
-    """``config`` checked, with its backbone's defaults filled in: its own cache folder and layers (torch-free for
-    a catalog entry such as AlexNet). An unknown backbone name is one line with close names."""
+    """``config`` checked, with its backbone's defaults filled in: its own cache folder and layers, the layers' and
+    weights' names as its family records them (torch-free for a catalog entry such as AlexNet, and for names). An
+    unknown backbone name is one line with close names."""
     config.check()
     name = catalog.check_name(config.backbone)
     return replace(config, backbone=name, precision=check_choice(config.precision),
+                   weights=catalog.own_weights(name, config.weights),  # pretrained: torchvision's imagenet
                    out=Path(config.out) if config.out is not None else catalog.default_out(name),
-                   layers=tuple(config.layers or catalog.default_layers(name)))
+                   layers=catalog.canonical_layers(name, config.layers or catalog.default_layers(name)))
 
 
 def preprocess_of(config: ExtractConfig) -> Preprocess:

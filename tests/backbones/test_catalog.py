@@ -1,7 +1,7 @@
 """Backbones by name: lookup, weights (random, file, the torchvision weights API), layers, sizes, batch sizes.
 
 Structure-only checks run on meta-device models (no weights, no compute); the fidelity of the vectors is
-tests/test_backbone_family.py.
+tests/backbones/test_family.py.
 """
 from __future__ import annotations
 
@@ -62,6 +62,33 @@ def test_the_listing_is_torchvisions_classification_models(capsys):
     assert "mobilenet_v3_large" in capsys.readouterr().out.split()
     assert run_extract.main(["--list-layers", "resnt18"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown backbone 'resnt18'; did you mean resnet18")
+
+
+def test_without_the_zoo_extra_its_families_say_how_to_install_it(monkeypatch, capsys):
+    """timm and open_clip as if not installed (what make test without requirements-zoo.txt meets): the listing keeps
+    torchvision's names and says how to add the others; a zoo backbone is one line naming the extra."""
+    import sys
+
+    for package in ("timm", "open_clip"):
+        monkeypatch.setitem(sys.modules, package, None)  # import fails as for a package that is not installed
+    for module in ("pipeline.backbones.timm_family", "pipeline.backbones.open_clip_family"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    assert run_extract.main(["--list-backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "torchvision (80):" in out and "resnet50" in out.split()
+    assert "timm: not installed; pip install -r requirements-zoo.txt" in out
+    assert "open_clip: not installed; pip install -r requirements-zoo.txt" in out
+    assert run_extract.main(["--backbone", "timm:vit_small_patch14_dinov2.lvd142m", "--data", "nowhere"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: backbone 'timm:vit_small_patch14_dinov2.lvd142m' needs the timm family's "
+                           "packages") and line.endswith("pip install -r requirements-zoo.txt")
+
+
+def test_pretrained_is_imagenet_on_torchvision():
+    """--weights pretrained (the default) names each model's DEFAULT weights, recorded as imagenet as always."""
+    assert catalog.own_weights("resnet50", "pretrained") == "imagenet"
+    assert catalog.own_weights("timm:resnet50.a1_in1k", "pretrained") == "pretrained"
+    assert family.named_weights("resnet50", "pretrained") == torchvision.models.ResNet50_Weights.DEFAULT
 
 
 def test_layer_listing_names_aliases_nodes_and_module_paths(capsys):

@@ -74,7 +74,7 @@ def test_the_cache_records_the_backbone_its_exact_weights_layers_and_preprocessi
 
 
 def test_each_cached_row_is_the_backbone_modules_output(made):
-    """The cache holds what the one-pass module (whose fidelity to torchvision is tests/test_backbones_fidelity.py)
+    """The cache holds what the one-pass module (whose fidelity to torchvision is tests/backbones/test_family.py)
     computes for each image under the recorded preprocessing."""
     model = made["model"].eval()
     module, _ = plan(model, "resnet18", ["penultimate", "layer3"], image_size=64)

@@ -27,7 +27,13 @@ SIZES = [(480, 640), (64, 64), (1080, 1920), (300, 200), (37, 90), (1, 1), (1, 3
 PREPROCESS = {"224-crop": Preprocess(), "64-crop": Preprocess(image_size=64, resize_size=72),
               "64-resize": Preprocess(image_size=64, resize_size=64, mode="resize"),
               "224-resize": Preprocess(image_size=224, resize_size=224, mode="resize"),
-              "224-crop-bicubic": Preprocess(interpolation="bicubic")}
+              "224-crop-bicubic": Preprocess(interpolation="bicubic"),
+              # the zoo's records: timm's crop_pct (resnet18.a1_in1k: floor(224 / 0.95) = 235), a resize to the crop
+              # itself (crop_pct 1.0; open_clip's resize_mode shortest), with their means
+              "timm-crop_pct-0.95": Preprocess(image_size=224, resize_size=235, interpolation="bicubic"),
+              "open_clip-224": Preprocess(image_size=224, resize_size=224, interpolation="bicubic",
+                                          mean=(0.48145466, 0.4578275, 0.40821073),
+                                          std=(0.26862954, 0.26130258, 0.27577711))}
 
 
 def _frame(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -17,6 +17,7 @@ from pipeline.heads.naming import folder_name, shots_name
 from pipeline.heads.publish.files import config_record, final_path
 from pipeline.heads.rows import Experiment
 from pipeline.heads.run_folder import StagedRun
+from pipeline.backbones.catalog import safe_name
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Place:
             return self.root
         settings = self.settings
         name = folder_name(layer=settings.layer, head=settings.name, shots=settings.shots, **hyper)
-        return self.root / (name if self.source is None else f"{self.source}_{name}")
+        # a backbone as one folder name ('open_clip:ViT-B-32/laion2b_s34b_b79k' holds a slash)
+        return self.root / (name if self.source is None else f"{safe_name(self.source)}_{name}")
 
     def title(self, folder: Path) -> Path:
         """The folder a report names: the published one, not the staging one."""
