@@ -1,5 +1,5 @@
-"""What an ONNX file says about itself, read without onnx or torch: its metadata_props, and its graph's inputs and
-outputs with their shapes.
+"""What an ONNX file says about itself, read without onnx or torch: its metadata_props, its graph's inputs and
+outputs with their shapes, and the operator types its nodes use.
 
 OpenCV's DNN module cannot read ``metadata_props``, and the opencv-only set-up has no ``onnx`` package, so these few
 fields are read here straight from protobuf's wire format: each field is a varint tag (field number << 3 | wire
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-MODEL_GRAPH, MODEL_METADATA = 7, 14  # ModelProto.graph (GraphProto), ModelProto.metadata_props (StringStringEntry)
-GRAPH_INPUT, GRAPH_OUTPUT = 11, 12  # GraphProto.input, .output (ValueInfoProto)
+MODEL_GRAPH, MODEL_METADATA, MODEL_FUNCTIONS = 7, 14, 25  # ModelProto.graph, .metadata_props, .functions
+GRAPH_NODE, GRAPH_INPUT, GRAPH_OUTPUT = 1, 11, 12  # GraphProto.node (NodeProto), .input, .output (ValueInfoProto)
+NODE_OP_TYPE, FUNCTION_NODE = 4, 7  # NodeProto.op_type; FunctionProto.node
 ENTRY_KEY, ENTRY_VALUE = 1, 2  # StringStringEntryProto
 INFO_NAME, INFO_TYPE = 1, 2  # ValueInfoProto: name, type (TypeProto)
 TYPE_TENSOR, TENSOR_SHAPE, SHAPE_DIM = 1, 2, 1  # TypeProto.tensor_type -> .shape -> TensorShapeProto.dim
@@ -32,6 +33,7 @@ class GraphHeader:
     metadata: dict[str, str]  # ModelProto.metadata_props
     inputs: dict[str, tuple[int | str, ...]]  # each graph input's dims: a size, or a dynamic dim's name ("batch")
     outputs: dict[str, tuple[int | str, ...]]
+    op_types: frozenset[str] = frozenset()  # the operators of the graph's nodes and of the model's functions
 
 
 def _varint(f: BinaryIO) -> int:
@@ -105,9 +107,28 @@ def _value_info(data: bytes) -> tuple[str, tuple[int | str, ...]]:
     return name, tuple(dims)
 
 
+def _op_type(f: BinaryIO, offset: int, length: int) -> str:
+    """A NodeProto's op_type, read field by field (a node's attributes may hold a constant tensor: not read)."""
+    for number, wire, value, inner_length in _fields(f, offset, offset + length):
+        if number == NODE_OP_TYPE and wire == LENGTH:
+            return _text(_read(f, value, inner_length))
+    return ""
+
+
+def _graph(f: BinaryIO, start: int, end: int, inputs: dict, outputs: dict, op_types: set) -> None:
+    """A GraphProto's inputs, outputs and node operators, into the dicts and the set given."""
+    for number, wire, offset, length in _fields(f, start, end):
+        if number in (GRAPH_INPUT, GRAPH_OUTPUT) and wire == LENGTH:
+            name, dims = _value_info(_read(f, offset, length))
+            (inputs if number == GRAPH_INPUT else outputs)[name] = dims
+        elif number == GRAPH_NODE and wire == LENGTH:
+            op_types.add(_op_type(f, offset, length))
+
+
 def read_graph_header(path: Path) -> GraphHeader:
-    """The metadata and the input and output shapes of the ONNX model at ``path``; NotOnnx if it is not one."""
-    metadata, inputs, outputs, graphs = {}, {}, {}, 0
+    """The metadata, the input and output shapes and the node operators of the ONNX model at ``path``; NotOnnx if it
+    is not one."""
+    metadata, inputs, outputs, op_types, graphs = {}, {}, {}, set(), 0
     with open(path, "rb") as f:
         size = f.seek(0, io.SEEK_END)
         for number, wire, value, length in _fields(f, 0, size):
@@ -118,10 +139,11 @@ def read_graph_header(path: Path) -> GraphHeader:
                 metadata[_text(entry.get(ENTRY_KEY, [b""])[0])] = _text(entry.get(ENTRY_VALUE, [b""])[0])
             elif number == MODEL_GRAPH:
                 graphs += 1
+                _graph(f, value, value + length, inputs, outputs, op_types)
+            elif number == MODEL_FUNCTIONS:
                 for inner, inner_wire, offset, inner_length in _fields(f, value, value + length):
-                    if inner in (GRAPH_INPUT, GRAPH_OUTPUT) and inner_wire == LENGTH:
-                        name, dims = _value_info(_read(f, offset, inner_length))
-                        (inputs if inner == GRAPH_INPUT else outputs)[name] = dims
+                    if inner == FUNCTION_NODE and inner_wire == LENGTH:
+                        op_types.add(_op_type(f, offset, inner_length))
     if graphs != 1 or not inputs or not outputs:
         raise NotOnnx("no graph with inputs and outputs")
-    return GraphHeader(metadata, inputs, outputs)
+    return GraphHeader(metadata, inputs, outputs, frozenset(op_types - {""}))

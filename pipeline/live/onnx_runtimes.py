@@ -22,6 +22,7 @@ from pipeline.live.sources import opencv_decoder, quiet_opencv
 from pipeline.live.checks import frame_bytes
 from pipeline.live.classifier import ClassInfo
 from pipeline.live.numpy_preprocess import preprocess_frames
+from pipeline.live.onnx_proto import read_graph_header
 from pipeline.live.sidecar import EXPORT, read_export, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,20 @@ class OnnxRuntimeClassifier(OnnxClassifier):
         return self.session.run([self.meta["output"]], {self.meta["input"]: batch})[0]
 
 
+# operators whose subgraph (torch's exact GELU: Div, Erf, Add, Mul, Mul) makes OpenCV's ONNX reader end the process
+# with a segmentation fault (OpenCV 5.1, measured), instead of raising cv2.error
+CRASHES_OPENCV = frozenset({"Erf"})
+
+
 class OpenCVClassifier(OnnxClassifier):
     runtime = "opencv"
 
     def __init__(self, onnx_path: Path, meta: dict, preprocess: Preprocess):
         super().__init__(onnx_path, meta, preprocess)
+        crashing = sorted(CRASHES_OPENCV & read_graph_header(onnx_path).op_types)
+        if crashing:  # checked before OpenCV reads the graph: reading it would end the process
+            raise UserError(f"{onnx_path} uses {', '.join(crashing)} (exact GELU: ViT, Swin, ConvNeXt), which OpenCV "
+                            f"{cv2.__version__}'s DNN module crashes on; run it with --runtime onnxruntime ({INSTALL})")
         try:
             with quiet_opencv():
                 self.net = cv2.dnn.readNetFromONNX(str(onnx_path))

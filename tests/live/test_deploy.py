@@ -168,6 +168,46 @@ def test_a_graph_opencv_cannot_run_names_the_runtime_that_can(exported, tmp_path
     assert "--runtime onnxruntime" in one_error_line(capsys)
 
 
+class _GeluClassifier(torch.nn.Module):
+    """A tiny classifier of 64 px frames into 3 classes whose export holds torch's exact GELU, as every ViT's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.gelu, self.linear = torch.nn.GELU(), torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.softmax(self.linear(self.gelu(x.mean((2, 3)))), dim=1)
+
+
+def test_a_graph_with_exact_gelu_is_refused_before_opencv_reads_it(exported, tmp_path):
+    """OpenCV 5.1's ONNX reader ends the process (SIGSEGV) on the exact GELU torch exports (Div, Erf, Add, Mul, Mul),
+    which every ViT, Swin and ConvNeXt export holds: the graph's operators are read first, and the run is one line
+    (in a child, so that a crash shows as one and does not take the test runner with it)."""
+    import contextlib
+    import io
+
+    import onnx
+    from onnx import helper
+
+    from pipeline.live.sidecar import graph_metadata
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(_GeluClassifier().eval(), (torch.zeros(2, 3, 64, 64),), dynamo=True, opset_version=18,
+                                    input_names=["input"], output_names=["probabilities"], dynamic_shapes=({0: batch},))
+    model = onnx.load_from_string(program.model_proto.SerializeToString())
+    assert "Erf" in {node.op_type for node in model.graph.node}
+    helper.set_model_props(model, graph_metadata(json.loads(exported.with_suffix(".json").read_text())))
+    onnx_path = _graph_beside(exported, tmp_path / "gelu", model.SerializeToString())
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), _frames(1)[0])
+    done = subprocess.run([sys.executable, "run_webcam.py", "--onnx", str(onnx_path), "--runtime", "opencv",
+                           "--no-display", "--source", str(image)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2, (done.returncode, done.stderr[-500:])  # -11: OpenCV read it and crashed
+    line = one_error_line(done.stderr)
+    assert "Erf" in line and "--runtime onnxruntime" in line
+
+
 def test_a_file_that_is_not_an_onnx_graph_is_one_line(exported, tmp_path, capsys):
     onnx_path = _graph_beside(exported, tmp_path / "broken", b"\x08\x07" + b"not a graph at all" * 10)
     assert run_webcam.main(["--onnx", str(onnx_path), "--runtime", "opencv", "--no-display"]) == 2
