@@ -25,3 +25,11 @@ def folder_name(*, layer: str | None = None, head: str | None = None, shots: int
     if lr is not None:
         parts.append(f"lr{number(lr)}_wd{number(weight_decay)}")
     return "_".join(parts)
+
+
+def combination_folder(source: str | None, layer: str | None, head: str | None, shots: int | None, *,
+                       lr: float | None = None, weight_decay: float | None = None) -> str:
+    """A combination's folder in a grid (``fc7_knn_all``; with several caches it starts with the cache's label,
+    ``resnet18_penultimate_linear_all``), or with no layer a sweep's head folder (``lr0.001_wd0``)."""
+    name = folder_name(layer=layer, head=head, shots=shots, lr=lr, weight_decay=weight_decay)
+    return name if source is None else f"{source}_{name}"
