@@ -6,10 +6,14 @@
     python run_train_head.py --head logreg --layers fc6 --weight-decay 1e-2,1e-3,1e-4 --out runs/logreg
     python run_train_head.py --layers pool5,fc6,fc7 --head linear,logreg,knn --shots 5,all --out runs/grid
     python run_train_head.py --features runs/features,runs/features-resnet50 --head logreg --out runs/backbones
+    python run_train_head.py --head logreg --weight-decay sweep:45 --out runs/probe    # Kornblith et al.'s probe
+    python run_train_head.py --table runs/probe runs/backbones --out runs/results      # one table of every result
 
-Heads: linear (SGD, the seed recipe), logreg (L-BFGS logistic regression, the best of the --weight-decay
-list by val top-1), knn (DINO's weighted kNN, every --k). Comma lists make a grid: one folder per
-combination, experiments.csv/.md/.png, and the best linear or logreg head copied to <out>/best.pt.
+Heads: linear (SGD, the seed recipe), logreg (L-BFGS logistic regression over the --weight-decay list or a C
+sweep), knn (DINO's weighted kNN, every --k). Hyper-parameters are chosen on 10% of the train rows held out
+(--select train-split), then refit on all of them; the seed recipe's plain linear head keeps its best epoch by
+val (--select val). Comma lists make a grid: one folder per combination, experiments.csv/.md/.png, and the best
+linear or logreg head copied to <out>/best.pt. Every fit writes a result.json; --table gathers them.
 Each flag sets the HeadConfig field of its name (--layer is an alias of --layers).
 """
 from __future__ import annotations
@@ -18,13 +22,18 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import comma_list, run_main, shots
-from pipeline.common.config import LINEAR_WEIGHT_DECAY, LOGREG_WEIGHT_DECAY, HeadConfig
+from pipeline.common.config import LINEAR_WEIGHT_DECAY, LOGREG_WEIGHT_DECAY, SELECTIONS, HeadConfig
 
 
 float_list = comma_list(float, "numbers")
 int_list = comma_list(int, "whole numbers")
 name_list = comma_list()
 shots_list = comma_list(shots, "images per class or 'all'")
+
+
+def weight_decays(text: str) -> tuple[float, ...] | str:
+    """--weight-decay: a comma list of numbers, or a C sweep's text (sweep:N, logspace:A:B:N; HeadConfig checks it)."""
+    return text.strip() if text.strip().startswith(("sweep:", "logspace:")) else float_list(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=shots_list, default=d.shots,
                    help="train images per class (drawn with --seed), or all; a comma list compares them")
     p.add_argument("--lr", type=float_list, default=d.lr, help="linear: learning rate; a comma list sweeps")
-    p.add_argument("--weight-decay", type=float_list, default=d.weight_decay,
+    p.add_argument("--weight-decay", type=weight_decays, default=d.weight_decay,
                    help=f"linear: SGD weight decay, a comma list sweeps (default {','.join(map(str, LINEAR_WEIGHT_DECAY))}); "
-                        "logreg: the L2 penalties tried, warm-started strongest first, best by val top-1 kept "
-                        f"(default {','.join(map(str, LOGREG_WEIGHT_DECAY))})")
+                        "logreg: the L2 penalties tried, warm-started strongest first "
+                        f"(default {','.join(map(str, LOGREG_WEIGHT_DECAY))}), or a C sweep: sweep:45 (C = "
+                        "10^linspace(-6, 5, 45), weight decay 1/(n C)) or logspace:A:B:N")
     p.add_argument("--max-iter", type=int, default=d.max_iter, help="logreg: at most this many L-BFGS iterations per penalty (a guard: each is solved to its optimum; hitting it is logged)")
     p.add_argument("--k", type=int_list, default=d.k, help="knn: neighbours; every k is reported from one search")
     p.add_argument("--temperature", type=float, default=d.temperature, help="knn: votes are exp(similarity / T)")
@@ -59,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_const", const=True, default=d.stream,
                    help="stream features from disk even if they fit in memory")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--select", choices=SELECTIONS, default=d.select,
+                   help="what chooses the hyper-parameters (weight decay or C, k, lr and epochs): train-split (held-out "
+                        "train rows, then a refit on all; the default for logreg, knn and a linear sweep) or val (the "
+                        "default for the plain linear head: its best epoch by val)")
+    p.add_argument("--select-fraction", type=float, default=d.select_fraction,
+                   help="train-split: the share of each class's train rows held out (at least one per class)")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=d.skip_existing,
+                   help="train nothing whose result.json in --out matches the caches and settings (default: on in "
+                        "grids)")
+    p.add_argument("--table", nargs="+", type=Path, default=d.table, metavar="DIR",
+                   help="train nothing: gather every result.json below these folders into --out's results.csv, .md "
+                        "and .png")
     return p
 
 

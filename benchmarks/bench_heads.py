@@ -33,7 +33,7 @@ from pipeline.heads import knn
 from pipeline.heads.linear import Recipe, fit_head
 from pipeline.heads.readers import InMemoryFeatures
 from pipeline.heads.standardize import Standardizer
-from pipeline.heads.logreg import fit_logreg
+from pipeline.heads.solvers.path import fit_logreg
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from benchmarks.synthetic_cache import add_shape_args
 from pipeline.common.config import LOGREG_WEIGHT_DECAY
 from pipeline.common.hardware import cpu_kind, cpu_tag
-from pipeline.heads.logreg import TOLERANCE_GRAD, fit_logreg, objective, solve, train_state
+from pipeline.heads.solvers.path import TOLERANCE_GRAD, fit_logreg, objective, solve, train_state
 from pipeline.heads.solvers.softmax import InMemorySoftmax
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -83,15 +83,25 @@ def extract(config: ExtractConfig) -> int:
 
 
 def train_head(config: HeadConfig) -> int:
-    """Stage two: train the heads of ``config`` on the cache (one run, or a grid) and log the results table."""
+    """Stage two: train the heads of ``config`` on the cache (one run, or a grid) and log the results table; or, with
+    ``--table``, gather the result.json files below folders into one table. Torch only when something is trained."""
+    if config.table:
+        from pipeline.heads.publish.results import build_table
+
+        build_table(config.table, config.out)
+        return 0
+    from pipeline.heads.store import already_done
+
+    if already_done(config):  # --skip-existing, decided before torch is imported
+        return 0
     from pipeline.heads.experiments.grid import run_experiments
 
     experiments = run_experiments(config)
-    log.info("%-12s %-11s %-7s %-44s %-6s %8s %8s %7s %8s", "backbone", "layer", "head", "hyper-parameters", "shots",
-             "top-1", "top-5", "train", "seconds")
+    log.info("%-12s %-11s %-7s %-44s %-11s %-6s %8s %8s %7s %8s", "backbone", "layer", "head", "hyper-parameters",
+             "selected by", "shots", "top-1", "top-5", "train", "seconds")
     for r in experiments.rows:
-        log.info("%-12s %-11s %-7s %-44s %-6s %7.2f%% %7.2f%% %7d %8.1f", r.backbone, r.layer, r.head, r.params,
-                 r.shots, r.val_top1, r.val_top5, r.train_images, r.seconds)
+        log.info("%-12s %-11s %-7s %-44s %-11s %-6s %7.2f%% %7.2f%% %7d %8.1f", r.backbone, r.layer, r.head, r.params,
+                 r.selected_by, r.shots, r.val_top1, r.val_top5, r.train_images, r.seconds)
     if experiments.best:
         log.info("best head: %s", experiments.best)
     warn_random(experiments.weights_spec, "accuracy is not meaningful")

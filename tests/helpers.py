@@ -187,11 +187,13 @@ def torch_free_env(tmp_path: Path, blocked: tuple[str, ...] = DEPLOY_MISSING) ->
 
 
 def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: int = 20, val_per_class: int = 10,
-                          signal: float = 0.08, dim: int = 4096, dtype: str = "float32") -> Path:
+                          signal: float = 0.08, dim: int = 4096, dtype: str = "float32", dataset: str = "synthetic",
+                          backbone: str = "alexnet") -> Path:
     """A cache of noisy, ReLU'd, badly scaled, offset 'fc7' features: the head learns, but not perfectly.
 
     Feature scales span three decades and every unit has a large positive offset, so a head whose
-    standardization were folded wrongly would score differently on the raw features.
+    standardization were folded wrongly would score differently on the raw features. ``dataset`` names the
+    dataset it records (its root ``/<dataset>`` and signatures), ``backbone`` the backbone.
     """
     wnids = sorted(WORDS)[:classes]
     names = [WORDS[w].split(",")[0] for w in wnids]
@@ -203,9 +205,9 @@ def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: in
         labels = np.repeat(np.arange(classes), per_class)
         noise = np.random.default_rng(seed).normal(0, 1, (len(labels), dim))
         features = np.maximum((proto[labels] * signal + noise + offset) * scale, 0).astype(dtype)
-        settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="f" * 64,
+        settings = cache.CacheSettings(backbone=backbone, layer="fc7", weights_fingerprint="f" * 64,
                                        preprocess=preprocess, dtype=dtype, precision="fp32",
-                                       dataset_signature=f"synthetic-{split}")
+                                       dataset_signature=f"{dataset}-{split}")
         parts = cache.parts_folder(folder, split)
         cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
         cache.write_shard(parts, 0, {"fc7": features}, np.arange(len(labels)), [])
@@ -214,6 +216,6 @@ def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: in
                        cache.SplitRows(paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
                                        wnids=wnids, names=names,
                                        attrs={"weights_spec": "file:/synthetic.pth", "batch_size": 64,
-                                              "shard_size": len(labels), "dataset_root": "/synthetic", "versions": "{}",
+                                              "shard_size": len(labels), "dataset_root": f"/{dataset}", "versions": "{}",
                                               "class_full_names": "\n".join(WORDS[w] for w in wnids), "world_size": 1}))
     return folder

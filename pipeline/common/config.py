@@ -106,6 +106,31 @@ LINEAR_WEIGHT_DECAY = (0.0,)  # linear: SGD weight decay when --weight-decay is 
 # logreg: L2 penalties on standardized features, warm-started strongest first (strong ones converge fastest)
 LOGREG_WEIGHT_DECAY = (0.1, 0.01, 0.001)
 LOGREG_MAX_ITER = 1000  # logreg: a guard only; each penalty is solved until the gradient bounds its gap to the optimum
+# logreg --weight-decay sweep:N: C = 10^linspace(-6, 5, N), Kornblith et al. (2019) and DINOv2's 45 values
+SWEEP_EXPONENTS = (-6.0, 5.0)
+SELECTIONS = ("train-split", "val")  # --select: what chooses the hyper-parameters (pipeline.heads.selection)
+SELECT_FRACTION = 0.1  # --select train-split: the share of each class's train rows held out to choose on
+MAX_SWEEP = 1000  # values in one --weight-decay sweep
+
+
+def sweep_values(spec: str) -> tuple[float, ...]:
+    """The C values of ``--weight-decay sweep:N`` (C = 10^linspace(-6, 5, N)) or ``logspace:A:B:N`` (10^linspace(A, B, N)),
+    smallest first; anything else is one line."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "sweep" and len(parts) == 2:
+            low, high, count = *SWEEP_EXPONENTS, int(parts[1])
+        elif parts[0] == "logspace" and len(parts) == 4:
+            low, high, count = float(parts[1]), float(parts[2]), int(parts[3])
+        else:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--weight-decay {spec}: use numbers (0.1,0.01), sweep:N (C = 10^linspace(-6, 5, N)) or "
+                        "logspace:A:B:N (C = 10^linspace(A, B, N))") from None
+    if not (1 <= count <= MAX_SWEEP and math.isfinite(low) and math.isfinite(high) and -30 <= low <= high <= 30):
+        raise UserError(f"--weight-decay {spec}: N must be from 1 to {MAX_SWEEP} and A <= B between -30 and 30 "
+                        "(exponents of ten)")
+    return tuple(10.0 ** (low + (high - low) * i / max(count - 1, 1)) for i in range(count))
 
 
 @dataclass
@@ -123,8 +148,9 @@ class HeadConfig:
     layers: tuple[str, ...] | None = None  # cached layers to train on; None: each cache's default (its backbone's)
     shots: tuple[int | None, ...] = (None,)  # train images per class, drawn with `seed`; None: all of them
     lr: tuple[float, ...] = (0.001,)  # linear: several give one head per (lr, weight decay)
-    # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY
-    weight_decay: tuple[float, ...] | None = None
+    # linear: SGD weight decays (a sweep); logreg: its penalty path. None: LINEAR_ / LOGREG_WEIGHT_DECAY. logreg also
+    # takes a C sweep as text, "sweep:45" or "logspace:A:B:N" (sweep_values): lambda = 1 / (n C) for n train rows
+    weight_decay: tuple[float, ...] | str | None = None
     max_iter: int = LOGREG_MAX_ITER  # logreg: L-BFGS iterations per penalty at most (hitting it is logged)
     k: tuple[int, ...] = (10, 20, 100, 200)  # knn: neighbours, all answered from one top-k search
     temperature: float = 0.07  # knn: a neighbour's vote is exp(similarity / T) (DINO's eval_knn.py)
@@ -139,10 +165,31 @@ class HeadConfig:
     # linear, logreg, knn: stream from the cache even if the features fit; None (or False): only when they do not
     stream: bool | None = None
     progress: bool = True
+    # what chooses the hyper-parameters: "train-split" (held-out train rows, then a refit on all) or "val"; None: each
+    # head's default (select_for)
+    select: str | None = None
+    select_fraction: float = SELECT_FRACTION  # train-split: each class's share of train rows held out (at least one)
+    skip_existing: bool | None = None  # rerun nothing whose result.json matches; None: on in grids, off for one head
+    table: tuple[Path, ...] | None = None  # gather every result.json below these folders into a table in --out; train nothing
 
     def weight_decays(self, default: tuple[float, ...]) -> tuple[float, ...]:
-        """--weight-decay as given, else a head's own ``default``: one list serves linear and logreg."""
+        """--weight-decay as given, else a head's own ``default``: one list serves linear and logreg (not a C sweep)."""
+        if self.is_sweep:
+            raise UserError(f"--weight-decay {self.weight_decay} is logreg's C sweep; linear heads take numbers")
         return default if self.weight_decay is None else self.weight_decay
+
+    @property
+    def is_sweep(self) -> bool:
+        """--weight-decay is a C sweep (logreg only), not a list of penalties."""
+        return isinstance(self.weight_decay, str)
+
+    def select_for(self, head: str) -> str:
+        """--select as given, else the head's default: val for the seed recipe's plain linear head (one lr and one
+        weight decay: 20 epochs, the best by val), train-split for every other head and for a linear sweep."""
+        if self.select is not None:
+            return self.select
+        plain = head == "linear" and len(self.lr) * len(self.weight_decays(LINEAR_WEIGHT_DECAY)) == 1
+        return "val" if plain else "train-split"
 
     def check(self) -> None:
         for name, values in (("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--head", self.head),
@@ -163,8 +210,18 @@ class HeadConfig:
         # NaN fails every comparison; beyond MAX_RATE the products with gradients overflow float32 (a traceback)
         if any(not (0 < lr <= MAX_RATE) for lr in self.lr):
             raise UserError(f"--lr must be above 0 and at most {MAX_RATE:g}, got {','.join(map(str, self.lr))}")
-        if any(not (0 <= wd <= MAX_RATE) for wd in self.weight_decay or ()):
+        if self.is_sweep:
+            sweep_values(self.weight_decay)
+            if "linear" in self.head:  # bounds below are for explicit values only: a sweep's lambda follows from n
+                raise UserError(f"--weight-decay {self.weight_decay} is logreg's C sweep; a linear head takes numbers "
+                                "(--weight-decay 0,1e-4): run linear with those, logreg with the sweep")
+        elif any(not (0 <= wd <= MAX_RATE) for wd in self.weight_decay or ()):
             raise UserError(f"--weight-decay must be from 0 to {MAX_RATE:g}, got {','.join(map(str, self.weight_decay))}")
+        if self.select is not None and self.select not in SELECTIONS:
+            raise UserError(f"--select {self.select}: use {' or '.join(SELECTIONS)}")
+        if not (isinstance(self.select_fraction, (int, float)) and 0 < self.select_fraction < 1):
+            raise UserError(f"--select-fraction {self.select_fraction}: it must be between 0 and 1 (exclusive), the "
+                            "share of each class's train rows held out to choose the hyper-parameters, such as 0.1")
         if not (0 <= self.momentum <= 1):
             raise UserError(f"--momentum must be from 0 to 1, got {self.momentum}")
         check_seed(self.seed)

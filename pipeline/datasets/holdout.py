@@ -41,7 +41,13 @@ def split_key(rel_path: str) -> str:
     return f"{rel_path.rsplit('/', 1)[0]}/{burst}" if burst and "/" in rel_path else burst or rel_path
 
 
+def hash_share(key: str) -> float:
+    """A stable number in [0, 1) for ``key``: the first 8 bytes of its sha256. The same key gives the same number
+    on every machine and in every run, whatever else the dataset holds."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def in_val(rel_path: str, fraction: float) -> bool:
     """Whether the image at ``rel_path`` (relative to the dataset root, with '/') is held out for val."""
-    digest = hashlib.sha256(split_key(rel_path).encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return hash_share(split_key(rel_path)) < fraction

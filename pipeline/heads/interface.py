@@ -47,6 +47,23 @@ class Predictions:
     classes: np.ndarray  # (M,) the top-1 class of each val row
     val_top1: float  # %
     val_top5: float  # %
+    mean_per_class: float = float("nan")  # % the mean over classes (with val rows) of each class's top-1
+
+    @classmethod
+    def of(cls, classes, labels, val_top1: float, val_top5: float) -> "Predictions":
+        """The predictions ``classes`` (M,) of the val rows whose classes are ``labels`` (M,), with their accuracy."""
+        classes = np.asarray(classes)
+        return cls(classes, val_top1, val_top5, mean_per_class(classes, labels))
+
+
+def mean_per_class(classes: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over the classes present in ``labels`` of each one's top-1 accuracy (in %): the figure papers report
+    for unbalanced sets (Kornblith et al.'s Caltech, Pets, Flowers)."""
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if not len(present):
+        return float("nan")
+    return float(np.mean([100.0 * np.mean(np.asarray(classes)[labels == c] == c) for c in present]))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,8 @@ memory is one (chunk_rows, N) block, never (M, N). The top-k search runs once pe
 k; a smaller k reuses the first k of those neighbours (they come sorted by similarity).
 
 ``fit`` is this head's entry point (pipeline.heads.interface): one search answering every --k, returned as a
-``KnnResult`` (each k's accuracy, the best k's predictions); pipeline.heads.publish writes its files.
+``KnnResult`` (each k's accuracy, the chosen k's predictions; with --select train-split, k is chosen on held-out
+train rows first); pipeline.heads.publish writes its files.
 
 ``knn_predict_streamed`` does the same search when the train features do not fit in memory (or with
 --stream): it reads them once, in row chunks, and keeps a running top-k of every val row: (M, k)
@@ -25,8 +26,9 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from pipeline.heads.interface import HeadResult, HeadSettings, Predictions
+from pipeline.heads.interface import HeadResult, HeadSettings, Predictions, mean_per_class
 from pipeline.heads.readers import FeatureReader
+from pipeline.heads.selection import held_out
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +131,15 @@ def accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> dict:
 
 @dataclass(frozen=True)
 class KnnScore:
-    """One --k and its accuracy on val: one row of knn.csv."""
+    """One --k and its accuracy on val (and, with train-split, on the held-out rows): one row of knn.csv."""
 
     k: int
     k_used: int  # the neighbours that voted: k, or every train row when k is more than them
     val_top1: float  # %
     val_top5: float  # %
+    mean_per_class: float = float("nan")  # % on val: the mean of each class's top-1
+    held_top1: float | None = None  # % on the held-out train rows, neighbours from the other train rows (train-split)
+    held_top5: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,37 +147,79 @@ class KnnResult(HeadResult):
     """A kNN run: every k from one search; nothing is trained, so there is no checkpoint."""
 
     scores: tuple[KnnScore, ...]  # one per --k, in the order asked
-    best: KnnScore  # the best val top-1 (the first of equals)
-    predictions: Predictions  # of the best k on val
+    best: KnnScore  # the chosen k: the best held-out top-1 (train-split) or val top-1 (val); the first of equals
+    predictions: Predictions  # of the chosen k on val
     temperature: float
     streamed: bool  # the train features were read once from disk, in chunks
+    selected_by: str = "val"  # "train-split" or "val"
+    held_images: int = 0  # train-split: the held-out rows k was chosen on
+
+
+def _used(ks: tuple[int, ...], rows: int) -> dict[int, int]:
+    """Each k, and the neighbours it gets from ``rows`` train rows (all of them when k is more)."""
+    return {k: min(k, rows) for k in ks}
 
 
 def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> KnnResult:
-    """Every --k from one search with the largest; a k above the train rows uses them all (and says so)."""
+    """Every --k from one search with the largest; a k above the train rows uses them all (and says so).
+
+    With --select train-split, k is chosen first on the held-out train rows (their neighbours from the other train
+    rows; pipeline.heads.selection), then every train row answers val in one search.
+    """
     start = time.perf_counter()
     config, device = settings.config, settings.device
     count = train.num_rows
     val_x, val_y = val.load_float32(device, config.progress)
     normalize_rows(val_x)
-    used = {k: min(k, count) for k in config.k}
+    used = _used(config.k, count)
     for k, k_used in used.items():
         if k_used < k:
             log.warning("knn: k=%d is more than the %d train images; it uses all %d", k, count, count)
-    search = dict(ks=tuple(sorted(set(used.values()))), num_classes=len(train.split.wnids),
-                  temperature=config.temperature, chunk_rows=config.knn_chunk_rows, progress=config.progress)
+    selection = (held_out(train.paths, train.labels, config.select_fraction, train.split.wnids)
+                 if config.select_for("knn") == "train-split" else None)
+    search = dict(num_classes=len(train.split.wnids), temperature=config.temperature, chunk_rows=config.knn_chunk_rows,
+                  progress=config.progress)
     extra = config.knn_chunk_rows * count * 4 * 2  # one (chunk, N) similarity block and its top-k work
     streamed = bool(config.stream) or not train.fits_float32(device, extra)
+    if streamed and not config.stream:
+        log.info("knn: %s (%d rows, %.1f GiB as float32) does not fit in memory: streaming it, one pass with "
+                 "a running top-%d", train.split.path, count, train.float32_bytes() / 2**30, max(used.values()))
+    held = None
     if streamed:
-        if not config.stream:
-            log.info("knn: %s (%d rows, %.1f GiB as float32) does not fit in memory: streaming it, one pass with "
-                     "a running top-%d", train.split.path, count, train.float32_bytes() / 2**30, max(used.values()))
-        ranked = knn_predict_streamed(train.chunks(device, transform=normalize_rows), val_x, **search)
-    else:
-        train_x, train_y = train.load_float32(device, config.progress, extra_bytes=extra)
-        ranked = knn_predict(normalize_rows(train_x), train_y, val_x, **search)
-    scores = tuple(KnnScore(k=k, k_used=used[k], **accuracy(ranked[used[k]], val_y)) for k in config.k)
-    best = max(scores, key=lambda score: score.val_top1)  # max: the first of equals
-    predictions = Predictions(ranked[best.k_used][:, 0].cpu().numpy(), best.val_top1, best.val_top5)
+        if selection is not None:
+            held_x, held_y = train.part(selection.held).load_float32(device, config.progress)
+            fit_used = _used(config.k, len(selection.fit))
+            held = (knn_predict_streamed(train.part(selection.fit).chunks(device, transform=normalize_rows),
+                                         normalize_rows(held_x), ks=tuple(sorted(set(fit_used.values()))), **search),
+                    held_y, fit_used)
+        ranked = knn_predict_streamed(train.chunks(device, transform=normalize_rows), val_x,
+                                      ks=tuple(sorted(set(used.values()))), **search)
+    else:  # the fit rows first, the held-out rows last: one tensor serves both searches
+        ordered = train if selection is None else train.part(selection.order)
+        train_x, train_y = ordered.load_float32(device, config.progress, extra_bytes=extra)
+        normalize_rows(train_x)
+        if selection is not None:
+            n, fit_used = len(selection.fit), _used(config.k, len(selection.fit))
+            held = (knn_predict(train_x[:n], train_y[:n], train_x[n:], ks=tuple(sorted(set(fit_used.values()))),
+                                **search), train_y[n:], fit_used)
+        ranked = knn_predict(train_x, train_y, val_x, ks=tuple(sorted(set(used.values()))), **search)
+    scores = tuple(_score(k, used[k], ranked, val_y, held) for k in config.k)
+    best = max(scores, key=lambda score: score.val_top1 if held is None else score.held_top1)  # max: the first of equals
+    predictions = Predictions.of(ranked[best.k_used][:, 0].cpu().numpy(), val_y.cpu().numpy(), best.val_top1,
+                                 best.val_top5)
     return KnnResult(scores=scores, best=best, predictions=predictions, temperature=config.temperature,
-                     streamed=streamed, train_images=count, seconds=time.perf_counter() - start)
+                     streamed=streamed, selected_by="val" if selection is None else "train-split",
+                     held_images=0 if selection is None else len(selection.held), train_images=count,
+                     seconds=time.perf_counter() - start)
+
+
+def _score(k: int, k_used: int, ranked: dict, val_y: torch.Tensor, held) -> KnnScore:
+    """One k's accuracy on val, and on the held-out rows when ``held`` is (their ranked classes, labels, k used)."""
+    on_val = accuracy(ranked[k_used], val_y)
+    per_class = mean_per_class(ranked[k_used][:, 0].cpu().numpy(), val_y.cpu().numpy())
+    if held is None:
+        return KnnScore(k=k, k_used=k_used, **on_val, mean_per_class=per_class)
+    held_ranked, held_y, fit_used = held
+    on_held = accuracy(held_ranked[fit_used[k]], held_y)
+    return KnnScore(k=k, k_used=k_used, **on_val, mean_per_class=per_class, held_top1=on_held["val_top1"],
+                    held_top5=on_held["val_top5"])

@@ -4,94 +4,85 @@ The features are loaded once as one tensor (on the GPU when asked and it fits) a
 indexed from it; a cache larger than memory is streamed block by block instead (pipeline.heads.readers,
 which also checks the cache). By default the features are z-scored with train-set statistics, which
 are folded into the saved layer, so the checkpoint's head is one ``nn.Linear(4096, C)`` that takes raw
-fc7 activations. ``fit`` is this head's entry point (pipeline.heads.interface): one head per (lr, weight
-decay), returned as a ``LinearResult``; pipeline.heads.publish writes their folders, a sweep's table and its best.
+fc7 activations. Every (lr, weight decay) is trained in one pass over the rows (pipeline.heads.solvers.sgd).
+
+``fit`` is this head's entry point (pipeline.heads.interface), returning a ``LinearResult``:
+
+- ``--select val`` (the seed recipe's plain head, by default): each (lr, weight decay) trained ``--epochs``
+  epochs, its best epoch by val top-1 kept, as the mission describes it: its val figure is optimistic;
+- ``--select train-split`` (a sweep, by default): every (lr, weight decay) is trained on the fit rows and scored
+  on the held-out rows after each epoch (pipeline.heads.selection); the best (lr, weight decay, epoch count) by
+  held-out top-1 is refit on all train rows for that many epochs, and val is evaluated once.
+
+pipeline.heads.publish writes their folders, a sweep's table and its best.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from models import LinearHead
 from pipeline.common.checkpoint import load_head
 from pipeline.common.config import LINEAR_WEIGHT_DECAY, HeadConfig
-from pipeline.common.errors import UserError
 from pipeline.heads.interface import HeadResult, HeadSettings, Predictions
 from pipeline.heads.naming import folder_name
 from pipeline.heads.readers import FeatureReader, FeatureSource
+from pipeline.heads.selection import held_out
+from pipeline.heads.solvers.sgd import FitResult, Recipe, Snapshot, fit_heads
 from pipeline.heads.standardize import Standardizer
 
 log = logging.getLogger(__name__)
 
-_DEFAULTS = HeadConfig()
 REPORT_BATCH = 1024  # val rows per batch when the saved head is scored for its report
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How one head is trained: SGD with momentum on cross-entropy. The defaults are HeadConfig's (the seed
-    recipe), not written again here."""
-
-    lr: float = _DEFAULTS.lr[0]
-    weight_decay: float = LINEAR_WEIGHT_DECAY[0]
-    momentum: float = _DEFAULTS.momentum
-    epochs: int = _DEFAULTS.epochs
-    batch_size: int = _DEFAULTS.batch_size
-    val_batch_size: int = _DEFAULTS.val_batch_size
-    seed: int = _DEFAULTS.seed  # the head's init and every epoch's batch order
-
-    @classmethod
-    def from_config(cls, config: HeadConfig, lr: float, weight_decay: float) -> "Recipe":
-        return cls(lr=lr, weight_decay=weight_decay, momentum=config.momentum, epochs=config.epochs,
-                   batch_size=config.batch_size, val_batch_size=config.val_batch_size, seed=config.seed)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The head after one epoch: its state on raw features (the standardization folded in) and the epoch's record."""
-
-    state: dict[str, torch.Tensor]  # {"weight": (C, D), "bias": (C,)}
-    metrics: dict  # epoch, train_loss, train_acc, val_loss, val_top1, val_top5, train_seconds, seconds
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """One head's training: its best epoch (the first of the best val top-1), its last, and every epoch's record."""
-
-    best: Snapshot
-    last: Snapshot
-    history: tuple[dict, ...]
-
-
-@dataclass(frozen=True)
 class LinearFit:
-    """One trained head of a run: one (lr, weight decay)."""
+    """One trained head of a run: one (lr, weight decay); with train-split, the refit of the chosen one."""
 
     recipe: Recipe
     trained: FitResult
     predictions: Predictions  # of the saved (folded) best head on val, as a user will load it
-    seconds: float  # its training and scoring
+    seconds: float  # its share of the pass, and its scoring
 
     @property
     def best_top1(self) -> float:
         return self.trained.best.metrics["val_top1"]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """train-split: one (lr, weight decay) trained on the fit rows, scored on the held-out rows after each epoch."""
+
+    recipe: Recipe
+    trained: FitResult  # best: the first epoch of the best held-out top-1
+
+    @property
+    def held_top1(self) -> float:
+        return self.trained.best.metrics["held_top1"]
+
+    @property
+    def epochs(self) -> int:
+        return self.trained.best.metrics["epoch"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LinearResult(HeadResult):
-    """Every head of a linear run, in the order of ``combos``; standardized once for all of them."""
+    """Every head of a linear run (val), or the chosen one refit on all rows (train-split); standardized once."""
 
-    fits: tuple[LinearFit, ...]
+    fits: tuple[LinearFit, ...]  # val: one per (lr, weight decay), in the order of ``combos``; train-split: the refit
     loading_seconds: float  # loading the features and their standardization, shared by the fits
+    selected_by: str  # "val" or "train-split"
+    candidates: tuple[Candidate, ...] = ()  # train-split: every (lr, weight decay), in the order of ``combos``
+    chosen: int | None = None  # train-split: the index of the chosen candidate (the first of the best)
+    held_images: int = 0  # train-split: the held-out rows
 
 
 @torch.inference_mode()
@@ -118,52 +109,13 @@ def evaluate(head: nn.Module, source: FeatureSource, standardize: Standardizer, 
     return metrics
 
 
-def fit_head(train: FeatureSource, val: FeatureSource, recipe: Recipe, standardizer: Standardizer, *,
+def fit_head(train: FeatureSource, val: FeatureSource | None, recipe: Recipe, standardizer: Standardizer, *,
              num_classes: int, device: torch.device, on_epoch: Callable[[dict], None] | None = None,
              progress: bool = True) -> FitResult:
     """Train one head with SGD + cross-entropy on standardized features; the states kept are folded.
-    ``on_epoch`` gets each epoch's record as it ends.
-
-    Deterministic on the CPU for a given seed: the head's init and every epoch's batch order come from it.
-    """
-    torch.manual_seed(recipe.seed)
-    head = LinearHead(num_classes, len(standardizer.mean)).to(device)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
-    epochs, batch_size = recipe.epochs, recipe.batch_size
-    history, best = [], None
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        head.train()
-        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-        batches = tqdm(train.batches(batch_size, generator), total=math.ceil(train.num_rows / batch_size),
-                       desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not progress)
-        for x, y in batches:
-            x, y = standardizer(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            logits = head(x)  # (B, C)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)  # no .item() here: it would sync the GPU every step
-            correct += (logits.detach().argmax(1) == y).sum()
-        train_seconds = time.perf_counter() - start
-        if not math.isfinite(loss_sum.item()):
-            also = f" or --weight-decay (now {recipe.weight_decay:g})" if recipe.weight_decay else ""
-            raise UserError(f"training diverged at epoch {epoch} (loss is {loss_sum.item()}); "
-                            f"lower --lr (now {recipe.lr:g}){also}")
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / train.num_rows,
-                  "train_acc": 100.0 * correct.item() / train.num_rows,
-                  **evaluate(head, val, standardizer, recipe.val_batch_size, device),
-                  "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - start, 3)}
-        history.append(record)
-        state = standardizer.fold_into(head)
-        if best is None or record["val_top1"] > best.metrics["val_top1"]:
-            best = Snapshot(state, record)
-        if on_epoch:
-            on_epoch(record)
-    return FitResult(best=best, last=Snapshot(state, history[-1]), history=tuple(history))
+    ``on_epoch`` gets each epoch's record as it ends. Deterministic on the CPU for a given seed."""
+    return fit_heads(train, val, [recipe], standardizer, num_classes=num_classes, device=device,
+                     on_epoch=on_epoch and (lambda head, record: on_epoch(record)), progress=progress)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,38 +128,83 @@ def combos(config: HeadConfig) -> list[tuple[float, float]]:
 
 
 def fit(train: FeatureReader, val: FeatureReader, settings: HeadSettings) -> LinearResult:
-    """Train one head per (lr, weight decay) on features standardized once; each is scored as it is saved."""
+    """Every (lr, weight decay) in one pass, chosen on val or on held-out train rows (then refit); see the module."""
     config, device = settings.config, settings.device
     start = time.perf_counter()
-    train_source = train.source(device, config.stream, config.progress)
+    recipes = [Recipe.from_config(config, lr, weight_decay) for lr, weight_decay in combos(config)]
+    num_classes = len(train.split.wnids)
     val_source = val.source(device, config.stream, config.progress)
-    standardizer = (Standardizer.fit(train_source, device) if config.standardize
-                    else Standardizer.identity(train.split.feature_dim, device))
+    if config.select_for("linear") == "val":
+        train_source = train.source(device, config.stream, config.progress)
+        standardizer = _standardizer(train_source, train, config, device)
+        loading_seconds = time.perf_counter() - start
+        fits = _fit_on_val(train_source, val_source, val.labels, standardizer, recipes, num_classes, device,
+                           config.progress)
+        return LinearResult(fits=fits, loading_seconds=loading_seconds, selected_by="val", train_images=train.num_rows,
+                            seconds=time.perf_counter() - start)
+    selection = held_out(train.paths, train.labels, config.select_fraction, train.split.wnids)
+    whole, fit_rows, held_rows = train.parts(device, config.stream, config.progress, selection)
+    standardizer = _standardizer(whole, train, config, device)
     loading_seconds = time.perf_counter() - start
-    fits = tuple(_fit_one(train_source, val_source, standardizer, Recipe.from_config(config, lr, weight_decay),
-                          num_classes=len(train.split.wnids), device=device, progress=config.progress)
-                 for lr, weight_decay in combos(config))
-    return LinearResult(fits=fits, loading_seconds=loading_seconds, train_images=train.num_rows,
-                        seconds=time.perf_counter() - start)
+    trained = fit_heads(fit_rows, held_rows, recipes, standardizer, num_classes=num_classes, device=device,
+                        scored_on="held", on_epoch=_epoch_logger(recipes), progress=config.progress)
+    candidates = tuple(Candidate(recipe, result) for recipe, result in zip(recipes, trained))
+    chosen = max(range(len(candidates)), key=lambda index: candidates[index].held_top1)  # max: the first of equals
+    recipe = replace(recipes[chosen], epochs=candidates[chosen].epochs)
+    log.info("linear: chose %s and %d epochs on %d held-out train rows (top-1 %.2f%%); refitting on all %d",
+             folder_name(lr=recipe.lr, weight_decay=recipe.weight_decay), recipe.epochs, len(selection.held),
+             candidates[chosen].held_top1, train.num_rows)
+    refit_start = time.perf_counter()
+    refit = fit_heads(whole, None, [recipe], standardizer, num_classes=num_classes, device=device,
+                      on_epoch=_epoch_logger([recipe], "refit "), progress=config.progress)[0]
+    scored, predictions = _score_saved(refit.last.state, val_source, val.labels, num_classes, device)
+    final = Snapshot(refit.last.state, {**refit.last.metrics, **scored})  # val, evaluated once
+    fit_one = LinearFit(recipe=recipe, trained=FitResult(best=final, last=final, history=refit.history),
+                        predictions=predictions, seconds=time.perf_counter() - refit_start)
+    return LinearResult(fits=(fit_one,), loading_seconds=loading_seconds, selected_by="train-split",
+                        candidates=candidates, chosen=chosen, held_images=len(selection.held),
+                        train_images=train.num_rows, seconds=time.perf_counter() - start)
 
 
-def _fit_one(train: FeatureSource, val: FeatureSource, standardizer: Standardizer, recipe: Recipe, *,
-             num_classes: int, device: torch.device, progress: bool) -> LinearFit:
-    """Train one head, then score its saved (folded) best state on val for the report."""
+def _standardizer(source: FeatureSource, train: FeatureReader, config: HeadConfig, device) -> Standardizer:
+    """Train statistics (every train row, held-out ones too: they are labels-free), or none (--no-standardize)."""
+    return (Standardizer.fit(source, device) if config.standardize
+            else Standardizer.identity(train.split.feature_dim, device))
+
+
+def _fit_on_val(train: FeatureSource, val: FeatureSource, labels: np.ndarray, standardizer: Standardizer,
+                recipes: list[Recipe], num_classes: int, device: torch.device, progress: bool) -> tuple[LinearFit, ...]:
+    """Every head in one pass, scored on val after each epoch; each one's best epoch then scored as it is saved."""
     start = time.perf_counter()
-    trained = fit_head(train, val, recipe, standardizer, num_classes=num_classes, device=device,
-                       on_epoch=_epoch_logger(folder_name(lr=recipe.lr, weight_decay=recipe.weight_decay), recipe.epochs),
-                       progress=progress)
-    dim = len(standardizer.mean)
-    head = load_head({"feature_dim": dim, "num_classes": num_classes, "head": trained.best.state}).to(device)
+    trained = fit_heads(train, val, recipes, standardizer, num_classes=num_classes, device=device,
+                        on_epoch=_epoch_logger(recipes), progress=progress)
+    share = (time.perf_counter() - start) / len(recipes)
+    fits = []
+    for recipe, result in zip(recipes, trained):
+        scoring = time.perf_counter()
+        _, predictions = _score_saved(result.best.state, val, labels, num_classes, device)
+        fits.append(LinearFit(recipe=recipe, trained=result, predictions=predictions,
+                              seconds=share + time.perf_counter() - scoring))
+    return tuple(fits)
+
+
+def _score_saved(state: dict, val: FeatureSource, labels: np.ndarray, num_classes: int,
+                 device) -> tuple[dict, Predictions]:
+    """The folded head, as a user will load it, on val (``labels``: its rows' labels, in file order): its loss,
+    top-1 and top-5, and its predictions."""
+    dim = state["weight"].shape[1]
+    head = load_head({"feature_dim": dim, "num_classes": num_classes, "head": state}).to(device)
     scored = evaluate(head, val, Standardizer.identity(dim, device), REPORT_BATCH, device, keep_predictions=True)
-    predictions = Predictions(scored["predictions"], scored["val_top1"], scored["val_top5"])
-    return LinearFit(recipe=recipe, trained=trained, predictions=predictions, seconds=time.perf_counter() - start)
+    return scored, Predictions.of(scored.pop("predictions"), labels, scored["val_top1"], scored["val_top5"])
 
 
-def _epoch_logger(name: str, epochs: int) -> Callable[[dict], None]:
-    def log_epoch(metrics: dict) -> None:
-        log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%  val loss %.4f top1 %5.2f%% top5 %5.2f%%  %.2fs",
-                 name, metrics["epoch"], epochs, metrics["train_loss"], metrics["train_acc"],
-                 metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], metrics["seconds"])
+def _epoch_logger(recipes: list[Recipe], prefix: str = "") -> Callable[[int, dict], None]:
+    names = [prefix + folder_name(lr=recipe.lr, weight_decay=recipe.weight_decay) for recipe in recipes]
+
+    def log_epoch(head: int, metrics: dict) -> None:
+        scored = next((key[:-5] for key in metrics if key.endswith("_top1")), None)
+        score = (f"  {scored} loss {metrics[scored + '_loss']:.4f} top1 {metrics[scored + '_top1']:5.2f}% "
+                 f"top5 {metrics[scored + '_top5']:5.2f}%") if scored else ""
+        log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%%s  %.2fs", names[head], metrics["epoch"],
+                 recipes[head].epochs, metrics["train_loss"], metrics["train_acc"], score, metrics["seconds"])
     return log_epoch

@@ -25,6 +25,7 @@ from pipeline.common.hardware import available_memory, free_memory
 log = logging.getLogger(__name__)
 
 LOAD_ROWS = 16384  # rows read from HDF5 at a time
+FANCY_SHARE = 8  # a selection of under 1/8 of a file's rows is read row by row (h5py), a larger one in blocks
 STREAM_ROWS = 8192  # rows per chunk of a streamed logreg or kNN pass: 128 MiB of float32 at 4,096 columns
 
 
@@ -68,34 +69,53 @@ def check_finite(block: torch.Tensor, path: Path, start: int, rows: np.ndarray |
 
 
 class InMemoryFeatures:
-    """All features in one tensor; a batch is one index_select."""
+    """All features in one tensor; a batch is one index_select. ``index``: only those rows of it, in that order
+    (a part of the rows loaded once, without a copy: ``subset``)."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, index: np.ndarray | None = None):
         self.features, self.labels = features, labels.to(features.device)
-        self.num_rows = len(labels)
+        self.index = None if index is None else torch.as_tensor(np.asarray(index), device=features.device)
+        self.num_rows = len(labels) if index is None else len(index)
 
     @classmethod
     def load(cls, split: CachedSplit, device: torch.device, progress: bool = True,
              rows: np.ndarray | None = None) -> "InMemoryFeatures":
         """The split's features (``rows``: only those rows, in that order) as one tensor on ``device``."""
-        if rows is not None:
+        if rows is not None and len(rows) * FANCY_SHARE < split.num_rows:
             with h5py.File(split.path, "r") as f:  # h5py reads a sorted, duplicate-free selection
                 order = np.argsort(rows, kind="stable")
                 block = np.empty((len(rows), f[split.dataset].shape[1]), dtype=f[split.dataset].dtype)
                 block[order] = f[split.dataset][np.asarray(rows)[order]]
             check_finite(torch.from_numpy(block), split.path, 0, rows=np.asarray(rows))
             return cls(torch.from_numpy(block).to(device), torch.from_numpy(split.labels[rows]))
+        # every row, or a large selection: read in blocks, in file order, each selected row put in its place
+        position = None if rows is None else np.full(split.num_rows, -1, dtype=np.int64)
+        if position is not None:
+            position[np.asarray(rows)] = np.arange(len(rows))
         first = split.read_features(0, 1)
-        features = torch.empty((split.num_rows, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
+        count = split.num_rows if rows is None else len(rows)
+        features = torch.empty((count, first.shape[1]), dtype=torch.from_numpy(first).dtype, device=device)
         for start in tqdm(range(0, split.num_rows, LOAD_ROWS), desc=f"load {split.path.name}", unit="block",
                           disable=not progress, leave=False):
             block = torch.from_numpy(split.read_features(start, start + LOAD_ROWS))
-            check_finite(block, split.path, start)
-            features[start:start + len(block)].copy_(block)
-        return cls(features, torch.from_numpy(split.labels))
+            if position is None:
+                check_finite(block, split.path, start)
+                features[start:start + len(block)].copy_(block)
+                continue
+            places = position[start:start + len(block)]
+            keep = np.flatnonzero(places >= 0)
+            check_finite(block[keep], split.path, 0, rows=start + keep)
+            features[torch.from_numpy(places[keep]).to(device)] = block[keep].to(device)
+        return cls(features, torch.from_numpy(split.labels if rows is None else split.labels[rows]))
+
+    def subset(self, positions: np.ndarray) -> "InMemoryFeatures":
+        """The rows at ``positions`` (into these rows) as a source of their own, sharing this one's tensor."""
+        return InMemoryFeatures(self.features, self.labels, positions)
 
     def batches(self, batch_size, generator):
         for idx in batch_order(self.num_rows, batch_size, generator, self.features.device):
+            if self.index is not None:
+                idx = self.index[idx]
             yield self.features.index_select(0, idx), self.labels.index_select(0, idx)
 
 
@@ -104,14 +124,27 @@ class StreamedFeatures:
 
     Rows are stored in class order, so a shuffled block is gathered from ``block_rows / 256`` random
     256-row chunks (the HDF5 chunk size) across the whole file, then shuffled row by row: every batch
-    sees the classes mixed, and each row comes once per epoch.
+    sees the classes mixed, and each row comes once per epoch. ``rows``: only those rows of the file (a part of
+    train too large for memory), each block read whole and the others dropped from it.
     """
 
-    def __init__(self, split: CachedSplit, block_rows: int = 8 * LOAD_ROWS):
+    def __init__(self, split: CachedSplit, block_rows: int = 8 * LOAD_ROWS, rows: np.ndarray | None = None):
         self.split, self.block_rows = split, block_rows
         self.chunk_rows = min(ROW_CHUNK, block_rows)
         self.labels = torch.from_numpy(split.labels)
-        self.num_rows = split.num_rows
+        self.file_rows = split.num_rows
+        self.kept = None  # rows: only those rows of the file are yielded (each block read whole, then masked)
+        if rows is not None:
+            self.kept = torch.zeros(split.num_rows, dtype=torch.bool)
+            self.kept[torch.from_numpy(np.asarray(rows, dtype=np.int64))] = True
+        self.num_rows = self.file_rows if rows is None else len(rows)
+
+    def _masked(self, block: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
+        """(block, labels) of the file rows ``rows`` that are kept."""
+        if self.kept is None:
+            return block, labels
+        keep = self.kept[rows]
+        return block[keep], labels[keep]
 
     def batches(self, batch_size, generator):
         """Each block is read into one buffer, reused for the next block (a batch is a gathered copy), so the
@@ -119,21 +152,23 @@ class StreamedFeatures:
         with h5py.File(self.split.path, "r") as f:
             features = f[self.split.dataset]
             if generator is None:  # evaluation and statistics: plain order
-                buffer = np.empty((min(self.block_rows, self.num_rows), features.shape[1]), features.dtype)
-                for start in range(0, self.num_rows, self.block_rows):
-                    block = self._read(features, buffer, [start], min(self.block_rows, self.num_rows - start))
-                    labels = self.labels[start:start + len(block)]
+                buffer = np.empty((min(self.block_rows, self.file_rows), features.shape[1]), features.dtype)
+                for start in range(0, self.file_rows, self.block_rows):
+                    block = self._read(features, buffer, [start], min(self.block_rows, self.file_rows - start))
+                    block, labels = self._masked(block, self.labels[start:start + len(block)],
+                                                 torch.arange(start, start + len(block)))
                     for idx in batch_order(len(block), batch_size, None):
                         yield block[idx], labels[idx]
                 return
-            chunks = torch.arange(0, self.num_rows, self.chunk_rows)
+            chunks = torch.arange(0, self.file_rows, self.chunk_rows)
             chunks = chunks[torch.randperm(len(chunks), generator=generator)]
             per_block = max(1, self.block_rows // self.chunk_rows)
-            buffer = np.empty((min(per_block * self.chunk_rows, self.num_rows), features.shape[1]), features.dtype)
+            buffer = np.empty((min(per_block * self.chunk_rows, self.file_rows), features.shape[1]), features.dtype)
             for group in chunks.split(per_block):
                 starts = sorted(group.tolist())  # read in file order
                 block = self._read(features, buffer, starts, self.chunk_rows)
-                labels = torch.cat([self.labels[s:s + self.chunk_rows] for s in starts])
+                rows = torch.cat([torch.arange(s, min(s + self.chunk_rows, self.file_rows)) for s in starts])
+                block, labels = self._masked(block, self.labels[rows], rows)
                 for idx in batch_order(len(block), batch_size, generator):
                     yield block[idx], labels[idx]
 
@@ -141,7 +176,7 @@ class StreamedFeatures:
         """Rows ``s:s + rows`` for each start, one after another into ``buffer``, each checked for NaN/Inf."""
         filled = 0
         for s in starts:
-            n = min(rows, self.num_rows - s)
+            n = min(rows, self.file_rows - s)
             features.read_direct(buffer, np.s_[s:s + n], np.s_[filled:filled + n])
             check_finite(torch.from_numpy(buffer[filled:filled + n]), self.split.path, s)
             filled += n
@@ -243,10 +278,43 @@ class FeatureReader:
     def num_rows(self) -> int:
         return self.split.num_rows if self.rows is None else len(self.rows)
 
+    def file_rows(self) -> np.ndarray:
+        """The rows used, as rows of the file."""
+        return np.arange(self.split.num_rows) if self.rows is None else np.asarray(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.split.labels if self.rows is None else self.split.labels[self.rows]
+
+    @property
+    def paths(self) -> list[str]:
+        return self.split.paths if self.rows is None else [self.split.paths[row] for row in self.rows]
+
+    def part(self, positions: np.ndarray) -> "FeatureReader":
+        """The rows at ``positions`` (into this reader's rows, in that order) as a reader of their own."""
+        return FeatureReader(self.split, self.file_rows()[np.asarray(positions, dtype=np.int64)])
+
+    def _kept_in_memory(self, device: torch.device, stream: bool | None) -> bool:
+        """A selection is read once and kept: a small one (few-shot) even with --stream, a larger one when it fits."""
+        small = 2 * self.num_rows <= self.split.num_rows
+        return (small or not stream) and self.fits_float32(device)
+
     def source(self, device: torch.device, stream: bool | None, progress: bool) -> FeatureSource:
-        if self.rows is not None:  # few-shot: a small selection, always in memory
+        if self.rows is None:
+            return load_source(self.split, device, True if stream else None, progress)
+        if self._kept_in_memory(device, stream):
             return InMemoryFeatures.load(self.split, device, progress, rows=self.rows)
-        return load_source(self.split, device, True if stream else None, progress)
+        return StreamedFeatures(self.split, rows=self.rows)
+
+    def parts(self, device: torch.device, stream: bool | None, progress: bool,
+              selection) -> tuple[FeatureSource, FeatureSource, FeatureSource]:
+        """(every row, the fit rows, the held-out rows) of a ``selection`` (pipeline.heads.selection): in memory one
+        load serves all three; streamed, the fit rows are a masked pass over the file, the held-out ones kept."""
+        whole = self.source(device, stream, progress)
+        held = self.part(selection.held)
+        if isinstance(whole, InMemoryFeatures):
+            return whole, whole.subset(selection.fit), whole.subset(selection.held)
+        return whole, StreamedFeatures(self.split, rows=self.file_rows()[selection.fit]), held.source(device, stream, progress)
 
     def float32_bytes(self, extra_bytes: int = 0) -> int:
         return self.num_rows * self.split.feature_dim * 4 + extra_bytes
@@ -271,13 +339,14 @@ class FeatureReader:
     def chunks(self, device: torch.device, rows: int | None = None, transform=None) -> Callable[[], Iterator]:
         """A chunk factory: each call is a fresh pass over the rows in file order, as (x (B, D) float32 on
         ``device``, y (B,)) with B <= ``rows``, ``transform`` applied to x. Each block is read from disk and
-        checked for NaN/Inf as it comes (few-shot rows, a small selection, are read once and kept).
+        checked for NaN/Inf as it comes (few-shot rows, a small selection, are read once and kept; a large one is
+        a masked pass over the file).
         ``rows``: STREAM_ROWS by default."""
         rows = rows or STREAM_ROWS
-        if self.rows is not None:
+        if self.rows is not None and self._kept_in_memory(torch.device("cpu"), True):
             source = InMemoryFeatures.load(self.split, torch.device("cpu"), False, rows=self.rows)
         else:
-            source = StreamedFeatures(self.split, block_rows=rows)
+            source = StreamedFeatures(self.split, block_rows=rows, rows=self.rows)
 
         def chunks():
             for x, y in source.batches(rows, None):

@@ -10,7 +10,8 @@ from typing import Callable
 
 from pipeline.heads import knn, linear, logreg
 from pipeline.heads.interface import HeadResult, HeadSettings
-from pipeline.heads.publish.heads import KNN, LINEAR, LOGREG
+from pipeline.heads.publish.heads import KNN, LOGREG
+from pipeline.heads.publish.linear import LINEAR
 from pipeline.heads.publish.place import Publisher
 from pipeline.heads.readers import FeatureReader
 

@@ -169,8 +169,11 @@ def _remove_previous(out: Path, staging: Path, replaces: dict, files: list[str],
             continue
         new = set(contents.get(name, ())) if name in files else set()
         for child in owned:
-            if child not in new:  # a file this run writes again is replaced by the move
-                _remove(out / name / child)
+            # a file this run writes again is replaced by the move; a folder (a kNN run's k folder) cannot be, so it
+            # goes first, unless this run's was moved in already (a publish resumed after a kill)
+            target = out / name / child
+            if child not in new or (target.is_dir() and not target.is_symlink() and (staging / name / child).exists()):
+                _remove(target)
         folder = out / name
         left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         if folder.is_dir() and not left and name not in files:

@@ -39,6 +39,10 @@ class Standardizer:
 
     def fold_into(self, head: nn.Linear) -> dict[str, torch.Tensor]:
         """The state of a Linear on raw features equal to ``head`` on standardized ones."""
-        weight = head.weight.detach() * self.inv_std  # (C, D)
-        bias = head.bias.detach() - weight @ self.mean
+        return self.fold(head.weight.detach(), head.bias.detach())
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state of a Linear on raw features equal to (``weight`` (C, D), ``bias`` (C,)) on standardized ones."""
+        weight = weight * self.inv_std  # (C, D)
+        bias = bias - weight @ self.mean
         return {"weight": weight.cpu().clone(), "bias": bias.cpu().clone()}

@@ -24,7 +24,7 @@ from pipeline.backbones.precision import place_backbone
 from pipeline.common.checkpoint import read_checkpoint
 from pipeline.heads.rows import COLUMNS
 from pipeline.datasets.images import read_rgb
-from pipeline.heads.logreg import fit_logreg, objective
+from pipeline.heads.solvers.path import fit_logreg, objective
 from pipeline.common.preprocess import Preprocess
 from pipeline.heads.experiments.shots import few_shot_rows
 from pipeline.heads.readers import InMemoryFeatures
@@ -112,7 +112,7 @@ def test_logreg_reaches_the_optimum_of_an_independent_solve(real, tmp_path):
     another parametrisation (W = A X, the representer form) from a random start."""
     out = tmp_path / "logreg"
     assert train(real["feats"], out, "--head", "logreg", "--layer", "fc6", "--weight-decay", "0.01",
-                 "--max-iter", "300") == 0
+                 "--max-iter", "300", "--select", "val") == 0
     path = read_csv(out / "path.csv")
     assert len(path) == 1 and float(path[0]["weight_decay"]) == 0.01
 
@@ -151,7 +151,8 @@ def test_logreg_reaches_the_optimum_of_an_independent_solve(real, tmp_path):
 
 def test_logreg_warm_starts_strongest_first_and_keeps_the_best_val_top1(layered, tmp_path):
     out = tmp_path / "path"
-    assert train(layered, out, "--head", "logreg", "--weight-decay", "1e-4,10,0.1", "--max-iter", "50") == 0
+    assert train(layered, out, "--head", "logreg", "--weight-decay", "1e-4,10,0.1", "--max-iter", "50",
+                 "--select", "val") == 0
     path = read_csv(out / "path.csv")
     assert [float(r["weight_decay"]) for r in path] == [10.0, 0.1, 1e-4]
     top1 = [float(r["val_top1"]) for r in path]
@@ -255,7 +256,7 @@ def test_shots_train_on_the_drawn_rows_only(layered, tmp_path, capsys):
     runs = {name: tmp_path / name for name in ("a", "b", "other")}
     for name, seed in (("a", "0"), ("b", "0"), ("other", "1")):
         assert train(layered, runs[name], "--head", "logreg", "--shots", "3", "--seed", seed, "--weight-decay", "0.1",
-                     "--max-iter", "40") == 0
+                     "--max-iter", "40", "--select", "val") == 0
     heads = {name: read_checkpoint(folder / "best.pt")["head"]["weight"] for name, folder in runs.items()}
     assert torch.equal(heads["a"], heads["b"]) and not torch.equal(heads["a"], heads["other"])
     report = (runs["a"] / "report.md").read_text()
@@ -291,7 +292,8 @@ def test_shots_train_on_the_drawn_rows_only(layered, tmp_path, capsys):
 def test_grid_writes_its_table(layered, tmp_path):
     out = tmp_path / "grid"
     assert train(layered, out, "--layer", "pool5,fc7", "--head", "linear,logreg,knn", "--shots", "2,all",
-                 "--k", "1,3", "--lr", "0.01,0.001", "--epochs", "2", "--batch-size", "8", "--max-iter", "20") == 0
+                 "--k", "1,3", "--lr", "0.01,0.001", "--epochs", "2", "--batch-size", "8", "--max-iter", "20",
+                 "--select", "val") == 0
     table = read_csv(out / "experiments.csv")
     assert list(table[0]) == COLUMNS
     per_combo = {"linear": 2, "logreg": 1, "knn": 2}  # two learning rates; two k
@@ -321,7 +323,8 @@ def test_grid_writes_its_table(layered, tmp_path):
     best = max(trained, key=lambda r: float(r["val_top1"]))
     assert (out / "best.pt").read_bytes() == (out / best["folder"] / "best.pt").read_bytes()
     markdown = (out / "experiments.md").read_text()
-    assert "| layer | head | hyper-parameters | shots | val top-1 | val top-5 | train images | seconds |" in markdown
+    assert ("| layer | head | hyper-parameters | selected by | shots | val top-1 | val top-5 | train images | seconds |"
+            in markdown)
     assert sum(line.startswith(("| pool5 ", "| fc7 ")) for line in markdown.splitlines()) == len(table)
     assert (out / "experiments.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((out / "config.json").read_text())["layers"] == ["pool5", "fc7"]
@@ -331,7 +334,8 @@ def test_a_plain_run_writes_todays_outputs_only(layered, tmp_path):
     out = tmp_path / "plain"
     assert train(layered, out, "--epochs", "2", "--batch-size", "8") == 0
     # today's outputs, plus the run's manifest (run.json, written last) and its lock file
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*RUN_FILES, "run.json"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([*RUN_FILES, "run.json",
+                                                                                          "result.json"])
     assert read_checkpoint(out / "best.pt")["layer"] == "fc7"
     single = tmp_path / "logreg"  # one combination of another head also goes straight into --out
     assert train(layered, single, "--head", "logreg", "--layer", "pool5", "--max-iter", "10") == 0

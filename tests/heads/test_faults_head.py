@@ -135,7 +135,7 @@ def test_kill_during_publish_is_finished_by_the_next_run(cache, old_run, monkeyp
         real(src, dst)
 
     monkeypatch.setattr(run_folder.os, "replace", replace)
-    assert train(cache, out, "--lr", "0.1", "--weight-decay", "0,0.001", "--epochs", "2") == 130  # a sweep
+    assert train(cache, out, "--lr", "0.1", "--weight-decay", "0,0.001", "--epochs", "2", "--select", "val") == 130
     monkeypatch.undo()
     assert not (out / "run.json").exists()  # the folder does not claim to be complete
     run_folder.recover(out)  # what the next run does first, under the lock
@@ -243,7 +243,7 @@ def test_linear_then_logreg_then_grid_then_linear_into_one_out(cache, old_run):
     assert train(cache, out, "--head", "logreg", "--weight-decay", "0.1,0.01", "--max-iter", "10") == 0
     marker = holds_one_run(out, "logreg")
     assert set(marker["files"]) == {"best.pt", "config.json", "path.csv", "per_class.csv", "confusions.csv",
-                                    "report.md", "run.json"}  # nothing of the linear run (last.pt, history.csv...)
+                                    "report.md", "result.json", "run.json"}  # nothing of the linear run (last.pt...)
     assert json.loads((out / "config.json").read_text())["head"] == ["logreg"]
     assert torch.load(out / "best.pt", weights_only=True)["config"]["head"] == ["logreg"]
     assert (out / "report.md").read_text().startswith(f"# Head report: {out}\n")  # not the staging folder
@@ -257,7 +257,7 @@ def test_linear_then_logreg_then_grid_then_linear_into_one_out(cache, old_run):
     assert not (out / "path.csv").exists() and not (out / "per_class.csv").exists()  # the logreg run is gone
     assert train(cache, out, "--head", "knn", "--k", "2") == 0
     assert set(holds_one_run(out, "knn")["files"]) == {"config.json", "knn.csv", "per_class.csv", "confusions.csv",
-                                                      "report.md", "run.json"}
+                                                      "report.md", "k2", "run.json"}  # k2/result.json
     assert train(cache, out, "--lr", "0.01", "--epochs", "2") == 0  # and a plain linear run replaces it all
     holds_one_run(out, "linear")
     assert run_is_whole(out)["lr"] == 0.01
@@ -299,7 +299,7 @@ def test_kill_in_the_middle_of_a_logreg_run_leaves_the_previous_run(cache, old_r
 @pytest.mark.parametrize("where", ["second combination", "table", "disk full at the table"])
 def test_kill_in_the_middle_of_a_grid_leaves_the_previous_run(cache, tmp_path, monkeypatch, capsys, previous, where):
     out = tmp_path / "head"
-    grid = ("--head", "linear,logreg", "--max-iter", "10", "--epochs", "2")
+    grid = ("--head", "linear,logreg", "--max-iter", "10", "--epochs", "2", "--no-skip-existing")  # train each time
     assert train(cache, out, *(grid if previous == "grid" else ("--epochs", "2"))) == 0
     (out / "notes.txt").write_text("the user's own notes")
     before = snapshot(out)

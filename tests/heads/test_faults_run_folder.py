@@ -77,7 +77,7 @@ def test_a_grid_rerun_keeps_a_users_file_in_a_combination_folder(cache, tmp_path
     assert train(cache, out, *GRID) == 0
     record = json.loads((out / "run.json").read_text())
     assert set(record["contents"]["fc7_knn_all"]) == {"config.json", "knn.csv", "per_class.csv", "confusions.csv",
-                                                      "report.md"}
+                                                      "report.md", "k1", "k3"}  # k1/, k3/: each k's result.json
     notes = out / "fc7_knn_all" / "NOTES.txt"
     notes.write_text("the user's notes on the kNN run")
     digest = hashlib.sha256(notes.read_bytes()).hexdigest()
@@ -101,6 +101,10 @@ def test_an_old_run_json_without_folder_lists_is_read_sensibly(cache, tmp_path):
     record = json.loads((out / "run.json").read_text())
     del record["contents"]
     (out / "run.json").write_text(json.dumps(record))
+    for older in out.glob("fc7_knn_all/k[0-9]*"):  # an older run wrote no result.json
+        shutil.rmtree(older)
+    for older in out.glob("*/result.json"):
+        older.unlink()
     (out / "fc7_knn_all" / "mine.txt").write_text("mine")
     (out / "notes.txt").write_text("notes")
     before = {k: v for k, v in hashes(out).items() if k in ("fc7_knn_all/mine.txt", "notes.txt")}
@@ -116,7 +120,7 @@ def test_an_old_run_json_without_folder_lists_is_read_sensibly(cache, tmp_path):
 
 def test_close_learning_rates_get_their_own_folders(cache, tmp_path):
     out = tmp_path / "sweep"
-    assert train(cache, out, "--lr", "0.001,0.0010000001") == 0
+    assert train(cache, out, "--lr", "0.001,0.0010000001", "--select", "val") == 0
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == ["lr0.0010000001_wd0", "lr0.001_wd0"]
     configs = {json.loads((out / f / "config.json").read_text())["lr"] for f in folders}
@@ -124,7 +128,7 @@ def test_close_learning_rates_get_their_own_folders(cache, tmp_path):
     with open(out / "sweep.csv") as f:
         assert sorted(row["name"] for row in csv.DictReader(f)) == folders
     grid = tmp_path / "grid"
-    assert train(cache, grid, *GRID, "--lr", "0.001,0.0010000001") == 0
+    assert train(cache, grid, *GRID, "--lr", "0.001,0.0010000001", "--select", "val") == 0
     with open(grid / "experiments.csv") as f:
         linear = [row["folder"] for row in csv.DictReader(f) if row["head"] == "linear"]
     assert len(set(linear)) == 2 and all((grid / name / "best.pt").is_file() for name in linear)

@@ -114,7 +114,8 @@ def test_every_flag_is_a_config_field_and_layer_is_an_alias():
 
 def test_one_weight_decay_list_serves_linear_and_logreg(cache, tmp_path):
     out = tmp_path / "grid"
-    assert train(cache, out, "--head", "linear,logreg", "--weight-decay", "0.01,0.001", "--max-iter", "5") == 0
+    assert train(cache, out, "--head", "linear,logreg", "--weight-decay", "0.01,0.001", "--max-iter", "5",
+                 "--select", "val") == 0
     assert json.loads((out / "fc7_logreg_all" / "config.json").read_text())["weight_decay"] == [0.01, 0.001]
     assert (out / "fc7_linear_all_lr0.001_wd0.01").is_dir() and (out / "fc7_linear_all_lr0.001_wd0.001").is_dir()
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.heads import knn
-from pipeline.heads.logreg import fit_logreg, fit_logreg_streamed, objective, row_blocks, solve
+from pipeline.heads.solvers.path import fit_logreg, fit_logreg_streamed, objective, row_blocks, solve
 from pipeline.heads.solvers.softmax import InMemorySoftmax, chunked_loss_and_grad
 
 CLASSES, DIM = 5, 40

@@ -25,6 +25,7 @@ from pipeline.common.preprocess import Preprocess
 from pipeline.data.synthetic import WORDS
 from pipeline.heads import standardize
 from pipeline.heads.linear import Recipe, fit_head
+from pipeline.heads.solvers import sgd
 from pipeline.heads.readers import InMemoryFeatures, batch_order
 from pipeline.heads.standardize import Standardizer
 from tests.helpers import random_backbone, read_csv, write_synthetic_cache  # noqa: F401 (write_synthetic_cache: others import it from here)
@@ -184,15 +185,12 @@ def test_report_matches_the_best_head(run, feats):
 def test_best_epoch_is_the_first_maximum_and_its_weights(noisy, tmp_path, monkeypatch):
     """A tie for the best val top-1 keeps the earlier epoch, and best.pt holds that epoch's weights."""
     scripted = iter([40.0, 70.0, 70.0, 60.0])
-    real_evaluate = train_head.evaluate
+    real_evaluate = sgd.evaluate_heads
 
-    def evaluate(*args, keep_predictions=False, **kwargs):
-        metrics = real_evaluate(*args, keep_predictions=keep_predictions, **kwargs)
-        if not keep_predictions:  # the per-epoch val pass, not the final report
-            metrics["val_top1"] = next(scripted)
-        return metrics
+    def evaluate(*args, **kwargs):  # the per-epoch val pass (one head), not the final report
+        return [{**metrics, "val_top1": next(scripted)} for metrics in real_evaluate(*args, **kwargs)]
 
-    monkeypatch.setattr(train_head, "evaluate", evaluate)
+    monkeypatch.setattr(sgd, "evaluate_heads", evaluate)
     args = ("--lr", "0.001", "--batch-size", "10")
     assert train(noisy, tmp_path / "four", "--epochs", "4", *args) == 0
     monkeypatch.undo()
@@ -283,7 +281,8 @@ def test_batch_order_is_drawn_on_the_cpu_and_moved_once():
 def test_sweep_trains_one_head_per_setting(noisy, tmp_path):
     out = tmp_path / "sweep"
     # the better learning rate (0.1 here) is listed last, so the table's order comes from sorting alone
-    assert train(noisy, out, "--lr", "0.01,0.1", "--weight-decay", "0,1e-4", "--epochs", "2", "--batch-size", "40") == 0
+    assert train(noisy, out, "--lr", "0.01,0.1", "--weight-decay", "0,1e-4", "--epochs", "2", "--batch-size", "40",
+                 "--select", "val") == 0
     settings = {"lr0.1_wd0": (0.1, 0.0), "lr0.1_wd0.0001": (0.1, 1e-4), "lr0.01_wd0": (0.01, 0.0),
                 "lr0.01_wd0.0001": (0.01, 1e-4)}
     names = set(settings)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from features.cache import open_split
+from models import LinearHead
 from pipeline.datasets.dataset import index_dataset
 from pipeline.datasets.images import read_rgb
 from pipeline.common.preprocess import Preprocess
@@ -104,5 +105,5 @@ def test_cached_features_train_the_same_head_as_the_backbone_in_the_loop(data, f
         assert from_cache["history"][-1]["train_loss"] < 0.5 * from_cache["history"][0]["train_loss"]
     else:  # raw fc7 of a random backbone barely separates the classes, but the weights move
         torch.manual_seed(0)
-        init = train_head.LinearHead(3, 4096).weight.detach()
+        init = LinearHead(3, 4096).weight.detach()
         assert (from_cache["last"].state["weight"] - init).abs().max() > 1e-3

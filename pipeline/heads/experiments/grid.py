@@ -1,7 +1,8 @@
-"""Quick head experiments on the cache: (backbones x) layers x heads x shots (x hyper-parameters) in one command.
+"""Quick head experiments on the cache: (caches x) layers x heads x shots (x hyper-parameters) in one command.
 
-Several caches of one dataset (``--features A,B``) compare backbones: their combinations' folders start with
-the backbone (``resnet18_penultimate_linear_all``) and the table's backbone column tells their rows apart.
+Several caches (``--features A,B``: other backbones, or other datasets) are compared in one grid: their
+combinations' folders start with the cache's label (``resnet18_penultimate_linear_all``), each head is trained and
+scored on its own cache, and the table's dataset and backbone columns tell their rows apart.
 
 One combination is a plain run: its outputs go straight into ``--out`` (a plain linear run, or a linear
 lr x weight-decay sweep). Several make a grid: one folder per combination,
@@ -11,28 +12,34 @@ of run is one staged run (pipeline.heads.run_folder) under ``--out``'s lock, pub
 
 The grid is a loop over pipeline.heads.registry: each head's ``fit`` gets the same readers and settings and
 returns its result (pipeline.heads.interface); its publisher writes it into the staged run (pipeline.heads.publish).
+With ``--skip-existing`` (on in grids) a combination whose every result.json in ``--out`` is fresh
+(pipeline.heads.store) is not trained again: its folders are copied into the new run as they are.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.common.hardware import resolve_device
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
+from pipeline.common.hardware import resolve_device
 from pipeline.heads.experiments.shots import few_shot_rows
 from pipeline.heads.interface import HeadSettings
 from pipeline.heads.naming import shots_name
+from pipeline.heads.plan import is_grid as grid_of, normalized, plan_run
 from pipeline.heads.publish.files import commit, final_path, prepare_out
 from pipeline.heads.publish.place import HeadOutcome, Place
 from pipeline.heads.publish.run import GRID_FILES, write_run
 from pipeline.heads.readers import FeatureReader
 from pipeline.heads.registry import HEADS
 from pipeline.heads.rows import Experiment
-from pipeline.heads.run_folder import MARKER, TOOL, StagedRun, check_clashes, exclusive_run, refuse_foreign
+from pipeline.heads.run_folder import MARKER, TOOL, StagedRun, check_clashes, exclusive_run, read_run_record, refuse_foreign
+from pipeline.heads.selection import held_out
 from pipeline.heads.sources import Source, open_sources
+from pipeline.heads.store import fresh
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,11 @@ class ExperimentsResult:
     rows: tuple[Experiment, ...]  # in grid order
     best: Path | None  # the best checkpoint (None when only knn ran)
     weights_spec: str
+    kept: int = 0  # combinations not trained again (--skip-existing): their fresh results kept
 
 
 def is_grid(config: HeadConfig, sources: list[Source] | None = None) -> bool:
-    layers = sum(len(s.layers) for s in sources) if sources else len(config.layers or (None,))
-    return layers * len(config.head) * len(config.shots) > 1
+    return grid_of(config, sum(len(s.layers) for s in sources) if sources else len(config.layers or (None,)))
 
 
 def own_names() -> set[str]:
@@ -56,15 +63,12 @@ def own_names() -> set[str]:
 
 
 def checked(config: HeadConfig) -> HeadConfig:
-    """``config`` checked, each repeated value once."""
-    config.check()
+    """``config`` checked, each repeated value once, its heads known."""
+    config = normalized(config)
     unknown = [head for head in config.head if head not in HEADS]
     if unknown:
         raise UserError(f"--head {','.join(unknown)}: use {', '.join(HEADS)} (a comma list compares them)")
-    return replace(config, **{name: tuple(dict.fromkeys(getattr(config, name)))  # a repeated value runs once
-                              for name in ("head", "shots", "lr", "k")},
-                   layers=config.layers and tuple(dict.fromkeys(config.layers)),
-                   weight_decay=config.weight_decay and tuple(dict.fromkeys(config.weight_decay)))
+    return config
 
 
 def _places(config: HeadConfig, sources: list[Source], stage: StagedRun, device) -> list[Place]:
@@ -76,19 +80,24 @@ def _places(config: HeadConfig, sources: list[Source], stage: StagedRun, device)
             for source in sources for layer, head, shots in itertools.product(source.layers, config.head, config.shots)]
 
 
+def _check_selections(places: list[Place], train_rows: dict) -> None:
+    """A head choosing on held-out train rows needs two rows of every class: one line now, not after the training."""
+    for place in places:
+        config = place.settings.config
+        if config.select_for(place.settings.name) == "train-split":
+            reader = FeatureReader(place.train, train_rows[place.source, place.settings.shots])
+            held_out(reader.paths, reader.labels, config.select_fraction, place.train.wnids)
+
+
 def run_experiments(config: HeadConfig) -> ExperimentsResult:
     """Run every (layer, head, shots) combination of ``config``; see the module docstring for the outputs."""
     config = checked(config)
     device = resolve_device(config.device)
     sources = open_sources(config)  # every cache and layer there, first
-    train_split = sources[0].train
-    if len(train_split.wnids) < 2:
-        raise UserError(f"{train_split.path} holds {len(train_split.wnids)} class ({', '.join(train_split.wnids)}): a "
-                        "classifier needs at least two; extract a dataset with two or more classes")
     train_rows = {(s.label, shots): None if shots is None else few_shot_rows(s.train.labels, shots, seed=config.seed,
                                                                              wnids=s.train.wnids)
-                  for s in sources for shots in config.shots}  # per cache: one dataset, but its own skips
-    weights_spec = train_split.attrs["weights_spec"]
+                  for s in sources for shots in config.shots}  # per cache: its own rows
+    weights_spec = sources[0].train.attrs["weights_spec"]
     out = Path(config.out)
     prepare_out(out)  # a --out that cannot be written is one line, before anything runs
     # every kind of run is one staged run under --out's lock, published whole with run.json: a rerun replaces
@@ -98,13 +107,52 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
         places = _places(config, sources, stage, device)
         # a folder of the user's named like a combination or a sweep's head: one line now, not after the training
         check_clashes(out, [name for place in places for name in HEADS[place.settings.name].publisher.folders(place)])
-        outcomes = [_run_one(number, place, train_rows, len(places)) for number, place in enumerate(places, 1)]
+        _check_selections(places, train_rows)
+        kept = _fresh(config, out, places[0].grid)
+        outcomes = [_carry(place, kept[_key(place)], out, stage) if _key(place) in kept
+                    else _run_one(number, place, train_rows, len(places)) for number, place in enumerate(places, 1)]
         published = write_run(stage, config, outcomes, grid=places[0].grid, weights_spec=weights_spec)
         commit(stage, published.record, own_names())
     rows = tuple(replace(row, folder=final_path(stage, row.folder),
                          checkpoint=row.checkpoint and final_path(stage, row.checkpoint)) for row in published.rows)
     return ExperimentsResult(out=out, rows=rows, best=published.best and final_path(stage, published.best),
-                             weights_spec=weights_spec)
+                             weights_spec=weights_spec, kept=sum(_key(place) in kept for place in places))
+
+
+def _key(place: Place) -> tuple:
+    settings = place.settings
+    return place.source, settings.layer, settings.name, settings.shots
+
+
+def _fresh(config: HeadConfig, out: Path, grid: bool) -> dict:
+    """--skip-existing (on in grids): the combinations of a grid whose every result.json in ``out`` is fresh."""
+    skip = config.skip_existing if config.skip_existing is not None else grid
+    if not (skip and grid):  # one combination is the whole run: kept only when nothing is to do (store.already_done)
+        return {}
+    kept = fresh(out, plan_run(config)[1])
+    if kept:
+        log.info("--skip-existing: %d combination%s in %s already done with these caches and settings: kept, not "
+                 "trained again", len(kept), "" if len(kept) == 1 else "s", out)
+    return kept
+
+
+def _carry(place: Place, results: list[tuple[str, dict]], out: Path, stage: StagedRun) -> HeadOutcome:
+    """A fresh combination of the previous run: its folders copied into the staged run as the previous run recorded
+    them (the user's files there stay out), and its table rows from its result.json files."""
+    contents = (read_run_record(out) or {}).get("contents") or {}
+    for top in dict.fromkeys(Path(folder).parts[0] for folder, _ in results):
+        (stage.path / top).mkdir()
+        for name in contents.get(top, ()):
+            source, target = out / top / name, stage.path / top / name
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
+    rows = tuple(Experiment.from_result(record, place.folder() if place.settings.name == "knn" else stage.path / folder,
+                                        place.backbone) for folder, record in results)
+    with_checkpoint = [row for row in rows if row.checkpoint is not None]
+    return HeadOutcome(rows=rows, names=tuple(dict.fromkeys(Path(folder).parts[0] for folder, _ in results)),
+                       best=max(with_checkpoint, key=lambda row: row.val_top1) if with_checkpoint else None)
 
 
 def _run_one(number: int, place: Place, train_rows: dict, total: int) -> HeadOutcome:

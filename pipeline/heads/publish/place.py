@@ -13,11 +13,11 @@ from typing import Callable
 from features.cache import CachedSplit
 from pipeline.common.config import HeadConfig
 from pipeline.heads.interface import HeadResult, HeadSettings
-from pipeline.heads.naming import folder_name, shots_name
+from pipeline.heads.naming import combination_folder, shots_name
+from pipeline.heads.plan import dataset_name, result_folders
 from pipeline.heads.publish.files import config_record, final_path
 from pipeline.heads.rows import Experiment
 from pipeline.heads.run_folder import StagedRun
-from pipeline.backbones.catalog import safe_name
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,7 @@ class Place:
         if not self.grid:
             return self.root
         settings = self.settings
-        name = folder_name(layer=settings.layer, head=settings.name, shots=settings.shots, **hyper)
-        # a backbone as one folder name ('open_clip:ViT-B-32/laion2b_s34b_b79k' holds a slash)
-        return self.root / (name if self.source is None else f"{safe_name(self.source)}_{name}")
+        return self.root / combination_folder(self.source, settings.layer, settings.name, settings.shots, **hyper)
 
     def title(self, folder: Path) -> Path:
         """The folder a report names: the published one, not the staging one."""
@@ -62,17 +60,32 @@ class Place:
                              features_weights=self.train.attrs["weights_spec"])
 
     def row(self, *, params: str, val_top1: float, val_top5: float, train_images: int, seconds: float,
-            folder: Path, checkpoint: Path | None) -> Experiment:
-        """One row of the grid's table for this head."""
+            folder: Path, checkpoint: Path | None, selected_by: str = "none") -> Experiment:
+        """One row of the grid's table for this head (``selected_by``: which set chose its hyper-parameters;
+        "none" for a head with nothing to choose)."""
         return Experiment(layer=self.settings.layer, head=self.settings.name, params=params,
                           shots=shots_name(self.settings.shots), val_top1=val_top1, val_top5=val_top5,
                           train_images=train_images, seconds=seconds, folder=folder, checkpoint=checkpoint,
-                          backbone=self.backbone)
+                          backbone=self.backbone, dataset=dataset_name(self.train.attrs), selected_by=selected_by)
+
+    def results(self) -> list[Path]:
+        """The folders of its result.json files, in the table's order (pipeline.heads.plan.result_folders)."""
+        settings = self.settings
+        folders = result_folders(settings.config, settings.name, self.folder().name if self.grid else "",
+                                 grid=self.grid, source=self.source, layer=settings.layer, shots=settings.shots)
+        return [self.root / folder for folder in folders]  # "": the run folder
 
 
 def one_folder(place: Place) -> list[str]:
     """The folders of a head that writes into one: its combination folder in a grid, none alone."""
     return [place.folder().name] if place.grid else []
+
+
+def top_folders(place: Place) -> list[str]:
+    """The entries of the run its result.json files live in, the run folder itself aside (a plain kNN run's k
+    folders; a grid's combination folders)."""
+    tops = [folder.relative_to(place.root).parts for folder in place.results()]
+    return list(dict.fromkeys(parts[0] for parts in tops if parts))
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,19 @@ def shown(path: Path | str) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def plot_history(history: list[dict], folder: Path, title: str | None = None) -> None:
-    """accuracy.png and loss.png: train vs val over the epochs."""
+SCORED = {"val": "val", "held": "held-out"}  # a history's scored set: its keys' prefix, and its name on a plot
+
+
+def plot_history(history: list[dict], folder: Path, title: str | None = None, scored: str = "val") -> None:
+    """accuracy.png and loss.png: train vs the scored set (val, or the held-out train rows) over the epochs."""
     epochs = [h["epoch"] for h in history]
-    for name, train_key, val_key, ylabel in (("accuracy", "train_acc", "val_top1", "accuracy (%)"),
-                                             ("loss", "train_loss", "val_loss", "cross-entropy loss")):
+    for name, train_key, val_key, ylabel in (("accuracy", "train_acc", f"{scored}_top1", "accuracy (%)"),
+                                             ("loss", "train_loss", f"{scored}_loss", "cross-entropy loss")):
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         ax.plot(epochs, [h[train_key] for h in history], marker="o", label="train")
-        ax.plot(epochs, [h[val_key] for h in history], marker="o", label="val" + (" top-1" if name == "accuracy" else ""))
+        ax.plot(epochs, [h[val_key] for h in history], marker="o",
+                label=SCORED[scored] + (" top-1" if name == "accuracy" else ""))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -37,16 +41,16 @@ def plot_history(history: list[dict], folder: Path, title: str | None = None) ->
         fig.savefig(folder / f"{name}.png", dpi=100)
 
 
-def plot_sweep(runs: list[tuple[str, list[dict], float]], folder: Path) -> None:
-    """sweep.png: val top-1 over the epochs, one line per head; ``runs`` holds (name, history, best top-1)."""
+def plot_sweep(runs: list[tuple[str, list[dict], float]], folder: Path, scored: str = "val") -> None:
+    """sweep.png: the scored set's top-1 over the epochs, one line per head; ``runs`` holds (name, history, best top-1)."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for name, history, best in runs:
-        ax.plot([h["epoch"] for h in history], [h["val_top1"] for h in history], marker=".",
+        ax.plot([h["epoch"] for h in history], [h[f"{scored}_top1"] for h in history], marker=".",
                 label=f"{name} (best {best:.1f}%)")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylabel(f"{SCORED[scored]} top-1 (%)")
     ax.set_title("head sweep")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -35,13 +35,17 @@ def write_table(out: Path, rows: list[Experiment], best: Experiment | None, weig
     if str(weights_spec).startswith("random"):
         lines += [f"Backbone weights: `{weights_spec}` (RANDOM: for testing only, accuracy is not meaningful).", ""]
     several = len({r.backbone for r in rows}) > 1  # a backbone column only where backbones are compared
-    lines += [("| backbone " if several else "") + "| layer | head | hyper-parameters | shots | val top-1 | val top-5 | "
-              "train images | seconds |", ("|---" if several else "") + "|---|---|---|---|---:|---:|---:|---:|"]
-    lines += [(f"| {r['backbone']} " if several else "") + f"| {r['layer']} | {r['head']} | {r['hyper_parameters']} | "
-              f"{r['shots']} | {r['val_top1']:.2f}% | {r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |"
-              for r in records]
+    datasets = len({r.dataset for r in rows}) > 1  # a dataset column only where datasets are
+    lead = ("| dataset " if datasets else "") + ("| backbone " if several else "")
+    lines += [lead + "| layer | head | hyper-parameters | selected by | shots | val top-1 | val top-5 | train images | "
+              "seconds |", "|---" * (datasets + several) + "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [(f"| {r['dataset']} " if datasets else "") + (f"| {r['backbone']} " if several else "")
+              + f"| {r['layer']} | {r['head']} | {r['hyper_parameters']} | {r['selected_by']} | {r['shots']} | "
+              f"{r['val_top1']:.2f}% | {r['val_top5']:.2f}% | {r['train_images']} | {r['seconds']:.1f} |" for r in records]
     lines += ["", "Seconds include loading the features; the rows of one kNN run (one per k) share one search. "
-              "Hyper-parameters (best epoch, weight decay, k) are picked on val, so val top-1 is slightly optimistic."]
+              "Selected by train-split: the hyper-parameters (weight decay or C, k, lr and epochs) were chosen on "
+              "held-out train images, then refit on all train images; val: chosen on val itself (the plain linear "
+              "head's best epoch), so that val top-1 is optimistic."]
     write_atomic(out / "experiments.md", "\n".join(lines) + "\n")
     plot_experiments(rows, out / "experiments.png")
 
