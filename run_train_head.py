@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train-split: the share of each class's train rows held out (at least one per class)")
     p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=d.skip_existing,
                    help="train nothing whose result.json in --out matches the caches and settings (default: on in "
-                        "grids)")
+                        "grids and sweeps)")
     p.add_argument("--table", nargs="+", type=Path, default=d.table, metavar="DIR",
                    help="train nothing: gather every result.json below these folders into --out's results.csv, .md "
                         "and .png")

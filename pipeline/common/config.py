@@ -169,7 +169,7 @@ class HeadConfig:
     # head's default (select_for)
     select: str | None = None
     select_fraction: float = SELECT_FRACTION  # train-split: each class's share of train rows held out (at least one)
-    skip_existing: bool | None = None  # rerun nothing whose result.json matches; None: on in grids, off for one head
+    skip_existing: bool | None = None  # rerun nothing whose result.json matches; None: skips_existing's default
     table: tuple[Path, ...] | None = None  # gather every result.json below these folders into a table in --out; train nothing
 
     def weight_decays(self, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -182,6 +182,14 @@ class HeadConfig:
     def is_sweep(self) -> bool:
         """--weight-decay is a C sweep (logreg only), not a list of penalties."""
         return isinstance(self.weight_decay, str)
+
+    def skips_existing(self, grid: bool) -> bool:
+        """--skip-existing as given, else on for a grid and for a sweep of linear heads (several --lr or
+        --weight-decay), off for one head."""
+        if self.skip_existing is not None:
+            return self.skip_existing
+        sweep = "linear" in self.head and not self.is_sweep and len(self.lr) * len(self.weight_decay or (0,)) > 1
+        return grid or sweep
 
     def select_for(self, head: str) -> str:
         """--select as given, else the head's default: val for the seed recipe's plain linear head (one lr and one

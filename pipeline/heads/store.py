@@ -171,14 +171,14 @@ def up_to_date(out: Path, grid: bool, places: list[PlannedPlace], record: dict) 
 
 
 def already_done(config: HeadConfig) -> bool:
-    """``--skip-existing`` (on by default in grids): whether ``--out`` holds this very run, every result.json fresh;
+    """``--skip-existing`` (on by default in grids and sweeps): whether ``--out`` holds this very run, every result.json fresh;
     decided from the caches' attributes and the JSON files, before torch is imported."""
     config = normalized(config)
     try:
         grid, places = plan_run(config)
     except CacheError:  # a missing or damaged cache: the training run says what is wrong
         return False
-    if not (config.skip_existing if config.skip_existing is not None else grid):
+    if not config.skips_existing(grid):
         return False
     out = Path(config.out)
     if not up_to_date(out, grid, places, config_record(config)):

@@ -76,6 +76,21 @@ def test_a_rerun_with_skip_existing_trains_nothing_and_imports_no_torch(finished
     assert {path: path.stat().st_mtime_ns for path in grid.rglob("*")} == before  # not a file touched
 
 
+def test_a_finished_sweep_of_linear_heads_is_skipped_by_default_and_one_head_is_not(tmp_path, caplog):
+    features = make_cache(tmp_path)
+    sweep = ("--lr", "0.1,0.01", "--weight-decay", "0,0.01", "--epochs", "2", "--batch-size", "8")
+    assert train(features, tmp_path / "sweep", *sweep) == 0
+    assert train(features, tmp_path / "one", "--epochs", "2", "--batch-size", "8") == 0
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "sweep").rglob("*")}
+    caplog.set_level(logging.INFO)
+    assert train(features, tmp_path / "sweep", *sweep) == 0  # a sweep is a grid of heads: --skip-existing is on
+    assert "is up to date" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "sweep").rglob("*")} == before
+    caplog.clear()
+    assert train(features, tmp_path / "one", "--epochs", "2", "--batch-size", "8") == 0  # one head: trained again
+    assert "is up to date" not in caplog.text
+
+
 def test_a_changed_setting_retrains_only_its_combinations(finished, tmp_path, monkeypatch):
     features, grid = finished
     out = shutil.copytree(grid, tmp_path / "grid")

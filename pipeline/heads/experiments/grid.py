@@ -12,7 +12,7 @@ of run is one staged run (pipeline.heads.run_folder) under ``--out``'s lock, pub
 
 The grid is a loop over pipeline.heads.registry: each head's ``fit`` gets the same readers and settings and
 returns its result (pipeline.heads.interface); its publisher writes it into the staged run (pipeline.heads.publish).
-With ``--skip-existing`` (on in grids) a combination whose every result.json in ``--out`` is fresh
+With ``--skip-existing`` (on in grids and sweeps) a combination whose every result.json in ``--out`` is fresh
 (pipeline.heads.store) is not trained again: its folders are copied into the new run as they are.
 """
 from __future__ import annotations
@@ -125,9 +125,8 @@ def _key(place: Place) -> tuple:
 
 
 def _fresh(config: HeadConfig, out: Path, grid: bool) -> dict:
-    """--skip-existing (on in grids): the combinations of a grid whose every result.json in ``out`` is fresh."""
-    skip = config.skip_existing if config.skip_existing is not None else grid
-    if not (skip and grid):  # one combination is the whole run: kept only when nothing is to do (store.already_done)
+    """--skip-existing (on in grids and sweeps): the combinations of a grid whose every result.json in ``out`` is fresh."""
+    if not (config.skips_existing(grid) and grid):  # one combination is the whole run: kept only when nothing is to do (store.already_done)
         return {}
     kept = fresh(out, plan_run(config)[1])
     if kept:
