@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SCORE_ROWS = 16384  # rows per block when scoring, so the (rows, C) logits stay small
 # Converged: the gradient bounds the objective's gap to the optimum, |g|^2 / (2 weight_decay), below
-# TOLERANCE_GAP x the objective (100x inside the 1e-4 the head promises), or, whatever the penalty (0 too),
+# TOLERANCE_GAP x the objective (100x inside the 1e-4 the head promises); with no penalty (weight decay 0),
 # every |gradient| entry is below TOLERANCE_GRAD. See benchmarks/bench_logreg.py and docs/heads.md.
 TOLERANCE_GAP = 1e-6
 TOLERANCE_GRAD = 1e-6
