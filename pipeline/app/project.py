@@ -75,7 +75,8 @@ class Project:
         counts = count_classes(self.images, VAL_FRACTION)
         return {"classes": [{"name": c.name, "images": c.images, "bursts": len(c.bursts), "val": c.val}
                             for c in counts],
-                "advice": advice(counts), "trash": len(self.trash_items())}
+                "advice": [line.replace("(run --collect again for each)", "(hold its Record button again)")
+                           for line in advice(counts)], "trash": len(self.trash_items())}
 
     def add_class(self, name: str) -> None:
         folder = self.class_folder(name, exists=False)

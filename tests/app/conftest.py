@@ -59,3 +59,40 @@ def images_of(project_dir, name: str) -> list[str]:
 def whole_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9" and \
         cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+class Server:
+    """``run_webcam.py --serve`` in a child process on a free port; ``url`` is the address it printed."""
+
+    def __init__(self, project, *extra: str):
+        import subprocess
+        import sys
+
+        from tests.helpers import ROOT
+
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_webcam.py"), "--serve", "--project", str(project), "--port", "0",
+             "--weights", "random", *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.url = self.process.stdout.readline().strip()  # the one address (or "" when it stopped)
+        self.base = self.url.split("/?")[0]
+        self.token = self.url.rsplit("token=", 1)[-1]
+
+    def stop(self, kill: bool = False) -> str:
+        """Stop it (SIGKILL with ``kill``, else SIGTERM); returns what it wrote to stderr."""
+        if self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+        _, err = self.process.communicate(timeout=30)
+        return err
+
+
+@pytest.fixture
+def server(project_dir):
+    started = []
+
+    def start(*extra: str, project=None) -> Server:
+        started.append(Server(project or project_dir, *extra))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.stop()
