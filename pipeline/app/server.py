@@ -70,6 +70,9 @@ def serve(config: ServeConfig, *, ready=None) -> int:
     except ImportError as err:
         raise UserError(f"--serve needs the app's packages ({err.name} is missing): pip install -r "
                         f"{APP_REQUIREMENTS}") from None
+    from pipeline.backbones.catalog import check_name
+
+    check_name(config.backbone)  # an unknown backbone is one line now, not when the page first trains
     project_dir = Path(config.project).expanduser()
     busy = lambda holder: UserError(f"--project {project_dir} is open in another server ({holder}); use its page, "
                                     "or stop it first (one server per project folder)")

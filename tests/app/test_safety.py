@@ -105,6 +105,9 @@ def test_the_serve_flags(tmp_path):
         parse("--backbone", "alexnet")
     with pytest.raises(UserError, match="--port must be from 0"):
         parse("--serve", "--port", "70000").check()
+    with pytest.raises(UserError, match="unknown backbone family 'nope:'"):
+        serve(parse("--serve", "--backbone", "nope:net", "--project", str(tmp_path / "p")))
+    assert not (tmp_path / "p").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is a file"):
         parse("--serve", "--project", str(tmp_path / "file")).check()
