@@ -22,7 +22,7 @@ $(STAMP): requirements.txt
 TEST_WORKERS ?= auto      # pytest-xdist workers (auto: one per core); 0 runs the suite in one process
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(strip $(TEST_WORKERS)) tests
+	$(BIN)/python -m pytest -q -n $(strip $(TEST_WORKERS)) -m "not e2e" tests
 
 # the data: DATA= if given; else data/tiny-imagenet-200 (folder or zip); else fetch it there (md5-checked, progress bar)
 DATA_ARGS = $(if $(strip $(DATA)),--data $(strip $(DATA)),$(if $(wildcard data/tiny-imagenet-200 data/tiny-imagenet-200.zip),,--download))

@@ -19,6 +19,12 @@ then extract and train on DIR as an ImageFolder dataset:
     python run_webcam.py --collect mug --into data/desk            # camera 0: 60 frames, every 5th, after 3 s
     python run_webcam.py --collect pen --into data/desk --source pen.mp4 --count 30 --every 2
 
+Or teach it in the browser: a local page for your classes, samples and webcam capture (pip install -r
+requirements-app.txt), which prints the one address to open:
+
+    python run_webcam.py --serve                                   # project folder runs/app, http://127.0.0.1:8765/
+    python run_webcam.py --serve --project runs/desk --port 8800 --weights random
+
 In the window, q or Esc quits; on still images any other key shows the next one.
 
 Video files, images and folders are classified --batch-frames frames per forward pass (default 8; a
@@ -32,7 +38,8 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import run_main
-from pipeline.common.config import COLLECT_COUNTDOWN, RUNTIMES, CollectConfig, LiveConfig, webcam_config
+from pipeline.common.config import (COLLECT_COUNTDOWN, RUNTIMES, SERVE_HOST, SERVE_PORT, CollectConfig, LiveConfig,
+                                    ServeConfig, webcam_config)
 from pipeline.common.names import IMAGE_SUFFIXES
 from pipeline.backbones.precision import PRECISION_CHOICES
 
@@ -95,14 +102,38 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--countdown", type=float, metavar="S",
                          help=f"seconds before saving starts, to get in place (default {COLLECT_COUNTDOWN:g} on a "
                               "camera, 0 on a video or folder)")
+    add_serve_flags(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.commands import live
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """--serve and its flags: the fields of ServeConfig."""
+    serve = p.add_argument_group("serve (the local web app; --weights and --seed above apply)")
+    serve.add_argument("--serve", action="store_true", help="serve the page for your classes, samples and webcam "
+                                                            "capture, and print its address (with its token)")
+    serve.add_argument("--project", type=Path, metavar="DIR",
+                       help=f"the project folder: images, trash, cache and head runs (default {ServeConfig().project})")
+    serve.add_argument("--port", type=int, help=f"the page's port (default {SERVE_PORT}; 0: any free one)")
+    serve.add_argument("--host", help=f"the address to listen on (default {SERVE_HOST}: this computer only; another "
+                                      "one is reachable from the network, and capture then needs HTTPS)")
+    serve.add_argument("--backbone", help="the backbone the page trains on, as run_extract.py names it (default "
+                                          f"{ServeConfig().backbone})")
 
+
+def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))  # the flags typed, and only those
-    return run_main(lambda: live(webcam_config(given)))
+
+    def body() -> int:
+        config = webcam_config(given)
+        if isinstance(config, ServeConfig):  # the app composes the stages itself; nothing else imports it
+            from pipeline.app.server import serve
+
+            return serve(config)
+        from pipeline.commands import live
+
+        return live(config)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ ALLOWED = {
     "features": set(),
     "models": set(),
     "benchmarks": {"pipeline", *STAGES, *BELOW_STAGES},
+    "pipeline.app": {"pipeline", *STAGES, *BELOW_STAGES},  # the web app composes stages, as the commands do
 }
+ALLOWED["run"] = {*ALLOWED["run"], "pipeline.app"}  # only an entry script starts the app: nothing else imports it
 # facts that must be defined in exactly one module
 SHARED_CONSTANTS = ("PRECISIONS", "DTYPES", "IMAGE_SUFFIXES", "CHECKPOINT_FORMAT", "DEFAULT_DATA", "DEFAULT_FEATURES",
                     "DEFAULT_HEAD", "DEFAULT_CHECKPOINT", "TINY_IMAGENET_URL", "TINY_IMAGENET_MD5", "MIN_IMAGE_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "FORMAT_VERSION", "REQUIRED_KEYS")
@@ -198,3 +200,10 @@ def test_the_tests_mirror_the_tree():
     assert len(folders) >= 5, folders
     defined = [p for p in (ROOT / "tests").rglob("*.py") if re.search(r"^ROOT = ", p.read_text(), re.M)]
     assert [p.name for p in defined] == ["helpers.py"], defined
+
+
+def test_nothing_but_an_entry_script_imports_the_app(graph):
+    """pipeline/app/ composes stages (and may import them); no stage, shared package or command imports it."""
+    wrong = [f"{a} -> {b}" for a, targets in graph.items() if layer(a) not in ("run", "pipeline.app")
+             for b in targets if layer(b) == "pipeline.app"]
+    assert not wrong, "only run_*.py may import pipeline.app: " + ", ".join(wrong)

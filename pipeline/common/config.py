@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipeline.common.errors import UserError
-from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DTYPES, TINY_IMAGENET_MD5,
-                                   TINY_IMAGENET_URL, VAL_FRACTION)
+from pipeline.common.names import (DEFAULT_CHECKPOINT, DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_PROJECT, DTYPES,
+                                   TINY_IMAGENET_MD5, TINY_IMAGENET_URL, VAL_FRACTION)
 from pipeline.common.preprocess import MODES
 
 MAX_RATE = 1e3  # --lr and --weight-decay: far above any useful value, far below float32 overflow
@@ -324,18 +324,48 @@ class CollectConfig(FramesConfig):
             raise UserError(f"--countdown must be from 0 to 3600 seconds, got {self.countdown}")
 
 
-def webcam_config(given: dict) -> LiveConfig | CollectConfig:
+SERVE_PORT = 8765  # run_webcam.py --serve: the page's port (0: any free one)
+SERVE_HOST = "127.0.0.1"  # --serve listens on the loopback only unless --host says otherwise
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """run_webcam.py --serve: the local web app over a project folder (pipeline.app). Each field is the flag of the
+    same name; --backbone, --weights and --seed are those of run_extract.py (the page's training uses them)."""
+
+    serve: bool = True
+    project: Path = DEFAULT_PROJECT  # the ImageFolder (images/), its trash, the cache and the head runs
+    port: int = SERVE_PORT
+    host: str = SERVE_HOST
+    backbone: str = "alexnet"
+    weights: str = "pretrained"
+    seed: int = 0
+
+    def check(self) -> None:
+        check_seed(self.seed)
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be from 0 (any free port) to 65535, got {self.port}")
+        if not self.host.strip():
+            raise UserError("--host is empty; leave it out to listen on 127.0.0.1 only")
+        if Path(self.project).exists() and not Path(self.project).is_dir():
+            raise UserError(f"--project {self.project} is a file; pass a folder (it is created if missing)")
+
+
+def webcam_config(given: dict) -> LiveConfig | CollectConfig | ServeConfig:
     """The settings of run_webcam.py from the flags typed (``given``: field -> value, those typed only; the config's
     own defaults fill in the rest): collection's with --collect, else live classification's.
 
     One rule keeps the two apart: a command takes exactly its config's fields, so a flag of the other command is
     one line naming it (``--collect mug --into d --checkpoint x``: "drop --checkpoint")."""
-    kind = CollectConfig if "collect" in given else LiveConfig
+    kind = ServeConfig if "serve" in given else CollectConfig if "collect" in given else LiveConfig
     takes = {field.name for field in fields(kind)}
     foreign = ", ".join(f"--{name.replace('_', '-')}" for name in given if name not in takes)
+    if foreign and kind is ServeConfig:
+        raise UserError(f"--serve runs the page and takes --project, --port, --host, --backbone, --weights and --seed; "
+                        f"drop {foreign}")
     if foreign and kind is CollectConfig:
         raise UserError(f"--collect saves frames and classifies nothing; drop {foreign} "
                         "(or run those without --collect)")
     if foreign:
-        raise UserError(f"{foreign} only apply to --collect CLASS; add --collect, or drop them")
+        raise UserError(f"{foreign} only apply to --collect CLASS or --serve; add one, or drop them")
     return kind(**given)

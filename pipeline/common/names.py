@@ -23,6 +23,7 @@ DEFAULT_DATA = Path("data/tiny-imagenet-200")  # the dataset folder (or the zip 
 DEFAULT_FEATURES = Path("runs/features")  # the cache: train.h5 and val.h5
 DEFAULT_HEAD = Path("runs/head")  # a head's run folder
 DEFAULT_CHECKPOINT = DEFAULT_HEAD / "best.pt"
+DEFAULT_PROJECT = Path("runs/app")  # run_webcam.py --serve: the project folder
 
 PRETRAINED_SPECS = ("imagenet", "pretrained")  # weights read from the family's own cache (torchvision: imagenet)
 VERSION = "0.8.0"  # the project's version: stamped into exported classifiers (the one place it is defined)
