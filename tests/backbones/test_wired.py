@@ -179,15 +179,19 @@ def test_a_cross_backbone_grid_compares_them_in_one_table(made, tmp_path):
     assert (out / "experiments.png").is_file() and (out / "best.pt").is_file()
 
 
-def test_caches_of_different_datasets_are_refused_in_one_line(made, tmp_path, capsys):
+def test_caches_of_different_datasets_and_backbones_each_train_on_their_own(made, tmp_path):
+    """#33: --features may name caches of different datasets; each head reads its own cache's rows and classes."""
     other = make_tiny_imagenet(tmp_path / "other", num_classes=2, train_per_class=2, val_per_class=1)
     feats = tmp_path / "feats"
     assert run_extract.main(["--data", str(other), "--out", str(feats), "--weights", "random", *SMALL]) == 0
-    capsys.readouterr()
     out = tmp_path / "grid"
     assert run_train_head.main([*CPU, "--features", f"{made['r18']},{feats}", "--out", str(out), "--head", "knn",
-                                "--no-progress"]) == 2
-    assert "hold different datasets" in one_error_line(capsys) and not out.exists()
+                                "--k", "1", "--select", "val", "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "experiments.csv")))
+    assert len(rows) == 2 and len({r["backbone"] for r in rows}) == 2
+    records = [json.loads(p.read_text()) for p in sorted(out.rglob("result.json"))]
+    assert sorted(r["cache"]["val"]["num_rows"] for r in records) == sorted(
+        [len(open_split(made["r18"] / "val.h5", "penultimate").labels), len(open_split(feats / "val.h5").labels)])
 
 
 def test_alexnet_refuses_another_models_weights_enum_in_one_line():
