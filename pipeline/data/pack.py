@@ -45,16 +45,20 @@ def pack_dataset(config: ExtractConfig) -> dict:
     _check_target(out, Path(dataset.root).resolve())
     incoming = out / INCOMING
     shutil.rmtree(incoming, ignore_errors=True)  # what a killed packing left
+    publishing = []  # once the old manifest is gone, the new shards are kept: the rerun finds an unfinished pack
     try:
         splits = {name: _write_split(dataset, name, incoming, config.shard_size) for name in SPLITS}
         manifest = _manifest(dataset, splits, config)
-        _publish(out, incoming, manifest)
+        _publish(out, incoming, manifest, publishing)
     except OSError as err:
-        shutil.rmtree(incoming, ignore_errors=True)
+        if not publishing:
+            shutil.rmtree(incoming, ignore_errors=True)
+        kept = "a pack that was there is kept" if not publishing else "the unfinished pack is replaced"
         raise UserError(f"cannot write the pack in {out} ({err.strerror or err}); free space or fix permissions, "
-                        "then pack again (a pack that was there is kept)") from None
+                        f"then pack again ({kept})") from None
     except BaseException:
-        shutil.rmtree(incoming, ignore_errors=True)
+        if not publishing:
+            shutil.rmtree(incoming, ignore_errors=True)
         raise
     return manifest
 
@@ -165,8 +169,9 @@ def _manifest(dataset: Dataset, splits: dict, config: ExtractConfig) -> dict:
             "splits": splits}
 
 
-def _publish(out: Path, incoming: Path, manifest: dict) -> None:
+def _publish(out: Path, incoming: Path, manifest: dict, publishing: list) -> None:
     """The new shards in place of the old pack's, then the manifest: until it is written, OUT is no pack."""
+    publishing.append(True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on, OUT is an unfinished pack until the new manifest is in
     for name in SPLITS:
         old = out / name
