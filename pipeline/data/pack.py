@@ -82,14 +82,14 @@ def _write_split(dataset: Dataset, name: str, incoming: Path, shard_size: int) -
     (incoming / name).mkdir(parents=True, exist_ok=True)
     shards, seen, writer = [], {}, None
     for rel, label in zip(split.paths, split.labels):
-        key = key_of(rel)
+        key, ext = _key_and_extension(dataset, rel)
         if key in seen:
             raise UserError(f"{dataset.root / seen[key]} and {dataset.root / rel} would be one sample {key!r} of the "
                             "pack (one name, two formats); rename one of them")
         seen[key] = rel
         if writer is None:
             writer = _ShardWriter(incoming, f"{name}/{len(shards):06d}.tar")
-        writer.add(key, SUFFIX_OF.get(suffix(rel), suffix(rel)[1:]), label, _read(dataset, rel))
+        writer.add(key, ext, label, _read(dataset, rel))
         if writer.samples >= shard_size or writer.bytes >= PACK_SHARD_BYTES:
             shards.append(writer.close())
             writer = None
@@ -97,6 +97,13 @@ def _write_split(dataset: Dataset, name: str, incoming: Path, shard_size: int) -
         shards.append(writer.close())
     log.info("%s: %d images in %d shards", name, len(split), len(shards))
     return {"shards": shards, "skipped": list(split.excluded)}
+
+
+def _key_and_extension(dataset: Dataset, rel: str) -> tuple[str, str]:
+    """A sample's key and member extension: from its path; a pack's sample keeps its own (the shard dropped)."""
+    if dataset.layout == PACK:
+        return rel.split(".tar/", 1)[1], dataset.source.extensions[rel]
+    return key_of(rel), SUFFIX_OF.get(suffix(rel), suffix(rel)[1:])
 
 
 def _read(dataset: Dataset, rel: str) -> bytes:

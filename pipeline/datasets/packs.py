@@ -93,10 +93,12 @@ class PackSource:
     def __init__(self, root: Path, shards: list[dict]):
         self.root, self.shards = Path(root), {s["name"]: s for s in shards}
         self.members: dict[str, tuple[str, int, int]] = {}
+        self.extensions: dict[str, str] = {}  # each sample's member extension (jpg, png, ...): a pack packed again
         for shard in shards:
             name = shard["name"]
-            for key, offset, size in zip(shard["keys"], shard["offsets"], shard["sizes"]):
+            for key, offset, size, ext in zip(shard["keys"], shard["offsets"], shard["sizes"], shard["extensions"]):
                 self.members[f"{name}/{key}"] = (name, offset, size)
+                self.extensions[f"{name}/{key}"] = ext
         self._reset()
 
     def _reset(self) -> None:

@@ -83,6 +83,12 @@ def test_a_pack_reads_as_the_folder_did_and_packing_again_gives_the_same_shards(
     again = read_manifest(tmp_path / "again")
     assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in packed["manifest"]["splits"]["train"]["shards"]]
+    assert pack(tmp_path / "again", tmp_path / "repacked", "--shard-size", "3") == 0  # a pack packed again
+    repacked = read_manifest(tmp_path / "repacked")
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in repacked["splits"][split]["shards"]] == \
+            [s["sha256"] for s in packed["manifest"]["splits"][split]["shards"]]
+    assert repacked["split_rule"] == packed["manifest"]["split_rule"]
 
 
 def test_one_imagefolder_is_split_when_packing_and_the_rule_is_recorded(tmp_path):
