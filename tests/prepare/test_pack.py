@@ -79,6 +79,11 @@ def test_a_pack_reads_as_the_folder_did_and_packing_again_gives_the_same_shards(
         assert paths[0].startswith(f"{split}/000000.tar/")  # SHARD/KEY
         assert dataset.splits[split].labels == folder.splits[split].labels
         assert dataset.read_bytes(paths[-1]) == (packed["data"] / folder.splits[split].paths[-1]).read_bytes()
+    summary = tmp_path / "prep.json"
+    assert run_extract.main(["--data", str(packed["out"]), "--prepare-only", "--no-progress", "--summary-json",
+                             str(summary)]) == 0  # every sample decoded once
+    prep = json.loads(summary.read_text())
+    assert prep["layout"] == "pack" and prep["splits"]["train"]["images"] == 8 and not prep["skipped"]
     assert pack(packed["data"], tmp_path / "again", "--shard-size", "3") == 0
     again = read_manifest(tmp_path / "again")
     assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == \
