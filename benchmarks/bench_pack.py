@@ -7,6 +7,8 @@
     compute loop), folder and pack alternating (folder, pack, folder, pack, ...), median of ``--rounds``;
     the same images, settings and batches (the pack's shards hold --shard-size images, as the folder's cache
     shards do), so the features agree bit for bit, which is checked;
+(a') the reader alone (read, hash, decode, resize; no backbone), folder and pack alternating in one process, median
+    of 5: the only part of the steady state that differs, measured apart from the backbone's noise;
 (b) indexing a pack of ``--index-images`` samples (real 64x64 JPEG bytes, 200 classes): ``index_dataset`` on it,
     in this process with a warm page cache, median of ``--rounds``.
 Writes benchmarks/results/pack-<cpu tag>.json.
@@ -80,10 +82,39 @@ def measure_extraction(args, tmp: Path) -> dict:
             print(name, runs[name][-1], flush=True)
     median = {name: {key: statistics.median(r[key] for r in found) for key in ("whole_s", "steady_img_s")}
               for name, found in runs.items()}
-    return {"images": args.classes * args.per_class, "runs": runs, "median": median,
+    reading = measure_reading(data, tmp / "pack", rounds=max(5, args.rounds))
+    return {"images": args.classes * args.per_class, "runs": runs, "median": median, "reading": reading,
             "pack_whole_over_folder": round(median["pack"]["whole_s"] / median["folder"]["whole_s"], 3),
             "pack_steady_over_folder": round(median["pack"]["steady_img_s"] / median["folder"]["steady_img_s"], 3),
             "bit_for_bit": same_features(tmp / "out-folder", tmp / "out-pack")}
+
+
+def measure_reading(folder: Path, pack: Path, rounds: int) -> dict:
+    """The part of the steady state that differs: reading, hashing, decoding and resizing every train image as the
+    extraction's reader does (pipeline.extract.reading.BatchReader, batches of 64, one thread), no backbone; folder
+    and pack alternating in this process, median of ``rounds``."""
+    import numpy as np
+
+    from pipeline.common.preprocess import Preprocess
+    from pipeline.datasets.dataset import index_dataset
+    from pipeline.extract.reading import BatchReader
+
+    seconds: dict[str, list[float]] = {"folder": [], "pack": []}
+    for _ in range(rounds):
+        for name, source in (("folder", folder), ("pack", pack)):
+            dataset = index_dataset(source)  # a fresh index: a pack checks each shard's sha256 again
+            paths = dataset.splits["train"].paths
+            batches = [(0, np.arange(i, min(i + 64, len(paths)))) for i in range(0, len(paths), 64)]
+            reader = BatchReader(dataset.root, paths, batches, Preprocess(), min_side=None,
+                                 read=dataset.read_bytes if dataset.source is not None else None)
+            start = time.perf_counter()
+            for i in range(len(reader)):
+                reader[i]
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(found) for name, found in seconds.items()}
+    return {"seconds": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
+            "median_s": {k: round(v, 3) for k, v in median.items()},
+            "pack_over_folder": round(median["pack"] / median["folder"], 3)}
 
 
 def write_big_pack(folder: Path, images: int, classes: int = 200) -> None:
@@ -143,6 +174,8 @@ def main(argv=None) -> int:
     ext = results["extraction"]
     print(f"pack / folder, median of {args.rounds}: whole process {ext['pack_whole_over_folder']}x the time, steady "
           f"{ext['pack_steady_over_folder']}x the images/s; bit for bit: {ext['bit_for_bit']}")
+    print(f"reading, decoding and resizing alone, median of {len(ext['reading']['seconds']['pack'])}: pack "
+          f"{ext['reading']['pack_over_folder']}x the folder's time")
     print(f"indexing a pack of {results['indexing']['images']} images: {results['indexing']['median_s']} s -> {out}")
     return 0
 
