@@ -73,12 +73,14 @@ def test_a_repacked_dataset_updates_incrementally(sources, tmp_path, caplog):
     shutil.copytree(sources["packed"], out)
     images = data / "train" / "n01443537" / "images"
     from PIL import Image
-    Image.fromarray(class_image(0, 99)).save(images / "n01443537_9.JPEG", quality=90)  # added: shifts later shards
+    for i in (7, 8, 9):  # added: they shift every later sample to another shard, and add a fourth shard
+        Image.fromarray(class_image(0, 90 + i)).save(images / f"n01443537_{i}.JPEG", quality=90)
     (data / "train" / "n02002724" / "images" / "n02002724_3.JPEG").unlink()  # removed: its row dropped
     pack(data, tmp_path / "pack")
+    assert len(list((tmp_path / "pack" / "train").glob("*.tar"))) == 4  # was 3
     caplog.set_level(logging.INFO)
     assert extract(tmp_path / "pack", out) == 0
-    assert "reused 7, extracted 1, dropped 1" in caplog.text
+    assert "reused 7, extracted 3, dropped 1" in caplog.text
     fresh = tmp_path / "fresh"
     assert extract(tmp_path / "pack", fresh) == 0
     old, new, want = rows(sources["packed"], "train"), rows(out, "train"), rows(fresh, "train")
