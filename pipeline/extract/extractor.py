@@ -7,8 +7,8 @@ Data path (pipeline.extract.reading): whole batches of JPEGs are read, hashed an
 on the CPU by threads of this process that also resize and crop them as uint8 (read_ahead), on CUDA by
 DataLoader worker processes; the main process normalises on the device, runs the backbone in channels_last
 with its weights cast once to the compute precision (one pass fills every requested layer), and writes
-one shard file per ``shard_size`` rows (features.cache). Under torchrun each rank takes every
-world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
+one shard file per ``shard_size`` rows, or per shard of a pack (features.cache). Under torchrun, on one node or
+several, each rank takes every world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
 
 An image that cannot be read (an I/O error, permission denied, a vanished drive) stops the run with one
 line naming it; only content that does not decode is a listed skip. The shard it belongs to is not
