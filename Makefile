@@ -20,9 +20,10 @@ $(STAMP): requirements.txt
 	touch $@
 
 TEST_WORKERS ?= auto      # pytest-xdist workers (auto: one per core); 0 runs the suite in one process
+# the multi-process torchrun tests (marker multiprocess) and the app's browser tests (e2e) are left out here; .ci/run runs them
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(strip $(TEST_WORKERS)) -m "not e2e" tests
+	$(BIN)/python -m pytest -q -n $(strip $(TEST_WORKERS)) -m "not e2e and not multiprocess" tests
 
 # the data: DATA= if given; else data/tiny-imagenet-200 (folder or zip); else fetch it there (md5-checked, progress bar)
 DATA_ARGS = $(if $(strip $(DATA)),--data $(strip $(DATA)),$(if $(wildcard data/tiny-imagenet-200 data/tiny-imagenet-200.zip),,--download))

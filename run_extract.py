@@ -10,6 +10,7 @@
     python run_extract.py --data tiny-imagenet-200.zip --weights alexnet-owt-7be5be79.pth
     python run_extract.py --download                             # fetch and check the official zip first
     python run_extract.py --data DIR --prepare-only --summary-json prep.json
+    python run_extract.py --data DIR --pack packed && python run_extract.py --data packed   # tar shards in
     torchrun --nproc_per_node=4 run_extract.py --device cuda     # one shard list, several GPUs
 
 Every flag is the ExtractConfig field of the same name (pipeline.common.config).
@@ -48,6 +49,9 @@ def _data_options(p: argparse.ArgumentParser, d) -> None:
     data.add_argument("--url", default=d.url, help="download address (a mirror)")
     data.add_argument("--md5", default=d.md5, help="expected md5 of the downloaded zip")
     data.add_argument("--prepare-only", action="store_true", help="prepare and check the data, print a summary, stop")
+    data.add_argument("--pack", type=Path, default=d.pack, metavar="OUT",
+                      help="write the dataset as tar shards (OUT/train/*.tar, OUT/val/*.tar, up to --shard-size images "
+                           "each) and OUT/manifest.json, then stop; --data OUT then reads the pack (docs/data.md)")
     data.add_argument("--summary-json", type=Path, default=d.summary_json, help="also write the preparation summary here")
     data.add_argument("--arrange-val", action="store_true",
                       help="hard-link val images into val/<wnid>/images/ (the only option that writes to the dataset)")

@@ -31,8 +31,31 @@ def run_extract(config: ExtractConfig) -> int:
 
         print(layer_listing(config.list_layers) if config.list_layers else backbone_listing(config.list_backbones))
         return 0
+    if config.pack is not None:
+        return pack(config)
     config = settle(config)  # an unknown backbone name is one line before any data is read
     return prepare(config) if config.prepare_only else extract(config)
+
+
+def pack(config: ExtractConfig) -> int:
+    """``--pack OUT``: the dataset written as tar shards and a manifest (pipeline.data.pack); no extraction."""
+    from pipeline.common.errors import UserError
+    from pipeline.common.config import check_val_fraction
+    from pipeline.data.pack import pack_dataset
+
+    if config.out is not None or config.prepare_only:
+        raise UserError(f"--pack {config.pack} writes the pack and stops, like --prepare-only: drop "
+                        f"{'--out' if config.out is not None else '--prepare-only'}, then extract with --data {config.pack}")
+    check_val_fraction(config.val_fraction)
+    if config.shard_size < 1:
+        raise UserError(f"--shard-size must be 1 or more, got {config.shard_size}")
+    manifest = pack_dataset(config)
+    for name, split in manifest["splits"].items():
+        shards = split["shards"]
+        log.info("  %-5s %6d images in %d shards (%.1f MiB), %d skipped", name, sum(s["samples"] for s in shards),
+                 len(shards), sum(s["bytes"] for s in shards) / 2**20, len(split["skipped"]))
+    log.info("packed %s into %s; extract it with --data %s", manifest["source"]["root"], config.pack, config.pack)
+    return 0
 
 
 def prepare(config: ExtractConfig) -> int:

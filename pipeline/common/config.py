@@ -78,6 +78,7 @@ class ExtractConfig:
     progress: bool = True
     layers: tuple[str, ...] | None = None  # cached layers (one pass fills them all); None: default_layers(backbone)
     prepare_only: bool = False  # prepare and check the data, log a summary, stop
+    pack: Path | None = None  # write the dataset as tar shards and a manifest here (pipeline.data.pack), stop
     summary_json: Path | None = None  # also write the preparation summary here
 
     def check(self) -> None:

@@ -117,7 +117,8 @@ def prepare_dataset(config: ExtractConfig, *, min_side: int | None = None) -> di
         log.info("arranged val: %d new links under %s/val/<wnid>/images", arrange_val(dataset), dataset.root)
     # images the index could not take (a name that is not UTF-8) are skips too, listed first
     skipped = {name: [Skipped(**item) for item in split.excluded]
-               + verify_images(dataset.root, split.paths, progress=progress, min_side=min_side)
+               + verify_images(dataset.root, split.paths, progress=progress, min_side=min_side,
+                               read=dataset.read_bytes if dataset.source is not None else None)
                for name, split in dataset.splits.items()}
     enforce_skip_policy([s for found in skipped.values() for s in found], strict=strict)
     summary = prepare_summary(dataset, skipped, val_fraction)

@@ -20,6 +20,7 @@ from pipeline.common.names import VAL_FRACTION
 from pipeline.datasets.indexing import (IMAGEFOLDER, IMAGEFOLDER_SPLITS, LAYOUTS, SPLITS, TINY_IMAGENET, Dataset,
                                       Split, examples, list_images, log_index, read_lines, shown, subfolders)
 from pipeline.datasets.layouts import detect_layout, find_image_folder, index_image_folder
+from pipeline.datasets.packs import PACK, index_pack, is_pack
 
 __all__ = ["IMAGEFOLDER", "IMAGEFOLDER_SPLITS", "LAYOUTS", "SPLITS", "TINY_IMAGENET", "Dataset", "Split",
            "arrange_val", "find_root", "index_dataset", "layout_of",
@@ -38,7 +39,7 @@ def find_root(path: Path) -> Path:
     single sub-folder that does; else an ImageFolder dataset there (or in its one sub-folder, as a zip
     unpacks). Anything else is one line saying what was found and what is expected."""
     path = Path(path).resolve()
-    if (path / "wnids.txt").is_file():
+    if (path / "wnids.txt").is_file() or is_pack(path):
         return path
     candidates = sorted(p.parent for p in path.glob("*/wnids.txt"))
     if len(candidates) == 1:
@@ -50,6 +51,8 @@ def find_root(path: Path) -> Path:
 
 def layout_of(root: Path) -> str:
     """The layout of the dataset folder ``root`` (found by find_root): one of LAYOUTS."""
+    if is_pack(root):
+        return PACK
     return TINY_IMAGENET if (Path(root) / "wnids.txt").is_file() else detect_layout(Path(root))
 
 
@@ -57,9 +60,11 @@ def index_dataset(root: Path, val_fraction: float = VAL_FRACTION) -> Dataset:
     """Index the dataset at ``root`` (found by find_root) in its layout. Reads no image.
 
     ``val_fraction``: the one ImageFolder layout only; the share of each class held out for val, by a hash
-    of each path (pipeline.datasets.holdout)."""
+    of each path (pipeline.datasets.holdout). A pack (pipeline.datasets.packs) keeps the split made when packing."""
     root = Path(root)
     layout = layout_of(root)
+    if layout == PACK:
+        return index_pack(root)
     if layout != TINY_IMAGENET:
         return index_image_folder(root, layout, val_fraction)
     return index_tiny_imagenet(root)
@@ -209,6 +214,8 @@ def arrange_val(dataset: Dataset) -> int:
     val/images and the annotations stay as they are. Idempotent, and safe to interrupt: each link
     appears atomically under its final name. Returns how many links were made.
     """
+    if dataset.layout == PACK:
+        raise UserError(f"--arrange-val: {dataset.root} is a pack, whose val needs no arranging; drop --arrange-val")
     made = 0
     for rel, label in zip(dataset.splits["val"].paths, dataset.splits["val"].labels):
         source = dataset.root / rel

@@ -21,12 +21,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.common.errors import UserError, first_line
 from pipeline.datasets.jpeg import decode_with_pillow, jpeg_size, reduction
+from pipeline.datasets.packs import PackDamaged
 # stack_or_list lives beside the resize it batches for; extraction imports it from here too
 from pipeline.common.preprocess import aspect_problem, stack_or_list  # noqa: F401
 
@@ -72,11 +74,17 @@ def unreadable(path: str | Path, err: OSError) -> UserError:
     return UserError(f"cannot read {path} ({reason}); check the drive and the file's permissions, then rerun")
 
 
-def read_bytes(path: str | Path) -> torch.Tensor:
-    """The file's bytes as a 1-d uint8 tensor (what decode_image takes). Raises ImageReadError."""
+def read_bytes(path: str | Path, read: Callable[[str], bytes] | None = None) -> torch.Tensor:
+    """The file's bytes as a 1-d uint8 tensor (what decode_image takes). Raises ImageReadError.
+
+    ``read``: reads ``path`` (a dataset's read_bytes: a pack's sample) in place of opening the file; a pack's
+    PackDamaged passes through."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if read is not None:
+            data = read(str(path))
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as err:
         raise ImageReadError(err.errno, err.strerror or first_line(err), str(path)) from err
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
@@ -121,11 +129,12 @@ def _decode_full(data: torch.Tensor) -> torch.Tensor:
     return image  # as decoded: JPEG comes channels-last in memory, the layout the resize is fastest in
 
 
-def read_rgb(path: str | Path, *, min_side: int | None = None) -> torch.Tensor:
+def read_rgb(path: str | Path, *, min_side: int | None = None, read: Callable[[str], bytes] | None = None) -> torch.Tensor:
     """(3, H, W) uint8 RGB from an image file. ImageDecodeError: a skip; ImageReadError (OSError): stop.
 
-    ``min_side``: decode a large JPEG reduced, to no less than this shorter side (decode_rgb)."""
-    return decode_rgb(read_bytes(path), min_side=min_side)
+    ``min_side``: decode a large JPEG reduced, to no less than this shorter side (decode_rgb). ``read``: as
+    read_bytes."""
+    return decode_rgb(read_bytes(path) if read is None else read_bytes(path, read), min_side=min_side)
 
 
 def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
@@ -137,25 +146,30 @@ def _decode_reduced(data: torch.Tensor, scale: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last in memory, as decode_jpeg gives
 
 
-def check_image(root: Path, rel: str, min_side: int | None = None) -> Skipped | None:
-    """None when the image decodes, a Skipped when its content does not; a read error stops (UserError)."""
+def check_image(root: Path, rel: str, min_side: int | None = None,
+                read: Callable[[str], bytes] | None = None) -> Skipped | None:
+    """None when the image decodes, a Skipped when its content does not; a read error stops (UserError), and so
+    does a damaged pack shard. ``read``: the dataset's read_bytes, which takes ``rel``."""
     try:
-        read_rgb(root / rel, min_side=min_side)
+        read_rgb(rel if read is not None else root / rel, min_side=min_side, read=read)
     except ImageDecodeError as err:
         return Skipped(rel, str(err))
     except OSError as err:
         raise unreadable(root / rel, err) from None
+    except PackDamaged as err:
+        raise UserError(str(err)) from None
     return None
 
 
 def verify_images(root: Path, paths: list[str], *, workers: int = 4, progress: bool = True,
-                  min_side: int | None = None) -> list[Skipped]:
-    """Decode every image once (a large JPEG reduced to ``min_side``, as read_rgb); return the ones that fail, in order."""
+                  min_side: int | None = None, read: Callable[[str], bytes] | None = None) -> list[Skipped]:
+    """Decode every image once (a large JPEG reduced to ``min_side``, as read_rgb); return the ones that fail, in order.
+    ``read``: the dataset's read_bytes (a pack's samples)."""
     from tqdm import tqdm
 
     pool = ThreadPoolExecutor(max(1, workers))  # decoding releases the GIL
     try:
-        results = pool.map(lambda rel: check_image(root, rel, min_side), paths, chunksize=64)
+        results = pool.map(lambda rel: check_image(root, rel, min_side, read), paths, chunksize=64)
         return [r for r in tqdm(results, total=len(paths), desc="checking images", unit="img",
                                 disable=not progress, leave=False) if r is not None]
     finally:

@@ -50,7 +50,16 @@ class Dataset:
     full_names: list[str]  # the whole words.txt entry, or the folder name
     splits: dict[str, Split]
     ignored: list[str] = field(default_factory=list)  # stray files that are not images
-    layout: str = TINY_IMAGENET  # one of LAYOUTS
+    layout: str = TINY_IMAGENET  # one of LAYOUTS, or a pack (pipeline.datasets.packs)
+    source: object = None  # where the bytes are: a pack's PackSource; None: the files under root
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of the image at ``rel`` (a path of ``splits``): a file under ``root``, or a pack's sample.
+        OSError: it cannot be read; a pack's PackDamaged: its shard is not the one packed."""
+        if self.source is not None:
+            return self.source.read(rel)
+        with open(self.root / rel, "rb") as f:
+            return f.read()
 
     @property
     def num_classes(self) -> int:

@@ -7,8 +7,8 @@ Data path (pipeline.extract.reading): whole batches of JPEGs are read, hashed an
 on the CPU by threads of this process that also resize and crop them as uint8 (read_ahead), on CUDA by
 DataLoader worker processes; the main process normalises on the device, runs the backbone in channels_last
 with its weights cast once to the compute precision (one pass fills every requested layer), and writes
-one shard file per ``shard_size`` rows (features.cache). Under torchrun each rank takes every
-world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
+one shard file per ``shard_size`` rows, or per shard of a pack (features.cache). Under torchrun, on one node or
+several, each rank takes every world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
 
 An image that cannot be read (an I/O error, permission denied, a vanished drive) stops the run with one
 line naming it; only content that does not decode is a listed skip. The shard it belongs to is not
@@ -42,7 +42,7 @@ from pipeline.datasets.jpeg import decode_floor
 from pipeline.common.preprocess import Preprocess
 from pipeline.extract.assembly import assemble_split as _assemble  # the name tests patch to kill the assembly
 from pipeline.extract.devices import HostCopy, start_distributed, warm_up
-from pipeline.extract.freshness import dataset_changed, file_stamps, refresh_class_names, split_settings
+from pipeline.extract.freshness import dataset_changed, dataset_stamps, refresh_class_names, split_settings
 from pipeline.extract.incremental import Plan, Reuse, plan_reuse, plan_split
 from pipeline.extract.loading import default_batch_size, load_for, preprocess_of, settle
 from pipeline.extract.reading import BatchReader, read_ahead, resize_in_workers
@@ -54,7 +54,12 @@ __all__ = ["BatchReader", "ExtractResult", "SplitResult", "device_detail", "extr
 log = logging.getLogger(__name__)
 
 
-def _shards(num_rows: int, shard_size: int) -> list[range]:
+def _shards(dataset: Dataset, split: str, shard_size: int) -> list[range]:
+    """The resumable units of ``split``: ``shard_size`` rows each; for a pack, its shards (a rank takes whole ones)."""
+    if dataset.source is not None:
+        ends = np.cumsum(dataset.source.shard_rows(split)).tolist()
+        return [range(start, stop) for start, stop in zip([0, *ends[:-1]], ends)]
+    num_rows = len(dataset.splits[split].paths)
     return [range(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
 
 
@@ -89,7 +94,7 @@ def extract(config: ExtractConfig, locate: Callable[[], Path], dataset: Dataset 
     workers = config.workers if config.workers is not None else default_workers(device.type)
     _check_batch_memory(preprocess, batch_size)
     dataset = _dataset(config, locate, dataset, rank, world)
-    stamps = {split: file_stamps(dataset.root, dataset.splits[split].paths) for split in config.splits}
+    stamps = {split: dataset_stamps(dataset, split) for split in config.splits}
     opened = load_for(replace(config, layers=_layers_to_plan(config, dataset, stamps)))
     backbone, weights_spec, fingerprint = opened.module, opened.weights, opened.fingerprint
     out = Path(config.out)
@@ -191,7 +196,7 @@ def _plan(run: Run, dataset: Dataset, split: str, settings: cache.CacheSettings,
     if not plan.update:
         return plan, None
     return plan, plan_reuse(final, plan.update, config.layers, dataset.root, dataset.splits[split].paths, stamps,
-                            run.world)
+                            run.world, source=dataset.source)
 
 
 def _extract_split(run: Run, dataset: Dataset, split: str, settings: cache.CacheSettings,
@@ -210,8 +215,9 @@ def _extract_split(run: Run, dataset: Dataset, split: str, settings: cache.Cache
                  ", ".join(cache.held_layers(kept)))
     if dataset.splits[split].excluded:  # names the cache cannot store: skipped and listed, or an error with --strict
         enforce_skip_policy([Skipped(**item) for item in dataset.splits[split].excluded], strict=config.strict)
-    shards = _shards(len(paths), config.shard_size)
+    shards = _shards(dataset, split, config.shard_size)
     parts = _start_parts(run, split, settings, layers, num_rows=len(shards) and shards[-1].stop,
+                         shard_rows=[len(r) for r in shards] if dataset.source is not None else None,
                          replace_old=plan.replace_old, reuse=reuse.identity(plan.update) if reuse else None)
     start = time.perf_counter()
     computed = _compute_shards(run, dataset, split, parts, shards, layers, reuse)
@@ -228,9 +234,10 @@ def _extract_split(run: Run, dataset: Dataset, split: str, settings: cache.Cache
 
 
 def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tuple[str, ...], *, num_rows: int,
-                 replace_old: bool, reuse: dict | None = None) -> Path:
+                 shard_rows: list[int] | None, replace_old: bool, reuse: dict | None = None) -> Path:
     """The parts folder for this split's shards, made (or kept, to resume) on rank 0. ``reuse``: the identity
-    of the file an incremental update takes rows from (its shards are tied to it)."""
+    of the file an incremental update takes rows from (its shards are tied to it). Every other rank checks that
+    it sees the folder: --out must be one filesystem that every node shares."""
     out, final = Path(run.config.out), cache.split_file(run.config.out, split)
     parts = cache.parts_folder(out, split)
     if run.world > 1:
@@ -241,12 +248,17 @@ def _start_parts(run: Run, split: str, settings: cache.CacheSettings, layers: tu
             cache.discard(parts)
         # shards from another batch size, device, set of layers or update would not match: they are discarded
         layout = {"reuse": reuse} if reuse is not None else {}
+        if shard_rows is not None:  # a pack's own shards, not --shard-size
+            layout["shard_rows"] = shard_rows
         cache.start_parts(parts, settings, batch_size=run.batch_size, shard_size=run.config.shard_size,
                           num_rows=num_rows, device=run.device.type,
                           device_detail=device_detail(run.device), layers=list(layers), **layout)
         keep_record(parts, run.precision_record)  # precision hook: a resumed run reuses auto's choice
     if run.world > 1:
         dist.barrier()
+        if run.rank != 0 and not (parts / "settings.json").is_file():
+            raise UserError(f"rank {run.rank} does not see {parts}, which rank 0 made: --out {out} must be on one "
+                            "filesystem that every node shares (a network drive mounted at the same path)")
     return parts
 
 
@@ -270,7 +282,8 @@ def _compute_shards(run: Run, dataset: Dataset, split: str, parts: Path, shards:
         if not len(work[i]):
             forward.write(parts, i, forward.empty())
     reader = BatchReader(dataset.root, paths, batches, run.preprocess if in_workers else None,
-                         min_side=decode_floor(run.preprocess))
+                         min_side=decode_floor(run.preprocess),
+                         read=dataset.read_bytes if dataset.source is not None else None)
     if run.device.type == "cpu":  # threads beside the backbone's; on CUDA worker processes feed the GPU
         loader = read_ahead(reader, run.workers)
     else:
@@ -284,6 +297,8 @@ def _compute_shards(run: Run, dataset: Dataset, split: str, parts: Path, shards:
         for item in loader:
             if item["read_error"]:  # nothing of this shard is written: the rerun reads it again
                 error = item["read_error"]
+                if error.get("line"):  # a damaged pack shard
+                    raise UserError(error["line"])
                 raise UserError(f"cannot read {dataset.root / error['path']}: {error['reason']}; fix the drive or the "
                                 "file's permissions and rerun (finished shards are kept; this one is read again)")
             shard = item["shard"]

@@ -67,6 +67,15 @@ def file_stamps(root: Path, paths: list[str]) -> np.ndarray:
     return stamps
 
 
+def dataset_stamps(dataset: Dataset, split: str) -> np.ndarray:
+    """``file_stamps`` of ``split``'s images; for a pack, each sample's (size, its shard's sha256 as a number,
+    offset, the shard's size), from the manifest (pipeline.datasets.packs.PackSource.stamps)."""
+    paths = dataset.splits[split].paths
+    if dataset.source is not None:
+        return np.array(dataset.source.stamps(paths), np.int64).reshape(len(paths), len(STAMP_COLUMNS))
+    return file_stamps(dataset.root, paths)
+
+
 def files_signature(root: Path, paths: list[str], stamps: np.ndarray | None = None) -> str:
     """sha256 over each image's (path, size, mtime_ns), as recorded since 0.7 (``stamps``: from ``file_stamps``,
     already taken)."""
@@ -99,7 +108,7 @@ def split_settings(dataset: Dataset, split: str, config: ExtractConfig, weights_
     ``preprocess``: already resolved by ``preprocess_of``; ``stamps``: the split's ``file_stamps``, taken)."""
     preprocess = preprocess or preprocess_of(config)
     paths = dataset.splits[split].paths
-    stamps = file_stamps(dataset.root, paths) if stamps is None else stamps
+    stamps = dataset_stamps(dataset, split) if stamps is None else stamps
     return cache.CacheSettings(
         backbone=config.backbone, weights_fingerprint=weights_fingerprint,
         preprocess=preprocess.to_json(), dtype=config.dtype, precision=config.precision,

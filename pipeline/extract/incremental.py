@@ -14,12 +14,14 @@ import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from features import cache
 from pipeline.common.errors import UserError
+from pipeline.datasets.packs import PackDamaged
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +106,25 @@ def plan_split(path: Path, settings: cache.CacheSettings, layers: tuple[str, ...
 
 
 def plan_reuse(path: Path, attrs: dict, requested: tuple[str, ...], root: Path, paths: list[str],
-               stamps: np.ndarray, world: int) -> Reuse | None:
+               stamps: np.ndarray, world: int, source=None) -> Reuse | None:
     """Which rows of ``path`` (complete, ``attrs``) the updated split reuses: those whose image (``paths`` under
     ``root``, by dataset position, with their ``file_stamps``) is unchanged. None: none can be (logged: the split
     is extracted whole). An update that would keep less than half of the file's rows is another dataset (or
-    another dataset's worth of edits): refused, so a finished cache is never replaced without --overwrite."""
+    another dataset's worth of edits): refused, so a finished cache is never replaced without --overwrite.
+
+    ``source``: a pack's PackSource (pipeline.datasets.packs). A row is then matched by its sample's key, whatever
+    shard holds it now; it is trusted without a read when its shard's sha256 and size and its place in it are
+    those recorded (an unchanged shard), and otherwise compared by content, as a file is."""
     split = attrs["split"]
     if world > 1:
         raise UserError(f"{path} is to be updated for a changed dataset, which runs in one process: rerun "
                         "run_extract.py without torchrun (only new or changed images pass through the backbone), "
                         "or pass --overwrite to extract it whole under torchrun")
     old = cache.read_row_identity(path)
-    where = {rel: row for row, rel in enumerate(old.paths)}
-    _refuse_another_dataset(path, attrs, len({rel for rel in paths if rel in where}), len(old.paths), root)
+    match = _key if source is not None else str
+    where = {match(rel): row for row, rel in enumerate(old.paths)}
+    keys = [match(rel) for rel in paths]
+    _refuse_another_dataset(path, attrs, len({key for key in keys if key in where}), len(old.paths), root)
     if old.stamps is None:
         log.info("%s: the dataset changed, and %s records no per-image sizes and times (made by an older version), "
                  "so its rows cannot be matched: extracting the whole split again", split, path)
@@ -126,15 +134,20 @@ def plan_reuse(path: Path, attrs: dict, requested: tuple[str, ...], root: Path, 
         log.info("%s: the dataset changed and %s is to be added, which every row needs: extracting the whole split "
                  "again (at %s's recorded settings)", split, ", ".join(missing), path.name)
         return None
-    reuse = _match_rows(path, old, where, root, paths, stamps)
+    reuse = _match_rows(path, old, where, root, paths, stamps, keys, source)
     _refuse_another_dataset(path, attrs, reuse.reused, len(old.paths), root)
     log.info("%s: the dataset changed since %s was made: reused %d, extracted %d, dropped %d", split, path.name,
              reuse.reused, reuse.extracted, reuse.dropped)
     return reuse
 
 
+def _key(rel: str) -> str:
+    """A pack row's sample key: its path without the shard (``train/000003.tar/KEY`` -> ``KEY``)."""
+    return rel.split(".tar/", 1)[-1]
+
+
 def _match_rows(path: Path, old: cache.RowIdentity, where: dict[str, int], root: Path, paths: list[str],
-                stamps: np.ndarray) -> Reuse:
+                stamps: np.ndarray, keys: list[str], source=None) -> Reuse:
     """Each dataset position's row of ``old``, where its image is the one the row was made from.
 
     A row is trusted when its image's size, mtime, inode and ctime all equal what the row recorded. When only the
@@ -144,8 +157,8 @@ def _match_rows(path: Path, old: cache.RowIdentity, where: dict[str, int], root:
     old_rows = np.full(len(paths), -1, np.int64)
     sha = np.zeros((len(paths), 32), np.uint8)
     to_read: list[tuple[int, int]] = []  # (position, old row): reused if the content says so
-    for position, rel in enumerate(paths):
-        row = where.get(rel)
+    for position, key in enumerate(keys):
+        row = where.get(key)
         if row is None or stamps[position, 0] < 0 or stamps[position, 0] != old.stamps[row, 0]:
             continue  # new, unreadable (the extraction says why), or another size: another image
         same_mtime = stamps[position, 1] == old.stamps[row, 1]
@@ -157,7 +170,7 @@ def _match_rows(path: Path, old: cache.RowIdentity, where: dict[str, int], root:
             old_rows[position], sha[position] = row, old.sha256[row]
         else:
             to_read.append((position, row))
-    digests = _read_digests(root, [paths[position] for position, _ in to_read])
+    digests = _read_digests(root, [paths[position] for position, _ in to_read], source)
     if to_read:
         log.info("%s: %d images read to compare their content with their rows (copied, moved, renamed or touched "
                  "since %s was made, or recorded before 0.8)", path.stem, len(to_read), path.name)
@@ -175,13 +188,21 @@ def _match_rows(path: Path, old: cache.RowIdentity, where: dict[str, int], root:
     return Reuse(path, old_rows, dropped=len(old.paths) - reused, sha256=sha, checked=checked)
 
 
-def _read_digests(root: Path, rels: list[str], threads: int = 4) -> list[np.ndarray | None]:
+def _read_digests(root: Path, rels: list[str], source=None, threads: int = 4) -> list[np.ndarray | None]:
     """The sha256 of each file's bytes, (32,) uint8, or None where it cannot be read (threads: reads and hashing
-    release the GIL)."""
+    release the GIL). ``source``: a pack's, which reads each sample (a damaged shard: None, the extraction says why)."""
     if not rels:
         return []
+    digest = file_sha256 if source is None else partial(_sample_sha256, source)
     with ThreadPoolExecutor(threads, thread_name_prefix="extract-check") as pool:
-        return list(pool.map(lambda rel: file_sha256(root / rel), rels, chunksize=64))
+        return list(pool.map(lambda rel: digest(root / rel if source is None else rel), rels, chunksize=64))
+
+
+def _sample_sha256(source, rel: str) -> np.ndarray | None:
+    try:
+        return np.frombuffer(hashlib.sha256(source.read(rel)).digest(), np.uint8)
+    except (OSError, PackDamaged):
+        return None
 
 
 def file_sha256(path: Path) -> np.ndarray | None:

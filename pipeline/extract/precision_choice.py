@@ -23,6 +23,7 @@ from pipeline.backbones.precision import (AUTO, AUTO_ATTR, CPU_SUB_BATCH, choose
 from pipeline.common.config import ExtractConfig
 from pipeline.datasets.dataset import Dataset
 from pipeline.datasets.images import ImageDecodeError, read_rgb, stack_or_list
+from pipeline.datasets.packs import PackDamaged
 from pipeline.common.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ def _first_images(dataset: Dataset, split: str, count: int) -> list[torch.Tensor
     images = []
     for rel in dataset.splits[split].paths[:count * 4]:
         try:
-            images.append(read_rgb(dataset.root / rel))
-        except (ImageDecodeError, OSError):
+            images.append(read_rgb(rel, read=dataset.read_bytes))
+        except (ImageDecodeError, OSError, PackDamaged):
             continue
         if len(images) == count:
             break

@@ -10,7 +10,7 @@ import hashlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from features.errors import describe_error
 from pipeline.datasets import images
 from pipeline.datasets.images import ImageDecodeError, Skipped, decode_rgb, stack_or_list
+from pipeline.datasets.packs import PackDamaged
 from pipeline.common.preprocess import Preprocess
 
 __all__ = ["BatchReader", "read_ahead", "resize_in_workers"]
@@ -28,9 +29,10 @@ class BatchReader(Dataset):
     """Item i is the i-th batch of the work list: its shard, positions, uint8 images and skips."""
 
     def __init__(self, root: Path, paths: list[str], batches: list[tuple[int, np.ndarray]], preprocess: Preprocess | None,
-                 min_side: int | None = None):
+                 min_side: int | None = None, read: Callable[[str], bytes] | None = None):
         self.root, self.paths, self.batches, self.preprocess = root, paths, batches, preprocess
         self.min_side = min_side  # a large JPEG is decoded reduced, to no less than this (images.decode_floor)
+        self.read = read  # a pack's reader (Dataset.read_bytes), which takes the path; None: the files under root
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -40,7 +42,8 @@ class BatchReader(Dataset):
         decoded, kept, skipped, digests = [], [], [], []
         for position in positions:
             try:
-                data = images.read_bytes(self.root / self.paths[position])
+                rel = self.paths[position]
+                data = images.read_bytes(rel, self.read) if self.read is not None else images.read_bytes(self.root / rel)
                 decoded.append(decode_rgb(data, min_side=self.min_side))
                 kept.append(position)
                 digests.append(hashlib.sha256(data.numpy()).digest())  # what the row is made from: a later update
@@ -49,6 +52,9 @@ class BatchReader(Dataset):
                 skipped.append(Skipped(self.paths[position], str(err)).to_dict())
             except OSError as err:  # a read failure stops the run; returned as data, so no worker traceback
                 return {"shard": shard, "read_error": {"path": self.paths[position], "reason": describe_error(err)}}
+            except PackDamaged as err:  # a pack's shard that is not the one packed: its own line
+                return {"shard": shard, "read_error": {"path": self.paths[position], "reason": "damaged",
+                                                       "line": str(err)}}
         if not decoded:
             batch = None
         elif self.preprocess is not None:  # CPU extraction: resize and crop here, off the main process

@@ -15,6 +15,8 @@ import pytest
 from pipeline.data.synthetic import make_tiny_imagenet
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.multiprocess  # make test leaves it out; .ci/run runs it
+
 # small input and tiny shards: many resumable units, each quick on the CPU. --precision fp32: auto times its
 # candidates, and on a loaded machine the single process and the ranks could choose differently (bf16 vs fp32)
 # and differ for that reason alone; auto under torchrun is tests/test_precision_auto.py's.
