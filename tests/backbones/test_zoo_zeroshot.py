@@ -26,7 +26,7 @@ import run_webcam  # noqa: E402
 from features.cache import open_split  # noqa: E402
 from pipeline.backbones import open_clip_family  # noqa: E402
 from pipeline.data.synthetic import make_tiny_imagenet  # noqa: E402
-from tests.conftest import CPU, FAST  # noqa: E402
+from tests.conftest import CPU, FAST, one_error_line  # noqa: E402
 
 CLIP = "open_clip:ViT-B-32"
 FOLDER = "open_clip-ViT-B-32_embedding_zeroshot_0shot"  # its combination folder in the grid
@@ -156,3 +156,19 @@ def test_live_and_the_onnx_export_give_softmax_of_scaled_cosine(made, reference,
             assert probs == pytest.approx(expected[name].tolist(), abs=1e-5), (runtime, name)
     if onnx_path is None:
         pytest.skip("the deploy extra is not installed (pip install -r requirements-deploy.txt): the export is untested")
+
+
+def test_a_rerun_of_the_grid_is_up_to_date_and_other_text_weights_are_one_line(made, tmp_path, capsys, caplog):
+    """The zero-shot result is planned as it was written (--skip-existing keeps it, torch-free); a text tower of other
+    weights than the cache's is refused by its fingerprint, before any file is written."""
+    caplog.set_level(logging.INFO)
+    features = f"{made['root'] / 'alex'},{made['clip']}"
+    assert run_train_head.main([*CPU, "--features", features, "--out", str(made["grid"]), "--head", "logreg,zeroshot",
+                                "--no-progress"]) == 0
+    assert "is up to date" in caplog.text
+    out = tmp_path / "other"
+    assert run_train_head.main([*CPU, "--features", str(made["clip"]), "--out", str(out), "--head", "zeroshot",
+                                "--weights", "random", "--seed", "1", "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "--weights random:seed=1 give a open_clip:ViT-B-32 with fingerprint" in line and "drop --weights" in line
+    assert not (out / "run.json").exists()
