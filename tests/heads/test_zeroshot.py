@@ -3,16 +3,25 @@
 tests/backbones/test_zoo_zeroshot.py's (with the extra)."""
 from __future__ import annotations
 
+import errno
+import json
+import logging
+import math
+import os
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import run_train_head
+from features.cache import open_split
 from pipeline.common.config import HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.heads.plan import normalized, plan_run
 from pipeline.heads.prompts import class_names
-from tests.helpers import CPU_ARGS, one_error_line, write_synthetic_cache
+from tests.helpers import CPU_ARGS, one_error_line, tree_bytes, write_synthetic_cache
 
 CLIP = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
@@ -84,3 +93,123 @@ def test_a_prompts_file_of_the_wrong_count_is_one_line_before_any_head_trains(ca
 def test_the_zero_shot_flags_without_the_zero_shot_head_are_one_line(caches, tmp_path, capsys, flag):
     assert train(caches["alexnet"], tmp_path / "out", "--head", "logreg", *flag) == 2
     assert f"{flag[0]} is for --head zeroshot" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The head end to end with a stand-in text tower (open_clip's own is tests/backbones/test_zoo_zeroshot.py's)
+
+DIM = 8
+SCALE = math.log(1 / 0.07)  # CLIP's initial logit_scale
+
+
+class StandInModel(torch.nn.Module):
+    """encode_text of token ids: a fixed random vector per sentence (the sentence's CRC seeds it)."""
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(DIM, generator=torch.Generator().manual_seed(int(t))) for t in tokens])
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([zlib.crc32(text.encode()) for text in texts])
+
+
+TEMPLATES = tuple((lambda name, i=i: f"photo {i} of a {name}.") for i in range(80))
+
+
+def stand_in_vectors(names: list[str]) -> torch.Tensor:
+    """The recipe computed here: each sentence normalised, the mean over the templates normalised."""
+    vectors = []
+    for name in names:
+        texts = StandInModel().encode_text(tokenize([template(name) for template in TEMPLATES]))
+        mean = (texts / texts.norm(dim=1, keepdim=True)).mean(0)
+        vectors.append(mean / mean.norm())
+    return torch.stack(vectors)
+
+
+@pytest.fixture
+def stand_in(monkeypatch, tmp_path):
+    """A CLIP-recorded cache of 8-d 'embeddings', and a text tower and templates that need no open_clip."""
+    from pipeline.heads import zeroshot
+
+    tower = SimpleNamespace(model=StandInModel(), tokenize=tokenize, logit_scale=SCALE, fingerprint="f" * 64)
+    monkeypatch.setattr(zeroshot, "_tower", lambda settings, record: tower)
+    monkeypatch.setattr(zeroshot, "templates", lambda: TEMPLATES)
+    return write_synthetic_cache(tmp_path / "clip", classes=3, train_per_class=4, val_per_class=3, dim=DIM,
+                                 backbone=CLIP, layer="embedding")
+
+
+def test_the_head_is_clips_recipe_published_as_an_ordinary_checkpoint(stand_in, tmp_path):
+    out = tmp_path / "run"
+    assert train(stand_in, out, "--head", "zeroshot") == 0
+    checkpoint = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    names = ["goldfish", "black stork", "walking stick"]
+    assert checkpoint["config"]["class_names"] == names and checkpoint["l2_normalize"] is True
+    torch.testing.assert_close(checkpoint["head"]["weight"], math.exp(SCALE) * stand_in_vectors(names))
+    assert not checkpoint["head"]["bias"].any() and checkpoint["layer"] == "embedding"
+    result = json.loads((out / "result.json").read_text())
+    assert (result["shots"], result["selected_by"], result["train_images"], result["checkpoint"]) == (0, "none", 0,
+                                                                                                       "best.pt")
+    val = open_split(stand_in / "val.h5", "embedding")
+    rows = torch.nn.functional.normalize(torch.from_numpy(val.read_features()), dim=1)
+    top1 = 100.0 * float((torch.argmax(rows @ checkpoint["head"]["weight"].T, 1).numpy() == val.labels).mean())
+    assert result["top1"] == pytest.approx(top1) and checkpoint["metrics"]["val_top1"] == pytest.approx(top1)
+    assert "CLIP zero-shot: no training images used" in (out / "report.md").read_text()
+    assert (out / "classes.csv").read_text().splitlines()[1] == "n01443537,goldfish,goldfish"
+
+
+def test_a_prompts_file_names_the_classes_and_a_changed_one_is_trained_again(stand_in, tmp_path, caplog):
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "grid"
+    prompts.write_text("a goldfish\na stork\na stick insect\n")
+    grid = ("--head", "logreg,zeroshot", "--class-prompts", str(prompts))
+    assert train(stand_in, out, *grid) == 0
+    checkpoint = torch.load(out / "embedding_zeroshot_0shot" / "best.pt", map_location="cpu", weights_only=True)
+    vectors = stand_in_vectors(["a goldfish", "a stork", "a stick insect"])
+    torch.testing.assert_close(checkpoint["head"]["weight"], math.exp(SCALE) * vectors)
+    caplog.set_level(logging.INFO)
+    assert train(stand_in, out, *grid) == 0 and "is up to date" in caplog.text
+    prompts.write_text("a goldfish\na heron\na stick insect\n")
+    caplog.clear()
+    assert train(stand_in, out, *grid) == 0
+    assert "[1/2]" not in caplog.text and "[2/2] embedding zeroshot 0shot" in caplog.text  # logreg kept
+    checkpoint = torch.load(out / "embedding_zeroshot_0shot" / "best.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["config"]["class_names"][1] == "a heron"
+
+
+def test_disk_full_while_writing_the_zero_shot_checkpoint_leaves_the_previous_run(stand_in, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from features import atomic
+    from pipeline.heads.publish import zeroshot as publish
+
+    out = tmp_path / "run"
+    assert train(stand_in, out, "--head", "zeroshot") == 0
+    before = tree_bytes(out, skip=(".lock",))
+    real = publish.save_checkpoint
+
+    def save(checkpoint, path):
+        monkeypatch.setattr(atomic, "open", FullFile, raising=False)  # the real write path fails
+        real(checkpoint, path)
+
+    monkeypatch.setattr(publish, "save_checkpoint", save)
+    capsys.readouterr()
+    assert train(stand_in, out, "--head", "zeroshot") == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "best.pt" in line and "previous run" in line
+    assert tree_bytes(out, skip=(".lock",)) == before
+
+
+class FullFile:
+    """A file object whose writes fail with ENOSPC (what a full disk does)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = write
