@@ -59,7 +59,7 @@ def made(tmp_path_factory):
             "log": "\n".join(record.getMessage() for record in records)}
 
 
-def test_zero_shot_is_a_head_of_0_shots_in_the_grid_and_skipped_on_a_cache_without_text(made):
+def _zero_shot_is_a_head_of_0_shots_in_the_grid_and_skipped_on_a_cache_without_text(made):
     with open(made["grid"] / "experiments.csv") as f:
         rows = {(r["backbone"], r["layer"], r["head"], r["shots"], r["selected_by"], r["train_images"])
                 for r in csv.DictReader(f)}
@@ -96,7 +96,7 @@ def reference(made):
     return _reference(made["checkpoint"])
 
 
-def test_the_class_vectors_equal_open_clips_encode_text_of_the_80_templates(made, reference):
+def _the_class_vectors_equal_open_clips_encode_text_of_the_80_templates(made, reference):
     vectors, scale = reference
     head = made["checkpoint"]["head"]
     cosine = torch.nn.functional.cosine_similarity(head["weight"], vectors, dim=1)
@@ -126,7 +126,7 @@ def _live(source: list[str], made, out: Path) -> dict[str, list[float]]:
     return found
 
 
-def test_the_heads_probabilities_are_softmax_of_scaled_cosine(made, reference):
+def _the_heads_probabilities_are_softmax_of_scaled_cosine(made, reference):
     expected = _expected(made, reference)
     checkpoint = made["checkpoint"]
     val = open_split(made["clip"] / "val.h5", "embedding")
@@ -136,7 +136,7 @@ def test_the_heads_probabilities_are_softmax_of_scaled_cosine(made, reference):
         assert torch.allclose(probs, expected[Path(path).name], atol=1e-5)
 
 
-def test_live_and_the_onnx_export_give_softmax_of_scaled_cosine(made, reference, tmp_path):
+def _live_and_the_onnx_export_give_softmax_of_scaled_cosine(made, reference, tmp_path):
     expected = _expected(made, reference)
     checkpoint = made["grid"] / FOLDER / "best.pt"
     runs = {"torch": _live(["--checkpoint", str(checkpoint), *CPU], made, tmp_path / "torch.jsonl")}
@@ -158,7 +158,7 @@ def test_live_and_the_onnx_export_give_softmax_of_scaled_cosine(made, reference,
         pytest.skip("the deploy extra is not installed (pip install -r requirements-deploy.txt): the export is untested")
 
 
-def test_a_rerun_of_the_grid_is_up_to_date_and_other_text_weights_are_one_line(made, tmp_path, capsys, caplog):
+def _a_rerun_of_the_grid_is_up_to_date_and_other_text_weights_are_one_line(made, tmp_path, capsys, caplog):
     """The zero-shot result is planned as it was written (--skip-existing keeps it, torch-free); a text tower of other
     weights than the cache's is refused by its fingerprint, before any file is written."""
     caplog.set_level(logging.INFO)
@@ -167,8 +167,21 @@ def test_a_rerun_of_the_grid_is_up_to_date_and_other_text_weights_are_one_line(m
                                 "--no-progress"]) == 0
     assert "is up to date" in caplog.text
     out = tmp_path / "other"
+    capsys.readouterr()
     assert run_train_head.main([*CPU, "--features", str(made["clip"]), "--out", str(out), "--head", "zeroshot",
                                 "--weights", "random", "--seed", "1", "--no-progress"]) == 2
     line = one_error_line(capsys)
     assert "--weights random:seed=1 give a open_clip:ViT-B-32 with fingerprint" in line and "drop --weights" in line
     assert not (out / "run.json").exists()
+
+
+def test_zero_shot_against_open_clip_in_a_grid_the_head_live_and_the_export(made, reference, tmp_path, capsys, caplog):
+    """One test, so that one xdist worker builds the CLIP caches and encodes the 2 x 80 prompts twice (a module
+    fixture is built again on every worker that runs one of its module's tests)."""
+    for folder in ("rerun", "live"):
+        (tmp_path / folder).mkdir()
+    _zero_shot_is_a_head_of_0_shots_in_the_grid_and_skipped_on_a_cache_without_text(made)
+    _the_class_vectors_equal_open_clips_encode_text_of_the_80_templates(made, reference)
+    _the_heads_probabilities_are_softmax_of_scaled_cosine(made, reference)
+    _a_rerun_of_the_grid_is_up_to_date_and_other_text_weights_are_one_line(made, tmp_path / "rerun", capsys, caplog)
+    _live_and_the_onnx_export_give_softmax_of_scaled_cosine(made, reference, tmp_path / "live")  # skips last
