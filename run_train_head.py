@@ -8,9 +8,11 @@
     python run_train_head.py --features runs/features,runs/features-resnet50 --head logreg --out runs/backbones
     python run_train_head.py --head logreg --weight-decay sweep:45 --out runs/probe    # Kornblith et al.'s probe
     python run_train_head.py --table runs/probe runs/backbones --out runs/results      # one table of every result
+    python run_train_head.py --features runs/features-open_clip-ViT-B-32-laion2b_s34b_b79k --head zeroshot,logreg
 
 Heads: linear (SGD, the seed recipe), logreg (L-BFGS logistic regression over the --weight-decay list or a C
-sweep), knn (DINO's weighted kNN, every --k). Hyper-parameters are chosen on 10% of the train rows held out
+sweep), knn (DINO's weighted kNN, every --k), zeroshot (CLIP's zero-shot classifier from the class names and 80
+prompt templates, on an open_clip cache: no train image used, 0 shots). Hyper-parameters are chosen on 10% of the train rows held out
 (--select train-split), then refit on all of them; the seed recipe's plain linear head keeps its best epoch by
 val (--select val). Comma lists make a grid: one folder per combination, experiments.csv/.md/.png, and the best
 linear or logreg head copied to <out>/best.pt. Every fit writes a result.json; --table gathers them.
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=Path, default=d.features,
                    help="cache folder from run_extract.py; a comma list of caches of one dataset compares backbones")
     p.add_argument("--out", type=Path, default=d.out, help="run folder (best.pt, last.pt, plots, report)")
-    p.add_argument("--head", type=name_list, default=d.head, help="linear | logreg | knn; a comma list compares them")
+    p.add_argument("--head", type=name_list, default=d.head,
+                   help="linear | logreg | knn | zeroshot (open_clip caches only); a comma list compares them")
     p.add_argument("--layers", "--layer", dest="layers", type=name_list, default=d.layers,
                    help="cached layer (default: the default layer of the cache's backbone, fc7 for the default "
                         "backbone, penultimate elsewhere): any layer run_extract.py --layers cached; a comma list "
@@ -78,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=d.skip_existing,
                    help="train nothing whose result.json in --out matches the caches and settings (default: on in "
                         "grids and sweeps)")
+    p.add_argument("--class-prompts", type=Path, default=d.class_prompts, metavar="FILE",
+                   help="zeroshot: the class names the templates are filled with, one line per class in the cache's "
+                        "class order (default: the cache's names, '_' read as a space)")
+    p.add_argument("--weights", default=d.weights, metavar="FILE",
+                   help="zeroshot: the CLIP weights of the text tower, a state_dict file of the cache's model "
+                        "(default: the weights the cache records; the fingerprint must match)")
     p.add_argument("--table", nargs="+", type=Path, default=d.table, metavar="DIR",
                    help="train nothing: gather every result.json below these folders into --out's results.csv, .md "
                         "and .png")

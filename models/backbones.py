@@ -117,15 +117,20 @@ class LayerClassifier(nn.Module):
     """A frozen ``LayerFeatures`` and the head trained on one of its layers, as one network: the layer computed
     in the backbone's dtype, as extraction computed it, then the head in fp32, as it ran on the cache."""
 
-    def __init__(self, features: LayerFeatures, layer: str, head: nn.Linear):
+    def __init__(self, features: LayerFeatures, layer: str, head: nn.Linear, *, normalize: bool = False):
+        """``normalize``: the head reads the layer's vectors scaled to unit L2 norm (CLIP's zero-shot head, whose
+        logits are logit_scale * cosine)."""
         super().__init__()
         if layer not in features.layers:
             raise ValueError(f"layer {layer!r} is not one of the backbone's {sorted(features.layers)}")
-        self.backbone, self.layer, self.head = features, layer, head
+        self.backbone, self.layer, self.head, self.normalize = features, layer, head, normalize
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)[self.layer].float())  # (B, C) float32 logits
+        features = self.backbone(x)[self.layer].float()  # (B, D)
+        if self.normalize:
+            features = nn.functional.normalize(features, dim=1)  # x / max(||x||, 1e-12)
+        return self.head(features)  # (B, C) float32 logits
 
 
 def reduction_for(shape: tuple[int, ...], *, channels_last: bool = False, class_token: bool = False) -> str | None:

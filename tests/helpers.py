@@ -188,12 +188,12 @@ def torch_free_env(tmp_path: Path, blocked: tuple[str, ...] = DEPLOY_MISSING) ->
 
 def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: int = 20, val_per_class: int = 10,
                           signal: float = 0.08, dim: int = 4096, dtype: str = "float32", dataset: str = "synthetic",
-                          backbone: str = "alexnet") -> Path:
+                          backbone: str = "alexnet", layer: str = "fc7") -> Path:
     """A cache of noisy, ReLU'd, badly scaled, offset 'fc7' features: the head learns, but not perfectly.
 
     Feature scales span three decades and every unit has a large positive offset, so a head whose
     standardization were folded wrongly would score differently on the raw features. ``dataset`` names the
-    dataset it records (its root ``/<dataset>`` and signatures), ``backbone`` the backbone.
+    dataset it records (its root ``/<dataset>`` and signatures), ``backbone`` the backbone, ``layer`` the layer.
     """
     wnids = sorted(WORDS)[:classes]
     names = [WORDS[w].split(",")[0] for w in wnids]
@@ -205,14 +205,14 @@ def write_synthetic_cache(folder: Path, *, classes: int = 4, train_per_class: in
         labels = np.repeat(np.arange(classes), per_class)
         noise = np.random.default_rng(seed).normal(0, 1, (len(labels), dim))
         features = np.maximum((proto[labels] * signal + noise + offset) * scale, 0).astype(dtype)
-        settings = cache.CacheSettings(backbone=backbone, layer="fc7", weights_fingerprint="f" * 64,
+        settings = cache.CacheSettings(backbone=backbone, layer=layer, weights_fingerprint="f" * 64,
                                        preprocess=preprocess, dtype=dtype, precision="fp32",
                                        dataset_signature=f"{dataset}-{split}")
         parts = cache.parts_folder(folder, split)
         cache.start_parts(parts, settings, batch_size=64, shard_size=len(labels), num_rows=len(labels))
-        cache.write_shard(parts, 0, {"fc7": features}, np.arange(len(labels)), [])
-        cache.assemble(cache.Assembly(folder, split, settings, num_shards=1, layers={"fc7": dim}, layer_order=("fc7",),
-                                      main="fc7"),
+        cache.write_shard(parts, 0, {layer: features}, np.arange(len(labels)), [])
+        cache.assemble(cache.Assembly(folder, split, settings, num_shards=1, layers={layer: dim}, layer_order=(layer,),
+                                      main=layer),
                        cache.SplitRows(paths=[f"{split}/{i}.JPEG" for i in range(len(labels))], labels=labels.tolist(),
                                        wnids=wnids, names=names,
                                        attrs={"weights_spec": "file:/synthetic.pth", "batch_size": 64,

@@ -84,6 +84,7 @@ ZOO_PACKAGES = ("timm", "open_clip", "huggingface_hub", "safetensors", "ftfy", "
 # torch-free facts of a family: its default layer (others: penultimate) and the aliases of its layer names
 DEFAULT_LAYER = {"open_clip:": EMBEDDING}
 LAYER_ALIASES = {"open_clip:": {PENULTIMATE: EMBEDDING}}
+TEXT_TOWERS = ("open_clip:",)  # the families whose models have a text tower (open_clip_family.text_tower)
 
 
 @dataclass
@@ -124,6 +125,11 @@ def entry(name: str) -> Entry | None:
 def prefix_of(name: str) -> str:
     """A name's family prefix: 'timm:', 'open_clip:', or '' for torchvision's plain names."""
     return name.split(":", 1)[0] + ":" if ":" in name else ""
+
+
+def has_text_tower(name: str) -> bool:
+    """Whether the backbone ``name`` is a CLIP model, whose text tower makes a zero-shot head (open_clip's)."""
+    return prefix_of(name) in TEXT_TOWERS
 
 
 def family(name: str) -> Family:

@@ -7,6 +7,8 @@ what it returns; only the memory a frame needs is the live runner's own (pipelin
 A checkpoint is a plain dict of tensors and primitives, so torch's weights-only loader reads it
 (pipeline.common.torch_files). It carries everything the live runner needs: the head (an ``nn.Linear`` on raw
 features), the classes, the backbone's weights spec and fingerprint, the preprocessing and the compute precision.
+A head that reads its features L2-normalised (CLIP's zero-shot head) says so in ``l2_normalize``; a checkpoint
+without the field reads raw features, as every checkpoint before it did.
 """
 from __future__ import annotations
 
@@ -32,9 +34,12 @@ RETRAIN = "retrain the head with run_train_head.py"
 
 
 def make_checkpoint(head_state: dict[str, torch.Tensor], *, metrics: dict, epoch: int, cache_attrs: dict,
-                    wnids: list[str], names: list[str], config: dict) -> dict:
-    """The checkpoint of a head trained on the cache described by ``cache_attrs`` (train.h5's attributes)."""
+                    wnids: list[str], names: list[str], config: dict, l2_normalize: bool = False) -> dict:
+    """The checkpoint of a head trained on the cache described by ``cache_attrs`` (train.h5's attributes);
+    ``l2_normalize``: the head reads its features scaled to unit L2 norm (recorded only then)."""
     extra = {key: cache_attrs[key] for key in ("weights_enum", "weights_file") if key in cache_attrs}
+    if l2_normalize:
+        extra["l2_normalize"] = True
     # how to rebuild the layer from the model's graph (a cache that records no spec of it: by its name, as AlexNet's)
     specs = {spec["name"]: spec for spec in json.loads(cache_attrs.get("layers_json", "[]"))}
     if cache_attrs["layer"] in specs:
@@ -180,6 +185,7 @@ FIELD_CHECKS = {
     "weights_enum": (lambda v: isinstance(v, str), "a string"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "precision_auto": (lambda v: isinstance(v, bool), "true or false"),
+    "l2_normalize": (lambda v: isinstance(v, bool), "true or false"),
     "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number, 0 or more"),
     "metrics": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
                 "a dict of finite numbers"),
@@ -228,8 +234,14 @@ def check_preprocess(d: dict, path: Path) -> Preprocess:
         raise UserError(f"{path} has unusable preprocessing settings ({first_line(err)}); {RETRAIN}") from None
 
 
+def head_normalizes(checkpoint: dict) -> bool:
+    """Whether the head reads its layer's features L2-normalised (a zero-shot head); absent: raw features."""
+    return checkpoint.get("l2_normalize", False)
+
+
 def load_head(checkpoint: dict) -> nn.Linear:
-    """The checkpoint's head as an fp32 ``nn.Linear(feature_dim, num_classes)`` on the CPU, in eval mode."""
+    """The checkpoint's head as an fp32 ``nn.Linear(feature_dim, num_classes)`` on the CPU, in eval mode (on
+    L2-normalised features where ``head_normalizes``: its caller applies that)."""
     head = nn.Linear(checkpoint["feature_dim"], checkpoint["num_classes"])
     head.load_state_dict({"weight": checkpoint["head"]["weight"].float(), "bias": checkpoint["head"]["bias"].float()})
     head.requires_grad_(False)

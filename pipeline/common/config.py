@@ -112,6 +112,8 @@ SWEEP_EXPONENTS = (-6.0, 5.0)
 SELECTIONS = ("train-split", "val")  # --select: what chooses the hyper-parameters (pipeline.heads.selection)
 SELECT_FRACTION = 0.1  # --select train-split: the share of each class's train rows held out to choose on
 MAX_SWEEP = 1000  # values in one --weight-decay sweep
+ZERO_SHOT = "zeroshot"  # the CLIP zero-shot head: built from text, 0 shots, nothing to choose (selected by "none")
+ZERO_SHOT_TEMPLATES = 80  # its prompts: open_clip's OPENAI_IMAGENET_TEMPLATES (CLIP's 80 ImageNet templates)
 
 
 def sweep_values(spec: str) -> tuple[float, ...]:
@@ -172,6 +174,9 @@ class HeadConfig:
     select_fraction: float = SELECT_FRACTION  # train-split: each class's share of train rows held out (at least one)
     skip_existing: bool | None = None  # rerun nothing whose result.json matches; None: skips_existing's default
     table: tuple[Path, ...] | None = None  # gather every result.json below these folders into a table in --out; train nothing
+    class_prompts: Path | None = None  # zeroshot: the class names put into the templates, one line per class in the
+    # cache's class order; None: the cache's names (words.txt's first synonym, or the folder name, "_" read as " ")
+    weights: str | None = None  # zeroshot: the CLIP weights of the text tower (a file); None: those the cache records
 
     def weight_decays(self, default: tuple[float, ...]) -> tuple[float, ...]:
         """--weight-decay as given, else a head's own ``default``: one list serves linear and logreg (not a C sweep)."""
@@ -194,7 +199,10 @@ class HeadConfig:
 
     def select_for(self, head: str) -> str:
         """--select as given, else the head's default: val for the seed recipe's plain linear head (one lr and one
-        weight decay: 20 epochs, the best by val), train-split for every other head and for a linear sweep."""
+        weight decay: 20 epochs, the best by val), train-split for every other head and for a linear sweep; zero-shot
+        has nothing to choose ("none")."""
+        if head == ZERO_SHOT:
+            return "none"
         if self.select is not None:
             return self.select
         plain = head == "linear" and len(self.lr) * len(self.weight_decays(LINEAR_WEIGHT_DECAY)) == 1
@@ -231,6 +239,11 @@ class HeadConfig:
         if not (isinstance(self.select_fraction, (int, float)) and 0 < self.select_fraction < 1):
             raise UserError(f"--select-fraction {self.select_fraction}: it must be between 0 and 1 (exclusive), the "
                             "share of each class's train rows held out to choose the hyper-parameters, such as 0.1")
+        given = [flag for flag, value in (("--class-prompts", self.class_prompts), ("--weights", self.weights))
+                 if value is not None]
+        if given and ZERO_SHOT not in self.head:
+            raise UserError(f"{given[0]} is for --head {ZERO_SHOT} (its class names, its text tower's weights); add "
+                            f"{ZERO_SHOT} to --head, or drop {given[0]}")
         if not (0 <= self.momentum <= 1):
             raise UserError(f"--momentum must be from 0 to 1, got {self.momentum}")
         check_seed(self.seed)

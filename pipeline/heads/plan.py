@@ -12,9 +12,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from features.attrs import read_attrs
-from pipeline.backbones.catalog import default_layers, recorded_backbone
-from pipeline.common.config import LINEAR_WEIGHT_DECAY, LOGREG_WEIGHT_DECAY, HeadConfig
+from pipeline.backbones.catalog import default_layers, has_text_tower, recorded_backbone
+from pipeline.common.config import (LINEAR_WEIGHT_DECAY, LOGREG_WEIGHT_DECAY, ZERO_SHOT, ZERO_SHOT_TEMPLATES,
+                                    HeadConfig)
+from pipeline.common.errors import UserError
 from pipeline.heads.naming import combination_folder
+from pipeline.heads.prompts import prompts_digest
 
 # how a run goes, not what it computes: neither a result's settings nor what makes a rerun the same run
 HOW_FIELDS = ("out", "device", "progress", "stream", "skip_existing", "table", "knn_chunk_rows")
@@ -105,6 +108,11 @@ def _plain(value):
 
 def head_settings(config: HeadConfig, head: str, shots: int | None) -> dict:
     """The settings a head's result depends on, as result.json records them (defaults written out)."""
+    if head == ZERO_SHOT:  # its class names (a --class-prompts file by its bytes) and its text tower's weights
+        seed = config.seed if config.weights == "random" else None
+        return {"templates": ZERO_SHOT_TEMPLATES, "class_prompts": prompts_digest(config.class_prompts),
+                "weights": config.weights, **({"seed": seed} if seed is not None else {}), "select": "none",
+                "select_fraction": None}
     names = HEAD_FIELDS.get(head) or [name for name in asdict(config) if name not in RUN_FIELDS]
     settings = {name: _plain(getattr(config, name)) for name in names}
     if "weight_decay" in settings and config.weight_decay is None:
@@ -161,9 +169,32 @@ class PlannedPlace:
         return list(dict.fromkeys(Path(folder).parts[0] if folder else "" for folder in self.results))
 
 
-def is_grid(config: HeadConfig, layer_count: int) -> bool:
-    """Several (cache, layer) x heads x shots make a grid: a folder per combination, and one table."""
-    return layer_count * len(config.head) * len(config.shots) > 1
+def head_shots(config: HeadConfig, backbone: str) -> list[tuple[str, int | None]]:
+    """The (head, shots) pairs run on each layer of a cache of ``backbone``: every head at every --shots; zero-shot
+    once, at 0 shots (it uses no train image), and only on a CLIP cache (its text tower is the backbone's)."""
+    pairs = []
+    for head in config.head:
+        if head != ZERO_SHOT:
+            pairs += [(head, shots) for shots in config.shots]
+        elif has_text_tower(backbone):
+            pairs.append((head, 0))
+    return pairs
+
+
+def check_zero_shot(config: HeadConfig, folders: list[Path], backbones: list[str]) -> None:
+    """--head zeroshot needs a CLIP cache among the caches (on others it is skipped): none is one line."""
+    if not all((Path(folder) / "train.h5").is_file() for folder in folders):
+        return  # a missing cache: its reader says so
+    if ZERO_SHOT in config.head and not any(map(has_text_tower, backbones)):
+        held = ", ".join(f"{folder} holds {backbone} features" for folder, backbone in zip(folders, backbones))
+        raise UserError(f"--head {ZERO_SHOT} needs a CLIP cache (its text tower makes the head), but {held}; extract "
+                        "one with run_extract.py --backbone open_clip:ARCH/TAG (such as open_clip:ViT-B-32/"
+                        "laion2b_s34b_b79k)")
+
+
+def is_grid(combinations: int) -> bool:
+    """Several (cache, layer, head, shots) combinations make a grid: a folder per combination, and one table."""
+    return combinations > 1
 
 
 def plan_run(config: HeadConfig) -> tuple[bool, list[PlannedPlace]]:
@@ -171,20 +202,20 @@ def plan_run(config: HeadConfig) -> tuple[bool, list[PlannedPlace]]:
     A cache that is missing or damaged raises features' CacheError (the training run then says what is wrong)."""
     folders = list(dict.fromkeys(feature_folders(config.features)))
     backbones = [cache_backbone(folder) for folder in folders]
+    check_zero_shot(config, folders, backbones)
     labels = cache_labels(folders, backbones)
-    caches = [(folder, label, cache_layers(config, backbone)) for folder, backbone, label in zip(folders, backbones, labels)]
-    grid = is_grid(config, sum(len(layers) for _, _, layers in caches))
+    caches = [(folder, label, [(layer, *pair) for layer in cache_layers(config, backbone)
+                               for pair in head_shots(config, backbone)])
+              for folder, backbone, label in zip(folders, backbones, labels)]
+    grid = is_grid(sum(len(combinations) for _, _, combinations in caches))
     places = []
-    for folder, label, layers in caches:
+    for folder, label, combinations in caches:
         train, val = read_attrs(folder / "train.h5") or {}, read_attrs(folder / "val.h5") or {}
-        for layer in layers:
-            for head in config.head:
-                for shots in config.shots:
-                    place = combination_folder(label, layer, head, shots) if grid else ""
-                    results = result_folders(config, head, place, grid=grid, source=label, layer=layer, shots=shots)
-                    places.append(PlannedPlace(folder, label, layer, head, shots, place, tuple(results),
-                                               cache_identity(folder, layer, train, val),
-                                               head_settings(config, head, shots)))
+        for layer, head, shots in combinations:
+            place = combination_folder(label, layer, head, shots) if grid else ""
+            results = result_folders(config, head, place, grid=grid, source=label, layer=layer, shots=shots)
+            places.append(PlannedPlace(folder, label, layer, head, shots, place, tuple(results),
+                                       cache_identity(folder, layer, train, val), head_settings(config, head, shots)))
     return grid, places
 
 

@@ -4,8 +4,9 @@ The graph takes the network input (B, 3, S, S) float32, RGB, normalised with the
 returns (B, C) probabilities; the batch is dynamic, the opset pinned, every weight inside the one .onnx file
 (AlexNet: ~230 MB). The sidecar ``<name>.json`` says what a consumer needs: the classes, the preprocessing
 (resize, crop, interpolation, mean, std, channel order), the backbone's weights spec and fingerprint, the
-layer, the graph's sha256 and the project's version. The graph carries the facts the runtimes use (classes,
-preprocessing, tensor names) in its own metadata_props too, and the sidecar must agree (pipeline.live.sidecar).
+layer (and whether the head reads it L2-normalised: the graph does that), the graph's sha256 and the project's
+version. The graph carries the facts the runtimes use (classes, preprocessing, tensor names) in its own
+metadata_props too, and the sidecar must agree (pipeline.live.sidecar).
 Both files are written under temporary names and renamed once whole; an export replaces no file but an earlier
 export's. Needs the optional extra (requirements-deploy.txt): torch's exporter uses onnx and onnxscript.
 """
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.backbones.catalog import recorded_backbone
+from pipeline.common.checkpoint import head_normalizes
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError, first_line
 from pipeline.common.names import ONNX_FORMAT, VERSION
@@ -121,6 +123,7 @@ def _sidecar(config: LiveConfig, checkpoint: dict, preprocess: Preprocess) -> di
         "opset": OPSET, "input": INPUT, "output": OUTPUT, "num_classes": len(checkpoint["class_wnids"]),
         "class_wnids": list(checkpoint["class_wnids"]), "class_names": list(checkpoint["class_names"]),
         "preprocess": describe_preprocess(preprocess), "layer": checkpoint.get("layer", "fc7"),
+        "l2_normalize": head_normalizes(checkpoint),  # the graph scales the layer to unit norm before the head
         "backbone": recorded_backbone(checkpoint), "weights_spec": config.weights or checkpoint["weights_spec"],
         "weights_fingerprint": checkpoint["weights_fingerprint"], "checkpoint": str(Path(config.checkpoint).resolve()),
         "checkpoint_epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics", {}),

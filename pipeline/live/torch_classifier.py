@@ -19,7 +19,7 @@ from models.backbones import LayerClassifier
 from pipeline.backbones.backbone import rebuild
 from pipeline.backbones.catalog import recorded_backbone, recorded_specs
 from pipeline.backbones.precision import AUTO, choose_precision, place_backbone
-from pipeline.common.checkpoint import checkpoint_preprocess, load_head, read_checkpoint
+from pipeline.common.checkpoint import checkpoint_preprocess, head_normalizes, load_head, read_checkpoint
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import resolve_device
 from pipeline.datasets.jpeg import decode_floor
@@ -58,7 +58,8 @@ def build_classifier(checkpoint: dict, *, weights: str | None = None, seed: int 
     backbone = rebuild(checkpoint, weights=weights, seed=seed, layers=(layer,))
     precision = live_precision(checkpoint, precision)
     module = place_backbone(backbone.module, device, "fp32" if precision == AUTO else precision)
-    return LayerClassifier(module, layer, load_head(checkpoint).to(device)).eval()
+    head = load_head(checkpoint).to(device)
+    return LayerClassifier(module, layer, head, normalize=head_normalizes(checkpoint)).eval()
 
 
 def load_classifier(checkpoint_path: str | Path, weights: str | None = None, device: torch.device | str = "cpu", *,

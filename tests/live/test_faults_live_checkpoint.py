@@ -63,6 +63,7 @@ CASES = {  # case: (edits to the checkpoint, words of the one line)
     "CMYK input": (lambda g: _preprocess(g, color="CMYK"), "expects 'CMYK' input"),
     "weights spec abc": (lambda g: {"weights_spec": "abc"}, "weights_spec is 'abc'"),
     "weights spec as a number": (lambda g: {"weights_spec": 5}, "field 'weights_spec' must be a string, got 5"),
+    "l2_normalize as a string": (lambda g: {"l2_normalize": "yes"}, "field 'l2_normalize' must be true or false"),
     "zero classes": (lambda g: {"num_classes": 0, "class_wnids": [], "class_names": [],
                                 "head": {"weight": torch.zeros(0, 4096), "bias": torch.zeros(0)}}, "field 'num_classes' must be"),
 }

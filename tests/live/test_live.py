@@ -98,6 +98,22 @@ def test_live_path_gives_the_cached_probabilities(trained):
         torch.testing.assert_close(one, expected, rtol=RTOL, atol=ATOL)
 
 
+def test_a_head_on_l2_normalised_features_is_run_on_them_and_one_without_the_field_on_raw_ones(trained, tmp_path):
+    """``l2_normalize`` (a zero-shot head's): live normalises the layer before the head; a checkpoint without it
+    (every earlier one) reads raw features, as before."""
+    checkpoint = {**trained["checkpoint"], "l2_normalize": True}
+    path = tmp_path / "normalized.pt"
+    torch.save(checkpoint, path)
+    model, _, preprocess = torch_classifier.load_classifier(path, device="cpu")
+    head = checkpoint["head"]
+    for image, raw in list(trained["cached"].items())[:2]:
+        fc7 = model.backbone(preprocess(read_rgb(image)[None]))["fc7"].float()
+        expected = torch.softmax(torch.nn.functional.normalize(fc7, dim=1) @ head["weight"].T + head["bias"], dim=1)[0]
+        probs = torch_classifier.predict_frames(model, preprocess, [read_rgb(image)])[0]
+        torch.testing.assert_close(probs, expected, rtol=RTOL, atol=ATOL)
+        assert not torch.allclose(probs, raw, atol=1e-3)  # raw fc7 gives other answers
+
+
 def test_headless_video_run_writes_predictions_and_video(trained, val_video, tmp_path):
     video, order, frames, lossless = val_video
     jsonl, out = tmp_path / "preds.jsonl", tmp_path / "out.mp4"

@@ -17,19 +17,19 @@ With ``--skip-existing`` (on in grids and sweeps) a combination whose every resu
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.common.config import HeadConfig
+from pipeline.common.config import ZERO_SHOT, HeadConfig
 from pipeline.common.errors import UserError
 from pipeline.common.hardware import resolve_device
 from pipeline.heads.experiments.shots import few_shot_rows
 from pipeline.heads.interface import HeadSettings
 from pipeline.heads.naming import shots_name
-from pipeline.heads.plan import is_grid as grid_of, normalized, plan_run
+from pipeline.heads.plan import check_zero_shot, head_shots, is_grid as grid_of, normalized, plan_run
+from pipeline.heads.prompts import class_names
 from pipeline.heads.publish.files import commit, final_path, prepare_out
 from pipeline.heads.publish.place import HeadOutcome, Place
 from pipeline.heads.publish.run import GRID_FILES, write_run
@@ -53,8 +53,8 @@ class ExperimentsResult:
     kept: int = 0  # combinations not trained again (--skip-existing): their fresh results kept
 
 
-def is_grid(config: HeadConfig, sources: list[Source] | None = None) -> bool:
-    return grid_of(config, sum(len(s.layers) for s in sources) if sources else len(config.layers or (None,)))
+def is_grid(config: HeadConfig, sources: list[Source]) -> bool:
+    return grid_of(sum(len(s.layers) * len(head_shots(config, s.backbone)) for s in sources))
 
 
 def own_names() -> set[str]:
@@ -74,16 +74,23 @@ def checked(config: HeadConfig) -> HeadConfig:
 def _places(config: HeadConfig, sources: list[Source], stage: StagedRun, device) -> list[Place]:
     """Every (cache, layer, head, shots) combination: its settings, and where its files go."""
     grid = is_grid(config, sources)
+    for source in sources:
+        if ZERO_SHOT in config.head and not any(head == ZERO_SHOT for head, _ in head_shots(config, source.backbone)):
+            log.info("%s: skipped on %s, whose %s features have no text tower to build it from (a CLIP cache has one)",
+                     ZERO_SHOT, source.folder, source.backbone)
     return [Place(HeadSettings(replace(config, features=source.folder, layers=(layer,), head=(head,), shots=(shots,)),
                                device), stage=stage, grid=grid, train=source.splits[layer][0], val=source.splits[layer][1],
                   source=source.label, backbone=source.label or source.backbone)  # two caches of one backbone: by folder
-            for source in sources for layer, head, shots in itertools.product(source.layers, config.head, config.shots)]
+            for source in sources for layer in source.layers for head, shots in head_shots(config, source.backbone)]
 
 
 def _check_selections(places: list[Place], train_rows: dict) -> None:
-    """A head choosing on held-out train rows needs two rows of every class: one line now, not after the training."""
+    """A head choosing on held-out train rows needs two rows of every class, a zero-shot head a name for each class:
+    one line now, not after the training."""
     for place in places:
         config = place.settings.config
+        if place.settings.name == ZERO_SHOT:
+            class_names(place.train.wnids, place.train.names, config.class_prompts)
         if config.select_for(place.settings.name) == "train-split":
             reader = FeatureReader(place.train, train_rows[place.source, place.settings.shots])
             held_out(reader.paths, reader.labels, config.select_fraction, place.train.wnids)
@@ -94,6 +101,7 @@ def run_experiments(config: HeadConfig) -> ExperimentsResult:
     config = checked(config)
     device = resolve_device(config.device)
     sources = open_sources(config)  # every cache and layer there, first
+    check_zero_shot(config, [s.folder for s in sources], [s.backbone for s in sources])
     train_rows = {(s.label, shots): None if shots is None else few_shot_rows(s.train.labels, shots, seed=config.seed,
                                                                              wnids=s.train.wnids)
                   for s in sources for shots in config.shots}  # per cache: its own rows
@@ -160,6 +168,6 @@ def _run_one(number: int, place: Place, train_rows: dict, total: int) -> HeadOut
     log.info("[%d/%d] %s%s %s %s", number, total, f"{place.source} " if place.source else "", settings.layer,
              settings.name, shots_name(settings.shots))
     head = HEADS[settings.name]
-    result = head.fit(FeatureReader(place.train, train_rows[place.source, settings.shots]), FeatureReader(place.val),
-                      settings)
+    rows = train_rows.get((place.source, settings.shots))  # zero-shot (0 shots) reads no train row
+    result = head.fit(FeatureReader(place.train, rows), FeatureReader(place.val), settings)
     return head.publisher.write(result, place)
