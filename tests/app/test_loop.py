@@ -161,3 +161,29 @@ def test_nothing_trained_is_one_line(tmp_path):
     assert client.post("/api/export").status_code == 404
     assert client.post("/api/train", json={"head": "nope"}).status_code == 400
     assert client.post("/api/train/cancel").json()["cancelling"] is False
+
+
+def test_cancel_stops_at_the_next_epoch_and_keeps_the_finished_head(trained):
+    folder, client, _ = trained
+    best = folder / "heads" / "linear" / "best.pt"
+    before = best.read_bytes()
+    assert client.post("/api/train", json={"epochs": 1000}).json()["started"]
+    deadline = time.monotonic() + 60
+    while not client.get("/api/train").json()["epochs"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.post("/api/train/cancel").json()["cancelling"]
+    state = finish(client)
+    assert state["state"] == "cancelled" and len(state["epochs"]) < 1000
+    assert best.read_bytes() == before and not list(best.parent.glob(".staging*"))
+
+
+def test_a_deleted_sample_leaves_the_matrix_after_retraining(trained):
+    folder, client, _ = trained
+    cells = client.get("/api/evaluate").json()["cells"]
+    victim = next(item for items in cells.values() for item in items)
+    assert client.delete(f"/api/classes/{victim['class']}/samples/{victim['name']}").status_code == 200
+    assert client.post("/api/train", json={}).json()["started"]
+    assert finish(client)["state"] == "done"
+    after = client.get("/api/evaluate").json()
+    shown = [item["name"] for items in after["cells"].values() for item in items]
+    assert victim["name"] not in shown and after["images"] == sum(len(v) for v in cells.values()) - 1
