@@ -6,6 +6,7 @@
     POST   /api/train/cancel           stop the running training at its next step
     GET    /api/evaluate?split=val     per-class accuracy, the confusion matrix and each cell's images
     WS     /api/live?runtime=torch     JPEG frames in; the newest is classified, stale ones dropped; bars out
+                                       ("frame": the number of the frame answered, counted from 1)
     POST   /api/export                 write DIR/export/classifier.onnx and .json (run_webcam.py --export)
     GET    /api/export/classifier.onnx, /api/export/classifier.json   the downloads
     GET    /api/dataset.zip            the ImageFolder as a zip
@@ -61,18 +62,22 @@ class Loop:
         return JSONResponse({"cancelling": self.trainer.cancel(), **self.trainer.snapshot()})
 
     async def watch(self, websocket: WebSocket) -> None:
-        """Every change of the training's state, until the page leaves."""
+        """Every change of the training's state, until the page leaves (noticed by a reader: a server stopping
+        waits for no page)."""
         await websocket.accept()
+        left = asyncio.create_task(_until_closed(websocket))
         seen = -1
         try:
-            while True:
+            while not left.done():
                 state = self.trainer.snapshot()
                 if state["version"] != seen:
                     seen = state["version"]
                     await websocket.send_json(state)
-                await asyncio.sleep(WATCH_POLL_S)
+                await asyncio.wait([left], timeout=WATCH_POLL_S)
         except (WebSocketDisconnect, RuntimeError):
-            return
+            pass
+        finally:
+            left.cancel()
 
     async def evaluate(self, request: Request) -> Response:
         result = await run_in_threadpool(evaluate, self.root, request.query_params.get("split", "val"))
@@ -113,7 +118,7 @@ class LiveSession:
 
     def __init__(self, live: LiveModel, websocket: WebSocket, runtime: str):
         self.live, self.websocket, self.runtime = live, websocket, runtime
-        self.newest: bytes | None = None
+        self.newest: tuple[int, bytes] | None = None  # (its number, counted from 1; the JPEG)
         self.arrived = asyncio.Event()
         self.received = self.dropped = 0
         self.closed = False
@@ -130,7 +135,7 @@ class LiveSession:
                 self.received += 1
                 if self.newest is not None:
                     self.dropped += 1  # stale: a newer frame came before the classifier was free
-                self.newest = message["bytes"]
+                self.newest = (self.received, message["bytes"])
                 self.arrived.set()
         except (WebSocketDisconnect, RuntimeError):
             pass
@@ -145,10 +150,10 @@ class LiveSession:
                 self.arrived.clear()
                 if self.closed:
                     break
-                frame, self.newest = self.newest, None
-                if frame is None:
+                taken, self.newest = self.newest, None
+                if taken is None:
                     continue
-                await self.websocket.send_json(await self.answer(frame))
+                await self.websocket.send_json({"frame": taken[0], **await self.answer(taken[1])})
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -165,6 +170,15 @@ class LiveSession:
         fps = (len(self.times) - 1) / (self.times[-1] - self.times[0]) if len(self.times) > 1 else None
         return {"names": names, "probs": [float(p) for p in probs], "ms": round((now - started) * 1000, 1),
                 "fps": fps and round(fps, 2), "received": self.received, "dropped": self.dropped}
+
+
+async def _until_closed(websocket: WebSocket) -> None:
+    """Read (and ignore) what the page sends until it leaves."""
+    try:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+    except (WebSocketDisconnect, RuntimeError):
+        pass
 
 
 def loop_routes(root: Path, trainer: Trainer, live: LiveModel) -> list:

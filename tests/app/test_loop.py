@@ -102,9 +102,10 @@ def test_live_bars_are_the_classifiers_probabilities(trained):
     classifier = open_classifier(LiveConfig(checkpoint=folder / "heads" / "linear" / "best.pt", precision="fp32"))
     frames = [jpeg(label, 50 + label, size=96) for label in (0, 1, 0)]
     with client.websocket_connect(f"{WS}/api/live") as live:
-        for frame in frames:  # one at a time: none is stale
+        for number, frame in enumerate(frames, 1):  # one at a time: none is stale
             live.send_bytes(frame)
             answer = live.receive_json()
+            assert answer["frame"] == number
             rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             expected = classifier.predict([rgb])[0]
             assert answer["names"] == list(CLASSES)
@@ -121,6 +122,7 @@ def test_live_drops_stale_frames_and_answers_the_newest(trained):
         while answers[-1]["received"] < 6 or answers[-1]["received"] - answers[-1]["dropped"] > len(answers):
             answers.append(live.receive_json())
         assert len(answers) + answers[-1]["dropped"] == 6  # each frame either answered or dropped as stale
+        assert answers[-1]["frame"] == 6 and [a["frame"] for a in answers] == sorted({a["frame"] for a in answers})
 
 
 @pytest.mark.e2e  # the ONNX export alone takes about 10 s
