@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -23,6 +24,8 @@ from pipeline.app.files import AppError
 from pipeline.app.training import HEADS, head_dir
 from pipeline.common.config import LiveConfig
 from pipeline.common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EXPORT_NAME = "classifier.onnx"
 
@@ -111,6 +114,16 @@ class LiveModel:
             if runtime not in self.opened or self.opened[runtime][0] != key:
                 self.opened[runtime] = (key, open_classifier(config))
             return self.opened[runtime][1]
+
+    def warm(self) -> None:
+        """Open the new head's torch classifier and run it once (``auto`` precision measures on its first frame), so
+        that the first live frame after a training is answered at once. A failure here is the live view's to report."""
+        try:
+            classifier = self.classifier("torch")
+            with self.lock:
+                classifier.predict([np.zeros((480, 640, 3), np.uint8)])
+        except (UserError, OSError) as err:
+            log.warning("the live classifier could not be opened yet: %s", err)
 
     def predict(self, jpeg: bytes, runtime: str = "torch") -> tuple[np.ndarray, list[str]]:
         """(class probabilities, class names) of one JPEG frame, decoded as the live runner decodes a camera's."""

@@ -160,6 +160,9 @@ class Api:
 def build_app(project: Project, token: str, settings: Settings) -> Guard:
     """The app over ``project``, every route behind the token, Host and Origin checks."""
     api = Api(project, settings)
+    live = LiveModel(project.root, settings.precision)
+    trainer = Trainer(project.root, Options(settings.backbone, settings.weights, settings.seed, settings.extract,
+                                            settings.head), on_done=live.warm)
     routes = [
         Route("/", api.page),
         Route("/api/project", api.info),
@@ -174,9 +177,7 @@ def build_app(project: Project, token: str, settings: Settings) -> Guard:
         Route("/api/trash/restore", api.restore, methods=["POST"]),
         Route("/api/trash/{name}/{file}", api.trashed),
         WebSocketRoute("/api/capture", api.capture),
-        *loop_routes(project.root, Trainer(project.root, Options(settings.backbone, settings.weights, settings.seed,
-                                                                   settings.extract, settings.head)),
-                     LiveModel(project.root, settings.precision)),
+        *loop_routes(project.root, trainer, live),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     app = Starlette(routes=routes, exception_handlers={UserError: refusal, OSError: disk_problem})

@@ -72,8 +72,9 @@ class EpochWatch(logging.Handler):
 class Trainer:
     """The one training of a project folder: started in a thread, watched by any number of pages."""
 
-    def __init__(self, root: Path, options: Options):
+    def __init__(self, root: Path, options: Options, on_done=None):
         self.root, self.options = Path(root), options
+        self.on_done = on_done  # called in a thread of its own after a finished run (the live model warms up)
         self.lock = threading.Lock()
         self.cancel_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -154,6 +155,8 @@ class Trainer:
             self._stages(head, epochs)
             self._update(state="done", phase=None, progress=1.0, message=f"trained the {head} head",
                          seconds=round(time.perf_counter() - started, 2))
+            if self.on_done is not None:  # not in this thread: a Train pressed now starts at once
+                threading.Thread(target=self.on_done, name="app-live-warm", daemon=True).start()
         except Cancelled:
             self._update(state="cancelled", phase=None, message="cancelled: the last finished head is kept",
                          seconds=round(time.perf_counter() - started, 2))

@@ -21,7 +21,7 @@ function showTraining(s) {
   $("#cancel").disabled = !running;
   $("#train-progress").value = s.progress || 0;
   const took = s.seconds ? ` in ${s.seconds.toFixed(1)} s` : "";
-  const words = { idle: "Not trained in this session yet.", running: s.message, done: `Done: ${s.message}${took}.`,
+  const words = { idle: "Press Train: it reads the images now on disk.", running: s.message, done: `Done: ${s.message}${took}.`,
     cancelled: `Cancelled${took}: ${s.message}.`, failed: `Failed: ${s.error}` };
   const line = $("#train-line");
   line.textContent = words[s.state] || s.message;
