@@ -44,8 +44,11 @@ class Loop:
         self.root, self.trainer, self.live = Path(root), trainer, live
 
     async def train(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > 64 * 1024:
+            raise AppError("the request body is over 64 KiB", 413)
         try:
-            data = json.loads(await request.body() or b"{}")
+            data = json.loads(body or b"{}")
         except ValueError:
             raise AppError("the request body is not JSON", 400) from None
         data = data if isinstance(data, dict) else {}

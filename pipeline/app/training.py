@@ -24,7 +24,8 @@ from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear", "logreg", "knn")  # what the page offers (run_train_head.py --head); linear is the default
+HEADS = ("linear", "logreg")  # what the page offers (run_train_head.py --head; linear the default): the heads that
+# save a checkpoint, which the live classifier and the export read (knn saves none)
 SCORE = re.compile(r"(\w+) loss ([\d.naif]+) top1 +([\d.]+)%")
 EXTRACT_SHARE = 0.5  # the progress bar's share of the extraction (the head's epochs fill the rest)
 

@@ -189,3 +189,14 @@ def test_a_deleted_sample_leaves_the_matrix_after_retraining(trained):
     after = client.get("/api/evaluate").json()
     shown = [item["name"] for items in after["cells"].values() for item in items]
     assert victim["name"] not in shown and after["images"] == sum(len(v) for v in cells.values()) - 1
+
+
+def test_a_logreg_head_is_evaluated_and_run_live_too(trained):
+    folder, client, _ = trained
+    assert client.post("/api/train", json={"head": "logreg"}).json()["started"]
+    assert finish(client)["state"] == "done"
+    assert (folder / "heads" / "logreg" / "best.pt").is_file()
+    assert client.get("/api/evaluate").json()["head"] == "logreg"  # the newest head
+    with client.websocket_connect(f"{WS}/api/live") as live:
+        live.send_bytes(jpeg(0, 3, size=96))
+        assert len(live.receive_json()["probs"]) == 2
