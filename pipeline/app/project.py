@@ -3,7 +3,8 @@
     DIR/images/<class>/*.jpg   the ImageFolder, as run_webcam.py --collect writes it (bursts and all)
     DIR/trash/<class>/*.jpg    deleted images and removed classes, until restored
     DIR/features/              the feature cache (run_extract.py --data DIR/images --out DIR/features)
-    DIR/heads/                 the head runs (run_train_head.py --features DIR/features --out DIR/heads/...)
+    DIR/heads/<head>/          the head runs the page trains (run_train_head.py --features DIR/features --out DIR/heads/linear)
+    DIR/export/                the page's export (run_webcam.py --export DIR/export/classifier.onnx)
     DIR/.lock                  held by the one server working on the folder
 
 Nothing lives only in memory: a restart on the same folder shows the same classes, samples and trash.
@@ -47,6 +48,8 @@ class Project:
         """Create the folders; remove what a killed server or collection left half-written (hidden files only)."""
         for folder in (self.images, self.trash):
             folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".dataset-*.zip.partial"):  # a download's zip a killed server left
+            leftover.unlink()
         for name in self._class_names():
             remove_stale_partials(self.images / name)
             for leftover in (self.images / name).glob(".*.upload.partial"):

@@ -14,12 +14,13 @@
     GET    /api/trash/{name}/{file}            a trashed image's thumbnail
     POST   /api/trash/restore                  {"class": N, "name": F}
     WS     /api/capture?class=N                one burst: binary JPEG frames in, {"saved": n} out
+    ...and the loop's routes (train, evaluate, live, export): pipeline.app.loop_routes
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +34,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeline.app.files import MAX_FRAME_BYTES, MAX_UPLOAD_BYTES, AppError
 from pipeline.app.guard import Guard
+from pipeline.app.loop_routes import loop_routes
+from pipeline.app.outcome import LiveModel
 from pipeline.app.project import Project
+from pipeline.app.training import Options, Trainer
 from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,9 @@ class Settings:
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 8765
+    precision: str = "auto"  # the live classifier's (run_webcam.py --precision)
+    extract: dict = field(default_factory=dict)  # overrides of ExtractConfig's defaults (tests: small inputs)
+    head: dict = field(default_factory=dict)  # overrides of HeadConfig's defaults (tests: few epochs)
 
 
 async def body_of(request: Request, limit: int) -> bytes:
@@ -153,6 +160,9 @@ class Api:
 def build_app(project: Project, token: str, settings: Settings) -> Guard:
     """The app over ``project``, every route behind the token, Host and Origin checks."""
     api = Api(project, settings)
+    live = LiveModel(project.root, settings.precision)
+    trainer = Trainer(project.root, Options(settings.backbone, settings.weights, settings.seed, settings.extract,
+                                            settings.head), on_done=live.warm)
     routes = [
         Route("/", api.page),
         Route("/api/project", api.info),
@@ -167,6 +177,7 @@ def build_app(project: Project, token: str, settings: Settings) -> Guard:
         Route("/api/trash/restore", api.restore, methods=["POST"]),
         Route("/api/trash/{name}/{file}", api.trashed),
         WebSocketRoute("/api/capture", api.capture),
+        *loop_routes(project.root, trainer, live),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
     app = Starlette(routes=routes, exception_handlers={UserError: refusal, OSError: disk_problem})
