@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from features import cache
+from pipeline.common.preprocess import Preprocess
 
 
 def write_synthetic_cache(folder: Path, split: str, labels: np.ndarray, block: Callable[[int, int], np.ndarray], *,
@@ -17,7 +18,9 @@ def write_synthetic_cache(folder: Path, split: str, labels: np.ndarray, block: C
     ``start:start + n`` (n x dim, cast to ``dtype``). Returns the file's path."""
     rows = len(labels)
     classes = classes or int(labels.max()) + 1
-    settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="0" * 64, preprocess="{}",
+    # a real preprocessing record: a head trained on the cache is a checkpoint the validator accepts
+    preprocess = Preprocess(image_size=64, resize_size=72).to_json()
+    settings = cache.CacheSettings(backbone="alexnet", layer="fc7", weights_fingerprint="0" * 64, preprocess=preprocess,
                                    dtype=dtype, precision="fp32", dataset_signature=f"synthetic-{split}-{rows}")
     parts = cache.parts_folder(folder, split)
     cache.start_parts(parts, settings, batch_size=64, shard_size=shard_rows, num_rows=rows)

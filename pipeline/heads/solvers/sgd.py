@@ -1,14 +1,15 @@
 """SGD on cross-entropy for linear heads on cached features: many heads in one pass over the rows.
 
 Every head of a pass takes every batch read (DINOv2 trains its 52 linear heads this way), so a grid of
-``--lr`` x ``--weight-decay`` reads the cache once per epoch, not once per head. The heads of one pass share the
-seed, and so they share what the seed decides alone: the init (one ``LinearHead`` drawn, repeated) and every
-epoch's batch order (it depends on the seed and the row count only). Their weights are one (H x C, D) tensor:
-one matmul per batch forward and one backward for all of them. Each head's loss is ``F.cross_entropy`` on its
-own C columns, and its step is torch's SGD (momentum, weight decay, lr) on its own rows. So a head of a pass is
-the head trained alone up to the float rounding of the larger matmul (tested: weights within 1e-6, the same
-history). Memory: one batch (and the reader's block), the heads' weights, their momentum, and per head its best
-and its last state.
+``--lr`` x ``--weight-decay`` reads, moves and standardizes the cache's rows once per epoch, not once per head.
+The heads of one pass share the seed, and so they share what the seed decides alone: the init (one
+``LinearHead`` drawn, repeated) and every epoch's batch order (it depends on the seed and the row count only).
+Their weights are one (H x C, D) tensor, but each head computes on its own rows with the ops a head trained alone
+runs (``addmm``, ``F.cross_entropy``, ``G.T @ x``, torch's SGD step), so on the CPU each is that head bit for bit
+(tested against ``nn.Linear`` + ``torch.optim.SGD``: weights within 1e-6, the same history). The arithmetic is
+therefore H heads' worth: with the features in memory a pass of 12 heads costs about 12 heads' matmuls, and what
+it saves is the reading, the standardizing and the process's fixed costs (benchmarks/bench_probe.py). Memory: one
+batch (and the reader's block), the heads' weights, their momentum, and per head its best and its last state.
 """
 from __future__ import annotations
 
