@@ -102,6 +102,7 @@ def test_two_classes_recorded_deleted_and_restored_in_a_real_browser(server, pro
             on_disk = images_of(project_dir, name)
             assert count_of(page, name) == len(on_disk) >= 8
             thumbs = page.locator(f'.card[data-name="{name}"] .thumb')
+            sync_api.expect(thumbs).to_have_count(len(on_disk))  # the count and the thumbnails come in two requests
             assert sorted(thumbs.evaluate_all("boxes => boxes.map(b => b.dataset.file)")) == on_disk
             page.wait_for_function(f"""() => [...document.querySelectorAll('.card[data-name="{name}"] .thumb img')]
                                        .every(img => img.complete && img.naturalWidth > 0)""")
