@@ -13,7 +13,6 @@ them (a head's epoch, or the end of the extraction), so a cancelled run is never
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 HEADS = ("linear", "logreg")  # what the page offers (run_train_head.py --head; linear the default): the heads that
 # save a checkpoint, which the live classifier and the export read (knn saves none)
-SCORE = re.compile(r"(\w+) loss ([\d.naif]+) top1 +([\d.]+)%")
 EXTRACT_SHARE = 0.5  # the progress bar's share of the extraction (the head's epochs fill the rest)
 
 
@@ -51,22 +49,22 @@ def head_dir(root: Path, head: str) -> Path:
 
 
 class EpochWatch(logging.Handler):
-    """Reads the head's per-epoch log records (pipeline.heads.linear's ``[%s] epoch %2d/%d ...``) into the
-    trainer's curves, and raises Cancelled there once Cancel was pressed."""
+    """Reads the head's per-epoch log records (pipeline.heads.linear's, whose ``head_epoch`` attribute carries the
+    epoch's facts as data) into the trainer's curves, and raises Cancelled there once Cancel was pressed."""
 
     def __init__(self, trainer: "Trainer"):
         super().__init__(logging.INFO)
         self.trainer = trainer
 
     def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("[%s] epoch") and len(record.args or ()) >= 6:
-            name, epoch, epochs, loss, acc, score = record.args[:6]
-            scored = SCORE.search(str(score))
-            self.trainer.on_epoch({"run": str(name), "epoch": int(epoch), "epochs": int(epochs),
-                                   "train_loss": float(loss), "train_acc": float(acc),
-                                   "scored_on": scored and scored.group(1),
-                                   "score_loss": scored and float(scored.group(2)),
-                                   "score_acc": scored and float(scored.group(3))})
+        facts = getattr(record, "head_epoch", None)  # the epoch's facts as data, whatever the message's wording
+        if isinstance(facts, dict):
+            scored = facts.get("scored_on")
+            self.trainer.on_epoch({"run": str(facts["run"]), "epoch": int(facts["epoch"]),
+                                   "epochs": int(facts["epochs"]), "train_loss": float(facts["train_loss"]),
+                                   "train_acc": float(facts["train_acc"]), "scored_on": scored,
+                                   "score_loss": scored and float(facts[f"{scored}_loss"]),
+                                   "score_acc": scored and float(facts[f"{scored}_top1"])})
             self.trainer.check_cancel()  # between epochs only: never inside the run's publishing
 
 

@@ -205,6 +205,9 @@ def _epoch_logger(recipes: list[Recipe], prefix: str = "") -> Callable[[int, dic
         scored = next((key[:-5] for key in metrics if key.endswith("_top1")), None)
         score = (f"  {scored} loss {metrics[scored + '_loss']:.4f} top1 {metrics[scored + '_top1']:5.2f}% "
                  f"top5 {metrics[scored + '_top5']:5.2f}%") if scored else ""
+        # extra: the same facts as data (record.head_epoch), for a watcher that must not depend on the wording
         log.info("[%s] epoch %2d/%d  train loss %.4f acc %5.2f%%%s  %.2fs", names[head], metrics["epoch"],
-                 recipes[head].epochs, metrics["train_loss"], metrics["train_acc"], score, metrics["seconds"])
+                 recipes[head].epochs, metrics["train_loss"], metrics["train_acc"], score, metrics["seconds"],
+                 extra={"head_epoch": {"run": names[head], "epochs": recipes[head].epochs, "scored_on": scored,
+                                       **metrics}})
     return log_epoch

@@ -187,3 +187,14 @@ def test_a_cache_extracted_again_from_other_images_makes_its_results_stale(tmp_p
     write_synthetic_cache(features, classes=3, train_per_class=9, val_per_class=4, dim=16, dataset="synthetic-v2")
     reason = stale(path, read_result(path))
     assert str(path) in reason and str(features) in reason and "dataset" in reason and "\n" not in reason
+
+
+def test_each_epoch_log_record_carries_its_facts_as_data(tmp_path, caplog):
+    """The page's curves read an epoch from ``record.head_epoch``, not from the message's wording."""
+    caplog.set_level(logging.INFO, logger="pipeline.heads.linear")
+    assert train(make_cache(tmp_path), tmp_path / "one", "--epochs", "2", "--batch-size", "8") == 0
+    facts = [r.head_epoch for r in caplog.records if hasattr(r, "head_epoch")]
+    assert [f["epoch"] for f in facts] == [1, 2] and all(f["epochs"] == 2 and f["scored_on"] == "val" for f in facts)
+    assert facts[-1]["run"] == "lr0.001_wd0" and 0 <= facts[-1]["val_top1"] <= 100 and facts[-1]["train_loss"] > 0
+    history = list(csv.DictReader(open(tmp_path / "one" / "history.csv")))
+    assert float(history[-1]["val_top1"]) == pytest.approx(facts[-1]["val_top1"], abs=1e-3)
