@@ -1,7 +1,7 @@
 """Files a user already has keep working: a cache and a head checkpoint made by an earlier main.
 
 The fixtures under tests/data/compat/ were made once by main at 0ae642e, and those under
-tests/data/compat-0cda565/ (with their dataset) by main at 0cda565 (see their READMEs); they are never
+tests/data/compat/0cda565/ (with their dataset) by main at 0cda565 (see their READMEs); they are never
 regenerated: every later change must still read them, train on them, run live from them, and find the 0cda565
 cache of its dataset up to date.
 """
@@ -85,7 +85,7 @@ def test_the_old_checkpoint_runs_live_with_the_cached_answers(copies):
 # ---------------------------------------------------------------------------------------------
 # The set made at 0cda565: a cache with per-row stamps (no content digests), with its dataset
 
-COMPAT_0CDA565 = ROOT / "tests" / "data" / "compat-0cda565"
+COMPAT_0CDA565 = ROOT / "tests" / "data" / "compat" / "0cda565"
 MADE_WITH = ("--weights", "random", "--seed", "0", "--image-size", "64", "--resize-size", "72", "--precision", "fp32",
              "--layers", "pool5,fc6,fc7", "--device", "cpu", "--no-progress")
 MTIME = 1_764_000_000_000_000_000  # every file's mtime when the cache was made (README there)
