@@ -201,7 +201,7 @@ def _normalize_cpu(images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     """normalize() on the CPU: each image as one row of interleaved pixels (RGBRGB..., what channels_last
     holds), converted with a plain copy and then shifted and scaled by constants laid out the same way.
 
-    Every loop is a contiguous vector loop over one dtype: converting while subtracting a broadcast (1, 3, 1, 1)
+    Every loop is a contiguous vector loop over one dtype (the rounding to bf16 or fp16 too): converting while subtracting a broadcast (1, 3, 1, 1)
     was ~7x slower (0.86 against 0.12 core-ms per 224 px image, with the buffers reused; a fresh 38 MB buffer
     per batch of 64 costs about 0.5 core-ms per image in page faults alone). The operations per element are the
     same (float(v) - mean, then / std, rounded to ``dtype`` once), so the bits are the same.
@@ -212,11 +212,10 @@ def _normalize_cpu(images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     mean_row, std_row = _row_constants(mean, std, height, width)
     work = _scratch(reuse, torch.float32, batch, mean_row.numel())
     work.view(batch, height, width, channels).copy_(images.permute(0, 2, 3, 1))  # uint8 -> float32
-    work.sub_(mean_row)
-    if dtype == torch.float32:
-        out = work.div_(std_row)
-    else:
-        out = torch.div(work, std_row, out=_scratch(reuse, dtype, batch, mean_row.numel()))
+    work.sub_(mean_row).div_(std_row)
+    # a narrower dtype: the float32 result rounded once by a plain copy. The same bits as dividing straight into a
+    # bf16 output, which torch computes 3.5x slower (0.44 against 0.13 core-ms per 224 px image, AMD Zen 4)
+    out = work if dtype == torch.float32 else _scratch(reuse, dtype, batch, mean_row.numel()).copy_(work)
     return out.view(batch, height, width, channels).permute(0, 3, 1, 2)  # NCHW sizes, channels_last strides
 
 
