@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from functools import partial
@@ -98,6 +99,9 @@ def extract(config: ExtractConfig) -> int:
             return 0
     from pipeline.extract.extractor import extract as extract_features  # imports torch: only when there is work
 
+    if not gc.isenabled():  # run_extract.py turned collection off while torch imported: back on, the start-up frozen
+        gc.freeze()
+        gc.enable()
     result = extract_features(config, locate, dataset)
     warn_random(result.weights_spec)
     for split_result in result.splits.values():

@@ -140,3 +140,36 @@ def test_an_image_size_out_of_reach_is_a_one_line_error(dataset, tmp_path, capsy
     line = error_line(capsys.readouterr().err)
     assert all(word in line for word in words), line
     assert not (tmp_path / "features" / "train.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+def test_a_one_shot_extraction_imports_without_collection_then_freezes_the_start_up(dataset, tmp_path, monkeypatch):
+    """``python run_extract.py``: collection is off while torch imports (nothing made then is garbage), back on with
+    every object alive frozen out of later walks before the backbone runs. Called as a function (the app, tests),
+    run_extract.main leaves the collector alone; --prepare-only never turns it off."""
+    import gc
+
+    from pipeline.extract import extractor, freshness
+
+    seen = {}
+    real_look, real_extract = freshness.quick_look_applies, extractor.extract
+    monkeypatch.setattr(freshness, "quick_look_applies", lambda config: (seen.setdefault("look", gc.isenabled()),
+                                                                         real_look(config))[1])
+    monkeypatch.setattr(extractor, "extract", lambda *a: (seen.setdefault("run", (gc.isenabled(), gc.get_freeze_count())),
+                                                          real_extract(*a))[1])
+    gc.unfreeze()
+    try:
+        monkeypatch.setattr("sys.argv", ["run_extract.py", *extract_args(dataset, tmp_path / "one-shot")])
+        assert run_extract.main() == 0
+        assert seen["look"] is False  # off before torch is imported
+        assert seen["run"][0] is True and seen["run"][1] > 0 and gc.isenabled()  # on, the start-up frozen
+    finally:
+        gc.unfreeze()
+    seen.clear()
+    assert run_extract.main(extract_args(dataset, tmp_path / "called")) == 0
+    assert seen["look"] is True and seen["run"] == (True, 0)
+    monkeypatch.setattr("sys.argv", ["run_extract.py", "--data", str(dataset), "--prepare-only"])
+    assert run_extract.main() == 0 and gc.isenabled() and gc.get_freeze_count() == 0
