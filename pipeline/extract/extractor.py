@@ -7,7 +7,8 @@ Data path (pipeline.extract.reading): whole batches of JPEGs are read, hashed an
 on the CPU by threads of this process that also resize and crop them as uint8 (read_ahead), on CUDA by
 DataLoader worker processes; the main process normalises on the device, runs the backbone in channels_last
 with its weights cast once to the compute precision (one pass fills every requested layer), and writes
-one shard file per ``shard_size`` rows, or per shard of a pack (features.cache). Under torchrun, on one node or
+one shard file per ``shard_size`` rows, or per shard of a pack (features.cache), on a writer thread beside the
+loop (pipeline.extract.writing). Under torchrun, on one node or
 several, each rank takes every world_size-th shard; rank 0 assembles the shards into ``train.h5`` / ``val.h5``.
 
 An image that cannot be read (an I/O error, permission denied, a vanished drive) stops the run with one
@@ -46,6 +47,7 @@ from pipeline.extract.freshness import dataset_changed, dataset_stamps, refresh_
 from pipeline.extract.incremental import Plan, Reuse, plan_reuse, plan_split
 from pipeline.extract.loading import default_batch_size, load_for, preprocess_of, settle
 from pipeline.extract.reading import BatchReader, read_ahead, resize_in_workers
+from pipeline.extract.writing import ShardWriter
 from pipeline.extract.precision_choice import complete_attrs, decide_precision, keep_record, split_precision
 from pipeline.extract.results import ExtractResult, SplitResult
 
@@ -293,7 +295,7 @@ def _compute_shards(run: Run, dataset: Dataset, split: str, parts: Path, shards:
                dynamic_ncols=True, disable=not config.progress or run.rank != 0, smoothing=0.1)
     pending: dict[int, dict] = {}  # shard -> rows gathered so far
     processed = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), ShardWriter(forward.write) as writer:  # finished shards written beside the loop
         for item in loader:
             if item["read_error"]:  # nothing of this shard is written: the rerun reads it again
                 error = item["read_error"]
@@ -306,7 +308,7 @@ def _compute_shards(run: Run, dataset: Dataset, split: str, parts: Path, shards:
             forward.add(item, acc)
             processed += item["count"]
             if acc["seen"] == len(work[shard]):
-                forward.write(parts, shard, pending.pop(shard))
+                writer.submit(parts, shard, pending.pop(shard))
                 if run.world > 1:  # rank 0 shows everyone's progress: count the finished shards on disk
                     bar.n = sum(len(work[i]) for i in cache.done_shards(parts))
                     bar.refresh()
