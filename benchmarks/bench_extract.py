@@ -82,23 +82,31 @@ def child_plain(args) -> dict:
 
 
 def child_bare(args) -> dict:
-    """A bare whole process: import torch and torchvision, build AlexNet's fc7 cut, run it over as many ready
-    tensors as the dataset has train images (one batch of random input, reused: no decoding, no writing)."""
+    """A bare whole process: import torch and torchvision, build AlexNet's fc7 cut with its weights cast once to the
+    precision, run it on --device over as many ready tensors as the dataset has train images (or --bare-images):
+    one batch of random input, reused; no decoding, no writing. On CUDA each batch is waited for, so its stamp is
+    when the device finished it (fp32 with TF32 off, as the project runs it)."""
     import torch
     import torchvision
 
     from pipeline.datasets.dataset import index_dataset
 
-    images = len(index_dataset(Path(args.data)).splits["train"].paths)
+    images = args.bare_images or len(index_dataset(Path(args.data)).splits["train"].paths)
+    device = torch.device(args.device or "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision not in (None, "fp32")
     torch.manual_seed(0)
     alexnet = torchvision.models.alexnet(weights=None).eval()
     model = torch.nn.Sequential(alexnet.features, alexnet.avgpool, torch.nn.Flatten(), alexnet.classifier[:6])
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch_size, 3, 224, 224).to(memory_format=torch.channels_last)
-    stamps = []  # after each batch, as the project child stamps its forwards
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision or "fp32"]
+    model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # cast once, as the project does
+    x = torch.randn(args.batch_size, 3, 224, 224).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    wait = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stamps = []  # after each batch, as the project child stamps its batches
     with torch.inference_mode():
         for start in range(0, images, args.batch_size):
             model(x[:min(args.batch_size, images - start)])
+            wait()
             stamps.append((time.perf_counter(), min(args.batch_size, images - start)))
     first, last = stamps[0][0], stamps[-1][0]
     steady = sum(n for _, n in stamps[1:]) / (last - first) if last > first else None
@@ -106,17 +114,19 @@ def child_bare(args) -> dict:
 
 
 def child_project(args) -> dict:
-    """run_extract's work with its phases timed; the cache goes to args.out."""
+    """run_extract's work, through the command it runs (pipeline.commands.extract), with its phases timed; the cache
+    goes to args.out. Collection is off while the modules import, as run_extract.py's main has it."""
+    import gc
+
+    gc.disable()  # as run_extract.main: pipeline.commands.extract turns it back on once torch is imported
     from features import cache
-    from models.backbones import LayerFeatures
-    from pipeline.extract import extractor as extract_module
+    from pipeline import commands
     from pipeline.common.config import ExtractConfig
-    from pipeline.datasets.dataset import index_dataset
+    from pipeline.datasets import dataset as dataset_module
+    from pipeline.extract import extractor as extract_module
 
     t_imports = time.perf_counter()
-    dataset = index_dataset(Path(args.data))
-    t_index = time.perf_counter()
-    stamps, spans = [], {"backbone_load_s": 0.0, "assembly_s": 0.0}
+    stamps, spans = [], {"indexing_s": 0.0, "backbone_load_s": 0.0, "precision_choice_s": 0.0, "assembly_s": 0.0}
 
     def timed(owner, name, key):
         real = getattr(owner, name)
@@ -129,22 +139,25 @@ def child_project(args) -> dict:
                 spans[key] += time.perf_counter() - start
         setattr(owner, name, wrapper)
 
+    timed(dataset_module, "index_dataset", "indexing_s")
     timed(extract_module, "load_for", "backbone_load_s")
+    timed(extract_module, "decide_precision", "precision_choice_s")  # auto's measurement
     timed(cache, "assemble", "assembly_s")
-    forward = LayerFeatures.forward_layers  # extraction fills every requested layer in one call of this
-    LayerFeatures.forward_layers = lambda self, x, layers: (forward(self, x, layers),
-                                                         stamps.append((time.perf_counter(), len(x))))[0]
+    # each batch of the extraction's loop (one forward filling every layer); auto's timing forwards come before
+    add = extract_module._Forward.add
+    extract_module._Forward.add = lambda self, item, acc: (add(self, item, acc),
+                                                          stamps.append((time.perf_counter(), item["count"])))[0]
     config = ExtractConfig(data=args.data, out=Path(args.out), weights="random", seed=0, device=args.device,
                            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
                            splits=("train",), progress=False)
-    result = extract_module.extract(config, lambda: Path(args.data), dataset).splits["train"]
+    commands.extract(config)
     t_end = time.perf_counter()
     first, last = stamps[0][0], stamps[-1][0]
     steady_images = sum(n for _, n in stamps[1:])
-    return {"images": result.rows, "imports_s": t_imports - STARTED, "indexing_s": t_index - t_imports,
-            "to_first_batch_s": first - t_index, **spans, "steady_s": last - first,
+    return {"images": sum(n for _, n in stamps), "imports_s": t_imports - STARTED,
+            "to_first_batch_s": first - t_imports, **spans, "steady_s": last - first,
             "steady_img_s": steady_images / (last - first) if last > first else None,
-            "loop_img_s": result.images_per_s, "in_process_s": t_end - STARTED}
+            "in_process_s": t_end - STARTED}
 
 
 def whole_process(mode: str, data: Path, out: Path, device: str, batch: int, workers: int,
@@ -197,9 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON file (default results/extract-<cpu tag>.json)")
     p.add_argument("--phases", action="store_true",
                    help="only the per-image CPU time of each phase and the fixed cost (benchmarks.extract_phases)")
+    p.add_argument("--feed", action="store_true",
+                   help="only the data path against the forward: bare and project whole processes, folder and pack, "
+                        "alternating rounds (benchmarks.extract_feed)")
+    p.add_argument("--timeline", action="store_true",
+                   help="only the timeline of one extraction per precision, thread by thread (benchmarks.extract_timeline)")
+    p.add_argument("--rounds", type=int, default=3, help="--feed: alternating rounds; medians are reported")
+    p.add_argument("--precisions", default="auto,fp32", help="--feed: the precisions compared, comma-separated")
     p.add_argument("--child", choices=("plain", "bare", "project"), help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--data", help="--timeline: a dataset folder or pack to extract (default: --images made as --feed makes them)")
     p.add_argument("--precision", help=argparse.SUPPRESS)
+    p.add_argument("--bare-images", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -321,6 +342,12 @@ def main(argv=None) -> int:
                "load_average_before": os.getloadavg()[0]}
     if args.phases:
         return measure_phases(args, results, out_json.with_name(f"extract-phases-{cpu_tag(kind)}.json"))
+    if args.timeline:
+        from benchmarks.extract_timeline import timeline_json
+        return timeline_json(args, results, args.out or RESULTS / f"extract-timeline-{cpu_tag(kind)}.json", MINI)
+    if args.feed:
+        from benchmarks.extract_feed import feed_json
+        return feed_json(args, results, args.out or RESULTS / f"extract-feed-{cpu_tag(kind)}.json", MINI)
     with tempfile.TemporaryDirectory() as tmp:
         measure(args, results, Path(tmp), device, batch, workers)
     results["load_average_after"] = os.getloadavg()[0]

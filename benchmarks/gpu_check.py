@@ -11,6 +11,9 @@ Steps (each records pass/fail and its numbers; a failing step does not stop the 
   bf16_vs_fp32 the same set in bf16 on --device: cosine >= 0.999 to fp32
   full_bf16, full_fp32   the whole generated set: whole-process seconds, steady img/s, GPU utilisation
                (target on one H100: <= 3 s and >= 37,000 img/s)
+  bare_import, bare_forward, pack, full_bf16_pack, timeline
+               the feed (benchmarks.gpu_feed): a bare import, the bare bf16 forward's whole process, the set packed,
+               extracted from the pack, and the timeline of that extraction (device busy share)
   decode       torchvision.io.decode_jpeg on --device, batches of 256: img/s
   torchrun     torchrun --nproc_per_node=1 with the default precision equals a single process, bit for bit
   head         run_train_head.py on the full bf16 cache, 2 epochs on --device
@@ -28,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,6 +38,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from benchmarks import gpu_feed
+from benchmarks.gpu_feed import GpuSampler
 from pipeline.common.hardware import cpu_kind, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,36 +164,6 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(axis=1) / np.maximum(norms, 1e-30)).min())
 
 
-class GpuSampler:
-    """GPU utilisation (%) sampled every 100 ms by `nvidia-smi -lms` in the background; None without it."""
-
-    def __init__(self, device: str):
-        self.samples: list[float] = []
-        self.proc = None
-        if device.startswith("cuda") and shutil.which("nvidia-smi"):
-            index = device.split(":")[1] if ":" in device else "0"
-            self.proc = subprocess.Popen(["nvidia-smi", "-i", index, "--query-gpu=utilization.gpu",
-                                          "--format=csv,noheader,nounits", "-lms", "100"],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                self.samples.append(float(line.strip()))
-            except ValueError:
-                pass
-
-    def stop(self) -> dict | None:
-        if self.proc is None:
-            return None
-        self.proc.terminate()
-        self.proc.wait()
-        busy = [s for s in self.samples if s > 0]
-        return {"source": "nvidia-smi", "samples": len(self.samples), "max": max(self.samples, default=None),
-                "mean_while_busy": round(sum(busy) / len(busy), 1) if busy else None}
-
-
 # ---------------------------------------------------------------------------------------------
 # Steps
 
@@ -232,7 +206,7 @@ class Checker:
             "steady_img_s": {p: get(f"full_{p}", "steady_img_s") for p in ("bf16", "fp32")},
             "whole_process_s": {p: get(f"full_{p}", "whole_process_s") for p in ("bf16", "fp32")},
             "whole_process_img_s": {p: get(f"full_{p}", "whole_process_img_s") for p in ("bf16", "fp32")},
-            "decode_img_s": get("decode", "img_s"),
+            "decode_img_s": get("decode", "img_s"), "feed": gpu_feed.summary(steps),
             "all_passed": all(s["passed"] is not False for s in steps.values()),
         }
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,10 +244,10 @@ class Checker:
         return {"passed": cos >= 0.999 and precision == "bf16", "cosine_min": cos, "threshold": 0.999,
                 "whole_s": run_["whole_s"]}
 
-    def full(self, precision: str):
-        out = self.work / f"full-{precision}"
+    def full(self, precision: str, source: str = "data"):
+        out = self.work / f"full-{precision}" if source == "data" else self.work / f"full-{precision}-{source}"
         sampler = GpuSampler(self.dev)
-        result = extract(self.args, self.state["data"], out, self.dev, precision)
+        result = extract(self.args, self.state[source], out, self.dev, precision)
         util = sampler.stop()
         if result["rc"]:
             return {"passed": False, "run": result, "gpu_utilisation": util}
@@ -285,6 +259,19 @@ class Checker:
         entry["meets_target"] = (result["whole_s"] <= TARGET["whole_process_s_max"]
                                  and (train.get("img_s") or 0) >= TARGET["steady_img_s_min"])
         return entry
+
+    def bare_import(self):
+        return gpu_feed.bare_import(run, self.args.step_timeout, self.args.bare_import_runs)
+
+    def bare_forward(self):
+        return gpu_feed.bare_forward(run, self.args, self.state["data"], self.args.images)
+
+    def pack(self):
+        self.state["pack"] = self.work / "pack"
+        return gpu_feed.pack(run, self.args, self.state["data"], self.state["pack"])
+
+    def timeline(self):
+        return gpu_feed.timeline(run, self.args, self.state["pack"])
 
     def decode(self):
         import torch
@@ -367,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live-frames", type=int, default=64, help="frames of the generated 640x480 video")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for gpu.json")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--bare-batch", type=int, default=256, help="the bare forward's batch (the CUDA extraction's)")
+    p.add_argument("--bare-import-runs", type=int, default=2, help="bare imports timed (the fastest counts)")
+    p.add_argument("--timeline-batch", type=int, default=None, help="the timeline's batch (default: the extraction's)")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--test-timeout", type=float, default=300)
     p.add_argument("--step-timeout", type=float, default=150)
@@ -380,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         check = Checker(args, work)
         for name, function in [("tests", check.tests), ("data", check.data), ("fp32_vs_cpu", check.fp32_vs_cpu),
                                ("bf16_vs_fp32", check.bf16_vs_fp32), ("full_bf16", lambda: check.full("bf16")),
-                               ("full_fp32", lambda: check.full("fp32")), ("decode", check.decode),
+                               ("full_fp32", lambda: check.full("fp32")), ("bare_import", check.bare_import),
+                               ("bare_forward", check.bare_forward), ("pack", check.pack),
+                               ("full_bf16_pack", lambda: check.full("bf16", "pack")), ("timeline", check.timeline),
+                               ("decode", check.decode),
                                ("torchrun", check.torchrun), ("head", check.head), ("live", check.live)]:
             check.step(name, function)
     print(json.dumps(check.results["summary"], indent=2))

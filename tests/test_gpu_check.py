@@ -90,12 +90,12 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, monkeypatch):
 
     code = gpu_check.main(["--device", "cpu", "--images", "22", "--classes", "2", "--small", "6", "--real", "generated",
                            "--skip-tests", "--image-size", "64", "--resize-size", "72", "--live-frames", "4",
-                           "--out", str(out), "--work", str(tmp_path / "work")])
+                           "--bare-batch", "4", "--bare-import-runs", "1", "--out", str(out), "--work", str(tmp_path / "work")])
     assert code == 0, (out / "gpu.json").read_text()
     result = json.loads((out / "gpu.json").read_text())
     steps = result["steps"]
-    assert set(steps) == {"tests", "data", "fp32_vs_cpu", "bf16_vs_fp32", "full_bf16", "full_fp32", "decode",
-                          "torchrun", "head", "live"}
+    assert set(steps) == {"tests", "data", "fp32_vs_cpu", "bf16_vs_fp32", "full_bf16", "full_fp32", "bare_import",
+                          "bare_forward", "pack", "full_bf16_pack", "timeline", "decode", "torchrun", "head", "live"}
     assert steps["tests"]["passed"] is None  # --skip-tests
     assert all(step["passed"] for name, step in steps.items() if name != "tests"), steps
     summary = result["summary"]
@@ -104,4 +104,10 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, monkeypatch):
     for precision in ("bf16", "fp32"):
         assert summary["steady_img_s"][precision] > 0 and summary["whole_process_s"][precision] > 0
     assert steps["full_bf16"]["images"] == 22 and steps["torchrun"]["identical"]
+    assert steps["full_bf16_pack"]["images"] == 22 and steps["pack"]["shards"] >= 2  # train and val
+    feed = summary["feed"]  # the ratios issue 37 asks for, each measured
+    assert feed["bare_forward_img_s"] > 0 and feed["pack_steady_over_bare"] > 0 and feed["folder_steady_over_bare"] > 0
+    assert feed["pack_whole_minus_bare_import_s"] is not None and set(feed["meets"]) == {"steady", "whole", "folder"}
+    shares = steps["timeline"]["share_of_loop"]
+    assert shares["main"]["forward"] > 0 and (out / steps["timeline"]["picture"]).is_file()
     assert result["cpu"]["native_bf16"] in (True, False) and result["device"] == "cpu"
