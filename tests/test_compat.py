@@ -89,6 +89,10 @@ COMPAT_0CDA565 = ROOT / "tests" / "data" / "compat" / "0cda565"
 MADE_WITH = ("--weights", "random", "--seed", "0", "--image-size", "64", "--resize-size", "72", "--precision", "fp32",
              "--layers", "pool5,fc6,fc7", "--device", "cpu", "--no-progress")
 MTIME = 1_764_000_000_000_000_000  # every file's mtime when the cache was made (README there)
+# Another CPU kind computes the fc layers' float32 sums in another order: an AVX512-FP16 Xeon differed from the
+# recorded cache by up to 1.3e-6 of a layer's largest value (pool5 equal); a changed preprocessing or cut moves
+# them by 1e-3 or more.
+FC_TOLERANCE = 1e-5
 
 
 @pytest.fixture
@@ -140,19 +144,24 @@ def test_the_0cda565_checkpoint_runs_live_with_its_recorded_probabilities(tmp_pa
     assert [Path(line["source"]).name for line in now] == [Path(line["source"]).name for line in recorded]
     for got, want in zip(now, recorded):
         assert [t["wnid"] for t in got["topk"]] == [t["wnid"] for t in want["topk"]]
-        assert [t["prob"] for t in got["topk"]] == pytest.approx([t["prob"] for t in want["topk"]], abs=1e-6)
+        # abs 1e-5, not bit for bit: the fc layers' float32 sums differ by CPU kind (see FC_TOLERANCE)
+        assert [t["prob"] for t in got["topk"]] == pytest.approx([t["prob"] for t in want["topk"]], abs=1e-5)
 
 
 def test_a_fresh_extraction_of_the_0cda565_images_equals_its_cache_bit_for_bit(made_at_0cda565, tmp_path):
-    """AlexNet through the backbone package: pool5, fc6 and fc7 exactly as the hand-cut AlexNet computed them, with
-    the same weights fingerprint (and the 0ae642e cache's: the same seed, the same digest)."""
+    """AlexNet through the backbone package: pool5, fc6 and fc7 as the hand-cut AlexNet computed them, with the same
+    weights fingerprint (and the 0ae642e cache's: the same seed, the same digest). On the CPU kind that made the
+    cache they are equal bit for bit; elsewhere the float32 sums of the matrix products differ in their last bits
+    (oneDNN picks its kernels by ISA), so each layer is compared to within FC_TOLERANCE of its largest value.
+    test_cached_layers.py holds the bit-for-bit check against plain torchvision on the machine itself."""
     out = tmp_path / "fresh"
     assert run_extract.main(["--data", str(made_at_0cda565["data"]), "--out", str(out), *MADE_WITH]) == 0
     for split in ("train", "val"):
         with h5py.File(out / f"{split}.h5", "r") as new, h5py.File(COMPAT_0CDA565 / "features" / f"{split}.h5") as old:
             assert list(new["paths"].asstr()[:]) == list(old["paths"].asstr()[:])
             for layer in ("pool5", "fc6", "fc7"):
-                assert np.array_equal(new[layer][:], old[layer][:]), (split, layer)
+                now, then = new[layer][:], old[layer][:]
+                assert np.abs(now - then).max() <= FC_TOLERANCE * np.abs(then).max(), (split, layer)
             assert new.attrs["weights_fingerprint"] == old.attrs["weights_fingerprint"]
             assert new.attrs["preprocess"] == old.attrs["preprocess"] and new.attrs["layers"] == old.attrs["layers"]
     with h5py.File(COMPAT / "train.h5", "r") as oldest:
