@@ -15,6 +15,7 @@ steady state, lane per thread (``--timeline`` writes ``extract-timeline-<cpu>-<p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,30 +98,46 @@ class Timeline:
             yield item
 
 
-def instrument(timeline: Timeline, cuda: bool = False) -> None:
-    """Wrap the data path's steps (module attributes, as the extraction looks them up) in ``timeline``'s timers."""
+@contextlib.contextmanager
+def instrumented(timeline: Timeline, cuda: bool = False):
+    """The data path's steps (module attributes, as the extraction looks them up) wrapped in ``timeline``'s timers
+    while the block runs; put back after it, so an in-process caller (the GPU check's dry run) keeps the real ones."""
     from features import cache
     from models.backbones import LayerFeatures
     from pipeline.common.preprocess import Preprocess
     from pipeline.datasets import images
     from pipeline.extract import devices, extractor, reading
 
-    images.read_bytes = timeline.wrap("read", images.read_bytes)
-    reading.decode_rgb = timeline.wrap("decode", reading.decode_rgb)
-    reading.hashlib = type("hashlib", (), {"sha256": staticmethod(timeline.wrap("hash", hashlib.sha256))})
-    Preprocess.resize_crop = timeline.wrap("resize", Preprocess.resize_crop)
-    Preprocess.normalize = timeline.wrap("normalize", Preprocess.normalize)
-    LayerFeatures.forward_layers = timeline.wrap("forward", LayerFeatures.forward_layers)
-    extractor.HostCopy = timeline.wrap("copy", devices.HostCopy)
-    cache.write_shard = timeline.wrap("write", cache.write_shard)
-    cache.assemble = timeline.wrap("assembly", cache.assemble)
-    extractor._Forward.add = timeline.wrap("batch", extractor._Forward.add)  # the loop's bounds, not drawn
-    real_read_ahead = extractor.read_ahead
-    extractor.read_ahead = lambda reader, threads, **kw: timeline.iterate("wait", real_read_ahead(reader, threads, **kw))
+    real_read_ahead, real_loader = extractor.read_ahead, extractor.DataLoader
+    batch = timeline.wrap("batch", extractor._Forward.add)  # the loop's bounds, not drawn
+    patches = [(images, "read_bytes", timeline.wrap("read", images.read_bytes)),
+               (reading, "decode_rgb", timeline.wrap("decode", reading.decode_rgb)),
+               (reading, "hashlib", type("hashlib", (), {"sha256": staticmethod(timeline.wrap("hash", hashlib.sha256))})),
+               (Preprocess, "resize_crop", timeline.wrap("resize", Preprocess.resize_crop)),
+               (Preprocess, "normalize", timeline.wrap("normalize", Preprocess.normalize)),
+               (LayerFeatures, "forward_layers", timeline.wrap("forward", LayerFeatures.forward_layers)),
+               (extractor, "HostCopy", timeline.wrap("copy", devices.HostCopy)),
+               (cache, "write_shard", timeline.wrap("write", cache.write_shard)),
+               (cache, "assemble", timeline.wrap("assembly", cache.assemble)),
+               (extractor._Forward, "add", timeline.device_work(batch) if cuda else batch),
+               (extractor, "read_ahead",
+                lambda reader, threads, **kw: timeline.iterate("wait", real_read_ahead(reader, threads, **kw)))]
     if cuda:  # worker processes: only the wait for them is seen; the device's own work from events
-        real_loader = extractor.DataLoader
-        extractor.DataLoader = lambda *a, **kw: timeline.iterate("wait", real_loader(*a, **kw))
-        extractor._Forward.add = timeline.device_work(extractor._Forward.add)
+        patches.append((extractor, "DataLoader", lambda *a, **kw: timeline.iterate("wait", real_loader(*a, **kw))))
+    saved = {(owner, name): vars(owner).get(name, _INHERITED) for owner, name, _ in patches}  # before any patch
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield timeline
+    finally:
+        for (owner, name), value in saved.items():
+            if value is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+_INHERITED = object()  # an attribute the patched class did not hold itself
 
 
 def summarise(timeline: Timeline) -> dict:
@@ -179,27 +196,20 @@ def draw(timeline: Timeline, path: Path, title: str, window_s: float = 1.0) -> N
 
 def run_timeline(data: Path, out: Path, precision: str, batch: int, workers: int,
                  device: str = "cpu") -> tuple[Timeline, dict]:
-    """One extraction of ``data``'s train split into ``out`` with every step timed (instrumented once per process:
-    call it again with the same device)."""
+    """One extraction of ``data``'s train split into ``out`` with every step timed; the real steps are back after."""
     from pipeline.common.config import ExtractConfig
     from pipeline.datasets.dataset import index_dataset
     from pipeline.extract import extractor
 
-    timeline = _TIMELINE
-    timeline.spans, timeline.events, timeline.origin = [], [], None
-    if not getattr(extractor, "_timeline_instrumented", False):
-        instrument(timeline, cuda=device.startswith("cuda"))
-        extractor._timeline_instrumented = True
+    timeline = Timeline()
     config = ExtractConfig(data=str(data), out=out, weights="random", seed=0, device=device, precision=precision,
                            batch_size=batch, workers=workers, splits=("train",), progress=False)
     start = time.perf_counter()
-    result = extractor.extract(config, lambda: data, index_dataset(data)).splits["train"]
-    timeline.settle()
+    with instrumented(timeline, cuda=device.startswith("cuda")):
+        result = extractor.extract(config, lambda: data, index_dataset(data)).splits["train"]
+        timeline.settle()
     return timeline, {"whole_extract_s": round(time.perf_counter() - start, 3), "rows": result.rows,
                       **summarise(timeline)}
-
-
-_TIMELINE = Timeline()  # the one the wrappers of this process record into (instrument runs once)
 
 
 def timeline_json(args, results: dict, out_json: Path, mini: Path) -> int:

@@ -81,7 +81,7 @@ def summary(steps: dict) -> dict:
     out = {"bare_forward_img_s": bare, "pack_steady_img_s": pack_steady, "folder_steady_img_s": folder_steady,
            "pack_steady_over_bare": round(pack_steady / bare, 3) if bare and pack_steady else None,
            "folder_steady_over_bare": round(folder_steady / bare, 3) if bare and folder_steady else None,
-           "pack_whole_minus_bare_import_s": round(pack_whole - floor, 2) if pack_whole and floor else None,
+           "pack_whole_minus_bare_import_s": round(pack_whole - floor, 2) if None not in (pack_whole, floor) else None,
            "device_busy_share_in_loop": gpu_share, "target": TARGET}
     out["meets"] = {
         "steady": out["pack_steady_over_bare"] is not None and out["pack_steady_over_bare"] >= TARGET["steady_over_bare_min"],

@@ -56,15 +56,29 @@ def test_cpu_kind_reads_native_bf16(monkeypatch):
 ENTRY_SCRIPTS = {"run_extract.py": run_extract, "run_train_head.py": run_train_head, "run_webcam.py": run_webcam}
 
 
+def _main_of(command: list[str]):
+    """What ``command`` runs, as a function of this process: ``python run_*.py ARGS``, ``python -m
+    benchmarks.bench_extract ARGS`` and ``python -c CODE``; None for anything else."""
+    if command[0] != sys.executable:
+        return None
+    if command[1] == "-c":
+        return lambda: exec(command[2], {}) or 0
+    if command[1:3] == ["-m", "benchmarks.bench_extract"]:
+        from benchmarks import bench_extract
+        return lambda: bench_extract.main(command[3:])
+    script = ENTRY_SCRIPTS.get(Path(command[1]).name)
+    return (lambda: script.main(command[2:])) if script else None
+
+
 def in_this_process(real_run):
-    """gpu_check.run, but ``python run_*.py ARGS`` runs as ``run_*.main(ARGS)`` in this process, its stdout, stderr
-    and log lines captured as the subprocess's output would be. Six of the dry run's seven extractions, trainings
-    and live runs then pay no interpreter and torch start-up, and share the session's random backbone; torchrun
+    """gpu_check.run, but the entry scripts, bench_extract's children and timeline, and the bare import run as
+    functions in this process, their stdout, stderr and log lines captured as the subprocess's output would be.
+    They then pay no interpreter and torch start-up, and extractions share the session's random backbone; torchrun
     (and anything else) still runs as a real subprocess through ``real_run``."""
 
     def run(command: list[str], timeout: float, **kwargs) -> tuple[int, str, float]:
-        script = ENTRY_SCRIPTS.get(Path(command[1]).name) if command[0] == sys.executable else None
-        if script is None:
+        main = _main_of(command)
+        if main is None:
             return real_run(command, timeout, **kwargs)
         start, output = time.perf_counter(), io.StringIO()
         handler, root = logging.StreamHandler(output), logging.getLogger()
@@ -73,7 +87,7 @@ def in_this_process(real_run):
         root.setLevel(logging.INFO)
         try:
             with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-                code = script.main(command[2:])
+                code = main()
         finally:
             root.removeHandler(handler)
             root.setLevel(level)
@@ -87,6 +101,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "run", in_this_process(gpu_check.run))
+    from pipeline.common.preprocess import Preprocess
+    from pipeline.extract import extractor, reading
+    real_steps = (Preprocess.normalize, reading.decode_rgb, reading.hashlib, extractor._Forward.add, extractor.read_ahead)
 
     code = gpu_check.main(["--device", "cpu", "--images", "22", "--classes", "2", "--small", "6", "--real", "generated",
                            "--skip-tests", "--image-size", "64", "--resize-size", "72", "--live-frames", "4",
@@ -111,3 +128,5 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path, monkeypatch):
     shares = steps["timeline"]["share_of_loop"]
     assert shares["main"]["forward"] > 0 and (out / steps["timeline"]["picture"]).is_file()
     assert result["cpu"]["native_bf16"] in (True, False) and result["device"] == "cpu"
+    # the timeline ran in this process: every step it timed is the real one again
+    assert (Preprocess.normalize, reading.decode_rgb, reading.hashlib, extractor._Forward.add, extractor.read_ahead) == real_steps
