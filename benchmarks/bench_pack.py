@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.extract_feed import pack
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -72,8 +74,7 @@ def measure_extraction(args, tmp: Path) -> dict:
 
     data = make_tiny_imagenet(tmp / "folder", num_classes=args.classes, train_per_class=args.per_class,
                               val_per_class=max(1, args.per_class // 10))
-    subprocess.run([sys.executable, str(ROOT / "run_extract.py"), "--data", str(data), "--pack", str(tmp / "pack")],
-                   cwd=ROOT, check=True, capture_output=True)
+    pack(data, tmp / "pack")
     extra = args.extract_args.split()
     runs: dict[str, list[dict]] = {"folder": [], "pack": []}
     for _ in range(args.rounds):

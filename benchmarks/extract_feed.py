@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,17 +68,12 @@ def pack(folder: Path, out: Path) -> Path:
 
 
 def child(mode: str, data: Path, out: Path, precision: str, batch: int, workers: int) -> dict:
-    """One whole process (``bench_extract --child``): its wall time, with what it reported of itself."""
+    """One whole process (``bench_extract --child``) into an emptied ``out``: its wall time, with what it reported."""
+    from benchmarks.bench_extract import whole_process
+
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "benchmarks.bench_extract", "--child", mode, "--data", str(data), "--out",
-               str(out), "--device", "cpu", "--batch-size", str(batch), "--workers", str(workers),
-               "--precision", precision]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"{mode} {precision} failed: {done.stderr[-2000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "whole_s": round(seconds, 3)}
+    found = whole_process(mode, data, out, "cpu", batch, workers, precision)
+    return {**found, "whole_s": round(found["whole_s"], 3)}
 
 
 def chosen_precision(out: Path) -> str:
@@ -91,6 +85,8 @@ def chosen_precision(out: Path) -> str:
 def measure_feed(precisions: list[str], rounds: int, images: int, tmp: Path, mini: Path, batch: int,
                  workers: int) -> dict:
     """The side-by-side runs of every precision in ``precisions`` (``auto`` resolved by a first, untimed run)."""
+    if images <= batch:
+        raise SystemExit(f"--feed needs more images than one batch for a steady rate: --images {images}, batch {batch}")
     folder, what = feed_data(images, tmp, mini)
     sources = {"folder": folder, "pack": pack(folder, tmp / "pack")}
     print(f"feed: {what}; batch {batch}, {workers} reader thread(s), {rounds} alternating rounds", flush=True)
