@@ -24,12 +24,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.extract_feed import whole_process
 from benchmarks.extract_report import plot, print_summary, ratios
 from benchmarks.extract_timing import plain_training_epoch_s, time_bare_forward, time_head_epochs
 
@@ -158,20 +157,6 @@ def child_project(args) -> dict:
             "to_first_batch_s": first - t_imports, **spans, "steady_s": last - first,
             "steady_img_s": steady_images / (last - first) if last > first else None,
             "in_process_s": t_end - STARTED}
-
-
-def whole_process(mode: str, data: Path, out: Path, device: str, batch: int, workers: int,
-                  precision: str | None = None) -> dict:
-    command = [sys.executable, "-m", "benchmarks.bench_extract", "--child", mode, "--data", str(data), "--out", str(out),
-               "--device", device, "--batch-size", str(batch), "--workers", str(workers),
-               *(["--precision", precision] if precision else [])]
-    start = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{mode} {precision or ''} failed: {proc.stderr[-2000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**result, "whole_s": seconds, "whole_img_s": result["images"] / seconds}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +68,23 @@ def pack(folder: Path, out: Path) -> Path:
     return out
 
 
+def whole_process(mode: str, data: Path, out: Path, device: str, batch: int, workers: int,
+                  precision: str | None = None) -> dict:
+    """``python -m benchmarks.bench_extract --child MODE``, timed from outside: what it reported, and its wall time."""
+    command = [sys.executable, "-m", "benchmarks.bench_extract", "--child", mode, "--data", str(data), "--out", str(out),
+               "--device", device, "--batch-size", str(batch), "--workers", str(workers),
+               *(["--precision", precision] if precision else [])]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{mode} {precision or ''} failed: {proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "whole_s": seconds, "whole_img_s": result["images"] / seconds}
+
+
 def child(mode: str, data: Path, out: Path, precision: str, batch: int, workers: int) -> dict:
     """One whole process (``bench_extract --child``) into an emptied ``out``: its wall time, with what it reported."""
-    from benchmarks.bench_extract import whole_process
-
     shutil.rmtree(out, ignore_errors=True)
     found = whole_process(mode, data, out, "cpu", batch, workers, precision)
     return {**found, "whole_s": round(found["whole_s"], 3)}
